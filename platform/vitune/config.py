@@ -1,0 +1,237 @@
+"""Typed configuration: one pydantic model per job, loaded from YAML with ``key.sub=value`` overrides.
+
+A preset YAML (``jobs/configs/<model>.yaml``) holds the sections of every job for one model; each job's
+model takes the sections it knows. ``stage: align | finetune`` selects a block under ``stages:`` that is
+deep-merged over the rest before overrides apply (stage is data, not a fork). Validation errors name
+the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vitune import storage
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded; the message names the field and the value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class StorageConfig(Section):
+    root: str = "./runs"  # local folder or s3://bucket/prefix holding data, features, checkpoints
+    s3_endpoint_url: str | None = None  # else AWS_ENDPOINT_URL
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = None  # MLflow tracking URI; None = sqlite under the storage root (or MLFLOW_TRACKING_URI)
+    experiment: str = "vitune"
+    registered_model: str | None = None  # model registry name written at the end of finetune
+
+
+class RayConfig(Section):
+    address: str | None = None  # None = local Ray (or RAY_ADDRESS)
+    num_cpus: int | None = None
+
+
+class VisionConfig(Section):
+    name: str = "vitune-tiny-vit"  # open_clip model name
+    pretrained: str | None = None  # open_clip pretrained tag; None = random init
+    feature_layer: int = -2
+    select: Literal["patch", "cls_patch"] = "patch"
+    image_mode: Literal["pad", "crop"] = "pad"
+
+
+class ModelConfig(Section):
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    projector: str = "mlp2x_gelu"
+    lm: str = "tiny"  # Hugging Face causal LM path/name, or "tiny"
+    tokenizer: str | None = None  # defaults to lm
+    template: str = "vicuna_v1"
+    max_length: int = Field(512, gt=8)
+
+
+class DataConfig(Section):
+    records: list[str] = Field(default_factory=list)  # LLaVA JSON/JSONL URIs
+    image_root: str | None = None
+    features: str | None = None  # feature store URI
+
+
+class FeaturesConfig(Section):
+    output: str | None = None  # default: <storage.root>/features/<fingerprint id>
+    shard_size: int = Field(256, gt=0)  # images per Parquet shard
+    batch_size: int = Field(32, gt=0)
+    num_actors: int | None = None  # None = one per GPU on a cluster, CPUs locally
+    max_pixels: int = Field(64_000_000, gt=0)
+
+
+class TrainConfig(Section):
+    output: str | None = None  # default: <storage.root>/train/<stage>
+    init_from: str | None = None  # align checkpoint/model-folder URI or runs:/<run id>
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = None
+    global_batch_size: int = Field(128, gt=0)
+    micro_batch_size: int = Field(16, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    grad_clip: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+    offload: bool = False
+    checkpoint_every: int = Field(50, gt=0)
+    log_every: int = Field(1, gt=0)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+
+class RunConfig(Section):
+    """The fields every job has: where things live, where runs go, which Ray."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class FeaturesJobConfig(RunConfig):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+
+
+class TrainJobConfig(RunConfig):
+    stage: Literal["align", "finetune"] = "align"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class SyntheticConfig(Section):
+    output: str | None = None  # default: <storage.root>/data
+    seed: int = 0
+    num_images: int = Field(64, gt=0)
+    num_eval_images: int = Field(16, ge=0)
+    image_size: int = Field(64, ge=16)
+
+
+class SyntheticJobConfig(RunConfig):
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+# top-level sections that belong to some job; a job ignores the others' sections in a shared preset
+KNOWN_SECTIONS = {
+    "storage", "tracking", "ray", "model", "data", "features", "train", "stage", "stages", "synthetic",
+    "eval", "generate", "serve", "pipeline", "judge",
+}
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[str], Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, value = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        out.append((key.split("."), _parse_value(value)))
+    return out
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _format_errors(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown field (value {e.get('input')!r})")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(cls: type[C], raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> C:
+    """Validate ``raw`` (+ overrides, stage block merged) as ``cls``; errors name the field and value."""
+    raw = copy.deepcopy(raw or {})
+    parsed = parse_overrides(overrides)
+    # the stage may itself be an override; it must be known before its block is merged
+    for path, value in parsed:
+        if path == ["stage"]:
+            raw["stage"] = value
+    stages = raw.pop("stages", None) or {}
+    if "stage" in cls.model_fields and stages:
+        stage = raw.get("stage", cls.model_fields["stage"].default)
+        if stage not in stages:
+            raise ConfigError(f"stage: {stage!r} has no block under 'stages' (have: {sorted(stages)})")
+        raw = deep_merge(raw, stages[stage])
+    for path, value in parsed:
+        _set_path(raw, path, value)
+    for key in list(raw):
+        if key not in cls.model_fields and key in KNOWN_SECTIONS:
+            raw.pop(key)  # another job's section in a shared preset
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, raw)) from None
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> C:
+    """Load a job config from a YAML file (local path or URI) with ``key.sub=value`` overrides."""
+    raw: dict = {}
+    if path is not None:
+        text = storage.read_text(str(path))
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return build_config(cls, raw, overrides)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,180 @@
+"""Image decoding and tower preprocessing: bytes → RGB PIL image → normalised [3, S, S] tensor.
+
+This is the single definition of how an image becomes pixels for the vision tower; the feature job,
+evaluation and serving all reach it through `vitune.vision.encode_images`, so they cannot skew.
+
+Decisions:
+- Alpha is composited onto white (what a viewer shows on a white page), instead of PIL's plain
+  `convert("RGB")` that exposes whatever colour transparent pixels happen to store (often black).
+- EXIF orientation is applied, so a phone photo is encoded the way a person sees it.
+- Animated images use their first frame.
+- `pad` is LLaVA v1.5's expand-to-square: the image is centred on a square canvas filled with the
+  tower's mean colour (`int(m * 255)` per channel), then resized to `size` with bicubic resampling.
+  `crop` is CLIP's eval transform: resize the shortest side to `size` (bicubic), then centre crop.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+ImageMode = Literal["pad", "crop"]
+IMAGE_MODES: tuple[str, ...] = ("pad", "crop")
+
+DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_ASPECT = 100.0
+_WHITE = (255, 255, 255)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: undecodable, empty, or of absurd dimensions."""
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+) -> Image.Image:
+    """Decode encoded image bytes (JPEG, PNG, WebP, GIF, ...) into a fully loaded RGB image.
+
+    Dimensions are checked from the header before the pixel data is decoded, so an oversized image
+    is refused without allocating it. Raises `ImageError` naming the reason.
+    """
+    if not data:
+        raise ImageError("empty image bytes")
+    with warnings.catch_warnings():
+        # We enforce our own pixel limit below; PIL's bomb warning would only be noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as exc:
+            raise ImageError(f"not a recognised image format ({len(data)} bytes)") from exc
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"image too large to decode safely: {exc}") from exc
+        except Exception as exc:  # PIL raises many types on malformed headers
+            raise ImageError(f"cannot decode image header: {exc}") from exc
+        width, height = image.size
+        check_dimensions(width, height, max_pixels=max_pixels, max_aspect=max_aspect)
+        try:
+            image.load()
+        except Exception as exc:  # truncated or corrupt pixel data
+            raise ImageError(f"cannot decode image data ({width}x{height} {image.format}): {exc}") from exc
+    return to_rgb(image)
+
+
+def check_dimensions(
+    width: int,
+    height: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+) -> None:
+    """Raise `ImageError` for a zero-size image, more than `max_pixels`, or aspect over `max_aspect`."""
+    if width <= 0 or height <= 0:
+        raise ImageError(f"zero-size image ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(f"image has {width * height} pixels ({width}x{height}), over the limit of {max_pixels}")
+    aspect = max(width, height) / min(width, height)
+    if aspect > max_aspect:
+        raise ImageError(f"image aspect ratio {aspect:.1f} ({width}x{height}) is over the limit of {max_aspect:g}")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return `image` as mode RGB, EXIF orientation applied and alpha composited onto white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        # Palette images may carry transparency as an index; expand it to a real alpha channel.
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        image = _high_depth_to_l(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit or float grayscale image to 8 bits by its nominal range."""
+    array = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16"):
+        array = array / 65535.0
+    elif image.mode == "I":
+        array = array / max(float(array.max()), 1.0) if array.max() > 255 else array / 255.0
+    # "F" is taken to be in [0, 1] already.
+    array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(array, mode="L")
+
+
+def pad_fill(mean: Sequence[float]) -> tuple[int, int, int]:
+    """The canvas colour LLaVA v1.5 pads with: the normalisation mean in 0–255, truncated."""
+    return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre `image` on a square canvas of its longer side filled with `fill` (LLaVA's expand2square)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def resize_shortest_and_crop(image: Image.Image, size: int) -> Image.Image:
+    """CLIP's eval geometry: bicubic resize of the shortest side to `size`, then a centre crop."""
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def fit_to_square(image: Image.Image, size: int, mean: Sequence[float], mode: ImageMode) -> Image.Image:
+    """The RGB `size`×`size` PIL image the tower sees, before conversion to a tensor."""
+    if mode not in IMAGE_MODES:
+        raise ValueError(f"unknown image mode {mode!r}; valid modes: {', '.join(IMAGE_MODES)}")
+    image = to_rgb(image)
+    if mode == "pad":
+        image = expand_to_square(image, pad_fill(mean))
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        return image
+    return resize_shortest_and_crop(image, size)
+
+
+def normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB PIL image → float32 tensor `[3, H, W]`, scaled to [0, 1] then `(x - mean) / std`."""
+    array = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
+    pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [3, H, W]
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (pixels - mean_t) / std_t
+
+
+def preprocess(
+    image: Image.Image,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    mode: ImageMode = "pad",
+) -> torch.Tensor:
+    """Image → normalised float32 tensor `[3, size, size]` for a tower of resolution `size`."""
+    return normalize(fit_to_square(image, size, mean, mode), mean, std)

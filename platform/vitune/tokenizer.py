@@ -1,0 +1,108 @@
+"""Tokenizers: the tiny offline byte-level BPE shipped with the package, or any Hugging Face tokenizer.
+
+The tiny tokenizer is trained on the synthetic corpus plus the conversation templates' fixed text, so the
+demo and tests need no download. ``python -m vitune.tokenizer`` rebuilds the shipped file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from vitune import IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
+
+TINY_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+TINY_VOCAB_SIZE = 1024
+# A chat template for the `chat_template` conversation template, so it runs offline with the tiny LM.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>\n{{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n"
+    "{% else %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_GENERAL_TEXT = """
+A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful,
+detailed, and polite answers to the user's questions. A chat between a curious human and an artificial
+intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions.
+USER: ASSISTANT: [INST] [/INST] <<SYS>> <</SYS>> <|im_start|>system <|im_start|>user <|im_start|>assistant
+<|im_end|> <|system|> <|user|> <|assistant|> Answer the question using a single word or phrase.
+Answer with the option's letter from the given choices directly. The answer is A. B. C. D. E.
+What is in the image? Describe the picture. Please explain. Why is this unusual? What color is it?
+How many objects are there? Where is the object? left right top bottom center middle corner
+the a an of to in on at is are was were be this that these those there here with and or but not
+person people man woman child dog cat car bus train bicycle table chair cup bottle plate food
+question answer context options image picture photo scene background foreground object objects
+zero one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 10 100 1000
+, . ? ! : ; ' " ( ) [ ] { } - _ / \\ + = * & % $ # @ ~ ` < > |
+"""
+
+
+def _corpus() -> list[str]:
+    from vitune import synthetic
+
+    return synthetic.corpus_texts() + [line for line in _GENERAL_TEXT.splitlines() if line.strip()]
+
+
+def build_tiny_tokenizer(out_dir: Path = TINY_DIR, vocab_size: int = TINY_VOCAB_SIZE) -> Path:
+    """Train the tiny byte-level BPE (deterministic) and save it as ``tokenizer.json`` in ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus() * 3, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    # like Llama: a BOS is prepended when special tokens are added
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    return out_dir
+
+
+def load_tokenizer(name_or_path: str = "tiny") -> PreTrainedTokenizerBase:
+    """``"tiny"`` → the shipped offline tokenizer; anything else → ``AutoTokenizer`` (local or hub path).
+
+    The result always has ``<image>`` as a special token and a pad token.
+    """
+    if name_or_path == "tiny":
+        tok = PreTrainedTokenizerFast(
+            tokenizer_file=str(TINY_DIR / "tokenizer.json"),
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            extra_special_tokens=[IMAGE_TOKEN],
+            model_max_length=4096,
+            padding_side="right",
+        )
+        tok.chat_template = TINY_CHAT_TEMPLATE
+    else:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tok.pad_token is None:
+        # Vicuna/Llama have no pad token; LLaVA pads with unk
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    log.info("wrote %s", build_tiny_tokenizer())

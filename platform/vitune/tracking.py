@@ -1,0 +1,153 @@
+"""MLflow tracking for every job: a run with the resolved config, metrics and artifacts.
+
+Embedded default: a SQLite store under the storage root (or ``MLFLOW_TRACKING_URI``); a tracking server by
+config. When the server cannot be reached the job goes on, says so once, and the tracker becomes a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vitune import storage
+from vitune.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, storage_root: str) -> str:
+    if cfg.uri:
+        return cfg.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    local = storage.local_path(storage_root)
+    base = local if local else os.path.abspath("./runs")
+    os.makedirs(base, exist_ok=True)
+    return f"sqlite:///{os.path.join(base, 'mlflow.db')}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """A thin, failure-tolerant wrapper over one MLflow run. Use on rank 0 only."""
+
+    def __init__(self, cfg: TrackingConfig, storage_root: str, run_name: str | None = None,
+                 parent_run_id: str | None = None, tags: dict | None = None, run_id: str | None = None):
+        self.enabled = cfg.enabled
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.uri = resolve_tracking_uri(cfg, storage_root)
+        self._warned = False
+        self._client = None
+        if not self.enabled:
+            return
+        try:
+            import mlflow
+            from mlflow.tracking import MlflowClient
+
+            mlflow.set_tracking_uri(self.uri)
+            client = MlflowClient(self.uri)
+            exp = client.get_experiment_by_name(cfg.experiment)
+            self.experiment_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+            if run_id:
+                run = client.get_run(run_id)
+            else:
+                all_tags = dict(tags or {})
+                if parent_run_id:
+                    all_tags["mlflow.parentRunId"] = parent_run_id
+                run = client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+            self.run_id = run.info.run_id
+            self._client = client
+            log.info("MLflow run %s (%s) at %s", self.run_id, run_name, self.uri)
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop the job
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        if not self._warned:
+            log.warning("MLflow tracking at %s unavailable (%s); the job goes on without tracking", self.uri, exc)
+            self._warned = True
+        self._client = None
+
+    @property
+    def active(self) -> bool:
+        return self._client is not None
+
+    def log_params(self, params: dict) -> None:
+        if not self.active:
+            return
+        try:
+            from mlflow.entities import Param
+
+            flat = _flatten(params)
+            items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+            for i in range(0, len(items), 100):
+                self._client.log_batch(self.run_id, params=items[i:i + 100])
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.active:
+            return
+        try:
+            import time
+
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+            self._client.log_batch(self.run_id, metrics=items)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        try:
+            for k, v in tags.items():
+                self._client.set_tag(self.run_id, k, str(v))
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if not self.active:
+            return
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / Path(artifact_file).name
+            p.write_text(text)
+            self.log_artifact(p, str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        try:
+            self._client.log_artifact(self.run_id, str(local_path), artifact_path)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        try:
+            self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self.active:
+            return
+        try:
+            self._client.set_terminated(self.run_id, status)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)

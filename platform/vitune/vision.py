@@ -1,0 +1,204 @@
+"""The frozen vision tower: any open_clip ViT + pretrained tag → per-patch features `[B, N, D]`.
+
+`encode_images` is the one function that feature extraction, evaluation and serving call to turn
+images into tower features, so the preprocessing, feature layer and CLS handling cannot drift apart.
+
+Feature layer semantics follow LLaVA / Hugging Face CLIP: the hidden states are indexed like HF's
+`hidden_states` tuple, whose entry 0 is the embeddings after `ln_pre` and entry k the output of the
+k-th transformer block. So `feature_layer=-2` is the output of block L-1 of L; `ln_post` is never
+applied. `select="patch"` drops the CLS token, `select="cls_patch"` keeps it first.
+
+The tiny preset `vitune-tiny-vit` (random init, seeded) is an open_clip model config shipped in
+`vitune/assets/open_clip/`; it is registered with open_clip on first use, never at import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from vitune import image as image_lib
+
+logger = logging.getLogger(__name__)
+
+TINY_TOWER = "vitune-tiny-vit"
+_ASSET_CONFIGS = Path(__file__).parent / "assets" / "open_clip"
+_INIT_SEED = 0
+# What makes two feature stores interchangeable; versions are recorded but do not change the id.
+FINGERPRINT_ID_KEYS = ("tower", "pretrained", "feature_layer", "select", "image_size", "image_mode")
+
+
+def _register_asset_configs() -> None:
+    """Add vitune's shipped open_clip model configs to open_clip's registry (idempotent)."""
+    import open_clip
+
+    known = set(open_clip.list_models())
+    for path in sorted(_ASSET_CONFIGS.glob("*.json")):
+        if path.stem not in known:
+            open_clip.add_model_config(path)
+
+
+def _blocks_for_layer(feature_layer: int, num_layers: int) -> int:
+    """Number of transformer blocks to run for an HF-style hidden-state index (0 = embeddings)."""
+    num_states = num_layers + 1
+    if not -num_states <= feature_layer < num_states:
+        raise ValueError(
+            f"feature_layer {feature_layer} is out of range for a tower with {num_layers} blocks "
+            f"(valid: {-num_states}..{num_layers}; -2 = output of the penultimate block)"
+        )
+    return feature_layer % num_states
+
+
+class VisionTower(nn.Module):
+    """A frozen open_clip ViT returning the hidden states of one block as per-patch features."""
+
+    def __init__(self, visual: nn.Module, cfg: Any, open_clip_version: str) -> None:
+        super().__init__()
+        from open_clip.transformer import VisionTransformer
+
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(
+                f"vision tower {cfg.name!r} is a {type(visual).__name__}; only open_clip's native "
+                "VisionTransformer towers are supported (not timm or ResNet towers)"
+            )
+        self.visual = visual
+        self.cfg = cfg
+        self.name: str = cfg.name
+        self.pretrained: str | None = cfg.pretrained
+        self.feature_layer: int = cfg.feature_layer
+        self.select: str = cfg.select
+        self.image_mode: str = cfg.image_mode
+        self._open_clip_version = open_clip_version
+
+        height, width = visual.image_size
+        patch_h, patch_w = visual.patch_size
+        if height != width or patch_h != patch_w:
+            raise ValueError(f"tower {cfg.name!r} is not square ({height}x{width}, patch {patch_h}x{patch_w})")
+        self.image_size: int = height
+        self.patch_size: int = patch_h
+        self.hidden_size: int = visual.transformer.width
+        self.num_layers: int = len(visual.transformer.resblocks)
+        self.num_blocks: int = _blocks_for_layer(cfg.feature_layer, self.num_layers)
+        grid = self.image_size // self.patch_size
+        self.num_patches: int = grid * grid + (1 if cfg.select == "cls_patch" else 0)
+        self.mean: tuple[float, ...] = tuple(float(m) for m in visual.image_mean)
+        self.std: tuple[float, ...] = tuple(float(s) for s in visual.image_std)
+
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> VisionTower:
+        """The tower is frozen: it stays in eval mode (no patch dropout) whatever the caller asks."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image → normalised `[3, H, W]` float32 tensor for this tower."""
+        return image_lib.preprocess(image, self.image_size, self.mean, self.std, self.image_mode)  # type: ignore[arg-type]
+
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        visual = self.visual
+        x = visual.conv1(pixel_values)  # [B, D, g, g]
+        x = x.flatten(2).transpose(1, 2)  # [B, g*g, D]
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, D]
+        x = torch.cat([cls, x], dim=1)  # [B, 1+g*g, D]
+        x = x + visual.positional_embedding.to(x.dtype)
+        x = visual.patch_dropout(x)  # identity in eval mode
+        return visual.ln_pre(x)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, H, W]` → `[B, N, D]` hidden states after `num_blocks` blocks (no ln_post)."""
+        x = self._embed(pixel_values.to(device=self.device, dtype=self.dtype))  # [B, 1+P, D]
+        transformer = self.visual.transformer
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)  # [1+P, B, D]
+        for block in transformer.resblocks[: self.num_blocks]:
+            x = block(x, attn_mask=None)
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)  # [B, 1+P, D]
+        return x if self.select == "cls_patch" else x[:, 1:]
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, H, W]` → `[B, N, D]` features, without autograd."""
+        with torch.inference_mode():
+            return self.forward(pixel_values)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What produced these features; stores and checkpoints carry it so mismatches are refused."""
+        return {
+            "tower": self.name,
+            "pretrained": self.pretrained,
+            "feature_layer": self.feature_layer,
+            "select": self.select,
+            "image_size": self.image_size,
+            "image_mode": self.image_mode,
+            "num_patches": self.num_patches,
+            "hidden_size": self.hidden_size,
+            "open_clip_version": self._open_clip_version,
+            "torch_version": torch.__version__,
+        }
+
+
+def fingerprint_id(fp: dict[str, Any]) -> str:
+    """Short stable hash of the fields of a fingerprint that determine the features."""
+    missing = [key for key in FINGERPRINT_ID_KEYS if key not in fp]
+    if missing:
+        raise ValueError(f"fingerprint lacks {missing}; it needs {list(FINGERPRINT_ID_KEYS)}")
+    payload = json.dumps({key: fp[key] for key in FINGERPRINT_ID_KEYS}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def load_vision_tower(cfg: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VisionTower:
+    """Build the frozen tower named by a `VisionConfig` (open_clip name + pretrained tag or None).
+
+    With `pretrained=None` the weights are a seeded random init, identical on every load. The
+    activation follows the pretrained tag (OpenAI weights need QuickGELU; open_clip only warns).
+    """
+    import open_clip
+
+    _register_asset_configs()
+    if cfg.name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown vision tower {cfg.name!r}; valid open_clip names: {', '.join(open_clip.list_models())}"
+        )
+    tag_cfg = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained) if cfg.pretrained else {}
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    # Seeded init in a forked RNG so loading a tower never perturbs the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_INIT_SEED)
+        clip = open_clip.create_model(
+            cfg.name, pretrained=cfg.pretrained, device="cpu", force_quick_gelu=quick_gelu
+        )
+    tower = VisionTower(clip.visual, cfg, open_clip.__version__)
+    del clip
+    tower.to(device=device, dtype=dtype)
+    logger.info(
+        "vision tower %s (pretrained=%s): %d blocks, running %d (feature_layer=%d), %d px, patch %d, "
+        "N=%d, D=%d, quick_gelu=%s, %s %s",
+        cfg.name, cfg.pretrained, tower.num_layers, tower.num_blocks, cfg.feature_layer,
+        tower.image_size, tower.patch_size, tower.num_patches, tower.hidden_size, quick_gelu, device, dtype,
+    )
+    return tower
+
+
+def encode_images(tower: VisionTower, images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images → `[B, N, D]` tower features: preprocess, stack, encode. The one shared path."""
+    if not images:
+        return torch.empty(0, tower.num_patches, tower.hidden_size, dtype=tower.dtype, device=tower.device)
+    pixels = torch.stack([tower.preprocess(img) for img in images])  # [B, 3, H, W]
+    return tower.encode(pixels)

@@ -1,0 +1,123 @@
+"""Foundation: layout, typed config with overrides, local storage, synthetic data, tiny tokenizer."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+
+from vitune import config, storage, synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_stdlib_platform_not_shadowed():
+    out = subprocess.run(
+        [sys.executable, "-c", "import platform, vitune; print(platform.system())"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH="platform"), capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == "Linux"
+    assert not os.path.exists(os.path.join(ROOT, "platform", "__init__.py"))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml"))))
+def test_every_shipped_yaml_loads(path):
+    for cls in (config.FeaturesJobConfig, config.TrainJobConfig, config.SyntheticJobConfig):
+        cfg = config.load_config(cls, path)
+        assert cfg.storage.root
+    for stage in ("align", "finetune"):
+        cfg = config.load_config(config.TrainJobConfig, path, [f"stage={stage}"])
+        assert cfg.stage == stage
+
+
+def test_stage_selects_block_and_overrides_win():
+    path = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
+    align = config.load_config(config.TrainJobConfig, path, ["stage=align"])
+    fine = config.load_config(config.TrainJobConfig, path, ["stage=finetune", "train.lr=0.5", "model.vision.select=cls_patch"])
+    assert align.model.template == "plain" and fine.model.template == "vicuna_v1"
+    assert fine.train.lr == 0.5 and fine.model.vision.select == "cls_patch"
+    assert align.train.zero_stage == 2 and fine.train.zero_stage == 3
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.nope=1", "model.nope"),
+    ("train.lr=abc", "train.lr"),
+    ("model.vision.select=middle", "model.vision.select"),
+    ("train.micro_batch_size=0", "train.micro_batch_size"),
+])
+def test_bad_override_names_field_and_value(override, needle):
+    path = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
+    with pytest.raises(config.ConfigError) as err:
+        config.load_config(config.TrainJobConfig, path, [override])
+    msg = str(err.value)
+    assert needle in msg
+    assert override.split("=", 1)[1] in msg
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(config.ConfigError, match="key.sub=value"):
+        config.build_config(config.TrainJobConfig, {}, ["train.lr"])
+
+
+def test_unknown_stage_block():
+    with pytest.raises(config.ConfigError, match="stage"):
+        config.build_config(config.TrainJobConfig, {"stages": {"align": {}}}, ["stage=finetune"])
+
+
+def test_local_storage_roundtrip(tmp_path):
+    _roundtrip(str(tmp_path / "store"))
+
+
+def _roundtrip(base: str) -> None:
+    storage.write_bytes(storage.join(base, "a", "b.bin"), b"\x00\x01bytes")
+    assert storage.read_bytes(storage.join(base, "a", "b.bin")) == b"\x00\x01bytes"
+    storage.write_json(storage.join(base, "x.json"), {"k": [1, 2, "ü"]})
+    assert storage.read_json(storage.join(base, "x.json")) == {"k": [1, 2, "ü"]}
+    table = pa.table({"key": ["a", "b"], "v": [1.5, 2.5]})
+    storage.write_parquet(table, storage.join(base, "t", "p.parquet"))
+    assert storage.read_parquet(storage.join(base, "t", "p.parquet")).equals(table)
+    assert storage.exists(storage.join(base, "x.json"))
+    assert not storage.exists(storage.join(base, "missing.json"))
+    files = storage.list_files(base)
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["b.bin", "p.parquet", "x.json"]
+    assert storage.list_files(storage.join(base, "nothing-here")) == []
+    storage.delete(storage.join(base, "t"))
+    assert not storage.exists(storage.join(base, "t", "p.parquet"))
+
+
+def test_storage_rejects_unknown_scheme():
+    with pytest.raises(ValueError, match="gs"):
+        storage.resolve("gs://bucket/x")
+
+
+def test_synthetic_is_deterministic_and_valid(tmp_path):
+    from vitune.records import validate_record
+
+    a = synthetic.generate(str(tmp_path / "a"), seed=3, num_images=12, num_eval_images=4)
+    b = synthetic.generate(str(tmp_path / "b"), seed=3, num_images=12, num_eval_images=4)
+    c = synthetic.generate(str(tmp_path / "c"), seed=4, num_images=12, num_eval_images=4)
+    for name in ("captions", "instruct", "eval"):
+        assert storage.read_bytes(a["records"][name]) == storage.read_bytes(b["records"][name])
+        for rec in storage.read_json(a["records"][name]):
+            validate_record(rec)
+    imgs_a = [storage.read_bytes(u) for u in storage.list_files(str(tmp_path / "a" / "images"))]
+    imgs_b = [storage.read_bytes(u) for u in storage.list_files(str(tmp_path / "b" / "images"))]
+    assert imgs_a == imgs_b and len(imgs_a) == 16
+    assert storage.read_bytes(a["records"]["instruct"]) != storage.read_bytes(c["records"]["instruct"])
+    evals = storage.read_json(a["records"]["eval"])
+    assert {r["kind"] for r in evals} == set(synthetic.CHECKABLE_KINDS)
+    assert all(r["conversations"][1]["value"] == r["answer"] for r in evals)
+
+
+def test_tiny_tokenizer_offline():
+    from vitune.tokenizer import image_token_id, load_tokenizer
+
+    tok = load_tokenizer("tiny")
+    ids = tok("<image>\nWhat color? red", add_special_tokens=False).input_ids
+    assert ids[0] == image_token_id(tok)
+    assert tok.decode(ids) == "<image>\nWhat color? red"
+    assert tok.decode(tok("日本 ünïcode", add_special_tokens=False).input_ids) == "日本 ünïcode"
