@@ -251,8 +251,9 @@ def _parse(text: str, source: str) -> Iterable[tuple[int, Any] | RecordError]:
         try:
             yield index, json.loads(line)
         except json.JSONDecodeError as e:
-            yield RecordError(f"line {lineno} is not valid JSON: {e}", kind="invalid_json", index=index,
-                              source=source, raw=line)
+            yield RecordError(
+                f"line {lineno} is not valid JSON: {e}", kind="invalid_json", index=index, source=source, raw=line
+            )
         index += 1
 
 

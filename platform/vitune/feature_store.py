@@ -1,0 +1,279 @@
+"""The feature store on storage: fp16 Parquet shards ``{image_key, features [N, D]}`` + ``manifest.json``.
+
+Layout of a store at ``<uri>`` (local folder or ``s3://``)::
+
+    plan.json                  what the store is for: fingerprint, shard size, key-set hash (written first)
+    shard-00000.parquet ...    rows ``image_key`` (string) and ``features`` (fixed-shape tensor [N, D] float16)
+    errors/shard-00000.jsonl   quarantined images of that shard: ``{image_key, uri, reason, shard}``
+    manifest.json              written last: fingerprint, config, counts, shard list, schema, timings
+
+A shard file exists only complete (local temp + rename, or one S3 PUT), so "shard done" is "its file
+exists". ``features`` is Arrow's canonical ``arrow.fixed_shape_tensor`` extension type, which plain
+pyarrow and Ray Data both read back as ``[rows, N, D]``; a store whose tensor column arrives flat (a flat
+or fixed-size list, or Ray's own tensor extension when Ray is not imported) is reshaped from the
+manifest's schema. This module is the reader used by training and tests, plus the shard writer the
+feature job calls; it never imports Ray unless ``to_ray_dataset`` is called.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vitune import storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+ERRORS_DIR = "errors"
+KEY_COLUMN = "image_key"
+FEATURES_COLUMN = "features"
+FEATURE_DTYPE = "float16"
+FORMAT_VERSION = 1
+SHARD_METADATA_KEY = b"vitune.shard"
+# Fields of a fingerprint that are recorded but never make two stores incompatible.
+VERSION_FIELDS = ("open_clip_version", "torch_version")
+
+
+class FingerprintMismatch(ValueError):
+    """A store made by another tower/layer/selection/resolution than the caller expects."""
+
+    def __init__(self, uri: str, diffs: list[tuple[str, Any, Any]]):
+        self.uri = uri
+        self.diffs = diffs
+        detail = "; ".join(f"{field}: expected {want!r}, found {have!r}" for field, want, have in diffs)
+        fields = ", ".join(d[0] for d in diffs)
+        super().__init__(
+            f"feature store {uri} has a different fingerprint ({fields} differ): {detail}. "
+            f"Re-run jobs/extract_features.py for this vision config or point at the matching store"
+        )
+
+
+def fingerprint_diffs(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``[(field, expected, found)]`` for every expected field that differs; version fields are ignored."""
+    return [
+        (field, want, found.get(field))
+        for field, want in expected.items()
+        if field not in VERSION_FIELDS and found.get(field) != want
+    ]
+
+
+def check_fingerprint(expected: Mapping[str, Any] | None, found: Mapping[str, Any], uri: str) -> None:
+    """Raise ``FingerprintMismatch`` naming each differing field (expected vs found)."""
+    if expected is None:
+        return
+    diffs = fingerprint_diffs(expected, found)
+    if diffs:
+        raise FingerprintMismatch(uri, diffs)
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.parquet"
+
+
+def errors_name(shard: int) -> str:
+    return f"{ERRORS_DIR}/shard-{shard:05d}.jsonl"
+
+
+def shard_table(keys: Sequence[str], features: np.ndarray, metadata: Mapping[str, Any] | None = None) -> pa.Table:
+    """A shard's Arrow table: ``image_key`` + ``features`` as a fixed-shape float16 tensor column."""
+    features = np.ascontiguousarray(features, dtype=np.float16)  # [n, N, D]
+    if features.ndim != 3 or features.shape[0] != len(keys):
+        raise ValueError(f"features of shape {features.shape} do not match {len(keys)} keys as [n, N, D]")
+    tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(features)
+    if len(keys) == 0:
+        # from_numpy_ndarray infers the shape from the array, which is right even for zero rows
+        tensor = pa.ExtensionArray.from_storage(tensor.type, tensor.storage)
+    table = pa.table({KEY_COLUMN: pa.array(list(keys), type=pa.string()), FEATURES_COLUMN: tensor})
+    if metadata is not None:
+        table = table.replace_schema_metadata({SHARD_METADATA_KEY: json.dumps(dict(metadata)).encode()})
+    return table
+
+
+def write_shard(uri: str, table: pa.Table) -> int:
+    """Write one shard file in one atomic write; returns its size in bytes."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="snappy")
+    data = buf.getvalue()
+    storage.write_bytes(uri, data)
+    return len(data)
+
+
+def read_shard_footer(uri: str) -> dict[str, Any]:
+    """Rows, byte size and the writer's metadata of a shard, from its Parquet footer only."""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        pf = pq.ParquetFile(f)
+        meta = (pf.schema_arrow.metadata or {}).get(SHARD_METADATA_KEY)
+        return {"rows": pf.metadata.num_rows, "bytes": size, **(json.loads(meta) if meta else {})}
+
+
+def features_to_numpy(column: pa.ChunkedArray | pa.Array, num_patches: int, hidden_size: int) -> np.ndarray:
+    """A features column in any tensor encoding → ``np.ndarray [rows, N, D]`` (float16)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    rows = len(array)
+    if isinstance(array.type, pa.FixedShapeTensorType):
+        out = array.to_numpy_ndarray() if rows else np.empty((0, *array.type.shape), dtype=np.float16)
+    else:
+        storage_array = array.storage if isinstance(array, pa.ExtensionArray) else array
+        values = storage_array
+        while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or \
+                pa.types.is_fixed_size_list(values.type):
+            values = pc.list_flatten(values)
+        flat = values.to_numpy(zero_copy_only=False)
+        if flat.size != rows * num_patches * hidden_size:
+            raise ValueError(
+                f"features column holds {flat.size} values for {rows} rows; expected {rows}x{num_patches}x{hidden_size}"
+            )
+        out = flat.reshape(rows, num_patches, hidden_size)
+    if out.shape[1:] != (num_patches, hidden_size):
+        raise ValueError(f"features have shape {out.shape[1:]} per image; the store says [{num_patches}, {hidden_size}]")
+    return out.astype(np.float16, copy=False)
+
+
+class FeatureStore:
+    """Read side of a finished feature store: keys, lookups, shard iteration, record join, Ray Data."""
+
+    def __init__(self, uri: str, manifest: dict[str, Any]):
+        self.uri = uri
+        self.manifest = manifest
+        self.fingerprint: dict[str, Any] = manifest["fingerprint"]
+        schema = manifest["schema"]
+        self.num_patches: int = int(schema["num_patches"])
+        self.hidden_size: int = int(schema["hidden_size"])
+        self._shards: list[dict[str, Any]] = manifest["shards"]
+        self._first_keys = [s["key_range"][0] for s in self._shards]
+
+    @classmethod
+    def open(cls, uri: str, expect_fingerprint: Mapping[str, Any] | None = None) -> FeatureStore:
+        """Open the store at ``uri``; refuse it if its fingerprint differs from ``expect_fingerprint``."""
+        manifest_uri = storage.join(uri, MANIFEST)
+        if not storage.exists(manifest_uri):
+            hint = " (shards exist: the job was interrupted; re-run it to finish)" if storage.exists(
+                storage.join(uri, PLAN)) else ""
+            raise FileNotFoundError(f"no feature store at {uri}: {MANIFEST} is missing{hint}")
+        manifest = storage.read_json(manifest_uri)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"feature store {uri} has format_version {manifest.get('format_version')!r}; "
+                             f"this reader knows {FORMAT_VERSION}")
+        check_fingerprint(expect_fingerprint, manifest["fingerprint"], uri)
+        return cls(uri, manifest)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.hidden_size
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self.manifest["counts"])
+
+    def __len__(self) -> int:
+        return int(self.manifest["counts"]["features_out"])
+
+    def shard_uris(self) -> list[str]:
+        return [storage.join(self.uri, s["file"]) for s in self._shards]
+
+    def keys(self) -> list[str]:
+        """Every image key with features, in store order (sorted)."""
+        out: list[str] = []
+        for uri in self.shard_uris():
+            out.extend(storage.read_parquet(uri, columns=[KEY_COLUMN]).column(KEY_COLUMN).to_pylist())
+        return out
+
+    def errors(self) -> list[dict[str, Any]]:
+        """The quarantined images with their reasons."""
+        out: list[dict[str, Any]] = []
+        for s in self._shards:
+            if s.get("errors"):
+                text = storage.read_text(storage.join(self.uri, s["errors"]))
+                out.extend(json.loads(line) for line in text.splitlines() if line.strip())
+        return out
+
+    def _read(self, uri: str) -> pa.Table:
+        return storage.read_parquet(uri)
+
+    def iter_shards(self) -> Iterator[pa.Table]:
+        """Each shard as a table whose ``features`` column is a fixed-shape ``[N, D]`` tensor column."""
+        for uri in self.shard_uris():
+            table = self._read(uri)
+            if not isinstance(table.schema.field(FEATURES_COLUMN).type, pa.FixedShapeTensorType):
+                feats = features_to_numpy(table.column(FEATURES_COLUMN), self.num_patches, self.hidden_size)
+                table = shard_table(table.column(KEY_COLUMN).to_pylist(), feats)
+            yield table
+
+    def iter_arrays(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Each shard as ``(keys, features [n, N, D] float16)``."""
+        for uri in self.shard_uris():
+            table = self._read(uri)
+            yield (table.column(KEY_COLUMN).to_pylist(),
+                   features_to_numpy(table.column(FEATURES_COLUMN), self.num_patches, self.hidden_size))
+
+    def _shard_of(self, key: str) -> int | None:
+        i = bisect.bisect_right(self._first_keys, key) - 1
+        if i < 0 or key > self._shards[i]["key_range"][1]:
+            return None
+        return i
+
+    def get(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        """Features ``[N, D]`` for each requested key that has them (quarantined/unknown keys are absent)."""
+        by_shard: dict[int, set[str]] = defaultdict(set)
+        for key in keys:
+            i = self._shard_of(key)
+            if i is not None:
+                by_shard[i].add(key)
+        out: dict[str, np.ndarray] = {}
+        uris = self.shard_uris()
+        for i, wanted in sorted(by_shard.items()):
+            table = self._read(uris[i])
+            shard_keys = table.column(KEY_COLUMN).to_pylist()
+            feats = features_to_numpy(table.column(FEATURES_COLUMN), self.num_patches, self.hidden_size)
+            for row, key in enumerate(shard_keys):
+                if key in wanted:
+                    out[key] = feats[row]
+        return out
+
+    def join_records(self, records: Mapping[str, Sequence[Any]] | Iterable[Any]) -> Iterator[tuple[Any, np.ndarray]]:
+        """Yield ``(record, features [N, D])`` shard by shard, in store order; features never shuffle.
+
+        ``records`` is ``{image_key: [record, ...]}`` or an iterable of objects with an ``.image`` key
+        (``vitune.records.Record``); text-only records are ignored. Records whose image has no
+        features (quarantined or absent) are counted and logged at the end.
+        """
+        if isinstance(records, Mapping):
+            by_key = {k: list(v) for k, v in records.items()}
+        else:
+            by_key = defaultdict(list)
+            for record in records:
+                if getattr(record, "image", None) is not None:
+                    by_key[record.image].append(record)
+        seen: set[str] = set()
+        for keys, feats in self.iter_arrays():
+            for row, key in enumerate(keys):
+                for record in by_key.get(key, ()):
+                    yield record, feats[row]
+                if key in by_key:
+                    seen.add(key)
+        missing = [k for k in by_key if k not in seen]
+        if missing:
+            log.warning("%d image keys (%d records) have no features in %s, e.g. %r", len(missing),
+                        sum(len(by_key[k]) for k in missing), self.uri, missing[0])
+
+    def to_ray_dataset(self, **read_parquet_kwargs: Any):
+        """The shards as a Ray Dataset (``features`` batches arrive as ``[B, N, D]`` arrays)."""
+        import ray
+
+        fs, _ = storage.resolve(self.uri)
+        paths = [storage.resolve(u)[1] for u in self.shard_uris()]
+        return ray.data.read_parquet(paths, filesystem=fs, **read_parquet_kwargs)

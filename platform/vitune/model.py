@@ -1,0 +1,453 @@
+"""The vision-language model: projector + any Hugging Face causal LM, with the `<image>` splice.
+
+The vision tower is not part of this module: it is frozen in both stages, so training consumes
+precomputed features and eval/serving compute them with `vitune.vision.encode_images`. A sample holds
+at most one `<image>` token; it expands to the N projected feature vectors of its image.
+
+`splice_image_features` is the single definition of that expansion (training with right padding,
+batched generation with left padding): it builds the expanded token sequence, embeds it, and writes
+the projected features in through an image mask (the nanoVLM way). Labels at image positions are
+`IGNORE_INDEX`; the attention mask and position ids follow the expanded sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitune import IMAGE_TOKEN
+from vitune.projector import build_projector
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+STAGES = ("align", "finetune")
+TINY_LM = "tiny"
+_INIT_SEED = 0
+
+
+@dataclass
+class SplicedInputs:
+    """An expanded batch ready for the LM (`T'` = longest sequence after expansion)."""
+
+    inputs_embeds: torch.Tensor  # [B, T', D]
+    attention_mask: torch.Tensor  # [B, T'] long
+    position_ids: torch.Tensor  # [B, T'] long
+    labels: torch.Tensor | None  # [B, T'] long, IGNORE_INDEX at image and padding positions
+    image_mask: torch.Tensor  # [B, T'] bool, True where image features were written
+
+
+@dataclass
+class VLMOutput:
+    """Forward result; `labels`/`attention_mask` are the expanded ones the logits line up with."""
+
+    loss: torch.Tensor | None  # [] mean CE over trained tokens
+    logits: torch.Tensor  # [B, T', V]
+    labels: torch.Tensor | None  # [B, T']
+    attention_mask: torch.Tensor  # [B, T']
+    num_label_tokens: int  # trained (non-ignored) next-token targets in the batch
+
+
+@dataclass
+class GenerationStep:
+    """One decoding step: per sequence the new token ids (`[]` once finished) and why it finished."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str | None]  # "stop" | "length" at the step a sequence ends, else None
+
+
+def splice_image_features(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    embed_tokens: nn.Module,
+    image_token_id: int,
+    image_embeds: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+    padding_side: Literal["right", "left"] = "right",
+    pad_token_id: int = 0,
+) -> SplicedInputs:
+    """Expand each sample's single `<image>` token into its N projected features.
+
+    `input_ids`/`attention_mask`/`labels` are `[B, T]` with padding on either side (only positions
+    where the mask is 1 are kept, in order). `image_embeds` is `[M, N, D]`, already projected, where M
+    is the number of samples holding an image token; they are consumed in batch order. The result is
+    padded on `padding_side`.
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    batch, _ = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    valid = attention_mask.bool()  # [B, T]
+    is_image = (input_ids == image_token_id) & valid  # [B, T]
+    per_sample = is_image.sum(dim=1)  # [B]
+    if bool((per_sample > 1).any()):
+        bad = per_sample.gt(1).nonzero().flatten().tolist()
+        raise ValueError(f"samples {bad} hold {per_sample[bad].tolist()} {IMAGE_TOKEN} tokens; at most one each")
+    num_images = int(per_sample.sum())
+    num_given = 0 if image_embeds is None else image_embeds.shape[0]
+    if num_images != num_given:
+        raise ValueError(f"batch holds {num_images} {IMAGE_TOKEN} tokens but {num_given} image feature tensors")
+    num_patches = image_embeds.shape[1] if image_embeds is not None and num_images else 1
+
+    width = valid.long() + is_image.long() * (num_patches - 1)  # [B, T] positions each token takes
+    end = width.cumsum(dim=1)  # [B, T]
+    lengths = end[:, -1] if end.shape[1] else torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+    new_len = int(lengths.max()) if batch else 0
+    offset = new_len - lengths if padding_side == "left" else torch.zeros_like(lengths)  # [B]
+    start = end - width + offset[:, None]  # [B, T] first new position of each token
+
+    new_ids = torch.full((batch, new_len), pad_token_id, dtype=input_ids.dtype, device=device)
+    new_labels = torch.full_like(new_ids, IGNORE_INDEX) if labels is not None else None
+    image_mask = torch.zeros(batch, new_len, dtype=torch.bool, device=device)
+
+    text_b, text_t = (valid & ~is_image).nonzero(as_tuple=True)
+    text_dest = start[text_b, text_t]
+    new_ids[text_b, text_dest] = input_ids[text_b, text_t]
+    if labels is not None:
+        new_labels[text_b, text_dest] = labels[text_b, text_t]
+    img_b, img_t = is_image.nonzero(as_tuple=True)  # row-major, so in batch order
+    patch = torch.arange(num_patches, device=device)
+    img_dest = start[img_b, img_t][:, None] + patch[None, :]  # [M, N]
+    image_mask[img_b[:, None].expand_as(img_dest), img_dest] = True
+
+    positions = torch.arange(new_len, device=device)[None, :]  # [1, T']
+    new_mask = ((positions >= offset[:, None]) & (positions < (offset + lengths)[:, None])).long()  # [B, T']
+    position_ids = (new_mask.cumsum(dim=1) - 1).masked_fill(new_mask == 0, 0)  # [B, T']
+
+    embeds = embed_tokens(new_ids)  # [B, T', D]
+    if num_images:
+        features = image_embeds.to(device=embeds.device, dtype=embeds.dtype)  # [M, N, D]
+        embeds = embeds.masked_scatter(image_mask[..., None].expand_as(embeds), features)
+    return SplicedInputs(embeds, new_mask, position_ids, new_labels, image_mask)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over targets that are not `IGNORE_INDEX` (0 when there are none)."""
+    shift_logits = logits[:, :-1].float()  # [B, T-1, V]
+    shift_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
+    count = int((shift_labels != IGNORE_INDEX).sum())
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total / max(count, 1), count
+
+
+def _pick_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """`[B, V]` logits → `[B]` next tokens: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already hold top_p; the first always stays
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+class VisionLanguageModel(nn.Module):
+    """Projector + causal LM. `forward` trains on features; `generate*` decode with a KV cache."""
+
+    def __init__(
+        self,
+        projector: nn.Module,
+        lm: nn.Module,
+        image_token_id: int,
+        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.projector = projector
+        self.lm = lm
+        self.image_token_id = int(image_token_id)
+        self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
+        if eos_token_id is None:
+            eos_token_id = getattr(lm.config, "eos_token_id", None)
+        if isinstance(eos_token_id, int):
+            eos_token_id = [eos_token_id]
+        self.eos_token_ids: tuple[int, ...] = tuple(eos_token_id or ())
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.get_input_embeddings().weight.dtype
+
+    def project(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Tower features `[M, N, Dv]` → LM-space embeddings `[M, N, Dl]`."""
+        weight = next(self.projector.parameters(), None)
+        target = weight if weight is not None else self.lm.get_input_embeddings().weight
+        return self.projector(image_features.to(device=target.device, dtype=target.dtype))
+
+    def splice(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+        padding_side: Literal["right", "left"] = "right",
+    ) -> SplicedInputs:
+        """Project the features and splice them into the embedded token sequence."""
+        has_images = image_features is not None and image_features.shape[0] > 0
+        image_embeds = self.project(image_features) if has_images else None
+        return splice_image_features(
+            input_ids.to(self.device),
+            attention_mask.to(self.device) if attention_mask is not None else None,
+            self.lm.get_input_embeddings(),
+            self.image_token_id,
+            image_embeds,
+            labels=labels.to(self.device) if labels is not None else None,
+            padding_side=padding_side,
+            pad_token_id=self.pad_token_id,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> VLMOutput:
+        """`input_ids [B, T]` (right padded) + `image_features [M, N, Dv]` → logits `[B, T', V]` and loss."""
+        spliced = self.splice(input_ids, attention_mask, image_features, labels=labels)
+        out = self.lm(
+            inputs_embeds=spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask,
+            position_ids=spliced.position_ids,
+            use_cache=False,
+        )
+        loss, count = None, 0
+        if spliced.labels is not None:
+            loss, count = causal_lm_loss(out.logits, spliced.labels)
+        return VLMOutput(loss, out.logits, spliced.labels, spliced.attention_mask, count)
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        image_features: Sequence[torch.Tensor | None] | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[GenerationStep]:
+        """Decode a batch with a KV cache, yielding each step's new tokens (stop tokens are not emitted).
+
+        `prompts` are token id lists, each holding zero or one `<image>` token; `image_features[i]` is
+        `[N, Dv]` for a prompt with an image and None otherwise. Greedy at `temperature == 0`, nucleus
+        sampling otherwise with a per-call generator seeded by `seed`.
+        """
+        from transformers import DynamicCache
+
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+        batch = len(prompts)
+        if image_features is None:
+            image_features = [None] * batch
+        if len(image_features) != batch:
+            raise ValueError(f"{batch} prompts but {len(image_features)} image_features entries")
+        if batch == 0 or max_new_tokens <= 0:
+            return
+        stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        device = self.device
+
+        features = []
+        for i, (prompt, feats) in enumerate(zip(prompts, image_features, strict=True)):
+            n_image = sum(1 for tok in prompt if tok == self.image_token_id)
+            if n_image != (feats is not None):
+                raise ValueError(f"prompt {i} holds {n_image} {IMAGE_TOKEN} tokens but features are {'given' if feats is not None else 'None'}")
+            if feats is not None:
+                features.append(feats[0] if feats.dim() == 3 else feats)  # [N, Dv]
+        longest = max(len(p) for p in prompts)
+        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(batch, longest, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            if prompt:
+                input_ids[i, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+                attention_mask[i, longest - len(prompt) :] = 1
+        spliced = self.splice(
+            input_ids, attention_mask, torch.stack(features) if features else None, padding_side="left"
+        )
+
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        cache = DynamicCache(config=self.lm.config)
+        mask = spliced.attention_mask  # [B, T']
+        next_position = spliced.position_ids[:, -1:] + 1  # [B, 1]
+        out = self.lm(
+            inputs_embeds=spliced.inputs_embeds,
+            attention_mask=mask,
+            position_ids=spliced.position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        finished = [False] * batch
+        for step in range(max_new_tokens):
+            next_tokens = _pick_next(out.logits[:, -1, :], temperature, top_p, generator)  # [B]
+            tokens: list[list[int]] = []
+            reasons: list[str | None] = []
+            for i, tok in enumerate(next_tokens.tolist()):
+                if finished[i]:
+                    tokens.append([])
+                    reasons.append(None)
+                elif tok in stops:
+                    finished[i] = True
+                    tokens.append([])
+                    reasons.append("stop")
+                else:
+                    tokens.append([tok])
+                    finished[i] = step == max_new_tokens - 1
+                    reasons.append("length" if finished[i] else None)
+            yield GenerationStep(tokens, reasons)
+            if all(finished):
+                return
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # [B, T'+step+1]
+            out = self.lm(
+                input_ids=next_tokens[:, None].to(device),  # [B, 1]
+                attention_mask=mask,
+                position_ids=next_position,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            next_position = next_position + 1
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        image_features: Sequence[torch.Tensor | None] | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        """Batched decoding; returns each prompt's new token ids without the stop token."""
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for step in self.generate_stream(
+            prompts, image_features, max_new_tokens, temperature, top_p, stop_token_ids, seed
+        ):
+            for i, toks in enumerate(step.tokens):
+                outputs[i].extend(toks)
+        return outputs
+
+    def freeze_for_stage(self, stage: str) -> dict[str, dict[str, int]]:
+        """Set `requires_grad` per stage (align: projector; finetune: projector + LM) and log it."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+        train_groups = {"projector": True, "lm": stage == "finetune"}
+        counts: dict[str, dict[str, int]] = {}
+        for group, trains in train_groups.items():
+            module: nn.Module = getattr(self, group)
+            module.requires_grad_(trains)
+            n_params = sum(p.numel() for p in module.parameters())
+            counts[group] = {"trainable": n_params if trains else 0, "frozen": 0 if trains else n_params}
+            logger.info("stage %s: %s %s (%d parameters)", stage, group, "trains" if trains else "frozen", n_params)
+        total = sum(c["trainable"] for c in counts.values())
+        logger.info("stage %s: %d trainable parameters in all", stage, total)
+        return counts
+
+
+def build_tiny_lm(tokenizer: Any) -> nn.Module:
+    """A tiny random Llama (hidden 64, 2 layers) sized to `tokenizer`; the same weights every time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_INIT_SEED)
+        return LlamaForCausalLM(config)
+
+
+def load_lm(path: str, tokenizer: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """`"tiny"` → `build_tiny_lm`; otherwise a Hugging Face causal LM, embeddings grown to the tokenizer."""
+    if path == TINY_LM:
+        lm = build_tiny_lm(tokenizer)
+        return lm.to(dtype) if dtype is not None else lm
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    vocab = lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        logger.info("growing %s embeddings from %d to %d tokens for %s", path, vocab, len(tokenizer), IMAGE_TOKEN)
+        lm.resize_token_embeddings(len(tokenizer))
+    return lm
+
+
+def _stop_ids(tokenizer: Any, lm: nn.Module) -> list[int]:
+    """Default stop tokens: the tokenizer's EOS plus any the LM's generation config names."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    config = getattr(lm, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None) if config is not None else None
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+    return list(dict.fromkeys(ids))
+
+
+def image_token_id_of(tokenizer: Any) -> int:
+    """The id of `<image>` in `tokenizer`, or a clear error when it lacks one."""
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; load it with vitune.tokenizer.load_tokenizer")
+    return int(token_id)
+
+
+def build_model(
+    model_cfg: Any,
+    tokenizer: Any,
+    vision_hidden_size: int,
+    dtype: torch.dtype | None = None,
+    lm: nn.Module | None = None,
+) -> VisionLanguageModel:
+    """Build the VLM of a `ModelConfig`: LM by path (or the tiny preset) + a freshly initialised projector.
+
+    Pass `lm` to reuse an already loaded language model (e.g. from a model folder).
+    """
+    image_token_id = image_token_id_of(tokenizer)
+    if lm is None:
+        lm = load_lm(model_cfg.lm, tokenizer, dtype)
+    lm_width = lm.get_input_embeddings().embedding_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_INIT_SEED)
+        projector = build_projector(model_cfg.projector, vision_hidden_size, lm_width)
+    weight = lm.get_input_embeddings().weight
+    projector.to(device=weight.device, dtype=weight.dtype)
+    model = VisionLanguageModel(
+        projector, lm, image_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer, lm)
+    )
+    logger.info(
+        "model: projector %s (%d -> %d), LM %s (%d parameters), %s id %d",
+        model_cfg.projector, vision_hidden_size, lm_width, model_cfg.lm,
+        sum(p.numel() for p in lm.parameters()), IMAGE_TOKEN, image_token_id,
+    )
+    return model

@@ -1,0 +1,146 @@
+"""Model folder: a self-contained, versioned save of the VLM that loads without any training code.
+
+Layout under a local path or s3:// prefix:
+    vitune_model.json      format version, model config, feature fingerprint, token ids, extra
+    projector.safetensors  projector weights
+    lm/                    the language model (HF `save_pretrained`), absent when `include_lm=False`
+                           (align stage: the LM is frozen, so the folder names the LM path to reload)
+    tokenizer/             the tokenizer, `<image>` included
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vitune import __version__, storage
+from vitune.model import VisionLanguageModel, load_lm
+from vitune.projector import build_projector
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "vitune_model.json"
+PROJECTOR_FILE = "projector.safetensors"
+LM_DIR = "lm"
+TOKENIZER_DIR = "tokenizer"
+
+
+def _projector_in_dim(model: VisionLanguageModel) -> int:
+    first_linear = next((m for m in model.projector.modules() if isinstance(m, nn.Linear)), None)
+    return first_linear.in_features if first_linear is not None else model.lm.get_input_embeddings().embedding_dim
+
+
+def _write_folder(
+    folder: Path,
+    model: VisionLanguageModel,
+    tokenizer: Any,
+    model_cfg: Any,
+    fingerprint: dict[str, Any],
+    include_lm: bool,
+    extra: dict[str, Any] | None,
+) -> None:
+    state = {name: t.detach().contiguous().cpu() for name, t in model.projector.state_dict().items()}
+    save_file(state, str(folder / PROJECTOR_FILE))
+    if include_lm:
+        model.lm.save_pretrained(str(folder / LM_DIR))
+    tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "vitune_version": __version__,
+        "model": model_cfg.model_dump(mode="json"),
+        "fingerprint": fingerprint,
+        "image_token_id": model.image_token_id,
+        "pad_token_id": model.pad_token_id,
+        "stop_token_ids": list(model.eos_token_ids),
+        "projector": {
+            "name": model_cfg.projector,
+            "in_dim": _projector_in_dim(model),
+            "out_dim": model.lm.get_input_embeddings().embedding_dim,
+        },
+        "lm": {"included": include_lm, "source": LM_DIR if include_lm else model_cfg.lm},
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "extra": extra or {},
+    }
+    storage.write_json(str(folder / META_FILE), meta)
+
+
+def save_model_folder(
+    model: VisionLanguageModel,
+    tokenizer: Any,
+    model_cfg: Any,
+    fingerprint: dict[str, Any],
+    uri: str,
+    include_lm: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write the model folder to `uri` (local path or s3://); returns `uri`."""
+    local = storage.local_path(uri)
+    if local is not None:
+        Path(local).mkdir(parents=True, exist_ok=True)
+        _write_folder(Path(local), model, tokenizer, model_cfg, fingerprint, include_lm, extra)
+    else:
+        with tempfile.TemporaryDirectory(prefix="vitune-model-") as tmp:
+            _write_folder(Path(tmp), model, tokenizer, model_cfg, fingerprint, include_lm, extra)
+            storage.upload_dir(tmp, uri)
+    logger.info("saved model folder %s (LM %s)", uri, "included" if include_lm else f"by path {model_cfg.lm!r}")
+    return uri
+
+
+def read_meta(uri: str) -> dict[str, Any]:
+    """The folder's `vitune_model.json`, checked for a format version this code understands."""
+    meta_uri = storage.join(uri, META_FILE)
+    if not storage.exists(meta_uri):
+        raise FileNotFoundError(f"{uri} is not a vitune model folder (no {META_FILE})")
+    meta = storage.read_json(meta_uri)
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"model folder {uri} has format version {version}; this vitune reads {FORMAT_VERSION}")
+    return meta
+
+
+def _load_from(folder: Path, meta: dict[str, Any], device: str | torch.device, dtype: torch.dtype | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+    lm_info = meta["lm"]
+    if lm_info["included"]:
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        lm = AutoModelForCausalLM.from_pretrained(str(folder / LM_DIR), **kwargs)
+    else:
+        lm = load_lm(lm_info["source"], tokenizer, dtype)
+    proj = meta["projector"]
+    projector = build_projector(proj["name"], proj["in_dim"], proj["out_dim"])
+    projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+    weight = lm.get_input_embeddings().weight
+    projector.to(device=weight.device, dtype=weight.dtype)
+    model = VisionLanguageModel(
+        projector, lm, meta["image_token_id"], pad_token_id=meta["pad_token_id"], eos_token_id=meta["stop_token_ids"]
+    )
+    return model.to(device).eval(), tokenizer
+
+
+def load_model_folder(
+    uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[VisionLanguageModel, Any, dict[str, Any]]:
+    """Load `(model, tokenizer, meta)` from a model folder; remote folders are downloaded first."""
+    meta = read_meta(uri)
+    local = storage.local_path(uri)
+    if local is not None:
+        model, tokenizer = _load_from(Path(local), meta, device, dtype)
+    else:
+        tmp = tempfile.mkdtemp(prefix="vitune-model-")
+        try:
+            storage.download_dir(uri, tmp)
+            model, tokenizer = _load_from(Path(tmp), meta, device, dtype)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("loaded model folder %s (format %d, %s)", uri, meta["format_version"], model.dtype)
+    return model, tokenizer, meta

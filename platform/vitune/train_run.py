@@ -1,0 +1,274 @@
+"""Driver side of a training stage: data plan, Ray Train ``TorchTrainer`` × DeepSpeed, MLflow, registry.
+
+``run_training(cfg)`` is what ``jobs/train.py`` and the pipeline call. Rank 0 logs metrics to the MLflow
+run the driver opened; the driver logs the config, the DeepSpeed config and the model folder, and after
+finetune registers the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitune import storage
+from vitune.config import TrainJobConfig, dump_config
+from vitune.tracking import Tracker
+from vitune.train_data import DataStats, TokenizeBatch, load_records
+from vitune.training import Plan, deepspeed_config, gradient_accumulation, model_folder_uri, output_uri, run_loop
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_CONFIG_FIELDS = {"tower": "name", "pretrained": "pretrained", "feature_layer": "feature_layer",
+                             "select": "select", "image_mode": "image_mode"}
+
+
+def check_fingerprint(store_fp: dict, cfg: TrainJobConfig) -> None:
+    """Refuse features made by another tower/layer/selection/preprocessing than the config names."""
+    vision = cfg.model.vision
+    for fp_key, cfg_key in FINGERPRINT_CONFIG_FIELDS.items():
+        want, have = getattr(vision, cfg_key), store_fp.get(fp_key)
+        if want != have:
+            raise ValueError(
+                f"feature store fingerprint mismatch: {fp_key} is {have!r} in the store but model.vision.{cfg_key} "
+                f"is {want!r}; re-run the feature job for this config")
+
+
+class JoinWithRecords:
+    """Ray Data ``map_batches`` callable: a block of feature rows → one training row per record using it."""
+
+    def __init__(self, tokenized_ref):
+        import ray
+
+        self.by_key: dict[str, list[dict]] = ray.get(tokenized_ref)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        cols: dict[str, list] = defaultdict(list)
+        for key, feats in zip(batch["image_key"], batch["features"], strict=True):
+            for s in self.by_key.get(str(key), ()):
+                cols["input_ids"].append(s["input_ids"])
+                cols["labels"].append(s["labels"])
+                cols["features"].append(feats)
+                cols["has_image"].append(True)
+                cols["length"].append(len(s["input_ids"]) + feats.shape[0] - 1)
+        return dict(cols)
+
+
+def tokenize_with_ray(cfg: TrainJobConfig, stats: DataStats) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Validate + tokenize every record inside Ray Data; returns samples by image key and text-only ones."""
+    import ray
+
+    records = load_records(cfg.data.records, stats)
+    if not records:
+        raise ValueError(f"no valid records in data.records={cfg.data.records}")
+    ds = ray.data.from_items([{"record": json.dumps(r.to_json())} for r in records])
+    ds = ds.map_batches(TokenizeBatch, batch_size=256, concurrency=1, fn_constructor_kwargs={
+        "template": cfg.model.template, "tokenizer_name": cfg.model.tokenizer or _tokenizer_source(cfg),
+        "max_length": cfg.model.max_length})
+    by_key: dict[str, list[dict]] = defaultdict(list)
+    text_only: list[dict] = []
+    n_ok = 0
+    for row in ds.iter_rows():
+        n_ok += 1
+        stats.truncated += bool(row["truncated"])
+        sample = {"input_ids": np.asarray(row["input_ids"], dtype=np.int32),
+                  "labels": np.asarray(row["labels"], dtype=np.int32)}
+        (by_key[row["image_key"]] if row["image_key"] else text_only).append(sample)
+    if len(records) > n_ok:
+        stats.skipped["mask"] += len(records) - n_ok
+    return dict(by_key), text_only
+
+
+def _tokenizer_source(cfg: TrainJobConfig) -> str:
+    """The tokenizer of the initial model folder when starting from one, else the config's."""
+    if cfg.train.init_from:
+        from vitune.training import resolve_init_from
+
+        folder = resolve_init_from(cfg.train.init_from)
+        local = storage.local_path(folder)
+        if local:
+            return str(Path(local) / "tokenizer")
+        tmp = tempfile.mkdtemp(prefix="vitune-tok-")
+        return str(storage.download_dir(storage.join(folder, "tokenizer"), tmp))
+    return cfg.model.lm
+
+
+def build_dataset(cfg: TrainJobConfig, stats: DataStats):
+    """The joined, streamed training dataset + the feature store it reads."""
+    import ray
+    from ray.data import FileShuffleConfig
+
+    from vitune.feature_store import FeatureStore
+
+    if not cfg.data.features:
+        raise ValueError("data.features: no feature store URI (run jobs/extract_features.py first)")
+    store = FeatureStore.open(cfg.data.features)
+    check_fingerprint(store.fingerprint, cfg)
+    by_key, text_only = tokenize_with_ray(cfg, stats)
+    keys = set(store.keys())
+    missing = [k for k in by_key if k not in keys]
+    for k in missing:
+        stats.skipped["image_not_in_feature_store"] += len(by_key.pop(k))
+    stats.samples = sum(len(v) for v in by_key.values()) + len(text_only)
+    if text_only:
+        log.warning("%d text-only records are not used by this feature-store pipeline yet; counted as skipped",
+                    len(text_only))
+        stats.skipped["text_only"] += len(text_only)
+        stats.samples -= len(text_only)
+    fs, _ = storage.resolve(cfg.data.features)
+    paths = [storage.resolve(u)[1] for u in store.shard_uris()]
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=FileShuffleConfig(seed=cfg.train.seed))
+    ds = ds.map_batches(JoinWithRecords, batch_size=64, batch_format="numpy", concurrency=1,
+                        fn_constructor_args=(ray.put(by_key),))
+    return ds, store
+
+
+def _ray_train_loop(config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = TrainJobConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    plan = Plan(**config["plan"])
+    shard = ray.train.get_dataset_shard("train")
+
+    def epoch_rows(epoch: int):
+        for batch in shard.iter_batches(batch_size=64, batch_format="numpy", local_shuffle_buffer_size=256,
+                                        local_shuffle_seed=cfg.train.seed + 97 * epoch + rank):
+            n = len(batch["length"])
+            for i in range(n):
+                yield {k: batch[k][i] for k in ("input_ids", "labels", "features", "has_image", "length")}
+
+    tracker = None
+    if rank == 0 and config.get("run_id"):
+        tracker = Tracker(cfg.tracking, cfg.storage.root, run_id=config["run_id"])
+
+    def report(metrics: dict, ckpt_dir: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
+
+    def on_metrics(metrics: dict) -> None:
+        if tracker:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("step",)}, step=int(metrics["step"]))
+        log.info("step %d: %s", metrics["step"], {k: round(v, 4) for k, v in metrics.items()})
+
+    restore = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            local = Path(tempfile.mkdtemp(prefix="vitune-restore-"))
+            import shutil
+
+            shutil.copytree(d, local, dirs_exist_ok=True)
+            restore = local
+    run_loop(cfg, plan, rank, world, epoch_rows, report, restore, config["feature_dim"], config["fingerprint"],
+             on_metrics)
+
+
+def _ray_storage(cfg: TrainJobConfig) -> tuple[str, Any]:
+    base = storage.join(output_uri(cfg), "ray")
+    fs, path = storage.resolve(base)
+    if storage.is_remote(base):
+        return path, fs
+    os.makedirs(path, exist_ok=True)
+    return path, None
+
+
+def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run one stage end to end; returns a summary (model folder URI, MLflow run id, metrics, data stats)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if cfg.storage.s3_endpoint_url:
+        storage.configure_s3(cfg.storage.s3_endpoint_url)
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    world = cfg.train.num_workers
+    stats = DataStats()
+    ds, store = build_dataset(cfg, stats)
+    accum = gradient_accumulation(cfg, world)
+    plan = Plan(stats.samples, world, cfg.train.micro_batch_size, accum, cfg.train.epochs, cfg.train.max_steps)
+    if plan.total_steps < 1:
+        raise ValueError(
+            f"{stats.samples} samples give no full optimizer step with global batch {cfg.train.global_batch_size}")
+    log.info("stage %s: %d samples (%s), %d workers, accum %d, %d steps/epoch, %d steps",
+             cfg.stage, stats.samples, stats.as_dict(), world, accum, plan.steps_per_epoch, plan.total_steps)
+
+    tracker = Tracker(cfg.tracking, cfg.storage.root, run_name=f"{cfg.stage}", parent_run_id=parent_run_id,
+                      tags={"vitune.stage": cfg.stage})
+    tracker.log_params(cfg.model_dump(mode="json"))
+    tracker.log_params({"data": stats.as_dict(), "plan": {"total_steps": plan.total_steps, "accum": accum}})
+    tracker.log_text(dump_config(cfg), "config/resolved.yaml")
+    tracker.log_text(json.dumps(deepspeed_config(cfg, world), indent=2), "config/deepspeed.json")
+    storage.write_text(storage.join(output_uri(cfg), "config.yaml"), dump_config(cfg))
+
+    path, fs = _ray_storage(cfg)
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "plan": plan.__dict__,
+            "run_id": tracker.run_id,
+            "feature_dim": store.feature_dim,
+            "fingerprint": store.fingerprint,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(name=f"vitune-{cfg.stage}", storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        datasets={"train": ds},
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.finish("FAILED")
+        raise
+    folder = model_folder_uri(cfg)
+    metrics = dict(result.metrics or {})
+    tracker.set_tags({"vitune.model_folder": folder})
+    _log_model_folder(tracker, folder)
+    version = None
+    if cfg.stage == "finetune" and cfg.tracking.registered_model and tracker.active:
+        version = register_model(tracker, cfg.tracking.registered_model)
+    tracker.finish()
+    summary = {"stage": cfg.stage, "model_folder": folder, "run_id": tracker.run_id, "metrics": metrics,
+               "data": stats.as_dict(), "total_steps": plan.total_steps, "registered_version": version,
+               "tracking_uri": tracker.uri}
+    storage.write_json(storage.join(output_uri(cfg), "summary.json"), summary)
+    return summary
+
+
+def _log_model_folder(tracker: Tracker, folder: str) -> None:
+    if not tracker.active:
+        return
+    with tempfile.TemporaryDirectory(prefix="vitune-art-") as d:
+        storage.download_dir(folder, d)
+        tracker.log_artifacts(d, "model")
+
+
+def register_model(tracker: Tracker, name: str) -> str | None:
+    """Register the run's ``model`` artifact folder in the MLflow model registry; returns the version."""
+    try:
+        from mlflow.exceptions import MlflowException
+
+        client = tracker._client
+        try:
+            client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered
+        run = client.get_run(tracker.run_id)
+        mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=tracker.run_id)
+        log.info("registered model %s version %s", name, mv.version)
+        return str(mv.version)
+    except Exception as exc:  # noqa: BLE001 - the trained model is saved either way
+        log.warning("could not register model %s: %s", name, exc)
+        return None

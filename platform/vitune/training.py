@@ -1,0 +1,375 @@
+"""The per-worker training loop: DeepSpeed ZeRO over the VLM, fed micro-batches of features + tokens.
+
+It runs under Ray Train (``ray_train_loop``) or without Ray (``run_single_process``, for timing on a
+machine that has no Ray); the loop itself only needs ``torch.distributed`` and an iterable of rows.
+Stage is data: ``freeze_for_stage`` decides what trains, the config decides the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vitune.config import TrainJobConfig
+from vitune.train_data import collate, length_grouped
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "ds"
+STATE_FILE = "train_state.json"
+# dense bf16 peak FLOP/s per GPU, for MFU
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def deepspeed_config(cfg: TrainJobConfig, world_size: int) -> dict[str, Any]:
+    """Our config → a DeepSpeed config: ZeRO stage, precision, batch sizes, clipping, offload."""
+    t = cfg.train
+    accum = gradient_accumulation(cfg, world_size)
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload and t.zero_stage >= 2:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if t.offload and t.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if t.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(t.use_gpu)},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer (no op build)
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def gradient_accumulation(cfg: TrainJobConfig, world_size: int) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
+            f"({t.micro_batch_size}) × workers ({world_size})"
+        )
+    return t.global_batch_size // per_step
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[[int], float]:
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+@dataclass
+class Plan:
+    """How many steps the run takes; identical on every worker (equal splits)."""
+
+    samples: int
+    world_size: int
+    micro_batch_size: int
+    accum: int
+    epochs: float
+    max_steps: int | None
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return (self.samples // self.world_size) // self.micro_batch_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.micro_per_epoch // self.accum
+
+    @property
+    def total_steps(self) -> int:
+        total = math.ceil(self.epochs * self.steps_per_epoch)
+        return min(total, self.max_steps) if self.max_steps else total
+
+
+def model_flops_per_token(model: torch.nn.Module, stage: str) -> float:
+    """6·N per token for trained weights, 4·N for the frozen LM in align (forward + input grads)."""
+    n_lm = sum(p.numel() for p in model.lm.parameters())
+    n_proj = sum(p.numel() for p in model.projector.parameters())
+    return (6 if stage == "finetune" else 4) * n_lm + 6 * n_proj
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class Worker:
+    """One data-parallel rank: the model under DeepSpeed, the step, checkpoints and the model folder."""
+
+    def __init__(self, cfg: TrainJobConfig, plan: Plan, rank: int, world_size: int, feature_dim: int):
+        import deepspeed
+
+        from vitune.model import build_model
+        from vitune.tokenizer import load_tokenizer
+
+        self.cfg, self.plan, self.rank, self.world = cfg, plan, rank, world_size
+        self.feature_dim = feature_dim
+        torch.manual_seed(cfg.train.seed)
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.train.use_gpu else torch.device("cpu")
+        self.tokenizer, self.model, self.init_meta = self._build(build_model, load_tokenizer)
+        self.trainable = self.model.freeze_for_stage(cfg.stage)
+        if cfg.train.gradient_checkpointing:
+            self.model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(plan.total_steps, cfg.train.warmup_ratio, cfg.train.lr_schedule))
+        self.ds_config = deepspeed_config(cfg, world_size)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler,
+            config=self.ds_config, dist_init_required=False)
+        self.flops_per_token = model_flops_per_token(self.model, cfg.stage)
+        self.step = 0
+        self.epoch = 0
+        self.micro_in_epoch = 0
+
+    def _build(self, build_model, load_tokenizer):
+        cfg = self.cfg
+        if cfg.train.init_from:
+            from vitune.model_folder import load_model_folder
+
+            model, tokenizer, meta = load_model_folder(resolve_init_from(cfg.train.init_from))
+            log.info("initialised from %s (stage %s)", cfg.train.init_from, meta.get("extra", {}).get("stage"))
+            return tokenizer, model.to(self.device).train(), meta
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.lm)
+        return tokenizer, build_model(cfg.model, tokenizer, self.feature_dim).to(self.device).train(), None
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self, folder: Path) -> None:
+        state = {"step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch}
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG, client_state=state)
+        if self.rank == 0:
+            (folder / STATE_FILE).write_text(json.dumps(state))
+
+    def load_checkpoint(self, folder: Path) -> None:
+        _, client = self.engine.load_checkpoint(str(folder), tag=DS_TAG)
+        state = client or json.loads((folder / STATE_FILE).read_text())
+        self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
+        if self.micro_in_epoch >= self.plan.steps_per_epoch * self.plan.accum:
+            self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+        log.info("resumed at step %d (epoch %d, micro-batch %d)", self.step, self.epoch, self.micro_in_epoch)
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def micro_batches(self, rows: Iterable[dict]) -> Iterator[dict]:
+        t = self.cfg.train
+        seed = t.seed * 1000 + self.epoch * 10 + self.rank
+        for group in length_grouped(rows, t.micro_batch_size, megabatch=max(4, self.plan.accum), seed=seed):
+            yield collate(group, self.model.pad_token_id)
+
+    def train_epoch(self, rows: Iterable[dict], on_step: Callable[[dict], None]) -> None:
+        """One epoch over this rank's rows; skips the micro-batches a resumed run already consumed."""
+        plan, accum = self.plan, self.plan.accum
+        per_epoch = plan.steps_per_epoch * accum
+        stats = {"loss": 0.0, "tokens": 0, "padded": 0, "samples": 0, "wait": 0.0}
+        t_step = time.perf_counter()
+        it = self.micro_batches(rows)
+        index = 0
+        while index < per_epoch and self.step < plan.total_steps:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise RuntimeError(
+                    f"rank {self.rank} ran out of data at micro-batch {index}/{per_epoch} of epoch {self.epoch}")
+            stats["wait"] += time.perf_counter() - t0
+            if index < self.micro_in_epoch:  # consumed before the restart
+                index += 1
+                continue
+            out = self.engine(
+                input_ids=batch["input_ids"].to(self.device),
+                attention_mask=batch["attention_mask"].to(self.device),
+                labels=batch["labels"].to(self.device),
+                image_features=None if batch["image_features"] is None else batch["image_features"].to(self.device),
+            )
+            self.engine.backward(out.loss)
+            self.engine.step()
+            index += 1
+            self.micro_in_epoch = index
+            stats["loss"] += float(out.loss.detach())
+            stats["tokens"] += batch["num_tokens"]
+            stats["padded"] += batch["num_padded"]
+            stats["samples"] += batch["input_ids"].shape[0]
+            if index % accum == 0:
+                self.step += 1
+                elapsed = time.perf_counter() - t_step
+                on_step(self._metrics(stats, elapsed))
+                stats = {k: 0 if k != "loss" else 0.0 for k in stats}
+                t_step = time.perf_counter()
+        for _ in it:  # drain: every rank ends the epoch's stream together
+            pass
+        self.epoch += 1
+        self.micro_in_epoch = 0
+
+    def _metrics(self, stats: dict, elapsed: float) -> dict[str, float]:
+        totals = torch.tensor([stats["loss"] / self.plan.accum, stats["tokens"], stats["samples"], stats["padded"],
+                               stats["wait"]], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        loss, tokens, samples, padded, wait = totals.tolist()
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics = {
+            "loss": loss / self.world,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "data_wait_share": (wait / self.world) / elapsed,
+            "padding_share": 1.0 - tokens / max(padded, 1),
+            "step": self.step,
+            "epoch": self.epoch,
+        }
+        peak = peak_flops()
+        if peak:
+            metrics["mfu"] = self.flops_per_token * tokens / elapsed / (peak * self.world)
+        return metrics
+
+    # --- the result ----------------------------------------------------------------------------------
+    def gathered_state(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 (ZeRO-3 shards gathered); None on other ranks."""
+        params = list(self.model.parameters())
+        if self.cfg.train.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if self.rank == 0 else None
+            return state
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if self.rank == 0 else None
+
+    def save_model_folder(self, uri: str, fingerprint: dict) -> None:
+        from vitune.model import build_model
+        from vitune.model_folder import save_model_folder
+
+        state = self.gathered_state()
+        if self.rank != 0:
+            return
+        # a plain copy of the model for saving: ZeRO-3 leaves the engine's parameters partitioned
+        clean = build_model(self.cfg.model, self.tokenizer, self.feature_dim,
+                            lm=_lm_copy(self.model.lm) if self.cfg.train.zero_stage == 3 else self.model.lm)
+        clean.load_state_dict(state)
+        save_model_folder(clean.float(), self.tokenizer, self.cfg.model, fingerprint, uri,
+                          include_lm=self.cfg.stage == "finetune" or self._lm_not_rebuildable(),
+                          extra={"stage": self.cfg.stage, "steps": self.step})
+
+    def _lm_not_rebuildable(self) -> bool:
+        # an LM that came from an earlier folder (not by path) must be carried along
+        return bool(self.init_meta and self.init_meta.get("lm", {}).get("included"))
+
+
+def _lm_copy(lm: torch.nn.Module) -> torch.nn.Module:
+    """A fresh, unpartitioned LM of the same architecture (weights are loaded from the gathered state)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(lm.config)
+
+
+def resolve_init_from(ref: str) -> str:
+    """A model-folder URI, or ``runs:/<run_id>`` → the folder that MLflow run wrote."""
+    if ref.startswith("runs:/"):
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient().get_run(ref[len("runs:/"):].strip("/").split("/")[0])
+        folder = run.data.tags.get("vitune.model_folder")
+        if not folder:
+            raise ValueError(f"MLflow run {ref} has no vitune.model_folder tag (is it a vitune training run?)")
+        return folder
+    return ref
+
+
+def run_loop(cfg: TrainJobConfig, plan: Plan, rank: int, world: int, epoch_rows: Callable[[int], Iterable[dict]],
+             report: Callable[[dict, Path | None], None], restore: Path | None, feature_dim: int,
+             fingerprint: dict, on_metrics: Callable[[dict], None] | None = None) -> dict:
+    """The whole per-worker run. ``report(metrics, checkpoint_dir)`` is Ray Train's report (or a local one)."""
+    worker = Worker(cfg, plan, rank, world, feature_dim)
+    resumed_from = None
+    if restore is not None:
+        worker.load_checkpoint(restore)
+        resumed_from = worker.step
+    fail_at = cfg.train.fail_at_step if restore is None else None
+    last: dict = {}
+
+    def on_step(metrics: dict) -> None:
+        nonlocal last
+        last = metrics
+        if on_metrics and rank == 0 and (worker.step % cfg.train.log_every == 0 or worker.step == plan.total_steps):
+            on_metrics(metrics)
+        if worker.step % cfg.train.checkpoint_every == 0 and worker.step < plan.total_steps:
+            with tempfile.TemporaryDirectory(prefix="vitune-ckpt-") as d:
+                worker.save_checkpoint(Path(d))
+                report(metrics, Path(d))
+        if fail_at is not None and worker.step == fail_at and rank == world - 1:
+            raise RuntimeError(f"injected failure at step {fail_at} (train.fail_at_step)")
+
+    while worker.step < plan.total_steps:
+        worker.train_epoch(epoch_rows(worker.epoch), on_step)
+    out_uri = model_folder_uri(cfg)
+    worker.save_model_folder(out_uri, fingerprint)
+    final = dict(last, step=worker.step, resumed_from=resumed_from if resumed_from is not None else -1)
+    with tempfile.TemporaryDirectory(prefix="vitune-ckpt-") as d:
+        worker.save_checkpoint(Path(d))
+        report(final, Path(d))
+    return final
+
+
+def output_uri(cfg: TrainJobConfig) -> str:
+    from vitune import storage
+
+    return cfg.train.output or storage.join(cfg.storage.root, "train", cfg.stage)
+
+
+def model_folder_uri(cfg: TrainJobConfig) -> str:
+    from vitune import storage
+
+    return storage.join(output_uri(cfg), "model")
+
+
+def run_single_process(cfg: TrainJobConfig, rows: list[dict], feature_dim: int, fingerprint: dict,
+                       on_metrics: Callable[[dict], None] | None = None) -> dict:
+    """The same loop without Ray: one process (or each torchrun rank, with its slice of ``rows``)."""
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("nccl" if cfg.train.use_gpu else "gloo",
+                                rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = rows[rank::world][: len(rows) // world]
+    plan = Plan(len(mine) * world, world, cfg.train.micro_batch_size, gradient_accumulation(cfg, world),
+                cfg.train.epochs, cfg.train.max_steps)
+
+    def epoch_rows(epoch: int) -> Iterable[dict]:
+        import random
+
+        order = list(mine)
+        random.Random(cfg.train.seed + epoch).shuffle(order)
+        return order
+
+    return run_loop(cfg, plan, rank, world, epoch_rows, lambda m, c: None, None, feature_dim, fingerprint, on_metrics)
