@@ -86,6 +86,9 @@ class FakeOpenAI:
         self.default_content = default_content
         self.requests: list[RecordedRequest] = []
         self._queue: deque[Reply] = deque()
+        self.in_flight = 0
+        self.max_in_flight = 0  # most chat requests being answered at once (for concurrency-cap tests)
+        self.responder_errors: list[str] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -104,6 +107,7 @@ class FakeOpenAI:
         with self._lock:
             self.requests.clear()
             self._queue.clear()
+            self.max_in_flight = 0
 
     # ---- what happened
     @property
@@ -157,7 +161,12 @@ class FakeOpenAI:
             return queued
         if self.responder is None:
             return Reply(content=self.default_content)
-        out = self.responder(req)
+        try:
+            out = self.responder(req)
+        except Exception as exc:  # noqa: BLE001 - a broken responder shows up as a 500 and in responder_errors
+            with self._lock:
+                self.responder_errors.append(repr(exc))
+            return Reply(status=500, body={"error": {"message": f"responder raised {exc!r}"}})
         if isinstance(out, Reply):
             return out
         if isinstance(out, dict):
@@ -230,10 +239,17 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 req.status = 404
                 self._send(404, {"Content-Type": "application/json"}, _encode({"error": {"message": "not found"}}))
                 return
-            reply = fake._next_reply(req)
-            if reply.delay_s:
-                time.sleep(reply.delay_s)
-            status, headers, data = fake._completion(req, reply)
+            with fake._lock:
+                fake.in_flight += 1
+                fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+            try:
+                reply = fake._next_reply(req)
+                if reply.delay_s:
+                    time.sleep(reply.delay_s)
+                status, headers, data = fake._completion(req, reply)
+            finally:
+                with fake._lock:
+                    fake.in_flight -= 1
             req.status = status
             try:
                 self._send(status, headers, data)

@@ -70,8 +70,10 @@ class FeaturesConfig(Section):
     output: str | None = None  # default: <storage.root>/features/<fingerprint id>
     shard_size: int = Field(256, gt=0)  # images per Parquet shard
     batch_size: int = Field(32, gt=0)
-    num_actors: int | None = None  # None = one per GPU on a cluster, CPUs locally
-    max_pixels: int = Field(64_000_000, gt=0)
+    num_actors: int | None = Field(None, gt=0)  # None = one per GPU on a cluster, CPUs locally
+    actor_cpus: float = Field(1.0, gt=0)  # CPUs each tower actor reserves (its torch threads on CPU)
+    preprocess_cpus: float = Field(1.0, gt=0)  # CPUs each decode+preprocess task reserves
+    max_pixels: int = Field(64_000_000, gt=0)  # images over this (width x height) are quarantined
 
 
 class TrainConfig(Section):
@@ -266,7 +268,7 @@ class GenerateTargets(Section):
 
 
 class GenerateConfig(Section):
-    input: str | list[str] = Field(default_factory=list)  # COCO annotation JSONs (captions_*, instances_*) or JSONL URIs
+    input: str | list[str] = Field(default_factory=list)  # COCO JSONs (captions_*, instances_*) or JSONL URIs
     format: Literal["coco", "jsonl"] = "coco"
     image_prefix: str = ""  # prepended to COCO file_name in the records' "image" (e.g. "train2017/")
     max_images: int | None = Field(None, gt=0)  # read at most this many images (in input order)

@@ -91,10 +91,10 @@ def shard_table(keys: Sequence[str], features: np.ndarray, metadata: Mapping[str
     features = np.ascontiguousarray(features, dtype=np.float16)  # [n, N, D]
     if features.ndim != 3 or features.shape[0] != len(keys):
         raise ValueError(f"features of shape {features.shape} do not match {len(keys)} keys as [n, N, D]")
-    tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(features)
-    if len(keys) == 0:
-        # from_numpy_ndarray infers the shape from the array, which is right even for zero rows
-        tensor = pa.ExtensionArray.from_storage(tensor.type, tensor.storage)
+    _, num_patches, hidden_size = features.shape
+    # built from storage (not from_numpy_ndarray) so that a shard with zero rows keeps its [N, D] type
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), num_patches * hidden_size)
+    tensor = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float16(), [num_patches, hidden_size]), flat)
     table = pa.table({KEY_COLUMN: pa.array(list(keys), type=pa.string()), FEATURES_COLUMN: tensor})
     if metadata is not None:
         table = table.replace_schema_metadata({SHARD_METADATA_KEY: json.dumps(dict(metadata)).encode()})
@@ -125,7 +125,7 @@ def features_to_numpy(column: pa.ChunkedArray | pa.Array, num_patches: int, hidd
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     rows = len(array)
     if isinstance(array.type, pa.FixedShapeTensorType):
-        out = array.to_numpy_ndarray() if rows else np.empty((0, *array.type.shape), dtype=np.float16)
+        out = array.to_numpy_ndarray()
     else:
         storage_array = array.storage if isinstance(array, pa.ExtensionArray) else array
         values = storage_array

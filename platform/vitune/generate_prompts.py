@@ -72,7 +72,7 @@ class PromptSpec:
             raise PromptError(f"{source}: 'system' must be a non-empty string")
         examples = []
         for i, ex in enumerate(raw.get("examples") or []):
-            if not (isinstance(ex, dict) and isinstance(ex.get("context"), str) and isinstance(ex.get("response"), str)):
+            if not (isinstance(ex, dict) and all(isinstance(ex.get(k), str) for k in ("context", "response"))):
                 raise PromptError(f"{source}: examples[{i}] needs 'context' and 'response' strings")
             examples.append((ex["context"].strip(), ex["response"].strip()))
         questions = raw.get("questions") or []

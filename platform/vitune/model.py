@@ -270,7 +270,8 @@ class VisionLanguageModel(nn.Module):
         for i, (prompt, feats) in enumerate(zip(prompts, image_features, strict=True)):
             n_image = sum(1 for tok in prompt if tok == self.image_token_id)
             if n_image != (feats is not None):
-                raise ValueError(f"prompt {i} holds {n_image} {IMAGE_TOKEN} tokens but features are {'given' if feats is not None else 'None'}")
+                given = "given" if feats is not None else "None"
+                raise ValueError(f"prompt {i} holds {n_image} {IMAGE_TOKEN} tokens but features are {given}")
             if feats is not None:
                 features.append(feats[0] if feats.dim() == 3 else feats)  # [N, Dv]
         longest = max(len(p) for p in prompts)
@@ -447,7 +448,12 @@ def build_model(
     )
     logger.info(
         "model: projector %s (%d -> %d), LM %s (%d parameters), %s id %d",
-        model_cfg.projector, vision_hidden_size, lm_width, model_cfg.lm,
-        sum(p.numel() for p in lm.parameters()), IMAGE_TOKEN, image_token_id,
+        model_cfg.projector,
+        vision_hidden_size,
+        lm_width,
+        model_cfg.lm,
+        sum(p.numel() for p in lm.parameters()),
+        IMAGE_TOKEN,
+        image_token_id,
     )
     return model

@@ -25,19 +25,11 @@ from vitune.training import Plan, deepspeed_config, gradient_accumulation, model
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_CONFIG_FIELDS = {"tower": "name", "pretrained": "pretrained", "feature_layer": "feature_layer",
-                             "select": "select", "image_mode": "image_mode"}
-
-
-def check_fingerprint(store_fp: dict, cfg: TrainJobConfig) -> None:
-    """Refuse features made by another tower/layer/selection/preprocessing than the config names."""
-    vision = cfg.model.vision
-    for fp_key, cfg_key in FINGERPRINT_CONFIG_FIELDS.items():
-        want, have = getattr(vision, cfg_key), store_fp.get(fp_key)
-        if want != have:
-            raise ValueError(
-                f"feature store fingerprint mismatch: {fp_key} is {have!r} in the store but model.vision.{cfg_key} "
-                f"is {want!r}; re-run the feature job for this config")
+def expected_fingerprint(cfg: TrainJobConfig) -> dict[str, Any]:
+    """The fingerprint fields a config determines without loading the tower (checked against the store)."""
+    v = cfg.model.vision
+    return {"tower": v.name, "pretrained": v.pretrained, "feature_layer": v.feature_layer, "select": v.select,
+            "image_mode": v.image_mode}
 
 
 class JoinWithRecords:
@@ -108,8 +100,7 @@ def build_dataset(cfg: TrainJobConfig, stats: DataStats):
 
     if not cfg.data.features:
         raise ValueError("data.features: no feature store URI (run jobs/extract_features.py first)")
-    store = FeatureStore.open(cfg.data.features)
-    check_fingerprint(store.fingerprint, cfg)
+    store = FeatureStore.open(cfg.data.features, expect_fingerprint=expected_fingerprint(cfg))
     by_key, text_only = tokenize_with_ray(cfg, stats)
     keys = set(store.keys())
     missing = [k for k in by_key if k not in keys]
@@ -121,9 +112,8 @@ def build_dataset(cfg: TrainJobConfig, stats: DataStats):
                     len(text_only))
         stats.skipped["text_only"] += len(text_only)
         stats.samples -= len(text_only)
-    fs, _ = storage.resolve(cfg.data.features)
-    paths = [storage.resolve(u)[1] for u in store.shard_uris()]
-    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=FileShuffleConfig(seed=cfg.train.seed))
+    # a new file order every epoch (reseeded per execution); rows then shuffle in a local buffer
+    ds = store.to_ray_dataset(shuffle=FileShuffleConfig(seed=cfg.train.seed))
     ds = ds.map_batches(JoinWithRecords, batch_size=64, batch_format="numpy", concurrency=1,
                         fn_constructor_args=(ray.put(by_key),))
     return ds, store

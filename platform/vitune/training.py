@@ -199,7 +199,8 @@ class Worker:
                 batch = next(it)
             except StopIteration:
                 raise RuntimeError(
-                    f"rank {self.rank} ran out of data at micro-batch {index}/{per_epoch} of epoch {self.epoch}")
+                    f"rank {self.rank} ran out of data at micro-batch {index}/{per_epoch} of epoch {self.epoch}"
+                ) from None
             stats["wait"] += time.perf_counter() - t0
             if index < self.micro_in_epoch:  # consumed before the restart
                 index += 1
@@ -255,14 +256,17 @@ class Worker:
     # --- the result ----------------------------------------------------------------------------------
     def gathered_state(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0 (ZeRO-3 shards gathered); None on other ranks."""
-        params = list(self.model.parameters())
+        def snapshot() -> dict[str, torch.Tensor] | None:
+            if self.rank != 0:
+                return None
+            return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
         if self.cfg.train.zero_stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if self.rank == 0 else None
-            return state
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if self.rank == 0 else None
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+                return snapshot()
+        return snapshot()
 
     def save_model_folder(self, uri: str, fingerprint: dict) -> None:
         from vitune.model import build_model

@@ -134,9 +134,14 @@ class VisionTower(nn.Module):
         return x if self.select == "cls_patch" else x[:, 1:]
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`[B, 3, H, W]` → `[B, N, D]` features, without autograd."""
+        """`[B, 3, H, W]` → `[B, N, D]` features, computed without autograd.
+
+        Runs under `inference_mode`; the result is cloned out of it so callers may feed it to a
+        trainable projector (inference tensors cannot be saved for backward).
+        """
         with torch.inference_mode():
-            return self.forward(pixel_values)
+            features = self.forward(pixel_values)
+        return features.clone()
 
     def fingerprint(self) -> dict[str, Any]:
         """What produced these features; stores and checkpoints carry it so mismatches are refused."""
@@ -181,17 +186,25 @@ def load_vision_tower(cfg: Any, device: str | torch.device = "cpu", dtype: torch
     # Seeded init in a forked RNG so loading a tower never perturbs the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_INIT_SEED)
-        clip = open_clip.create_model(
-            cfg.name, pretrained=cfg.pretrained, device="cpu", force_quick_gelu=quick_gelu
-        )
+        clip = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device="cpu", force_quick_gelu=quick_gelu)
     tower = VisionTower(clip.visual, cfg, open_clip.__version__)
     del clip
     tower.to(device=device, dtype=dtype)
     logger.info(
         "vision tower %s (pretrained=%s): %d blocks, running %d (feature_layer=%d), %d px, patch %d, "
         "N=%d, D=%d, quick_gelu=%s, %s %s",
-        cfg.name, cfg.pretrained, tower.num_layers, tower.num_blocks, cfg.feature_layer,
-        tower.image_size, tower.patch_size, tower.num_patches, tower.hidden_size, quick_gelu, device, dtype,
+        cfg.name,
+        cfg.pretrained,
+        tower.num_layers,
+        tower.num_blocks,
+        cfg.feature_layer,
+        tower.image_size,
+        tower.patch_size,
+        tower.num_patches,
+        tower.hidden_size,
+        quick_gelu,
+        device,
+        dtype,
     )
     return tower
 

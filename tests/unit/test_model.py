@@ -89,7 +89,9 @@ def test_splice_layout(padding_side: str) -> None:
     ids = torch.tensor([[1, 5, IMG, 6, 0], [1, 7, 0, 0, 0], [1, IMG, 8, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
     labels = torch.where(mask.bool(), ids + 50, torch.full_like(ids, IGNORE_INDEX))
-    out = splice_image_features(ids, mask, _IdEmbedding(), IMG, _image_embeds(2, 3), labels, padding_side, pad_token_id=0)
+    out = splice_image_features(
+        ids, mask, _IdEmbedding(), IMG, _image_embeds(2, 3), labels, padding_side, pad_token_id=0
+    )
     rows = [
         [1, 5, 100, 101, 102, 6],
         [1, 7],
@@ -179,7 +181,7 @@ def test_loss_is_mean_ce_over_trained_positions(model: VisionLanguageModel) -> N
 def test_loss_without_trained_tokens_is_zero(model: VisionLanguageModel) -> None:
     ids = torch.tensor([[1, 300, 301]])
     out = model(ids, labels=torch.full_like(ids, IGNORE_INDEX))
-    assert out.num_label_tokens == 0 and float(out.loss) == 0.0
+    assert out.num_label_tokens == 0 and float(out.loss.detach()) == 0.0
 
 
 def test_build_model_is_deterministic(tokenizer) -> None:
@@ -199,8 +201,12 @@ def test_greedy_matches_hf_generate_text_only(model: VisionLanguageModel) -> Non
     ours = model.generate([prompt], max_new_tokens=12, stop_token_ids=())
     with torch.no_grad():
         hf = model.lm.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=12,
-            do_sample=False, eos_token_id=None, pad_token_id=model.pad_token_id,
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, 4, dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=model.pad_token_id,
         )
     assert ours == [hf[0, len(prompt) :].tolist()]
 
@@ -211,7 +217,10 @@ def test_batched_generation_equals_one_by_one(model: VisionLanguageModel) -> Non
     feats = _features(2, seed=3)
     image_features = [feats[0], None, feats[1], None]
     batched = model.generate(prompts, image_features, max_new_tokens=10, stop_token_ids=())
-    singles = [model.generate([p], [f], max_new_tokens=10, stop_token_ids=())[0] for p, f in zip(prompts, image_features, strict=True)]
+    singles = [
+        model.generate([p], [f], max_new_tokens=10, stop_token_ids=())[0]
+        for p, f in zip(prompts, image_features, strict=True)
+    ]
     assert batched == singles
     assert all(len(seq) == 10 for seq in batched)
     assert batched[0] != model.generate([prompts[0]], [torch.zeros(N, DV)], max_new_tokens=10, stop_token_ids=())[0]
@@ -267,7 +276,10 @@ def test_freeze_for_stage(tokenizer, caplog: pytest.LogCaptureFixture) -> None:
         counts = vlm.freeze_for_stage("align")
     trainable = {name for name, p in vlm.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith("projector.") for name in trainable)
-    assert counts == {"projector": {"trainable": projector_params, "frozen": 0}, "lm": {"trainable": 0, "frozen": lm_params}}
+    assert counts == {
+        "projector": {"trainable": projector_params, "frozen": 0},
+        "lm": {"trainable": 0, "frozen": lm_params},
+    }
     assert "lm frozen" in caplog.text and "projector trains" in caplog.text
 
     counts = vlm.freeze_for_stage("finetune")

@@ -125,7 +125,10 @@ def test_tower_is_frozen(tower: VisionTower) -> None:
     tower.train()
     assert not tower.training and not tower.visual.training
     assert not any(p.requires_grad for p in tower.parameters())
-    assert tower.encode(torch.zeros(1, 3, 32, 32)).requires_grad is False
+    features = tower.encode(torch.zeros(1, 3, 32, 32))
+    assert features.requires_grad is False and not features.is_inference()
+    # usable as input to a trainable module
+    torch.nn.Linear(64, 2)(features).sum().backward()
 
 
 def test_fingerprint_and_id(tower: VisionTower) -> None:

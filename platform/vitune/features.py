@@ -1,0 +1,450 @@
+"""The feature job's pipeline: the distinct images of some records → a fingerprinted feature store.
+
+``extract_features(cfg)`` runs on Ray Data, streaming, one dataset row per *shard*:
+
+    plan (driver)       sorted distinct image keys → shards of ``features.shard_size`` keys (shard i is
+                        always the same keys); only shards whose file is missing are computed
+    load_shard (tasks)  read bytes → ``image.decode_image`` → the tower's preprocessing, on CPUs in parallel
+                        with the actors; a bad image becomes an error row with its reason, never an exception
+    EncodeShard (actor pool, one per GPU or sized to CPUs)
+                        the tower loaded once, micro-batches under inference mode → fp16 → writes the
+                        shard's errors file, then its Parquet file in one atomic write (the commit)
+    manifest (driver)   written last, from the shard footers: counts, shard list, schema, timings
+
+A shard is done iff its file exists, so a re-run after a kill computes only the missing shards (no
+duplicates, finished shards untouched) and a run over a complete store computes and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from vitune import image as image_lib
+from vitune import storage
+from vitune.config import DataConfig, FeaturesJobConfig, VisionConfig
+from vitune.feature_store import (
+    ERRORS_DIR,
+    FEATURE_DTYPE,
+    FEATURES_COLUMN,
+    FORMAT_VERSION,
+    KEY_COLUMN,
+    MANIFEST,
+    PLAN,
+    errors_name,
+    fingerprint_diffs,
+    read_shard_footer,
+    shard_name,
+    shard_table,
+    write_shard,
+)
+
+log = logging.getLogger(__name__)
+
+FAIL_AFTER_ENV = "VITUNE_FAIL_AFTER_SHARDS"  # test hook: compute this many shards, then die before the manifest
+
+
+class SimulatedInterruption(RuntimeError):
+    """Raised by the ``fail_after_shards`` test hook after the requested shards were written."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The tower's preprocessing without its weights, for CPU tasks: ``VisionTower.preprocess`` exactly."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_mode: str
+
+    @classmethod
+    def from_tower(cls, tower: Any) -> PreprocessSpec:
+        return cls(tower.image_size, tuple(tower.mean), tuple(tower.std), tower.image_mode)
+
+    def __call__(self, img: Any) -> Any:
+        return image_lib.preprocess(img, self.image_size, self.mean, self.std, self.image_mode)  # [3, S, S]
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def collect_image_keys(record_uris: Sequence[str]) -> tuple[list[str], dict[str, int]]:
+    """Sorted distinct image keys referenced by valid records, and record counts for the manifest."""
+    from vitune.records import read_records_with_errors
+
+    if not record_uris:
+        raise ValueError("data.records: no record files given")
+    keys: set[str] = set()
+    stats = {"records": 0, "records_invalid": 0, "records_text_only": 0}
+    for uri in record_uris:
+        records, errors = read_records_with_errors(uri)
+        stats["records"] += len(records)
+        stats["records_invalid"] += len(errors)
+        for record in records:
+            if record.image is None:
+                stats["records_text_only"] += 1
+            else:
+                keys.add(record.image)
+    if not keys:
+        raise ValueError(f"data.records: no record in {list(record_uris)} references an image")
+    return sorted(keys), stats
+
+
+def resolve_image_root(data: DataConfig) -> str:
+    """``data.image_root``, else the folder of the first records file (LLaVA's usual layout)."""
+    if data.image_root:
+        return data.image_root
+    first = data.records[0]
+    root = posixpath.dirname(first.rstrip("/")) if storage.is_remote(first) else os.path.dirname(os.path.abspath(first))
+    log.info("data.image_root not set: images are read relative to %s", root)
+    return root
+
+
+def plan_shards(keys: Sequence[str], shard_size: int) -> list[list[str]]:
+    """Shard i holds sorted keys ``[i * shard_size, (i + 1) * shard_size)``: the same on every run."""
+    return [list(keys[i:i + shard_size]) for i in range(0, len(keys), shard_size)]
+
+
+def key_set_hash(keys: Sequence[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in keys:
+        h.update(key.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def output_uri(cfg: FeaturesJobConfig, fp_id: str) -> str:
+    return cfg.features.output or storage.join(cfg.storage.root, "features", fp_id)
+
+
+def _check_plan(out: str, plan: dict[str, Any]) -> None:
+    """Write ``plan.json`` on the first run; later runs must be for the same tower, images and shard size."""
+    uri = storage.join(out, PLAN)
+    if not storage.exists(uri):
+        storage.write_json(uri, plan)
+        return
+    have = storage.read_json(uri)
+    diffs = fingerprint_diffs(plan["fingerprint"], have.get("fingerprint", {}))
+    if diffs:
+        detail = "; ".join(f"{f}: expected {w!r}, found {h!r}" for f, w, h in diffs)
+        raise ValueError(f"{out} holds features of another vision tower ({detail}); set features.output elsewhere")
+    for field in ("shard_size", "num_images", "keys_sha256"):
+        if have.get(field) != plan[field]:
+            raise ValueError(
+                f"{out} was started for another image set or shard size ({field}: this run has {plan[field]!r}, "
+                f"the store has {have.get(field)!r}); set features.output elsewhere or delete the store"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- Ray stages
+
+
+def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixels: int,
+               s3_endpoint_url: str | None = None) -> pa.Table:
+    """CPU task: one row per shard → its preprocessed pixels ``[n, 3, S, S]`` + quarantined images."""
+    import torch
+
+    if s3_endpoint_url:
+        storage.configure_s3(s3_endpoint_url)
+    fs, base = storage.resolve(image_root)
+    out: dict[str, list] = {k: [] for k in ("shard", "keys", "pixels", "errors", "bytes_read", "load_s")}
+    for shard, keys in zip(batch.column("shard").to_pylist(), batch.column("keys").to_pylist(), strict=True):
+        t0 = time.perf_counter()
+        ok_keys, pixels, errors, nbytes = [], [], [], 0
+        for key in keys:
+            path = posixpath.join(base, key)
+            try:
+                with fs.open_input_stream(path) as f:
+                    data = f.read()
+            except (FileNotFoundError, OSError) as exc:
+                reason = "missing file" if isinstance(exc, FileNotFoundError) else f"cannot read file: {exc}"
+                errors.append({"image_key": key, "uri": storage.join(image_root, key), "reason": reason})
+                continue
+            nbytes += len(data)
+            try:
+                pixels.append(spec(image_lib.decode_image(data, max_pixels=max_pixels)))
+            except image_lib.ImageError as exc:
+                errors.append({"image_key": key, "uri": storage.join(image_root, key), "reason": str(exc)})
+                continue
+            except Exception as exc:  # noqa: BLE001 - one bad image must never stop the job
+                reason = f"preprocessing failed: {type(exc).__name__}: {exc}"
+                errors.append({"image_key": key, "uri": storage.join(image_root, key), "reason": reason})
+                continue
+            ok_keys.append(key)
+        stacked = torch.stack(pixels).numpy() if pixels else np.empty((0, 3, spec.image_size, spec.image_size),
+                                                                      dtype=np.float32)
+        out["shard"].append(shard)
+        out["keys"].append(ok_keys)
+        out["pixels"].append(stacked.astype(np.float32, copy=False).tobytes())  # [n, 3, S, S]
+        out["errors"].append(json.dumps(errors))
+        out["bytes_read"].append(nbytes)
+        out["load_s"].append(time.perf_counter() - t0)
+    return pa.table({
+        "shard": pa.array(out["shard"], pa.int64()),
+        "keys": pa.array(out["keys"], pa.list_(pa.string())),
+        "pixels": pa.array(out["pixels"], pa.large_binary()),
+        "errors": pa.array(out["errors"], pa.string()),
+        "bytes_read": pa.array(out["bytes_read"], pa.int64()),
+        "load_s": pa.array(out["load_s"], pa.float64()),
+    })
+
+
+class EncodeShard:
+    """Actor: loads the tower once; per shard, encodes its pixels in micro-batches and writes its files."""
+
+    def __init__(self, vision: VisionConfig, output: str, fp_id: str, batch_size: int, threads: int | None,
+                 s3_endpoint_url: str | None = None):
+        import torch
+
+        from vitune.vision import fingerprint_id, load_vision_tower
+
+        if s3_endpoint_url:
+            storage.configure_s3(s3_endpoint_url)
+        if threads:
+            torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tower = load_vision_tower(vision, device=device)
+        if fingerprint_id(self.tower.fingerprint()) != fp_id:
+            raise RuntimeError(f"tower on this worker has fingerprint {self.tower.fingerprint()}, not {fp_id}")
+        self.output, self.fp_id, self.batch_size = output, fp_id, batch_size
+        self._last_done: float | None = None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        started = time.perf_counter()
+        wait_s = 0.0 if self._last_done is None else started - self._last_done
+        size, n_p, dim = self.tower.image_size, self.tower.num_patches, self.tower.hidden_size
+        rows: list[dict[str, Any]] = []
+        for i in range(batch.num_rows):
+            shard = batch.column("shard")[i].as_py()
+            keys = batch.column("keys")[i].as_py()
+            errors = json.loads(batch.column("errors")[i].as_py())
+            pixels = np.frombuffer(batch.column("pixels")[i].as_buffer(), dtype=np.float32)
+            pixels = pixels.reshape(len(keys), 3, size, size)
+            t0 = time.perf_counter()
+            feats = np.empty((len(keys), n_p, dim), dtype=np.float16)  # [n, N, D]
+            for s in range(0, len(keys), self.batch_size):
+                chunk = torch.from_numpy(pixels[s:s + self.batch_size].copy())  # [b, 3, S, S]
+                feats[s:s + self.batch_size] = self.tower.encode(chunk).to(torch.float16).cpu().numpy()
+            t1 = time.perf_counter()
+            errors_file = None
+            if errors:
+                # errors first, the shard last: the shard file is the commit of both
+                errors_file = errors_name(shard)
+                text = "".join(json.dumps({**e, "shard": shard}) + "\n" for e in errors)
+                storage.write_text(storage.join(self.output, errors_file), text)
+            meta = {"shard": shard, "fingerprint_id": self.fp_id, "quarantined": len(errors),
+                    "errors": errors_file}
+            nbytes = write_shard(storage.join(self.output, shard_name(shard)), shard_table(keys, feats, meta))
+            rows.append({"shard": shard, "rows": len(keys), "quarantined": len(errors), "bytes": nbytes,
+                         "bytes_read": batch.column("bytes_read")[i].as_py(), "load_s": batch.column("load_s")[i].as_py(),
+                         "encode_s": t1 - t0, "write_s": time.perf_counter() - t1, "wait_s": wait_s if i == 0 else 0.0})
+        self._last_done = time.perf_counter()
+        return pa.Table.from_pylist(rows)
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    num_actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    threads: int | None  # torch threads per actor on CPU
+
+
+def pool_size(cfg: FeaturesJobConfig, cluster: dict[str, float], num_shards: int) -> PoolSize:
+    """One actor per GPU on a GPU cluster; else the CPUs left after one preprocessing slot; never more than shards."""
+    feats = cfg.features
+    gpus = int(cluster.get("GPU", 0))
+    if gpus > 0:
+        n = feats.num_actors or gpus
+        return PoolSize(max(1, min(n, num_shards)), 1.0, feats.actor_cpus, None)
+    cpus = cluster.get("CPU", 1)
+    n = feats.num_actors or max(1, int((cpus - feats.preprocess_cpus) // feats.actor_cpus))
+    return PoolSize(max(1, min(n, num_shards)), 0.0, feats.actor_cpus, max(1, round(feats.actor_cpus)))
+
+
+def _run_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], out: str, fp_id: str,
+                spec: PreprocessSpec, image_root: str) -> tuple[list[dict[str, Any]], PoolSize]:
+    import ray
+
+    pool = pool_size(cfg, ray.cluster_resources(), len(todo))
+    log.info("computing %d shards: %d tower actor(s) (%s GPU, %s CPU each), preprocessing tasks of %s CPU",
+             len(todo), pool.num_actors, pool.gpus_per_actor, pool.cpus_per_actor, cfg.features.preprocess_cpus)
+    endpoint = cfg.storage.s3_endpoint_url
+    ds = ray.data.from_items([{"shard": i, "keys": keys} for i, keys in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        load_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.features.preprocess_cpus,
+        fn_kwargs={"image_root": image_root, "spec": spec, "max_pixels": cfg.features.max_pixels,
+                   "s3_endpoint_url": endpoint},
+    )
+    ds = ds.map_batches(
+        EncodeShard, batch_size=1, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool.num_actors, max_tasks_in_flight_per_actor=2),
+        num_gpus=pool.gpus_per_actor or None, num_cpus=pool.cpus_per_actor,
+        fn_constructor_kwargs={"vision": cfg.model.vision, "output": out, "fp_id": fp_id,
+                               "batch_size": cfg.features.batch_size, "threads": pool.threads,
+                               "s3_endpoint_url": endpoint},
+    )
+    results = []
+    for row in ds.iter_rows():
+        log.debug("shard %05d: %d features, %d quarantined", row["shard"], row["rows"], row["quarantined"])
+        results.append(row)
+    return results, pool
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+def _fail_after_from_env() -> int | None:
+    value = os.environ.get(FAIL_AFTER_ENV)
+    return int(value) if value else None
+
+
+def _cleanup_temp_files(out: str) -> None:
+    """Remove temp files a killed local run left behind (S3 writes have none)."""
+    local = storage.local_path(out)
+    if not local or not os.path.isdir(local):
+        return
+    for folder in (local, os.path.join(local, ERRORS_DIR)):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if ".tmp-" in name:
+                    os.remove(os.path.join(folder, name))
+
+
+def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = None) -> dict[str, Any]:
+    """Build (or finish) the feature store for ``cfg``; returns the run summary. See the module docstring.
+
+    ``fail_after_shards`` (or env ``VITUNE_FAIL_AFTER_SHARDS``) is a test hook: compute only that many of
+    the missing shards, then raise ``SimulatedInterruption`` before the manifest is written.
+    """
+    import ray
+
+    from vitune.vision import fingerprint_id, load_vision_tower
+
+    t_start = time.perf_counter()
+    if fail_after_shards is None:
+        fail_after_shards = _fail_after_from_env()
+    if cfg.storage.s3_endpoint_url:
+        storage.configure_s3(cfg.storage.s3_endpoint_url)
+    # The driver loads the tower on CPU once for what defines the store: fingerprint, [N, D], preprocessing.
+    tower = load_vision_tower(cfg.model.vision)
+    fp = tower.fingerprint()
+    fp_id = fingerprint_id(fp)
+    spec = PreprocessSpec.from_tower(tower)
+    n_patches, dim = tower.num_patches, tower.hidden_size
+    del tower
+    out = output_uri(cfg, fp_id)
+    keys, record_stats = collect_image_keys(cfg.data.records)
+    image_root = resolve_image_root(cfg.data)
+    shards = plan_shards(keys, cfg.features.shard_size)
+    _check_plan(out, {"format_version": FORMAT_VERSION, "fingerprint": fp, "fingerprint_id": fp_id,
+                      "shard_size": cfg.features.shard_size, "num_images": len(keys), "num_shards": len(shards),
+                      "keys_sha256": key_set_hash(keys)})
+    existing = {posixpath.basename(u) for u in storage.list_files(out, suffix=".parquet", recursive=False)}
+    todo = [(i, s) for i, s in enumerate(shards) if shard_name(i) not in existing]
+    manifest_uri = storage.join(out, MANIFEST)
+    if not todo and storage.exists(manifest_uri):
+        manifest = storage.read_json(manifest_uri)
+        log.info("feature store %s is complete (%d shards): nothing to do", out, len(shards))
+        return _summary(manifest, out, computed=0, reused=len(shards), wall_s=time.perf_counter() - t_start)
+    log.info("feature store %s: %d images in %d shards of %d; %d done, %d to compute (fingerprint %s)",
+             out, len(keys), len(shards), cfg.features.shard_size, len(shards) - len(todo), len(todo), fp_id)
+
+    interrupted = fail_after_shards is not None and fail_after_shards < len(todo)
+    if interrupted:
+        todo = todo[:fail_after_shards]
+    computed: list[dict[str, Any]] = []
+    pool = None
+    t_pipe = time.perf_counter()
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+        computed, pool = _run_shards(cfg, todo, out, fp_id, spec, image_root)
+    pipeline_s = time.perf_counter() - t_pipe
+    if interrupted:
+        raise SimulatedInterruption(f"{FAIL_AFTER_ENV}: stopped after {len(computed)} shards, before the manifest")
+
+    by_shard = {r["shard"]: r for r in computed}
+    shard_entries = []
+    for i, shard_keys in enumerate(shards):
+        info = by_shard.get(i) or read_shard_footer(storage.join(out, shard_name(i)))
+        if info.get("rows", 0) + info.get("quarantined", 0) != len(shard_keys):
+            raise RuntimeError(f"{shard_name(i)}: {info.get('rows')} rows + {info.get('quarantined')} quarantined "
+                               f"!= its {len(shard_keys)} images")
+        shard_entries.append({"file": shard_name(i), "rows": info["rows"], "quarantined": info["quarantined"],
+                              "bytes": info["bytes"], "key_range": [shard_keys[0], shard_keys[-1]],
+                              "errors": errors_name(i) if info["quarantined"] else None})
+    features_out = sum(s["rows"] for s in shard_entries)
+    quarantined = sum(s["quarantined"] for s in shard_entries)
+    assert len(keys) == features_out + quarantined, "images in != features out + quarantined"
+    total_bytes = sum(s["bytes"] for s in shard_entries)
+    images_computed = sum(r["rows"] + r["quarantined"] for r in computed)
+    timings = {
+        "wall_s": time.perf_counter() - t_start,
+        "pipeline_s": pipeline_s,
+        "images_per_s": images_computed / pipeline_s if pipeline_s > 0 and images_computed else None,
+        "load_s": sum(r["load_s"] for r in computed),
+        "encode_s": sum(r["encode_s"] for r in computed),
+        "write_s": sum(r["write_s"] for r in computed),
+        "actor_wait_s": sum(r["wait_s"] for r in computed),
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fingerprint": fp,
+        "fingerprint_id": fp_id,
+        "config": cfg.model_dump(mode="json"),
+        "image_root": image_root,
+        "counts": {"images_in": len(keys), "features_out": features_out, "quarantined": quarantined,
+                   "shards": len(shards), **record_stats},
+        "schema": {"columns": [KEY_COLUMN, FEATURES_COLUMN], "num_patches": n_patches, "hidden_size": dim,
+                   "dtype": FEATURE_DTYPE, "shape": [n_patches, dim]},
+        "shard_size": cfg.features.shard_size,
+        "shards": shard_entries,
+        "errors_dir": ERRORS_DIR if quarantined else None,
+        "total_bytes": total_bytes,
+        "bytes_per_image": total_bytes / features_out if features_out else None,
+        "last_run": {"computed_shards": len(computed), "reused_shards": len(shards) - len(computed),
+                     "pool": asdict(pool) if pool else None, "timings": timings},
+    }
+    storage.write_json(manifest_uri, manifest)
+    _cleanup_temp_files(out)
+    return _summary(manifest, out, computed=len(computed), reused=len(shards) - len(computed),
+                    wall_s=timings["wall_s"], images_per_s=timings["images_per_s"])
+
+
+def _summary(manifest: dict[str, Any], out: str, computed: int, reused: int, wall_s: float,
+             images_per_s: float | None = None) -> dict[str, Any]:
+    counts = manifest["counts"]
+    summary = {
+        "output": out,
+        "fingerprint_id": manifest["fingerprint_id"],
+        "images_in": counts["images_in"],
+        "features_out": counts["features_out"],
+        "quarantined": counts["quarantined"],
+        "shards": counts["shards"],
+        "computed_shards": computed,
+        "reused_shards": reused,
+        "wall_s": wall_s,
+        "images_per_s": images_per_s,
+        "bytes_per_image": manifest["bytes_per_image"],
+        "total_bytes": manifest["total_bytes"],
+    }
+    rate = f"{images_per_s:.1f} images/s" if images_per_s else "no compute"
+    per_image = f"{manifest['bytes_per_image'] / 1024:.1f} KiB/image" if manifest["bytes_per_image"] else "-"
+    log.info("features: %d images in = %d features + %d quarantined; %d shards (%d computed, %d reused) in %.1fs, "
+             "%s, %s, %.1f MiB total → %s", counts["images_in"], counts["features_out"], counts["quarantined"],
+             counts["shards"], computed, reused, wall_s, rate, per_image, manifest["total_bytes"] / 2**20, out)
+    return summary
