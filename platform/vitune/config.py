@@ -290,3 +290,51 @@ class GenerateConfig(Section):
 
 class GenerateJobConfig(RunConfig):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+
+# --- evaluation (jobs/evaluate.py): ScienceQA, LLaVA-Bench, the synthetic held-out set; the judge ---
+
+
+class JudgeConfig(EndpointConfig):
+    """The judge: any OpenAI-compatible chat endpoint, plus how its verdicts are cached and repeated."""
+
+    temperature: float = Field(0.2, ge=0, le=2)  # LLaVA's review temperature
+    cache: str | None = None  # verdict cache URI; default: <storage.root>/judge_cache
+    use_cache: bool = True
+    swap_order: bool = False  # LLaVA-Bench: a second pass with the two answers swapped → position bias
+    repeats: int = Field(1, ge=1)  # LLaVA-Bench: judge every question this many times → spread (std) of the score
+
+
+class EvalConfig(Section):
+    benchmark: Literal["scienceqa", "llava_bench", "synthetic"] = "scienceqa"
+    model_folder: str | None = None  # model folder URI or runs:/<training run id>
+    model_run_id: str | None = None  # the training run to link; default: from runs:/ or the model folder
+    data: str | None = None  # benchmark root URI (synthetic: the eval.json URI)
+    images: str | None = None  # image root; default: <data>/images/<split> (ScienceQA), <data>/images (LLaVA-Bench)
+    output: str | None = None  # default: <storage.root>/eval/<benchmark>/<name>
+    name: str | None = None  # default: the model folder's last path component
+    predictions: str | None = None  # JSONL {question_id, text}: score these answers instead of generating
+    limit: int | None = Field(None, gt=0)  # evaluate only the first N questions
+    # ScienceQA
+    split: str = "test"
+    prompt_format: Literal["CQM-A", "QCM-LEA"] = "CQM-A"  # v1.5's single-letter prompt | the paper's model
+    ensemble: bool = False  # ask the judge text-only; where it disagrees with us, let it decide given both
+    # LLaVA-Bench: file names under `data` (None = the layout's official names)
+    layout: Literal["in_the_wild", "coco"] = "in_the_wild"
+    questions: str | None = None
+    context: str | None = None
+    references: str | None = None
+    # generation
+    template: str | None = None  # conversation template; default: the model folder's
+    max_new_tokens: int = Field(1024, gt=0)
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    batch_size: int = Field(8, gt=0)
+    num_actors: int | None = Field(None, gt=0)  # None = one per GPU on a cluster, 1–2 locally
+    use_gpu: bool | None = None  # None = when the cluster has GPUs
+
+
+class EvalJobConfig(RunConfig):
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)

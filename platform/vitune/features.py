@@ -157,7 +157,7 @@ def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixel
     if s3_endpoint_url:
         storage.configure_s3(s3_endpoint_url)
     fs, base = storage.resolve(image_root)
-    out: dict[str, list] = {k: [] for k in ("shard", "keys", "pixels", "errors", "bytes_read", "load_s")}
+    out: dict[str, list] = {k: [] for k in ("shard", "keys", "pixels", "errors", "bytes_read", "load_s", "pid")}
     for shard, keys in zip(batch.column("shard").to_pylist(), batch.column("keys").to_pylist(), strict=True):
         t0 = time.perf_counter()
         ok_keys, pixels, errors, nbytes = [], [], [], 0
@@ -189,6 +189,7 @@ def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixel
         out["errors"].append(json.dumps(errors))
         out["bytes_read"].append(nbytes)
         out["load_s"].append(time.perf_counter() - t0)
+        out["pid"].append(os.getpid())
     return pa.table({
         "shard": pa.array(out["shard"], pa.int64()),
         "keys": pa.array(out["keys"], pa.list_(pa.string())),
@@ -196,6 +197,7 @@ def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixel
         "errors": pa.array(out["errors"], pa.string()),
         "bytes_read": pa.array(out["bytes_read"], pa.int64()),
         "load_s": pa.array(out["load_s"], pa.float64()),
+        "pid": pa.array(out["pid"], pa.int64()),
     })
 
 
@@ -249,7 +251,8 @@ class EncodeShard:
             nbytes = write_shard(storage.join(self.output, shard_name(shard)), shard_table(keys, feats, meta))
             rows.append({"shard": shard, "rows": len(keys), "quarantined": len(errors), "bytes": nbytes,
                          "bytes_read": batch.column("bytes_read")[i].as_py(), "load_s": batch.column("load_s")[i].as_py(),
-                         "encode_s": t1 - t0, "write_s": time.perf_counter() - t1, "wait_s": wait_s if i == 0 else 0.0})
+                         "encode_s": t1 - t0, "write_s": time.perf_counter() - t1, "wait_s": wait_s if i == 0 else 0.0,
+                         "fused": batch.column("pid")[i].as_py() == os.getpid()})
         self._last_done = time.perf_counter()
         return pa.Table.from_pylist(rows)
 
@@ -282,9 +285,14 @@ def _run_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], out: 
     log.info("computing %d shards: %d tower actor(s) (%s GPU, %s CPU each), preprocessing tasks of %s CPU",
              len(todo), pool.num_actors, pool.gpus_per_actor, pool.cpus_per_actor, cfg.features.preprocess_cpus)
     endpoint = cfg.storage.s3_endpoint_url
+    # A preprocessing task holds one shard's float32 pixels (and their copy into Arrow) at its peak. Reserving
+    # that memory is also what keeps Ray Data from fusing this stage into the tower actors, which would
+    # serialise decoding behind the tower; each result row reports whether that happened.
+    shard_pixel_bytes = cfg.features.shard_size * 3 * spec.image_size**2 * 4
     ds = ray.data.from_items([{"shard": i, "keys": keys} for i, keys in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         load_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.features.preprocess_cpus,
+        memory=2 * shard_pixel_bytes + 256 * 2**20,
         fn_kwargs={"image_root": image_root, "spec": spec, "max_pixels": cfg.features.max_pixels,
                    "s3_endpoint_url": endpoint},
     )
@@ -300,6 +308,9 @@ def _run_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], out: 
     for row in ds.iter_rows():
         log.debug("shard %05d: %d features, %d quarantined", row["shard"], row["rows"], row["quarantined"])
         results.append(row)
+    if any(r["fused"] for r in results):
+        log.warning("Ray Data ran preprocessing inside the tower actors (operators fused): CPU decoding did not "
+                    "overlap the tower; check features.preprocess_cpus / actor_cpus")
     return results, pool
 
 

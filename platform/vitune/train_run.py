@@ -195,7 +195,7 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     tracker = Tracker(cfg.tracking, cfg.storage.root, run_name=f"{cfg.stage}", parent_run_id=parent_run_id,
                       tags={"vitune.stage": cfg.stage})
     tracker.log_params(cfg.model_dump(mode="json"))
-    tracker.log_params({"data": stats.as_dict(), "plan": {"total_steps": plan.total_steps, "accum": accum}})
+    tracker.log_params({"data_stats": stats.as_dict(), "plan": {"total_steps": plan.total_steps, "accum": accum}})
     tracker.log_text(dump_config(cfg), "config/resolved.yaml")
     tracker.log_text(json.dumps(deepspeed_config(cfg, world), indent=2), "config/deepspeed.json")
     storage.write_text(storage.join(output_uri(cfg), "config.yaml"), dump_config(cfg))

@@ -1,0 +1,110 @@
+"""Two-stage training on local Ray: 2 workers, DeepSpeed ZeRO-2 (align) and ZeRO-3 (finetune), features on
+the S3 server, runs on the MLflow tracking server; and a resume after an injected worker failure."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from vitune import storage, synthetic
+from vitune.config import FeaturesJobConfig, TrainJobConfig, load_config
+from vitune.model_folder import load_model_folder
+
+pytestmark = pytest.mark.integration
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def feature_setup(ray_local, s3_bucket):
+    from vitune.features import extract_features
+
+    root = f"{s3_bucket}/train-test"
+    data = synthetic.generate(storage.join(root, "data"), seed=5, num_images=48, num_eval_images=0)
+    cfg = load_config(FeaturesJobConfig, TINY, [
+        f"storage.root={root}", f"data.image_root={data['image_root']}",
+        f"data.records=[{data['records']['captions']}, {data['records']['instruct']}]"])
+    summary = extract_features(cfg)
+    assert summary["features_out"] == 48
+    return {"root": root, "data": data, "features": summary["output"]}
+
+
+def _train_cfg(setup, stage, tracking_uri, *extra):
+    records = setup["data"]["records"]["captions" if stage == "align" else "instruct"]
+    return load_config(TrainJobConfig, TINY, [
+        f"stage={stage}", f"storage.root={setup['root']}", f"data.features={setup['features']}",
+        f"data.records=[{records}]", f"tracking.uri={tracking_uri}", "tracking.experiment=train-test",
+        "tracking.registered_model=vitune-train-test", "train.num_workers=2", "train.micro_batch_size=4",
+        "train.global_batch_size=16", "train.epochs=1", "train.log_every=1", *extra])
+
+
+def _params(module):
+    return {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def trained(feature_setup, mlflow_server):
+    from vitune.train_run import run_training
+
+    align = run_training(_train_cfg(feature_setup, "align", mlflow_server, "train.zero_stage=2"))
+    fine = run_training(_train_cfg(feature_setup, "finetune", mlflow_server, "train.zero_stage=3",
+                                   f"train.init_from=runs:/{align['run_id']}"))
+    return align, fine
+
+
+def test_align_trains_projector_only(trained):
+    from vitune.model import build_model
+    from vitune.tokenizer import load_tokenizer
+
+    align, _ = trained
+    assert align["total_steps"] == 3  # 48 captions / global batch 16
+    model, tok, meta = load_model_folder(align["model_folder"])
+    initial = build_model(TrainJobConfig().model, load_tokenizer("tiny"), meta["projector"]["in_dim"])
+    for k, v in _params(initial.lm).items():
+        assert torch.equal(v, _params(model.lm)[k]), f"align changed LM weight {k}"
+    changed = [k for k, v in _params(initial.projector).items() if not torch.equal(v, _params(model.projector)[k])]
+    assert changed, "align left the projector unchanged"
+    assert meta["lm"]["included"] is False  # the frozen LM is referenced, not copied
+
+
+def test_finetune_trains_projector_and_lm(trained):
+    align, fine = trained
+    a_model, _, _ = load_model_folder(align["model_folder"])
+    f_model, _, f_meta = load_model_folder(fine["model_folder"])
+    assert f_meta["lm"]["included"] is True
+    for name in ("projector", "lm"):
+        a, f = _params(getattr(a_model, name)), _params(getattr(f_model, name))
+        assert any(not torch.equal(a[k], f[k]) for k in a), f"finetune left the {name} unchanged"
+
+
+def test_mlflow_holds_runs_metrics_and_registered_model(trained, mlflow_server):
+    align, fine = trained
+    client = MlflowClient(mlflow_server)
+    for summary, stage in ((align, "align"), (fine, "finetune")):
+        run = client.get_run(summary["run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["vitune.stage"] == stage
+        assert run.data.params["stage"] == stage
+        history = client.get_metric_history(summary["run_id"], "loss")
+        assert len(history) == summary["total_steps"]
+        for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait_share"):
+            assert key in run.data.metrics, key
+        arts = {a.path for a in client.list_artifacts(summary["run_id"], "model")}
+        assert "model/vitune_model.json" in arts
+    versions = client.search_model_versions("name='vitune-train-test'")
+    assert [v.run_id for v in versions] == [fine["run_id"]]
+
+
+def test_resume_after_worker_failure(feature_setup, mlflow_server):
+    from vitune.train_run import run_training
+
+    cfg = _train_cfg(feature_setup, "align", mlflow_server, "train.zero_stage=2", "train.checkpoint_every=2",
+                     "train.fail_at_step=2", "train.max_failures=1", "train.epochs=2",
+                     f"train.output={feature_setup['root']}/resume-test")
+    out = run_training(cfg)
+    assert out["total_steps"] == 6
+    assert out["metrics"]["step"] == 6  # the same number of optimizer steps as an unbroken run
+    assert out["metrics"]["resumed_from"] == 2  # continued from the checkpoint, not from zero
