@@ -64,3 +64,60 @@ def ray_local(s3_server):
 def _pythonpath() -> list[str]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return [os.path.join(root, "platform"), root]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory) -> str:
+    """A model folder of the tiny preset (random weights, tiny tokenizer and tower), saved once per session."""
+    from vitune.config import ModelConfig
+    from vitune.model import build_model
+    from vitune.model_folder import save_model_folder
+    from vitune.tokenizer import load_tokenizer
+    from vitune.vision import load_vision_tower
+
+    cfg = ModelConfig()
+    tokenizer = load_tokenizer("tiny")
+    tower = load_vision_tower(cfg.vision)
+    model = build_model(cfg, tokenizer, tower.hidden_size)
+    folder = tmp_path_factory.mktemp("tiny_model") / "model"
+    return save_model_folder(model, tokenizer, cfg, tower.fingerprint(), str(folder))
+
+
+class ServeHTTP:
+    """Ray Serve on a loopback port for the session; `deploy` runs an app of `serving.app` under a prefix."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def deploy(self, name: str, route_prefix: str, args: dict, engine_options: dict | None = None,
+               api_options: dict | None = None) -> str:
+        from ray import serve
+
+        from serving.app import build_app
+
+        engine_options = {"ray_actor_options": {"num_cpus": 0.5}, **(engine_options or {})}
+        api_options = {"ray_actor_options": {"num_cpus": 0.25}, **(api_options or {})}
+        serve.run(build_app(args, engine_options, api_options), name=name, route_prefix=route_prefix)
+        return self.url + route_prefix.rstrip("/")
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_local):
+    """Serve's HTTP proxy on 127.0.0.1 and a free port, shared by the serving tests of the session."""
+    from ray import serve
+
+    port = services.free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield ServeHTTP(f"http://127.0.0.1:{port}")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def chat_app(serve_http, tiny_model_folder) -> str:
+    """The tiny model served at `/` (app `vitune`, no auth, small image limits for the tests); its base URL."""
+    return serve_http.deploy("vitune", "/", {
+        "model": tiny_model_folder,
+        "served_model_name": "vitune-tiny",
+        "max_image_bytes": 200_000,
+        "max_image_pixels": 1_000_000,
+    })

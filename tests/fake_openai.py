@@ -8,7 +8,9 @@ logged (``requests``), and every 200 carries ``usage`` (word counts unless the r
 
 Usage::
 
-    from tests.fake_openai import FakeOpenAI, Reply, fake_openai  # noqa: F401  (the fixture)
+    # importing the fixture function makes the `fake_openai` fixture available in the test module
+    # (or list "tests.fake_openai" in the root conftest's pytest_plugins)
+    from tests.fake_openai import FakeOpenAI, Reply, fake_openai_fixture  # noqa: F401
 
     def test_x(fake_openai):
         fake_openai.fail_next(2, status=429, retry_after=0)
@@ -259,8 +261,8 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def fake_openai() -> Iterator[FakeOpenAI]:
+@pytest.fixture(name="fake_openai")
+def fake_openai_fixture() -> Iterator[FakeOpenAI]:
     """A started ``FakeOpenAI`` for one test; set ``.responder`` / ``queue()`` / ``fail_next()`` to script it."""
     with FakeOpenAI() as server:
         yield server

@@ -34,6 +34,9 @@ from vitune import IMAGE_TOKEN, storage
 log = logging.getLogger(__name__)
 
 ANSWERS_DIR = "answers"
+PLAN_FILE = "inference.json"
+# the settings that change an answer; a resumed run must match them (batching and placement may differ)
+_ANSWER_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "template")
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,24 @@ def _pool_size(settings: GenerationSettings, num_batches: int) -> tuple[int, boo
         size = max(1, gpus)
     else:
         size = 2
+    if use_gpu and gpus == 0:
+        raise ValueError("use_gpu is set but the Ray cluster has no GPUs")
     return max(1, min(size, num_batches)), use_gpu
+
+
+def _check_plan(output_uri: str, model_folder: str, settings: GenerationSettings) -> None:
+    """Refuse to resume answers that another model or other decoding settings produced."""
+    plan = {"model_folder": model_folder, **{k: getattr(settings, k) for k in _ANSWER_KEYS}}
+    uri = storage.join(output_uri, PLAN_FILE)
+    if storage.exists(uri):
+        old = storage.read_json(uri)
+        diffs = {k: (old.get(k), v) for k, v in plan.items() if old.get(k) != v}
+        if diffs:
+            detail = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diffs.items())
+            raise ValueError(f"{output_uri} holds answers made with other settings ({detail}); "
+                             "use another output URI or delete it")
+    else:
+        storage.write_json(uri, plan)
 
 
 def run_batch_inference(
@@ -216,6 +236,7 @@ def run_batch_inference(
     if len(set(ids)) != len(ids):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"request ids must be unique; repeated: {dupes[:5]}")
+    _check_plan(output_uri, model_folder, settings)
     done = read_answers(output_uri)
     todo = [r for r in reqs if str(r["id"]) not in done]
     result = InferenceResult(answers={}, requested=len(reqs), resumed=len(reqs) - len(todo))

@@ -139,7 +139,7 @@ def features_to_numpy(column: pa.ChunkedArray | pa.Array, num_patches: int, hidd
             )
         out = flat.reshape(rows, num_patches, hidden_size)
     if out.shape[1:] != (num_patches, hidden_size):
-        raise ValueError(f"features have shape {out.shape[1:]} per image; the store says [{num_patches}, {hidden_size}]")
+        raise ValueError(f"features have shape {out.shape[1:]} per image; the store has [{num_patches}, {hidden_size}]")
     return out.astype(np.float16, copy=False)
 
 

@@ -227,11 +227,9 @@ class EncodeShard:
         started = time.perf_counter()
         wait_s = 0.0 if self._last_done is None else started - self._last_done
         size, n_p, dim = self.tower.image_size, self.tower.num_patches, self.tower.hidden_size
-        rows: list[dict[str, Any]] = []
-        for i in range(batch.num_rows):
-            shard = batch.column("shard")[i].as_py()
-            keys = batch.column("keys")[i].as_py()
-            errors = json.loads(batch.column("errors")[i].as_py())
+        results: list[dict[str, Any]] = []
+        for i, row in enumerate(batch.drop_columns(["pixels"]).to_pylist()):
+            shard, keys, errors = row["shard"], row["keys"], json.loads(row["errors"])
             pixels = np.frombuffer(batch.column("pixels")[i].as_buffer(), dtype=np.float32)
             pixels = pixels.reshape(len(keys), 3, size, size)
             t0 = time.perf_counter()
@@ -246,15 +244,16 @@ class EncodeShard:
                 errors_file = errors_name(shard)
                 text = "".join(json.dumps({**e, "shard": shard}) + "\n" for e in errors)
                 storage.write_text(storage.join(self.output, errors_file), text)
-            meta = {"shard": shard, "fingerprint_id": self.fp_id, "quarantined": len(errors),
-                    "errors": errors_file}
+            meta = {"shard": shard, "fingerprint_id": self.fp_id, "quarantined": len(errors), "errors": errors_file}
             nbytes = write_shard(storage.join(self.output, shard_name(shard)), shard_table(keys, feats, meta))
-            rows.append({"shard": shard, "rows": len(keys), "quarantined": len(errors), "bytes": nbytes,
-                         "bytes_read": batch.column("bytes_read")[i].as_py(), "load_s": batch.column("load_s")[i].as_py(),
-                         "encode_s": t1 - t0, "write_s": time.perf_counter() - t1, "wait_s": wait_s if i == 0 else 0.0,
-                         "fused": batch.column("pid")[i].as_py() == os.getpid()})
+            results.append({
+                "shard": shard, "rows": len(keys), "quarantined": len(errors), "bytes": nbytes,
+                "bytes_read": row["bytes_read"], "load_s": row["load_s"], "encode_s": t1 - t0,
+                "write_s": time.perf_counter() - t1, "wait_s": wait_s if i == 0 else 0.0,
+                "fused": row["pid"] == os.getpid(),  # preprocessing ran in this actor: Ray Data fused the stages
+            })
         self._last_done = time.perf_counter()
-        return pa.Table.from_pylist(rows)
+        return pa.Table.from_pylist(results)
 
 
 @dataclass(frozen=True)
@@ -387,53 +386,69 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
     if interrupted:
         raise SimulatedInterruption(f"{FAIL_AFTER_ENV}: stopped after {len(computed)} shards, before the manifest")
 
+    images_computed = sum(r["rows"] + r["quarantined"] for r in computed)
+    last_run = {
+        "computed_shards": len(computed),
+        "reused_shards": len(shards) - len(computed),
+        "pool": asdict(pool) if pool else None,
+        "preprocessed_in_actor": sum(bool(r["fused"]) for r in computed),
+        "timings": {
+            "wall_s": time.perf_counter() - t_start,
+            "pipeline_s": pipeline_s,
+            "images_per_s": images_computed / pipeline_s if pipeline_s > 0 and images_computed else None,
+            **{f"{k}_s": sum(r[f"{k}_s"] for r in computed) for k in ("load", "encode", "write", "wait")},
+        },
+    }
+    manifest = write_manifest(out, shards, fp, (n_patches, dim), computed, {
+        "shard_size": cfg.features.shard_size, "config": cfg.model_dump(mode="json"), "image_root": image_root,
+        "record_counts": record_stats, "last_run": last_run})
+    _cleanup_temp_files(out)
+    return _summary(manifest, out, computed=len(computed), reused=len(shards) - len(computed),
+                    wall_s=last_run["timings"]["wall_s"], images_per_s=last_run["timings"]["images_per_s"])
+
+
+def write_manifest(out: str, shards: Sequence[Sequence[str]], fp: dict[str, Any], shape: tuple[int, int],
+                   computed: Sequence[dict[str, Any]] = (), extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check every planned shard (this run's results, else its file's footer) and write ``manifest.json`` last.
+
+    Raises if any shard is missing or if images in != features out + quarantined.
+    """
+    from vitune.vision import fingerprint_id
+
     by_shard = {r["shard"]: r for r in computed}
-    shard_entries = []
+    entries = []
     for i, shard_keys in enumerate(shards):
         info = by_shard.get(i) or read_shard_footer(storage.join(out, shard_name(i)))
-        if info.get("rows", 0) + info.get("quarantined", 0) != len(shard_keys):
-            raise RuntimeError(f"{shard_name(i)}: {info.get('rows')} rows + {info.get('quarantined')} quarantined "
-                               f"!= its {len(shard_keys)} images")
-        shard_entries.append({"file": shard_name(i), "rows": info["rows"], "quarantined": info["quarantined"],
-                              "bytes": info["bytes"], "key_range": [shard_keys[0], shard_keys[-1]],
-                              "errors": errors_name(i) if info["quarantined"] else None})
-    features_out = sum(s["rows"] for s in shard_entries)
-    quarantined = sum(s["quarantined"] for s in shard_entries)
-    assert len(keys) == features_out + quarantined, "images in != features out + quarantined"
-    total_bytes = sum(s["bytes"] for s in shard_entries)
-    images_computed = sum(r["rows"] + r["quarantined"] for r in computed)
-    timings = {
-        "wall_s": time.perf_counter() - t_start,
-        "pipeline_s": pipeline_s,
-        "images_per_s": images_computed / pipeline_s if pipeline_s > 0 and images_computed else None,
-        "load_s": sum(r["load_s"] for r in computed),
-        "encode_s": sum(r["encode_s"] for r in computed),
-        "write_s": sum(r["write_s"] for r in computed),
-        "actor_wait_s": sum(r["wait_s"] for r in computed),
-    }
+        if info["rows"] + info.get("quarantined", 0) != len(shard_keys):
+            raise RuntimeError(f"{out}/{shard_name(i)}: {info['rows']} rows + {info.get('quarantined', 0)} "
+                               f"quarantined != its {len(shard_keys)} planned images")
+        entries.append({"file": shard_name(i), "rows": info["rows"], "quarantined": info.get("quarantined", 0),
+                        "bytes": info["bytes"], "key_range": [shard_keys[0], shard_keys[-1]],
+                        "errors": errors_name(i) if info.get("quarantined") else None})
+    images_in = sum(len(k) for k in shards)
+    features_out = sum(e["rows"] for e in entries)
+    quarantined = sum(e["quarantined"] for e in entries)
+    if images_in != features_out + quarantined:
+        raise RuntimeError(f"images in ({images_in}) != features out ({features_out}) + quarantined ({quarantined})")
+    total_bytes = sum(e["bytes"] for e in entries)
+    extra = dict(extra or {})
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "fingerprint": fp,
-        "fingerprint_id": fp_id,
-        "config": cfg.model_dump(mode="json"),
-        "image_root": image_root,
-        "counts": {"images_in": len(keys), "features_out": features_out, "quarantined": quarantined,
-                   "shards": len(shards), **record_stats},
-        "schema": {"columns": [KEY_COLUMN, FEATURES_COLUMN], "num_patches": n_patches, "hidden_size": dim,
-                   "dtype": FEATURE_DTYPE, "shape": [n_patches, dim]},
-        "shard_size": cfg.features.shard_size,
-        "shards": shard_entries,
+        "fingerprint_id": fingerprint_id(fp),
+        "counts": {"images_in": images_in, "features_out": features_out, "quarantined": quarantined,
+                   "shards": len(entries), **extra.pop("record_counts", {})},
+        "schema": {"columns": [KEY_COLUMN, FEATURES_COLUMN], "num_patches": shape[0], "hidden_size": shape[1],
+                   "shape": list(shape), "dtype": FEATURE_DTYPE},
+        "shards": entries,
         "errors_dir": ERRORS_DIR if quarantined else None,
         "total_bytes": total_bytes,
         "bytes_per_image": total_bytes / features_out if features_out else None,
-        "last_run": {"computed_shards": len(computed), "reused_shards": len(shards) - len(computed),
-                     "pool": asdict(pool) if pool else None, "timings": timings},
+        **extra,
     }
-    storage.write_json(manifest_uri, manifest)
-    _cleanup_temp_files(out)
-    return _summary(manifest, out, computed=len(computed), reused=len(shards) - len(computed),
-                    wall_s=timings["wall_s"], images_per_s=timings["images_per_s"])
+    storage.write_json(storage.join(out, MANIFEST), manifest)
+    return manifest
 
 
 def _summary(manifest: dict[str, Any], out: str, computed: int, reused: int, wall_s: float,

@@ -4,10 +4,11 @@
 
 1. read images (COCO or JSONL, ``vitune.generate_inputs``) and plan tasks: per kind, ``targets.<kind>``
    images drawn by a seeded shuffle (all of them when the target is larger), one task per (image, kind);
-2. run the tasks with Ray Data ``map_batches`` over a small actor pool; each actor keeps
-   ``threads_per_worker`` requests in flight through ``LLMClient``, and one ``RayLimiter`` actor holds the
-   job-wide caps (``endpoint.max_concurrency`` in flight, ``endpoint.requests_per_second``), so the caps do
-   not depend on how many workers Ray starts;
+2. run the tasks with Ray Data ``map_batches`` on ``workers`` concurrent Ray tasks, each keeping
+   ``threads_per_worker`` requests going through ``LLMClient``; one ``RayLimiter`` actor holds the job-wide
+   caps (``endpoint.max_concurrency`` in flight, ``endpoint.requests_per_second``), so the caps hold however
+   many workers Ray runs. A task that dies is retried by Ray; the answers it already got come from the
+   response cache;
 3. parse each output into a LLaVA record (``vitune.generate_parse``), validate it with
    ``vitune.records.validate_record``, drop duplicates (same model text), and quarantine everything else
    with its reason and raw text;
@@ -84,19 +85,18 @@ def process_task(client: LLMClient, spec: PromptSpec, task: dict[str, Any]) -> d
     return {**row, "status": "ok", "record": raw}
 
 
-class GenerateWorker:
-    """``map_batches`` callable: builds one client per actor, runs a batch of tasks on a thread pool."""
+def generate_batch(batch: dict[str, Any], endpoint: dict, prompts: dict[str, dict], cache_uri: str | None,
+                   limiter: Limiter | None, threads: int) -> dict[str, list[str]]:
+    """``map_batches`` function: one client per batch, the batch's tasks on ``threads`` threads.
 
-    def __init__(self, endpoint: dict, prompts: dict[str, dict], cache_uri: str | None,
-                 limiter: Limiter | None, threads: int):
-        self.client = LLMClient.from_config(EndpointConfig.model_validate(endpoint), cache_uri, limiter)
-        self.prompts = {k: PromptSpec.from_dict(v, f"prompt {k}") for k, v in prompts.items()}
-        self.pool = ThreadPoolExecutor(max_workers=threads)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
-        tasks = [json.loads(t) for t in batch["task"]]
-        rows = self.pool.map(lambda t: process_task(self.client, self.prompts[t["kind"]], t), tasks)
-        return {"result": [json.dumps(r, ensure_ascii=False) for r in rows]}
+    A plain function (Ray tasks) rather than an actor class: task workers are pooled and reused, and a
+    client costs nothing to build next to the seconds each LLM call takes.
+    """
+    specs = {k: PromptSpec.from_dict(v, f"prompt {k}") for k, v in prompts.items()}
+    tasks = [json.loads(t) for t in batch["task"]]
+    with LLMClient.from_config(endpoint, cache_uri, limiter) as client, ThreadPoolExecutor(threads) as pool:
+        rows = list(pool.map(lambda t: process_task(client, specs[t["kind"]], t), tasks))
+    return {"result": [json.dumps(r, ensure_ascii=False) for r in rows]}
 
 
 def run_tasks(tasks: list[dict[str, Any]], prompts: dict[str, PromptSpec], endpoint: EndpointConfig,
@@ -112,13 +112,12 @@ def run_tasks(tasks: list[dict[str, Any]], prompts: dict[str, PromptSpec], endpo
     try:
         ds = ray.data.from_items([{"task": json.dumps(t, ensure_ascii=False)} for t in tasks])
         ds = ds.map_batches(
-            GenerateWorker,
-            fn_constructor_kwargs={"endpoint": endpoint.model_dump(), "cache_uri": cache_uri, "limiter": limiter,
-                                   "prompts": {k: p.to_json() for k, p in prompts.items()},
-                                   "threads": threads_per_worker},
+            generate_batch,
+            fn_kwargs={"endpoint": endpoint.model_dump(), "cache_uri": cache_uri, "limiter": limiter,
+                       "prompts": {k: p.to_json() for k, p in prompts.items()}, "threads": threads_per_worker},
             batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(tasks)))),
-            num_cpus=0.25,  # I/O bound: the actors wait on the endpoint, not the CPU
+            compute=ray.data.TaskPoolStrategy(size=max(1, workers)),
+            num_cpus=0.25,  # I/O bound: the tasks wait on the endpoint, not the CPU
         )
         rows = [json.loads(r["result"]) for r in ds.iter_rows()]
         log.info("limiter: %s", limiter.stats())
@@ -223,7 +222,7 @@ def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:
         storage.write_json(storage.join(out, "summary.json"), summary)
         tracker.log_metrics({k: summary[k] for k in ("images", "tasks", "records", "quarantined", "requests_sent",
                                                      "retries", "cache_hits", "prompt_tokens", "completion_tokens",
-                                                     "estimated_cost", "wall_s")})
+                                                     "estimated_cost", "wall_s", "tasks_per_s")})
         tracker.log_metrics({f"records.{k}": v for k, v in summary["records_per_kind"].items()})
         tracker.log_metrics({f"quarantined.{k}": v for k, v in summary["quarantined_by_reason"].items()})
         tracker.log_text(json.dumps(summary, indent=2), "summary.json")

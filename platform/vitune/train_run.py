@@ -19,9 +19,17 @@ import numpy as np
 
 from vitune import storage
 from vitune.config import TrainJobConfig, dump_config
-from vitune.tracking import Tracker
+from vitune.tracking import Tracker, resolve_tracking_uri
 from vitune.train_data import DataStats, TokenizeBatch, load_records
-from vitune.training import Plan, deepspeed_config, gradient_accumulation, model_folder_uri, output_uri, run_loop
+from vitune.training import (
+    Plan,
+    deepspeed_config,
+    gradient_accumulation,
+    model_folder_uri,
+    output_uri,
+    resolve_init_from,
+    run_loop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +88,7 @@ def tokenize_with_ray(cfg: TrainJobConfig, stats: DataStats) -> tuple[dict[str, 
 def _tokenizer_source(cfg: TrainJobConfig) -> str:
     """The tokenizer of the initial model folder when starting from one, else the config's."""
     if cfg.train.init_from:
-        from vitune.training import resolve_init_from
-
-        folder = resolve_init_from(cfg.train.init_from)
+        folder = cfg.train.init_from
         local = storage.local_path(folder)
         if local:
             return str(Path(local) / "tokenizer")
@@ -179,6 +185,9 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
 
     if cfg.storage.s3_endpoint_url:
         storage.configure_s3(cfg.storage.s3_endpoint_url)
+    if cfg.train.init_from:  # workers get a plain folder URI (runs:/ resolved here, against our tracking)
+        folder = resolve_init_from(cfg.train.init_from, resolve_tracking_uri(cfg.tracking, cfg.storage.root))
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": folder})})
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
     world = cfg.train.num_workers

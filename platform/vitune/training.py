@@ -295,12 +295,12 @@ def _lm_copy(lm: torch.nn.Module) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(lm.config)
 
 
-def resolve_init_from(ref: str) -> str:
+def resolve_init_from(ref: str, tracking_uri: str | None = None) -> str:
     """A model-folder URI, or ``runs:/<run_id>`` → the folder that MLflow run wrote."""
     if ref.startswith("runs:/"):
         from mlflow.tracking import MlflowClient
 
-        run = MlflowClient().get_run(ref[len("runs:/"):].strip("/").split("/")[0])
+        run = MlflowClient(tracking_uri).get_run(ref[len("runs:/"):].strip("/").split("/")[0])
         folder = run.data.tags.get("vitune.model_folder")
         if not folder:
             raise ValueError(f"MLflow run {ref} has no vitune.model_folder tag (is it a vitune training run?)")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.fake_openai import Reply, fake_openai  # noqa: F401 - the fixture
+from tests.fake_openai import Reply, fake_openai_fixture  # noqa: F401 - fixture `fake_openai`
 from vitune import storage
 from vitune.config import GenerateJobConfig, build_config
 from vitune.generate import run_generate
@@ -51,6 +52,7 @@ def make_responder():
     lock = threading.Lock()
 
     def respond(req):
+        time.sleep(0.05)  # long enough for the concurrency cap to matter
         kind = systems[req.messages[0]["content"]]
         ctx = req.last_user_text
         first = ctx.splitlines()[0]
@@ -83,13 +85,14 @@ def test_generate_end_to_end_and_cached_rerun(ray_local, fake_openai, s3_bucket,
             "input": _write_coco(tmp_path), "format": "coco", "image_prefix": "train2017/",
             "endpoint": {"base_url": fake_openai.base_url, "model": "fake", "api_key_env": None,
                          "max_retries": 3, "backoff_initial_s": 0.01, "requests_per_second": 100,
-                         "max_concurrency": 4, "timeout_s": 10},
+                         "max_concurrency": 2, "timeout_s": 10},
             "workers": 2, "threads_per_worker": 3, "batch_size": 4,
             "price_per_1k_prompt": 0.5, "price_per_1k_completion": 1.5, "seed": 3,
         },
     })
     s = run_generate(cfg)
     assert not fake_openai.responder_errors
+    assert fake_openai.max_in_flight == 2  # 2 workers × 3 threads, capped job-wide by the limiter actor
 
     # accounting: 6 usable images × 3 kinds = records + quarantined
     assert s["images"] == 6 and s["input_errors"] == {"no_captions": 1}

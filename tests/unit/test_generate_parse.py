@@ -61,7 +61,8 @@ def test_complex_becomes_one_turn_record():
 
 
 def test_detail_uses_the_chosen_question():
-    rec = build_record("detail", "img1-detail", "1.jpg", "  " + DETAIL + "\n", question="Describe this image in detail.")
+    rec = build_record("detail", "img1-detail", "1.jpg", "  " + DETAIL + "\n",
+                       question="Describe this image in detail.")
     assert rec["conversations"] == [{"from": "human", "value": "<image>\nDescribe this image in detail."},
                                     {"from": "gpt", "value": DETAIL}]
     validate_record(rec)
@@ -184,7 +185,7 @@ def test_packaged_prompts_load_with_stable_distinct_hashes():
     assert [m["role"] for m in msgs[1:-1]] == ["user", "assistant"] * len(prompts["complex"].examples)
     # the few-shot responses follow the format the parser expects
     for kind in ("conversation", "complex"):
-        for ctx, resp in prompts[kind].examples:
+        for _ctx, resp in prompts[kind].examples:
             build_record(kind, "x", "x.jpg", resp)
     for ctx, resp in prompts["detail"].examples:
         build_record("detail", "x", "x.jpg", resp, question="q")
@@ -241,3 +242,15 @@ def test_collect_drops_duplicates_into_quarantine():
     assert [r.id for r in records["complex"]] == ["a"] and [r.id for r in records["detail"]] == ["c"]
     assert [(e["task_id"], e["reason"]) for e in errors] == [
         ("b", "duplicate_conversation"), ("d", "duplicate_conversation"), ("e", "missing_label")]
+
+
+def test_tiny_preset_has_a_generate_section():
+    import os
+
+    from vitune.config import GenerateJobConfig, load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_config(GenerateJobConfig, os.path.join(root, "jobs", "configs", "tiny.yaml"),
+                      ["generate.input=data/in.jsonl", "generate.endpoint.requests_per_second=null"])
+    assert cfg.generate.format == "jsonl" and cfg.generate.input == "data/in.jsonl"
+    assert cfg.generate.endpoint.requests_per_second is None and cfg.generate.targets.complex == 77

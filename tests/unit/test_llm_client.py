@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.fake_openai import FakeOpenAI, Reply, fake_openai  # noqa: F401 - the fixture
+from tests.fake_openai import FakeOpenAI, Reply, fake_openai_fixture  # noqa: F401 - fixture `fake_openai`
 from tests.services import free_port
 from vitune.config import EndpointConfig
 from vitune.llm_client import LimiterCore, LLMClient, LLMError, ResponseCache, parse_retry_after

@@ -1,0 +1,154 @@
+"""Feature job throughput: the Ray Data pipeline vs a tight single-process loop, same images, model and machine.
+
+    python benchmarks/feature_throughput.py [--tiny-images 512] [--vit-images 320] [--repeats 2]
+
+For each tower (the tiny preset on 64 px PNGs; ``ViT-B-32`` at 224 px, random init, on 640x480 JPEGs)
+it times, alternately ``--repeats`` times, (a) ``extract_features`` into a fresh local store on a local Ray
+of ``--num-cpus`` CPUs, end to end from the first dataset row to the last shard written, tower actor
+start-up included; (b) one process reading, decoding, preprocessing and encoding the same images in
+batches with ``vision.encode_images`` (torch's default threads, tower loaded before the clock starts).
+Prints one JSON object: images/s of each (best of the repeats) and the ratio ray / loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from vitune import storage, synthetic
+from vitune.config import FeaturesJobConfig, build_config
+
+log = logging.getLogger("benchmarks.feature_throughput")
+
+TOWERS = {
+    "tiny": {"name": "vitune-tiny-vit", "pretrained": None},
+    "vit_b_32_224": {"name": "ViT-B-32", "pretrained": None},
+}
+
+
+def photo_like_jpegs(root: str, n: int, seed: int = 0) -> str:
+    """``n`` 640x480 JPEGs of smooth colour fields plus noise (decode cost of a typical photo); records URI."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        low = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).resize((640, 480), Image.BICUBIC)
+        pixels = np.clip(np.asarray(low, dtype=np.int16) + rng.integers(-12, 13, (480, 640, 3)), 0, 255)
+        buf = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        key = f"images/{i:05d}.jpg"
+        storage.write_bytes(storage.join(root, key), buf.getvalue())
+        records.append({"id": str(i), "image": key, "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A picture."}]})
+    uri = storage.join(root, "records.json")
+    storage.write_text(uri, json.dumps(records))
+    return uri
+
+
+def tight_loop(cfg: FeaturesJobConfig, image_root: str, keys: list[str]) -> float:
+    """Images/s of read → decode → preprocess → encode → fp16 in one process, batch by batch."""
+    import torch
+
+    from vitune.image import decode_image
+    from vitune.vision import encode_images, load_vision_tower
+
+    tower = load_vision_tower(cfg.model.vision)
+    bs = cfg.features.batch_size
+    t0 = time.perf_counter()
+    for i in range(0, len(keys), bs):
+        images = [decode_image(storage.read_bytes(storage.join(image_root, k)), cfg.features.max_pixels)
+                  for k in keys[i:i + bs]]
+        feats = encode_images(tower, images).to(torch.float16).numpy()  # [b, N, D]
+        assert feats.shape[0] == len(images)
+    return len(keys) / (time.perf_counter() - t0)
+
+
+def ray_job(cfg: FeaturesJobConfig) -> dict:
+    from vitune.features import extract_features
+
+    summary = extract_features(cfg)
+    manifest = storage.read_json(storage.join(summary["output"], "manifest.json"))
+    run = manifest["last_run"]
+    return {"images_per_s": run["timings"]["images_per_s"], "pool": run["pool"],
+            "preprocessed_in_actor": run["preprocessed_in_actor"], "timings": run["timings"]}
+
+
+def bench_tower(label: str, records: str, image_root: str, work: str, args: argparse.Namespace) -> dict:
+    from vitune.features import collect_image_keys
+
+    keys, _ = collect_image_keys([records])
+    raw = {"storage": {"root": work}, "tracking": {"enabled": False}, "model": {"vision": TOWERS[label]},
+           "data": {"records": [records], "image_root": image_root},
+           "features": {"shard_size": args.shard_size, "batch_size": args.batch_size,
+                        "actor_cpus": args.actor_cpus, "preprocess_cpus": args.preprocess_cpus}}
+    loop_rates, ray_runs = [], []
+    for r in range(args.repeats):
+        cfg = build_config(FeaturesJobConfig, raw, [f"features.output={work}/store-{label}-{r}"])
+        loop_rates.append(tight_loop(cfg, image_root, keys))
+        ray_runs.append(ray_job(cfg))
+        log.info("%s repeat %d: loop %.1f images/s, ray %.1f images/s", label, r, loop_rates[-1],
+                 ray_runs[-1]["images_per_s"])
+    best_ray = max(ray_runs, key=lambda x: x["images_per_s"])
+    return {
+        "images": len(keys),
+        "loop_images_per_s": round(max(loop_rates), 2),
+        "ray_images_per_s": round(best_ray["images_per_s"], 2),
+        "ratio": round(best_ray["images_per_s"] / max(loop_rates), 3),
+        "all_loop_images_per_s": [round(x, 2) for x in loop_rates],
+        "all_ray_images_per_s": [round(x["images_per_s"], 2) for x in ray_runs],
+        "ray_pool": best_ray["pool"],
+        "ray_timings_s": {k: round(v, 2) for k, v in best_ray["timings"].items() if v is not None},
+        "preprocessed_in_actor": best_ray["preprocessed_in_actor"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny-images", type=int, default=512)
+    p.add_argument("--vit-images", type=int, default=320)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument("--shard-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--actor-cpus", type=float, default=1.0)
+    p.add_argument("--preprocess-cpus", type=float, default=1.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    import ray
+    import torch
+
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    load_before = os.getloadavg()[0]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="vitune-bench-") as work:
+        if args.tiny_images:
+            data = synthetic.generate(f"{work}/tiny-data", num_images=args.tiny_images, num_eval_images=0)
+            results["tiny"] = bench_tower("tiny", data["records"]["captions"], data["image_root"], work, args)
+        if args.vit_images:
+            records = photo_like_jpegs(f"{work}/vit-data", args.vit_images)
+            results["vit_b_32_224"] = bench_tower("vit_b_32_224", records, f"{work}/vit-data", work, args)
+    ray.shutdown()
+    out = {
+        "benchmark": "feature_throughput",
+        "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "torch_threads": torch.get_num_threads(),
+                    "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2)},
+        "settings": {"shard_size": args.shard_size, "batch_size": args.batch_size, "actor_cpus": args.actor_cpus,
+                     "preprocess_cpus": args.preprocess_cpus, "repeats": args.repeats},
+        **results,
+    }
+    sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

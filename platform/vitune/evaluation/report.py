@@ -1,0 +1,100 @@
+"""Evaluation reports: the Markdown table of each benchmark and the flat metrics logged to MLflow."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vitune.evaluation import llava_bench, scienceqa
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def scienceqa_markdown(report: Mapping[str, Any]) -> str:
+    header = ["", *scienceqa.CATEGORIES, "Avg", "n", "failed extraction"]
+    rows = []
+    for name in ("ours", "judge", "ensemble"):
+        part = report.get(name)
+        if part:
+            cats = [_fmt(part["by_category"][c]["accuracy"]) for c in scienceqa.CATEGORIES]
+            rows.append([name, *cats, _fmt(part["accuracy"]), str(part["n"]), str(part["failed_extraction"])])
+    title = f"ScienceQA ({report['split']}, {report['prompt_format']}) accuracy, %"
+    return f"## {title}\n\n{_table(header, rows)}\n"
+
+
+def llava_bench_markdown(report: Mapping[str, Any]) -> str:
+    keys = (*llava_bench.CATEGORIES, "all")
+    header = ["", "Conversation", "Detail", "Complex", "All"]
+    rel, std = report["relative_score"], report["relative_score_std"]
+    rows = [["relative score", *[_fmt(rel[k], 1) for k in keys]]]
+    if report["repeats"] > 1:
+        rows.append([f"std over {report['repeats']} repeats", *[_fmt(std[k], 1) for k in keys]])
+    scores = report["scores"]
+    rows.append(["mean score: reference", *[_fmt(scores[k]["reference"]) for k in keys]])
+    rows.append(["mean score: ours", *[_fmt(scores[k]["ours"]) for k in keys]])
+    rows.append(["verdicts scored", *[str(scores[k]["n"]) for k in keys]])
+    swapped = report.get("swapped")
+    if swapped:
+        rows.append(["relative score, answers swapped", *[_fmt(swapped["relative_score"][k], 1) for k in keys]])
+    notes = [f"{report['n']} questions; {report['unparseable']} unparseable verdicts, "
+             f"{report['judge_errors']} failed judge requests (both left out of the means)."]
+    if swapped:
+        notes.append(f"Position-1 advantage: {_fmt(swapped['position1_advantage'])} points "
+                     f"over {swapped['n_both_parseable']} questions scored in both orders.")
+    return f"## LLaVA-Bench ({report['layout']}) relative score, %\n\n{_table(header, rows)}\n\n" + \
+        "\n".join(notes) + "\n"
+
+
+def synthetic_markdown(report: Mapping[str, Any]) -> str:
+    kinds = list(report["per_kind"])
+    header = ["", *kinds, "overall"]
+    rows = [["accuracy", *[_fmt(report["per_kind"][k], 3) for k in kinds], _fmt(report["accuracy"], 3)],
+            ["chance", *[_fmt(report["chance"].get(k), 3) for k in kinds], _fmt(report["chance"]["overall"], 3)],
+            ["n", *[str(report["n_per_kind"][k]) for k in kinds], str(report["n"])]]
+    return f"## Synthetic held-out exact match\n\n{_table(header, rows)}\n"
+
+
+MARKDOWN = {"scienceqa": scienceqa_markdown, "llava_bench": llava_bench_markdown, "synthetic": synthetic_markdown}
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    head = (f"# Evaluation: {report['benchmark']}\n\nmodel: `{report.get('model_folder')}`"
+            f"{' (training run ' + report['model_run_id'] + ')' if report.get('model_run_id') else ''}\n\n")
+    return head + MARKDOWN[report["benchmark"]](report["result"])
+
+
+def metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers worth plotting, flat, for MLflow."""
+    res, bench = report["result"], report["benchmark"]
+    out: dict[str, float | None] = {}
+    if bench == "scienceqa":
+        for name in ("ours", "judge", "ensemble"):
+            if res.get(name):
+                out[f"{name}.accuracy"] = res[name]["accuracy"]
+                out[f"{name}.failed_extraction"] = res[name]["failed_extraction"]
+                out.update({f"{name}.{c}": v["accuracy"] for c, v in res[name]["by_category"].items()})
+    elif bench == "llava_bench":
+        out.update({f"relative.{k}": v for k, v in res["relative_score"].items()})
+        out.update({f"relative_std.{k}": v for k, v in res["relative_score_std"].items()})
+        out["unparseable"] = res["unparseable"]
+        out["judge_errors"] = res["judge_errors"]
+        if res.get("swapped"):
+            out.update({f"swapped.relative.{k}": v for k, v in res["swapped"]["relative_score"].items()})
+            out["position1_advantage"] = res["swapped"]["position1_advantage"]
+    else:
+        out["accuracy"] = res["accuracy"]
+        out.update({f"accuracy.{k}": v for k, v in res["per_kind"].items()})
+        out["chance"] = res["chance"]["overall"]
+    inference = report.get("inference") or {}
+    for key in ("generated", "resumed", "errors", "new_tokens", "tokens_per_s", "wall_seconds"):
+        if key in inference:
+            out[f"inference.{key}"] = inference[key]
+    return {k: float(v) for k, v in out.items() if v is not None}

@@ -1,0 +1,192 @@
+"""Driver of ``jobs/evaluate.py``: answers (batch inference or a predictions file) → benchmark → report.
+
+Writes under the output URI: ``answers/`` (the resumable inference shards), ``results.jsonl`` (per
+question), ``reviews.jsonl`` (judge verdicts), ``report.json``, ``report.md`` and ``config.yaml``; logs
+the metrics and those files to an MLflow run tagged with the model folder and its training run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+from vitune import storage
+from vitune.batch_inference import GenerationSettings, run_batch_inference
+from vitune.config import EvalConfig, EvalJobConfig, dump_config
+from vitune.evaluation import report as report_lib
+from vitune.evaluation.judge import Judge
+from vitune.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(ev: EvalConfig) -> tuple[str | None, str | None]:
+    """``(model folder URI, training run id)`` from ``runs:/<id>``, a folder, and ``model_run_id``."""
+    folder, run_id = ev.model_folder, ev.model_run_id
+    if folder and folder.startswith("runs:/"):
+        from vitune.training import resolve_init_from
+
+        run_id = run_id or folder[len("runs:/"):].strip("/").split("/")[0]
+        folder = resolve_init_from(folder)
+    if folder and not run_id:
+        from vitune.model_folder import read_meta
+
+        extra = read_meta(folder).get("extra") or {}
+        run_id = extra.get("run_id") or extra.get("mlflow_run_id")
+    return folder, run_id
+
+
+def output_uri(cfg: EvalJobConfig, folder: str | None) -> str:
+    ev = cfg.eval
+    if ev.output:
+        return ev.output
+    name = ev.name or (folder.rstrip("/").rsplit("/", 1)[-1] if folder else "predictions")
+    return storage.join(cfg.storage.root, "eval", ev.benchmark, name)
+
+
+def settings_of(ev: EvalConfig) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
+                              seed=ev.seed, template=ev.template, batch_size=ev.batch_size,
+                              num_actors=ev.num_actors, use_gpu=ev.use_gpu)
+
+
+def get_answers(cfg: EvalJobConfig, requests: list[dict[str, Any]], folder: str | None,
+                out: str) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """Answer texts by id: from ``eval.predictions`` (JSONL ``{question_id|id, text}``) or generated."""
+    ev = cfg.eval
+    if ev.predictions:
+        from vitune.evaluation.llava_bench import read_jsonl
+
+        rows = read_jsonl(ev.predictions)
+        texts = {str(r.get("question_id", r.get("id"))): str(r.get("text", "")) for r in rows}
+        log.info("scoring %d predictions from %s", len(texts), ev.predictions)
+        return texts, None
+    if not folder:
+        raise ValueError("eval.model_folder: give a model folder URI (or runs:/<run id>), or eval.predictions")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    result = run_batch_inference(requests, folder, out, settings_of(ev))
+    return {k: v["text"] for k, v in result.answers.items()}, result.summary()
+
+
+def _data_root(ev: EvalConfig) -> str:
+    if not ev.data:
+        raise ValueError(f"eval.data: the {ev.benchmark} data URI is required")
+    return ev.data
+
+
+def evaluate_scienceqa(cfg: EvalJobConfig, folder: str | None, out: str, judge: Judge | None) -> dict[str, Any]:
+    from vitune.evaluation import scienceqa
+
+    ev = cfg.eval
+    root = _data_root(ev)
+    problems = scienceqa.load_problems(root, ev.split, ev.limit)
+    images = ev.images or storage.join(root, "images", ev.split)
+    requests = scienceqa.build_requests(problems, ev.prompt_format, images)
+    texts, inference = get_answers(cfg, requests, folder, out)
+    ours, rows = scienceqa.score(problems, texts)
+    result: dict[str, Any] = {"split": ev.split, "prompt_format": ev.prompt_format, "ours": ours}
+    if judge is not None:
+        ens = scienceqa.ensemble(problems, texts, lambda msgs: judge.ask_many(msgs))
+        by_pid = {r["pid"]: r for r in ens.pop("rows")}
+        for row in rows:
+            row.update({k: by_pid[row["pid"]][k] for k in ("judge", "final", "judge_text")})
+        result.update(ens)
+    scienceqa.write_rows(storage.join(out, "results.jsonl"), rows)
+    return {"result": result, "inference": inference}
+
+
+def evaluate_llava_bench(cfg: EvalJobConfig, folder: str | None, out: str, judge: Judge | None) -> dict[str, Any]:
+    from vitune.evaluation import llava_bench
+
+    ev = cfg.eval
+    if judge is None:
+        raise ValueError("LLaVA-Bench needs a judge: set judge.base_url and judge.model")
+    root = _data_root(ev)
+    items = llava_bench.load_bench(*llava_bench.file_uris(root, ev.layout, ev.questions, ev.context, ev.references),
+                                   limit=ev.limit)
+    requests = llava_bench.build_requests(items, ev.images or storage.join(root, "images"))
+    texts, inference = get_answers(cfg, requests, folder, out)
+    missing = [it.question_id for it in items if it.question_id not in texts]
+    if missing:
+        log.warning("%d questions have no answer (scored as empty answers), e.g. %s", len(missing), missing[:3])
+    answers = {it.question_id: texts.get(it.question_id, "") for it in items}
+    result, rows = llava_bench.judge_bench(items, answers, judge.ask_many, cfg.judge.repeats, cfg.judge.swap_order)
+    result["layout"] = ev.layout
+    storage.write_text(storage.join(out, "reviews.jsonl"),
+                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return {"result": result, "inference": inference}
+
+
+def evaluate_synthetic_set(cfg: EvalJobConfig, folder: str | None, out: str, judge: Judge | None) -> dict[str, Any]:
+    from vitune.batch_inference import evaluate_synthetic
+
+    ev = cfg.eval
+    data = _data_root(ev)
+    if not folder:
+        raise ValueError("eval.model_folder: the synthetic eval generates answers; give a model folder")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    images = ev.images or data.rstrip("/").rsplit("/", 1)[0]
+    result = evaluate_synthetic(folder, data, images, out, settings_of(ev))
+    return {"result": result, "inference": result.pop("inference")}
+
+
+BENCHMARKS = {"scienceqa": evaluate_scienceqa, "llava_bench": evaluate_llava_bench,
+              "synthetic": evaluate_synthetic_set}
+
+
+def write_report(out: str, report: dict[str, Any], tracker: Tracker, cfg: EvalJobConfig) -> None:
+    md = report_lib.markdown(report)
+    files = {"report.json": json.dumps(report, indent=2, ensure_ascii=False) + "\n", "report.md": md,
+             "config.yaml": dump_config(cfg)}
+    for name, text in files.items():
+        storage.write_text(storage.join(out, name), text)
+    tracker.log_metrics(report_lib.metrics(report))
+    with tempfile.TemporaryDirectory(prefix="vitune-eval-") as tmp:
+        for name in (*files, "results.jsonl", "reviews.jsonl"):
+            uri = storage.join(out, name)
+            if storage.exists(uri):
+                path = os.path.join(tmp, name)
+                with open(path, "wb") as f:
+                    f.write(storage.read_bytes(uri))
+                tracker.log_artifact(path, "eval")
+
+
+def run_evaluation(cfg: EvalJobConfig) -> dict[str, Any]:
+    """Run ``cfg.eval.benchmark`` end to end; returns the report (also written under its output URI)."""
+    ev = cfg.eval
+    if cfg.storage.s3_endpoint_url:
+        storage.configure_s3(cfg.storage.s3_endpoint_url)
+    folder, run_id = resolve_model(ev)
+    out = output_uri(cfg, folder)
+    wants_judge = ev.benchmark == "llava_bench" or (ev.benchmark == "scienceqa" and ev.ensemble)
+    tags = {"vitune.benchmark": ev.benchmark, "vitune.model_folder": folder or "", "vitune.eval_output": out}
+    if run_id:
+        tags.update({"vitune.model_run_id": run_id, "vitune.model_run": f"runs:/{run_id}"})
+    tracker = Tracker(cfg.tracking, cfg.storage.root, run_name=f"eval-{ev.benchmark}", tags=tags)
+    tracker.log_params(cfg.model_dump(mode="json"))
+    judge = Judge(cfg.judge, cfg.storage.root) if wants_judge else None
+    log.info("evaluating %s on %s → %s", folder or ev.predictions, ev.benchmark, out)
+    try:
+        report = {"benchmark": ev.benchmark, "model_folder": folder, "model_run_id": run_id,
+                  "predictions": ev.predictions, "output": out, "mlflow_run_id": tracker.run_id,
+                  **BENCHMARKS[ev.benchmark](cfg, folder, out, judge)}
+        if judge is not None:
+            report["judge"] = judge.stats()
+        write_report(out, report, tracker, cfg)
+    except Exception:
+        tracker.finish("FAILED")
+        raise
+    finally:
+        if judge is not None:
+            judge.close()
+    tracker.finish()
+    return report
