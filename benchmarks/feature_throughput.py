@@ -77,7 +77,8 @@ def ray_job(cfg: FeaturesJobConfig) -> dict:
     summary = extract_features(cfg)
     manifest = storage.read_json(storage.join(summary["output"], "manifest.json"))
     run = manifest["last_run"]
-    return {"images_per_s": run["timings"]["images_per_s"], "pool": run["pool"],
+    return {"images_per_s": run["timings"]["images_per_s"], "steady": run["timings"]["steady_images_per_s"],
+            "pool": run["pool"],
             "preprocessed_in_actor": run["preprocessed_in_actor"], "timings": run["timings"]}
 
 
@@ -102,6 +103,9 @@ def bench_tower(label: str, records: str, image_root: str, work: str, args: argp
         "loop_images_per_s": round(max(loop_rates), 2),
         "ray_images_per_s": round(best_ray["images_per_s"], 2),
         "ratio": round(best_ray["images_per_s"] / max(loop_rates), 3),
+        # after the first shard is committed (actor start-up and tower load excluded)
+        "ray_steady_images_per_s": round(best_ray["steady"], 2) if best_ray["steady"] else None,
+        "steady_ratio": round(best_ray["steady"] / max(loop_rates), 3) if best_ray["steady"] else None,
         "all_loop_images_per_s": [round(x, 2) for x in loop_rates],
         "all_ray_images_per_s": [round(x["images_per_s"], 2) for x in ray_runs],
         "ray_pool": best_ray["pool"],

@@ -24,7 +24,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -66,7 +66,6 @@ class InferenceResult:
     generate_seconds: float = 0.0  # summed over batches (actors run in parallel)
     wall_seconds: float = 0.0
     num_actors: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
@@ -225,10 +224,12 @@ def run_batch_inference(
     model_folder: str,
     output_uri: str,
     settings: GenerationSettings | None = None,
+    ray_init_kwargs: Mapping[str, Any] | None = None,
 ) -> InferenceResult:
     """Answer every request not yet answered under ``output_uri``; returns all answers by id.
 
-    ``requests``: ``{id, image (URI or None), conversations}``. Ray is started locally when not running.
+    ``requests``: ``{id, image (URI or None), conversations}``. When there is work and Ray is not running,
+    it is started with ``ray.init(**ray_init_kwargs)`` (local Ray by default).
     """
     settings = settings or GenerationSettings()
     reqs = [dict(r) for r in requests]
@@ -248,12 +249,13 @@ def run_batch_inference(
         import ray.data
 
         if not ray.is_initialized():
-            ray.init()
+            ray.init(**(ray_init_kwargs or {}))
         num_batches = -(-len(todo) // settings.batch_size)
         size, use_gpu = _pool_size(settings, num_batches)
         items = [{"id": str(r["id"]), "image": r.get("image") or "",
                   "conversations": json.dumps(list(r["conversations"]), ensure_ascii=False)} for r in todo]
-        ds = ray.data.from_items(items, override_num_blocks=num_batches).map_batches(
+        # about one block per batch for small jobs, so the actors share them; capped for large ones
+        ds = ray.data.from_items(items, override_num_blocks=min(num_batches, 256)).map_batches(
             AnswerBatch,
             fn_constructor_kwargs={"model_folder": model_folder, "output_uri": output_uri,
                                    "settings": {**asdict(settings), "use_gpu": use_gpu}},
@@ -297,6 +299,7 @@ def evaluate_synthetic(
     image_root: str,
     output_uri: str | None = None,
     settings: GenerationSettings | None = None,
+    ray_init_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Exact-match accuracy on the synthetic held-out records (``eval.json``), overall and per kind.
 
@@ -315,9 +318,9 @@ def evaluate_synthetic(
     settings = settings or GenerationSettings(max_new_tokens=8)
     if output_uri is None:
         with tempfile.TemporaryDirectory(prefix="vitune-eval-") as tmp:
-            result = run_batch_inference(requests, model_folder, tmp, settings)
+            result = run_batch_inference(requests, model_folder, tmp, settings, ray_init_kwargs)
     else:
-        result = run_batch_inference(requests, model_folder, output_uri, settings)
+        result = run_batch_inference(requests, model_folder, output_uri, settings, ray_init_kwargs)
     hits: dict[str, list[bool]] = {kind: [] for kind in CHECKABLE_KINDS}
     for rec in records:
         answer = result.answers[str(rec["id"])]["text"]

@@ -128,7 +128,7 @@ def output_uri(cfg: FeaturesJobConfig, fp_id: str) -> str:
 
 
 def _check_plan(out: str, plan: dict[str, Any]) -> None:
-    """Write ``plan.json`` on the first run; later runs must be for the same tower, images and shard size."""
+    """Write ``plan.json`` on the first run; later runs must have the same tower, images and shard settings."""
     uri = storage.join(out, PLAN)
     if not storage.exists(uri):
         storage.write_json(uri, plan)
@@ -138,10 +138,10 @@ def _check_plan(out: str, plan: dict[str, Any]) -> None:
     if diffs:
         detail = "; ".join(f"{f}: expected {w!r}, found {h!r}" for f, w, h in diffs)
         raise ValueError(f"{out} holds features of another vision tower ({detail}); set features.output elsewhere")
-    for field in ("shard_size", "num_images", "keys_sha256"):
+    for field in ("shard_size", "max_pixels", "num_images", "keys_sha256"):
         if have.get(field) != plan[field]:
             raise ValueError(
-                f"{out} was started for another image set or shard size ({field}: this run has {plan[field]!r}, "
+                f"{out} was started with other images or settings ({field}: this run has {plan[field]!r}, "
                 f"the store has {have.get(field)!r}); set features.output elsewhere or delete the store"
             )
 
@@ -149,43 +149,64 @@ def _check_plan(out: str, plan: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- Ray stages
 
 
+READ_TRIES = 3
+
+
+def _read(fs: Any, path: str) -> bytes:
+    """Read a file; a missing one raises ``FileNotFoundError`` at once, other I/O errors are retried."""
+    for attempt in range(READ_TRIES):
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt == READ_TRIES - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _binary_column(buffers: list[pa.Buffer]) -> pa.LargeBinaryArray:
+    """Buffers → a ``large_binary`` column; a single buffer (one shard per batch, the usual case) is not copied."""
+    offsets = pa.py_buffer(np.cumsum([0, *(b.size for b in buffers)], dtype=np.int64))
+    data = buffers[0] if len(buffers) == 1 else pa.py_buffer(b"".join(buffers))
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(buffers), [None, offsets, data])
+
+
 def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixels: int,
                s3_endpoint_url: str | None = None) -> pa.Table:
     """CPU task: one row per shard → its preprocessed pixels ``[n, 3, S, S]`` + quarantined images."""
-    import torch
-
     if s3_endpoint_url:
         storage.configure_s3(s3_endpoint_url)
     fs, base = storage.resolve(image_root)
     out: dict[str, list] = {k: [] for k in ("shard", "keys", "pixels", "errors", "bytes_read", "load_s", "pid")}
     for shard, keys in zip(batch.column("shard").to_pylist(), batch.column("keys").to_pylist(), strict=True):
         t0 = time.perf_counter()
-        ok_keys, pixels, errors, nbytes = [], [], [], 0
+        pixels = np.empty((len(keys), 3, spec.image_size, spec.image_size), dtype=np.float32)  # [n, 3, S, S]
+        ok_keys: list[str] = []
+        errors: list[dict[str, str]] = []
+        nbytes = 0
         for key in keys:
-            path = posixpath.join(base, key)
             try:
-                with fs.open_input_stream(path) as f:
-                    data = f.read()
-            except (FileNotFoundError, OSError) as exc:
-                reason = "missing file" if isinstance(exc, FileNotFoundError) else f"cannot read file: {exc}"
-                errors.append({"image_key": key, "uri": storage.join(image_root, key), "reason": reason})
-                continue
-            nbytes += len(data)
-            try:
-                pixels.append(spec(image_lib.decode_image(data, max_pixels=max_pixels)))
+                data = _read(fs, posixpath.join(base, key))
+                nbytes += len(data)
+                pixels[len(ok_keys)] = spec(image_lib.decode_image(data, max_pixels=max_pixels)).numpy()
+            except FileNotFoundError:
+                reason = "missing file"
+            except OSError as exc:
+                reason = f"cannot read file after {READ_TRIES} tries: {exc}"
             except image_lib.ImageError as exc:
-                errors.append({"image_key": key, "uri": storage.join(image_root, key), "reason": str(exc)})
-                continue
+                reason = str(exc)
             except Exception as exc:  # noqa: BLE001 - one bad image must never stop the job
                 reason = f"preprocessing failed: {type(exc).__name__}: {exc}"
-                errors.append({"image_key": key, "uri": storage.join(image_root, key), "reason": reason})
+            else:
+                ok_keys.append(key)
                 continue
-            ok_keys.append(key)
-        stacked = torch.stack(pixels).numpy() if pixels else np.empty((0, 3, spec.image_size, spec.image_size),
-                                                                      dtype=np.float32)
+            errors.append({"image_key": key, "uri": storage.join(image_root, key), "reason": reason})
         out["shard"].append(shard)
         out["keys"].append(ok_keys)
-        out["pixels"].append(stacked.astype(np.float32, copy=False).tobytes())  # [n, 3, S, S]
+        out["pixels"].append(pa.py_buffer(pixels[:len(ok_keys)]))  # zero-copy into Arrow
         out["errors"].append(json.dumps(errors))
         out["bytes_read"].append(nbytes)
         out["load_s"].append(time.perf_counter() - t0)
@@ -193,7 +214,7 @@ def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixel
     return pa.table({
         "shard": pa.array(out["shard"], pa.int64()),
         "keys": pa.array(out["keys"], pa.list_(pa.string())),
-        "pixels": pa.array(out["pixels"], pa.large_binary()),
+        "pixels": _binary_column(out["pixels"]),
         "errors": pa.array(out["errors"], pa.string()),
         "bytes_read": pa.array(out["bytes_read"], pa.int64()),
         "load_s": pa.array(out["load_s"], pa.float64()),
@@ -251,6 +272,7 @@ class EncodeShard:
                 "bytes_read": row["bytes_read"], "load_s": row["load_s"], "encode_s": t1 - t0,
                 "write_s": time.perf_counter() - t1, "wait_s": wait_s if i == 0 else 0.0,
                 "fused": row["pid"] == os.getpid(),  # preprocessing ran in this actor: Ray Data fused the stages
+                "done_at": time.time(),
             })
         self._last_done = time.perf_counter()
         return pa.Table.from_pylist(results)
@@ -284,14 +306,14 @@ def _run_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], out: 
     log.info("computing %d shards: %d tower actor(s) (%s GPU, %s CPU each), preprocessing tasks of %s CPU",
              len(todo), pool.num_actors, pool.gpus_per_actor, pool.cpus_per_actor, cfg.features.preprocess_cpus)
     endpoint = cfg.storage.s3_endpoint_url
-    # A preprocessing task holds one shard's float32 pixels (and their copy into Arrow) at its peak. Reserving
+    # A preprocessing task holds one shard's float32 pixels (handed to Arrow without a copy). Reserving
     # that memory is also what keeps Ray Data from fusing this stage into the tower actors, which would
     # serialise decoding behind the tower; each result row reports whether that happened.
-    shard_pixel_bytes = cfg.features.shard_size * 3 * spec.image_size**2 * 4
+    shard_pixel_bytes = cfg.features.shard_size * 3 * spec.image_size**2 * 4  # float32 [n, 3, S, S]
     ds = ray.data.from_items([{"shard": i, "keys": keys} for i, keys in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         load_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.features.preprocess_cpus,
-        memory=2 * shard_pixel_bytes + 256 * 2**20,
+        memory=shard_pixel_bytes + 512 * 2**20,
         fn_kwargs={"image_root": image_root, "spec": spec, "max_pixels": cfg.features.max_pixels,
                    "s3_endpoint_url": endpoint},
     )
@@ -360,7 +382,8 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
     image_root = resolve_image_root(cfg.data)
     shards = plan_shards(keys, cfg.features.shard_size)
     _check_plan(out, {"format_version": FORMAT_VERSION, "fingerprint": fp, "fingerprint_id": fp_id,
-                      "shard_size": cfg.features.shard_size, "num_images": len(keys), "num_shards": len(shards),
+                      "shard_size": cfg.features.shard_size, "max_pixels": cfg.features.max_pixels,
+                      "num_images": len(keys), "num_shards": len(shards),
                       "keys_sha256": key_set_hash(keys)})
     existing = {posixpath.basename(u) for u in storage.list_files(out, suffix=".parquet", recursive=False)}
     todo = [(i, s) for i, s in enumerate(shards) if shard_name(i) not in existing]
@@ -377,34 +400,48 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
         todo = todo[:fail_after_shards]
     computed: list[dict[str, Any]] = []
     pool = None
-    t_pipe = time.perf_counter()
+    t_pipe, t_pipe_wall = time.perf_counter(), time.time()
     if todo:
         if not ray.is_initialized():
             ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
         computed, pool = _run_shards(cfg, todo, out, fp_id, spec, image_root)
-    pipeline_s = time.perf_counter() - t_pipe
     if interrupted:
         raise SimulatedInterruption(f"{FAIL_AFTER_ENV}: stopped after {len(computed)} shards, before the manifest")
-
-    images_computed = sum(r["rows"] + r["quarantined"] for r in computed)
     last_run = {
         "computed_shards": len(computed),
         "reused_shards": len(shards) - len(computed),
         "pool": asdict(pool) if pool else None,
         "preprocessed_in_actor": sum(bool(r["fused"]) for r in computed),
-        "timings": {
-            "wall_s": time.perf_counter() - t_start,
-            "pipeline_s": pipeline_s,
-            "images_per_s": images_computed / pipeline_s if pipeline_s > 0 and images_computed else None,
-            **{f"{k}_s": sum(r[f"{k}_s"] for r in computed) for k in ("load", "encode", "write", "wait")},
-        },
+        "timings": _timings(computed, time.perf_counter() - t_pipe, t_pipe_wall),
     }
     manifest = write_manifest(out, shards, fp, (n_patches, dim), computed, {
         "shard_size": cfg.features.shard_size, "config": cfg.model_dump(mode="json"), "image_root": image_root,
         "record_counts": record_stats, "last_run": last_run})
     _cleanup_temp_files(out)
+    timings = last_run["timings"]
     return _summary(manifest, out, computed=len(computed), reused=len(shards) - len(computed),
-                    wall_s=last_run["timings"]["wall_s"], images_per_s=last_run["timings"]["images_per_s"])
+                    wall_s=time.perf_counter() - t_start, images_per_s=timings["images_per_s"])
+
+
+def _timings(computed: Sequence[dict[str, Any]], pipeline_s: float, started_at: float) -> dict[str, Any]:
+    """Throughput of this run: overall, to the first committed shard (start-up), and steady after it."""
+    images = sum(r["rows"] + r["quarantined"] for r in computed)
+    out: dict[str, Any] = {
+        "pipeline_s": pipeline_s,
+        "images_per_s": images / pipeline_s if images and pipeline_s > 0 else None,
+        "startup_s": None,
+        "steady_images_per_s": None,
+        # summed over shards: where the work went, and how long the actors waited for input
+        **{f"{k}_s": sum(r[f"{k}_s"] for r in computed) for k in ("load", "encode", "write", "wait")},
+    }
+    if computed:
+        by_time = sorted(computed, key=lambda r: r["done_at"])
+        out["startup_s"] = by_time[0]["done_at"] - started_at  # actor start, tower load, first decode + encode
+        if len(by_time) > 1:
+            first = by_time[0]
+            rest = images - first["rows"] - first["quarantined"]
+            out["steady_images_per_s"] = rest / max(by_time[-1]["done_at"] - first["done_at"], 1e-9)
+    return out
 
 
 def write_manifest(out: str, shards: Sequence[Sequence[str]], fp: dict[str, Any], shape: tuple[int, int],

@@ -93,8 +93,32 @@ class ServeConfig(BaseModel):
 # --- model source -------------------------------------------------------------------------------------
 
 
+def _registry_download_uri(uri: str, tracking_uri: str | None) -> str:
+    """Where the artifacts of `models:/NAME/VERSION` (or `NAME@ALIAS`, `NAME/latest`) live.
+
+    Resolved with an explicit client: mlflow's own `models:/` download ignores a passed registry URI.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    ref = uri[len(MODELS_SCHEME) :].strip("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, _, version = ref.partition("/")
+        if not name or not version:
+            raise ValueError(f"model URI {uri!r} must be models:/NAME/VERSION or models:/NAME@ALIAS")
+        if version == "latest":
+            found = client.search_model_versions(f"name='{name}'")
+            if not found:
+                raise ValueError(f"registered model {name!r} has no versions")
+            version = str(max(int(v.version) for v in found))
+    return client.get_model_version_download_uri(name, version)
+
+
 def resolve_model_source(uri: str, tracking_uri: str | None = None) -> str:
-    """A model-folder URI for `uri`: `models:/NAME/VERSION` is downloaded from the MLflow registry."""
+    """A model-folder URI for `uri`: `models:/...` is downloaded from the MLflow registry to a temp folder."""
     from vitune.model_folder import META_FILE
 
     if not uri.startswith(MODELS_SCHEME):
@@ -103,13 +127,13 @@ def resolve_model_source(uri: str, tracking_uri: str | None = None) -> str:
 
     import mlflow.artifacts
 
-    dest = tempfile.mkdtemp(prefix="vitune-registry-")
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest, tracking_uri=tracking_uri,
-                                                     registry_uri=tracking_uri))
+    source = _registry_download_uri(uri, tracking_uri)
+    dest = tempfile.mkdtemp(prefix="vitune-registry-")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dest, tracking_uri=tracking_uri))
     for candidate in (local, *sorted(p.parent for p in local.glob(f"*/{META_FILE}"))):
         if (candidate / META_FILE).exists():
-            logger.info("registry model %s downloaded to %s", uri, candidate)
+            logger.info("registry model %s (%s) downloaded to %s", uri, source, candidate)
             return str(candidate)
     raise FileNotFoundError(f"{uri} holds no vitune model folder ({META_FILE} not found in its artifacts)")
 

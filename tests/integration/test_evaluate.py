@@ -175,29 +175,28 @@ def test_scienceqa_generates_with_the_tiny_model_and_resumes(sqa_root, model_fol
         run_job(*base, "eval.max_new_tokens=5")
 
 
-def test_synthetic_held_out_exact_match(model_folder, ray_local, tmp_path):
+def test_synthetic_held_out_exact_match(model_folder, tmp_path):
     from vitune import synthetic
 
     data = synthetic.generate(str(tmp_path / "syn"), seed=3, num_images=1, num_eval_images=3, image_size=32)
     records = json.loads((tmp_path / "syn" / "eval.json").read_text())
     by_kind = {k: [r for r in records if r["kind"] == k] for k in ("color", "shape", "count")}
-    # an earlier run answered three questions: two right (in other spellings), one wrong
+    # answers of an earlier run for every question (so no generation): two right in other spellings, the rest wrong
     count = by_kind["count"][0]
-    spelled = {"1": "One.", "2": "two", "3": " Three"}[count["answer"]]
-    seeded = [{"id": by_kind["color"][0]["id"], "text": by_kind["color"][0]["answer"].upper() + "."},
-              {"id": count["id"], "text": spelled},
-              {"id": by_kind["shape"][0]["id"], "text": "hexagon"}]
-    storage.write_text(str(tmp_path / "out" / "answers" / "part-seeded.jsonl"),
-                       "".join(json.dumps({**r, "new_tokens": 1, "error": None}) + "\n" for r in seeded))
+    texts = {r["id"]: "hexagon" for r in records}
+    texts[by_kind["color"][0]["id"]] = by_kind["color"][0]["answer"].upper() + "."
+    texts[count["id"]] = {"1": "One.", "2": "two", "3": " Three"}[count["answer"]]
+    storage.write_text(str(tmp_path / "out" / "answers" / "part-seeded.jsonl"), "".join(
+        json.dumps({"id": i, "text": t, "new_tokens": 1, "error": None}) + "\n" for i, t in texts.items()))
     report = run_job(*_base(tmp_path, "out"), "eval.benchmark=synthetic", f"eval.data={data['records']['eval']}",
                      f"eval.model_folder={model_folder}")
     res = report["result"]
-    # the tiny random model answers nothing right: only the two seeded right answers count
     assert (res["n"], res["n_per_kind"]) == (9, {"color": 3, "shape": 3, "count": 3})
     assert res["accuracy"] == pytest.approx(2 / 9)
     assert res["per_kind"] == pytest.approx({"color": 1 / 3, "shape": 0.0, "count": 1 / 3})
     assert res["chance"]["overall"] == pytest.approx((3 * 1 / 4 + 3 * 1 / 3 + 3 * 1 / 3) / 9)
-    assert (report["inference"]["resumed"], report["inference"]["generated"]) == (3, 6)
+    assert (report["inference"]["resumed"], report["inference"]["generated"]) == (9, 0)
+    assert "| accuracy | 0.333 | 0.000 | 0.333 | 0.222 |" in (tmp_path / "out" / "report.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------- LLaVA-Bench

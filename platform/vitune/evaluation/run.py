@@ -53,6 +53,10 @@ def settings_of(ev: EvalConfig) -> GenerationSettings:
                               num_actors=ev.num_actors, use_gpu=ev.use_gpu)
 
 
+def _ray_kwargs(cfg: EvalJobConfig) -> dict[str, Any]:
+    return {"address": cfg.ray.address, "num_cpus": cfg.ray.num_cpus}
+
+
 def get_answers(cfg: EvalJobConfig, requests: list[dict[str, Any]], folder: str | None,
                 out: str) -> tuple[dict[str, str], dict[str, Any] | None]:
     """Answer texts by id: from ``eval.predictions`` (JSONL ``{question_id|id, text}``) or generated."""
@@ -66,11 +70,7 @@ def get_answers(cfg: EvalJobConfig, requests: list[dict[str, Any]], folder: str 
         return texts, None
     if not folder:
         raise ValueError("eval.model_folder: give a model folder URI (or runs:/<run id>), or eval.predictions")
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
-    result = run_batch_inference(requests, folder, out, settings_of(ev))
+    result = run_batch_inference(requests, folder, out, settings_of(ev), _ray_kwargs(cfg))
     return {k: v["text"] for k, v in result.answers.items()}, result.summary()
 
 
@@ -130,12 +130,8 @@ def evaluate_synthetic_set(cfg: EvalJobConfig, folder: str | None, out: str, jud
     data = _data_root(ev)
     if not folder:
         raise ValueError("eval.model_folder: the synthetic eval generates answers; give a model folder")
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
     images = ev.images or data.rstrip("/").rsplit("/", 1)[0]
-    result = evaluate_synthetic(folder, data, images, out, settings_of(ev))
+    result = evaluate_synthetic(folder, data, images, out, settings_of(ev), _ray_kwargs(cfg))
     return {"result": result, "inference": result.pop("inference")}
 
 
