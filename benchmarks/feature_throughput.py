@@ -7,7 +7,9 @@ it times, alternately ``--repeats`` times, (a) ``extract_features`` into a fresh
 of ``--num-cpus`` CPUs, end to end from the first dataset row to the last shard written, tower actor
 start-up included; (b) one process reading, decoding, preprocessing and encoding the same images in
 batches with ``vision.encode_images`` (torch's default threads, tower loaded before the clock starts).
-Prints one JSON object: images/s of each (best of the repeats) and the ratio ray / loop.
+Prints one JSON object: images/s of each (best of the repeats) and ``ratio`` = ray / loop, plus the
+job's steady rate after its first shard is committed (``steady_ratio``: start-up excluded). The
+machine's load average is recorded, since on a shared machine it moves both numbers.
 """
 
 from __future__ import annotations

@@ -177,30 +177,34 @@ class ChatAPI:
         rid, created, model = chat.request_id, int(time.time()), self.model_name
 
         async def body() -> AsyncIterator[str]:
+            # One write per engine event: the role chunk rides with the first text, [DONE] with the finish.
+            head = _sse(oai.chunk_body(rid, created, model, {"role": "assistant", "content": ""}))
             finished = False
             try:
-                yield _sse(oai.chunk_body(rid, created, model, {"role": "assistant", "content": ""}))
                 async for ev in events:
                     if ev["type"] == "delta":
-                        yield _sse(oai.chunk_body(rid, created, model, {"content": ev["text"]}))
-                    elif ev["type"] == "finish":
-                        yield _sse(oai.chunk_body(rid, created, model, {}, ev["finish_reason"]))
+                        yield head + _sse(oai.chunk_body(rid, created, model, {"content": ev["text"]}))
+                        head = ""
+                        continue
+                    if ev["type"] == "finish":
+                        tail = _sse(oai.chunk_body(rid, created, model, {}, ev["finish_reason"]))
                         if include_usage:
                             usage = oai.usage(prompt_tokens, ev["completion_tokens"])
-                            yield _sse(oai.chunk_body(rid, created, model, None, usage_=usage))
-                        break
-                    elif ev["type"] == "error":
-                        yield _sse({"error": ev["error"]})
-                        break
-                finished = True
+                            tail += _sse(oai.chunk_body(rid, created, model, None, usage_=usage))
+                    else:
+                        tail = _sse({"error": ev["error"]})
+                    finished = True
+                    yield head + tail + "data: [DONE]\n\n"
+                    return
+                raise RuntimeError("the engine stream ended without a finish event")
             except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
                 logger.exception("stream %s failed", rid)
-                yield _sse(APIError(500, f"generation failed: {type(exc).__name__}", code="internal_error").body())
                 finished = True
+                err = APIError(500, f"generation failed: {type(exc).__name__}", code="internal_error")
+                yield head + _sse(err.body()) + "data: [DONE]\n\n"
             finally:
                 if not finished:  # the caller went away: stop generating for it
                     events.cancel()
-            yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

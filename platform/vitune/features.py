@@ -287,15 +287,27 @@ class PoolSize:
 
 
 def pool_size(cfg: FeaturesJobConfig, cluster: dict[str, float], num_shards: int) -> PoolSize:
-    """One actor per GPU on a GPU cluster; else the CPUs left after one preprocessing slot; never more than shards."""
+    """How many tower actors, and what each reserves; never more actors than shards to compute.
+
+    With GPUs: one actor per GPU. CPU only: the CPUs left after one preprocessing task, ``actor_cpus``
+    each; the actors' torch threads then share out all the CPUs (decoding is light next to the tower, and
+    a core left to it alone would idle most of the time).
+    """
     feats = cfg.features
     gpus = int(cluster.get("GPU", 0))
     if gpus > 0:
-        n = feats.num_actors or gpus
-        return PoolSize(max(1, min(n, num_shards)), 1.0, feats.actor_cpus, None)
+        n = max(1, min(feats.num_actors or gpus, num_shards))
+        return PoolSize(n, 1.0, feats.actor_cpus, None)
     cpus = cluster.get("CPU", 1)
     n = feats.num_actors or max(1, int((cpus - feats.preprocess_cpus) // feats.actor_cpus))
-    return PoolSize(max(1, min(n, num_shards)), 0.0, feats.actor_cpus, max(1, round(feats.actor_cpus)))
+    n = max(1, min(n, num_shards))
+    if n * feats.actor_cpus + feats.preprocess_cpus > cpus:
+        raise ValueError(
+            f"{n} tower actor(s) x features.actor_cpus={feats.actor_cpus} + features.preprocess_cpus="
+            f"{feats.preprocess_cpus} need more than the cluster's {cpus:g} CPUs: preprocessing could never run. "
+            "Lower features.num_actors / actor_cpus / preprocess_cpus"
+        )
+    return PoolSize(n, 0.0, feats.actor_cpus, max(1, int(cpus // n)))
 
 
 def _run_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], out: str, fp_id: str,

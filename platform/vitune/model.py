@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from vitune import IMAGE_TOKEN
 from vitune.projector import build_projector
@@ -44,14 +45,17 @@ class SplicedInputs:
 
 
 @dataclass
-class VLMOutput:
-    """Forward result; `labels`/`attention_mask` are the expanded ones the logits line up with."""
+class VLMOutput(ModelOutput):
+    """Forward result; `labels`/`attention_mask` are the expanded ones the logits line up with.
 
-    loss: torch.Tensor | None  # [] mean CE over trained tokens
-    logits: torch.Tensor  # [B, T', V]
-    labels: torch.Tensor | None  # [B, T']
-    attention_mask: torch.Tensor  # [B, T']
-    num_label_tokens: int  # trained (non-ignored) next-token targets in the batch
+    A `ModelOutput` (a dict underneath) so DeepSpeed ZeRO-3 sees the tensors it must hook.
+    """
+
+    loss: torch.Tensor | None = None  # [] mean CE over trained tokens
+    logits: torch.Tensor | None = None  # [B, T', V]
+    labels: torch.Tensor | None = None  # [B, T']
+    attention_mask: torch.Tensor | None = None  # [B, T']
+    num_label_tokens: int | None = None  # trained (non-ignored) next-token targets in the batch
 
 
 @dataclass
@@ -233,7 +237,8 @@ class VisionLanguageModel(nn.Module):
         loss, count = None, 0
         if spliced.labels is not None:
             loss, count = causal_lm_loss(out.logits, spliced.labels)
-        return VLMOutput(loss, out.logits, spliced.labels, spliced.attention_mask, count)
+        return VLMOutput(loss=loss, logits=out.logits, labels=spliced.labels,
+                         attention_mask=spliced.attention_mask, num_label_tokens=count)
 
     @torch.no_grad()
     def generate_stream(

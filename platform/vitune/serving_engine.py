@@ -77,6 +77,7 @@ class ServeConfig(BaseModel):
     max_image_pixels: int = Field(16_000_000, ge=1)  # decoded width x height
     remote_images: RemoteImagesConfig = Field(default_factory=RemoteImagesConfig)
     api_key: str | None = None  # else the VITUNE_API_KEY env of the replica; unset = no auth
+    stream_interval_s: float = Field(0.05, ge=0)  # streamed text is sent at most this often (first token at once)
     warmup: bool = True  # one short generation at load so the first request does not pay for it
 
     def model_name(self) -> str:
@@ -556,15 +557,23 @@ class ServingEngine:
             self._queue.append(job)
             self._cond.notify_all()
         yield {"type": "start", "prompt_tokens": job.prompt_tokens, "max_tokens": job.max_tokens}
+        interval = self.cfg.stream_interval_s
+        last_sent: float | None = None
         try:
             while True:
                 pending = [await job.events.get()]
+                ended = pending[-1]["type"] in ("finish", "error")
+                if not ended and last_sent is not None and interval > 0:
+                    # the first text goes out at once; later text at most every `interval` (fewer, larger
+                    # messages through the handle, the proxy and the client)
+                    await asyncio.sleep(max(0.0, last_sent + interval - time.monotonic()))
                 while not job.events.empty():
                     pending.append(job.events.get_nowait())
                 for ev in _coalesce(pending):
                     yield ev
                     if ev["type"] in ("finish", "error"):
                         return
+                last_sent = time.monotonic()
         finally:
             job.cancelled = True  # a no-op when finished; otherwise the worker drops the request
 

@@ -40,12 +40,25 @@ def test_upload_ask_and_the_answer_streams_in(browser, chat_app, tmp_path):
         page.fill("#question", "What colour is the square?")
         page.click("details summary")  # the settings
         page.fill("#max_tokens", "24")
+        # count the answer's renders: a streamed answer is drawn delta by delta, not once at the end
+        page.evaluate("""() => {
+            window.renders = [];
+            new MutationObserver((records) => {
+                for (const r of records) {
+                    const el = r.target.nodeType === 1 ? r.target : r.target.parentElement;
+                    if (el && el.classList.contains("assistant")) window.renders.push(el.textContent);
+                }
+            }).observe(document.getElementById("log"), {childList: true, subtree: true, characterData: true});
+        }""")
         page.click("#send")
         answer = page.wait_for_selector(".assistant[data-state='done']", timeout=120_000)
         text = answer.inner_text()
         user_turn = page.inner_text(".turn.user")
+        renders = page.evaluate("window.renders")
     finally:
         page.close()
     assert text.startswith("Assistant: ") and len(text) > len("Assistant: "), text
     assert "What colour is the square?" in user_turn
+    partial = {r for r in renders if r.startswith("Assistant: ") and len(r) > len("Assistant: ")}
+    assert len(partial) >= 2, renders  # the text grew in steps
     assert any(r.startswith("POST ") and r.endswith("/v1/chat/completions") for r in requests), requests

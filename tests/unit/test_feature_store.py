@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from vitune import storage
-from vitune.config import FeaturesJobConfig
+from vitune.config import FeaturesJobConfig, build_config
 from vitune.feature_store import (
     PLAN,
     FeatureStore,
@@ -128,15 +128,20 @@ def test_plan_is_deterministic():
 
 
 @pytest.mark.parametrize(("overrides", "cluster", "shards", "want"), [
-    ([], {"CPU": 16, "GPU": 4}, 100, (4, 1.0, None)),
-    ([], {"CPU": 16, "GPU": 4}, 2, (2, 1.0, None)),
-    ([], {"CPU": 8}, 100, (7, 0.0, 1)),
+    ([], {"CPU": 16, "GPU": 4}, 100, (4, 1.0, None)),  # one actor per GPU
+    ([], {"CPU": 16, "GPU": 4}, 2, (2, 1.0, None)),  # no more actors than shards
+    ([], {"CPU": 8}, 100, (7, 0.0, 1)),  # CPUs minus one preprocessing slot
+    ([], {"CPU": 2}, 100, (1, 0.0, 2)),  # a lone actor's threads use every core
+    ([], {"CPU": 8}, 2, (2, 0.0, 4)),
     (["features.actor_cpus=2"], {"CPU": 8}, 100, (3, 0.0, 2)),
-    (["features.num_actors=2"], {"CPU": 8}, 100, (2, 0.0, 1)),
-    ([], {"CPU": 1}, 100, (1, 0.0, 1)),
+    (["features.num_actors=2"], {"CPU": 8}, 100, (2, 0.0, 4)),
 ])
 def test_pool_size(overrides, cluster, shards, want):
-    from vitune.config import build_config
-
     pool = pool_size(build_config(FeaturesJobConfig, {}, overrides), cluster, shards)
     assert (pool.num_actors, pool.gpus_per_actor, pool.threads) == want
+
+
+def test_pool_that_starves_preprocessing_is_refused():
+    cfg = build_config(FeaturesJobConfig, {}, ["features.num_actors=4"])
+    with pytest.raises(ValueError, match="preprocessing could never run"):
+        pool_size(cfg, {"CPU": 4}, 100)

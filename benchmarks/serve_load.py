@@ -1,0 +1,215 @@
+"""Serving load benchmark: batched waves vs one request at a time, over real HTTP on local Ray Serve.
+
+Deploys `serving.app` twice on a random-weight model folder (the tiny preset by default; `--lm-hidden`
+and `--lm-layers` make a bigger random LM), once with `max_batch_size` waves and once with
+`max_batch_size=1`, and drives each with closed-loop streaming clients at concurrency 1, 8 and 32.
+Prints one JSON object: requests/s, output tokens/s, p50/p99 latency and time to first token per cell,
+and the batched / unbatched throughput ratio per concurrency (goal: >= 6x at 32).
+
+    python benchmarks/serve_load.py [--max-tokens 32] [--max-batch-size 32] [--lm-hidden 256 --lm-layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("serve_load")
+
+
+def build_model_folder(out: str, lm_hidden: int | None, lm_layers: int) -> dict[str, Any]:
+    """Save a random-weight model folder: the tiny preset, or the tiny preset with a bigger random Llama."""
+    from vitune.config import ModelConfig
+    from vitune.model import build_model
+    from vitune.model_folder import save_model_folder
+    from vitune.tokenizer import load_tokenizer
+    from vitune.vision import load_vision_tower
+
+    cfg = ModelConfig()
+    tokenizer = load_tokenizer("tiny")
+    tower = load_vision_tower(cfg.vision)
+    lm = None
+    if lm_hidden:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        lm = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=lm_hidden, intermediate_size=4 * lm_hidden,
+            num_hidden_layers=lm_layers, num_attention_heads=max(1, lm_hidden // 64),
+            num_key_value_heads=max(1, lm_hidden // 64), max_position_embeddings=1024,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    model = build_model(cfg, tokenizer, tower.hidden_size, lm=lm)
+    save_model_folder(model, tokenizer, cfg, tower.fingerprint(), out)
+    n_params = sum(p.numel() for p in model.lm.parameters())
+    return {"lm_hidden": model.lm.config.hidden_size, "lm_layers": model.lm.config.num_hidden_layers,
+            "lm_parameters": n_params, "tower": cfg.vision.name, "image_positions": tower.num_patches}
+
+
+def image_url() -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (30, 120, 200)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def one_request(http: Any, payload: dict[str, Any]) -> tuple[float, float, int]:
+    """Stream one completion; returns (latency s, time to first content s, output tokens)."""
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async with http.stream("POST", "/v1/chat/completions", json=payload) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if first is None and choice["delta"].get("content"):
+                    first = time.perf_counter() - start
+    latency = time.perf_counter() - start
+    return latency, first if first is not None else latency, tokens
+
+
+async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    """Closed loop: `concurrency` clients each send their share of `requests` back to back."""
+    import httpx
+
+    img = image_url()
+    results: list[tuple[float, float, int]] = []
+
+    async def client(worker: int, http: Any) -> None:
+        for i in range(worker, requests, concurrency):
+            payload = {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": img}},
+                {"type": "text", "text": f"Question {i}: what is in the image?"}]}],
+                "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+            results.append(await one_request(http, payload))
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*[client(w, http) for w in range(concurrency)])
+        wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    ttfts = sorted(r[1] for r in results)
+    tokens = sum(r[2] for r in results)
+
+    def pct(values: list[float], q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
+
+    return {
+        "requests": len(results),
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(len(results) / wall, 2),
+        "output_tokens_per_s": round(tokens / wall, 1),
+        "mean_output_tokens": round(tokens / len(results), 1),
+        "latency_ms_p50": round(statistics.median(latencies) * 1000, 1),
+        "latency_ms_p99": pct(latencies, 0.99),
+        "ttft_ms_p50": round(statistics.median(ttfts) * 1000, 1),
+        "ttft_ms_p99": pct(ttfts, 0.99),
+    }
+
+
+def run_mode(serve: Any, base: str, name: str, folder: str, max_batch_size: int, args: argparse.Namespace
+             ) -> dict[str, Any]:
+    from serving.app import build_app
+
+    app_args = {"model": folder, "served_model_name": "bench", "max_batch_size": max_batch_size}
+    engine = {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": max(64, 2 * max(args.concurrency))}
+    serve.run(build_app(app_args, engine, {"ray_actor_options": {"num_cpus": 0.5}}), name=name,
+              route_prefix=f"/{name}")
+    url = f"{base}/{name}"
+    asyncio.run(load(url, 8, 16, args.max_tokens))  # warm up connections and code paths
+    engine_handle = serve.get_deployment_handle("VLMEngine", app_name=name)
+    out = {}
+    for c in args.concurrency:
+        before = engine_handle.stats.remote().result()
+        cell = asyncio.run(load(url, c, max(args.min_requests, args.rounds * c), args.max_tokens))
+        after = engine_handle.stats.remote().result()
+        cell["mean_wave_size"] = round((after["sequences"] - before["sequences"]) /
+                                       max(1, after["waves"] - before["waves"]), 1)
+        logger.info("%s c=%d: %s", name, c, cell)
+        out[f"c{c}"] = cell
+    serve.delete(name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=4, help="requests per client at each concurrency")
+    parser.add_argument("--min-requests", type=int, default=32)
+    parser.add_argument("--lm-hidden", type=int, default=None, help="a bigger random LM (hidden size)")
+    parser.add_argument("--lm-layers", type=int, default=4)
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+
+    import ray
+    from ray import serve
+
+    from tests.services import free_port
+
+    pythonpath = os.pathsep.join([str(ROOT / "platform"), str(ROOT)])
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vitune-bench-") as tmp:
+        folder = str(Path(tmp) / "model")
+        model_info = build_model_folder(folder, args.lm_hidden, args.lm_layers)
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+        try:
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+            base = f"http://127.0.0.1:{port}"
+            batched = run_mode(serve, base, "batched", folder, args.max_batch_size, args)
+            unbatched = run_mode(serve, base, "unbatched", folder, 1, args)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    ratios = {
+        key: {
+            "requests_per_s": round(batched[key]["requests_per_s"] / unbatched[key]["requests_per_s"], 2),
+            "output_tokens_per_s": round(batched[key]["output_tokens_per_s"] / unbatched[key]["output_tokens_per_s"],
+                                         2),
+        }
+        for key in batched
+    }
+    top = f"c{max(args.concurrency)}"
+    report = {
+        "benchmark": "serve_load",
+        "model": model_info,
+        "max_tokens": args.max_tokens,
+        "max_batch_size": args.max_batch_size,
+        "host_cpus": os.cpu_count(),
+        "batched": batched,
+        "unbatched": unbatched,
+        "batched_over_unbatched": ratios,
+        f"goal_6x_at_{top}": ratios[top]["requests_per_s"] >= 6.0,
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
+    main()
