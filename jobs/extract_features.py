@@ -24,7 +24,7 @@ from vitune.tracking import Tracker
 log = logging.getLogger("vitune.jobs.extract_features")
 
 METRICS = ("images_in", "features_out", "quarantined", "shards", "computed_shards", "reused_shards", "wall_s",
-           "images_per_s", "bytes_per_image", "total_bytes")
+           "images_per_s", "steady_images_per_s", "startup_s", "actor_wait_s", "bytes_per_image", "total_bytes")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,6 +9,7 @@ the field and the bad value.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -197,6 +198,32 @@ def _format_errors(err: ValidationError, raw: dict) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+_REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+
+
+def interpolate(tree: Any, root: dict | None = None, _depth: int = 0) -> Any:
+    """Replace ``${a.b}`` in strings with the value at ``a.b`` of the same config (after overrides)."""
+    root = tree if root is None else root
+    if _depth > 10:
+        raise ConfigError("config references (${...}) nest too deep or form a cycle")
+    if isinstance(tree, dict):
+        return {k: interpolate(v, root, _depth) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [interpolate(v, root, _depth) for v in tree]
+    if not isinstance(tree, str) or "${" not in tree:
+        return tree
+
+    def lookup(match: re.Match) -> str:
+        node: Any = root
+        for part in match.group(1).split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"config reference ${{{match.group(1)}}} names no value")
+            node = node[part]
+        return str(interpolate(node, root, _depth + 1))
+
+    return _REF.sub(lookup, tree)
+
+
 def build_config(cls: type[C], raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> C:
     """Validate ``raw`` (+ overrides, stage block merged) as ``cls``; errors name the field and value."""
     raw = copy.deepcopy(raw or {})
@@ -213,6 +240,7 @@ def build_config(cls: type[C], raw: dict, overrides: list[str] | tuple[str, ...]
         raw = deep_merge(raw, stages[stage])
     for path, value in parsed:
         _set_path(raw, path, value)
+    raw = interpolate(raw)
     for key in list(raw):
         if key not in cls.model_fields and key in KNOWN_SECTIONS:
             raw.pop(key)  # another job's section in a shared preset

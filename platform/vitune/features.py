@@ -17,6 +17,7 @@ duplicates, finished shards untouched) and a run over a complete store computes 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import posixpath
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +49,10 @@ from vitune.feature_store import (
     write_shard,
 )
 
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
 log = logging.getLogger(__name__)
 
 FAIL_AFTER_ENV = "VITUNE_FAIL_AFTER_SHARDS"  # test hook: compute this many shards, then die before the manifest
@@ -70,7 +75,7 @@ class PreprocessSpec:
     def from_tower(cls, tower: Any) -> PreprocessSpec:
         return cls(tower.image_size, tuple(tower.mean), tuple(tower.std), tower.image_mode)
 
-    def __call__(self, img: Any) -> Any:
+    def __call__(self, img: Image.Image) -> torch.Tensor:
         return image_lib.preprocess(img, self.image_size, self.mean, self.std, self.image_mode)  # [3, S, S]
 
 
@@ -104,7 +109,7 @@ def resolve_image_root(data: DataConfig) -> str:
     if data.image_root:
         return data.image_root
     first = data.records[0]
-    root = posixpath.dirname(first.rstrip("/")) if storage.is_remote(first) else os.path.dirname(os.path.abspath(first))
+    root = posixpath.dirname(first.rstrip("/")) if "://" in first else os.path.dirname(os.path.abspath(first))
     log.info("data.image_root not set: images are read relative to %s", root)
     return root
 
@@ -115,8 +120,6 @@ def plan_shards(keys: Sequence[str], shard_size: int) -> list[list[str]]:
 
 
 def key_set_hash(keys: Sequence[str]) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for key in keys:
         h.update(key.encode("utf-8") + b"\0")
@@ -403,7 +406,7 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
     if not todo and storage.exists(manifest_uri):
         manifest = storage.read_json(manifest_uri)
         log.info("feature store %s is complete (%d shards): nothing to do", out, len(shards))
-        return _summary(manifest, out, computed=0, reused=len(shards), wall_s=time.perf_counter() - t_start)
+        return _summary(manifest, out, computed=0, wall_s=time.perf_counter() - t_start)
     log.info("feature store %s: %d images in %d shards of %d; %d done, %d to compute (fingerprint %s)",
              out, len(keys), len(shards), cfg.features.shard_size, len(shards) - len(todo), len(todo), fp_id)
 
@@ -430,9 +433,8 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
         "shard_size": cfg.features.shard_size, "config": cfg.model_dump(mode="json"), "image_root": image_root,
         "record_counts": record_stats, "last_run": last_run})
     _cleanup_temp_files(out)
-    timings = last_run["timings"]
-    return _summary(manifest, out, computed=len(computed), reused=len(shards) - len(computed),
-                    wall_s=time.perf_counter() - t_start, images_per_s=timings["images_per_s"])
+    return _summary(manifest, out, computed=len(computed), wall_s=time.perf_counter() - t_start,
+                    timings=last_run["timings"])
 
 
 def _timings(computed: Sequence[dict[str, Any]], pipeline_s: float, started_at: float) -> dict[str, Any]:
@@ -464,10 +466,13 @@ def write_manifest(out: str, shards: Sequence[Sequence[str]], fp: dict[str, Any]
     """
     from vitune.vision import fingerprint_id
 
+    fp_id = fingerprint_id(fp)
     by_shard = {r["shard"]: r for r in computed}
     entries = []
     for i, shard_keys in enumerate(shards):
         info = by_shard.get(i) or read_shard_footer(storage.join(out, shard_name(i)))
+        if info.get("fingerprint_id", fp_id) != fp_id:
+            raise RuntimeError(f"{out}/{shard_name(i)} was written by tower {info['fingerprint_id']}, not {fp_id}")
         if info["rows"] + info.get("quarantined", 0) != len(shard_keys):
             raise RuntimeError(f"{out}/{shard_name(i)}: {info['rows']} rows + {info.get('quarantined', 0)} "
                                f"quarantined != its {len(shard_keys)} planned images")
@@ -485,7 +490,7 @@ def write_manifest(out: str, shards: Sequence[Sequence[str]], fp: dict[str, Any]
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "fingerprint": fp,
-        "fingerprint_id": fingerprint_id(fp),
+        "fingerprint_id": fp_id,
         "counts": {"images_in": images_in, "features_out": features_out, "quarantined": quarantined,
                    "shards": len(entries), **extra.pop("record_counts", {})},
         "schema": {"columns": [KEY_COLUMN, FEATURES_COLUMN], "num_patches": shape[0], "hidden_size": shape[1],
@@ -500,9 +505,10 @@ def write_manifest(out: str, shards: Sequence[Sequence[str]], fp: dict[str, Any]
     return manifest
 
 
-def _summary(manifest: dict[str, Any], out: str, computed: int, reused: int, wall_s: float,
-             images_per_s: float | None = None) -> dict[str, Any]:
-    counts = manifest["counts"]
+def _summary(manifest: dict[str, Any], out: str, computed: int, wall_s: float,
+             timings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's summary (returned, logged to MLflow by the job) and its one-line log."""
+    counts, timings = manifest["counts"], timings or {}
     summary = {
         "output": out,
         "fingerprint_id": manifest["fingerprint_id"],
@@ -511,15 +517,19 @@ def _summary(manifest: dict[str, Any], out: str, computed: int, reused: int, wal
         "quarantined": counts["quarantined"],
         "shards": counts["shards"],
         "computed_shards": computed,
-        "reused_shards": reused,
+        "reused_shards": counts["shards"] - computed,
         "wall_s": wall_s,
-        "images_per_s": images_per_s,
+        "images_per_s": timings.get("images_per_s"),
+        "steady_images_per_s": timings.get("steady_images_per_s"),
+        "startup_s": timings.get("startup_s"),
+        "actor_wait_s": timings.get("wait_s"),
         "bytes_per_image": manifest["bytes_per_image"],
         "total_bytes": manifest["total_bytes"],
     }
-    rate = f"{images_per_s:.1f} images/s" if images_per_s else "no compute"
+    rate = f"{summary['images_per_s']:.1f} images/s" if summary["images_per_s"] else "no compute"
     per_image = f"{manifest['bytes_per_image'] / 1024:.1f} KiB/image" if manifest["bytes_per_image"] else "-"
     log.info("features: %d images in = %d features + %d quarantined; %d shards (%d computed, %d reused) in %.1fs, "
              "%s, %s, %.1f MiB total → %s", counts["images_in"], counts["features_out"], counts["quarantined"],
-             counts["shards"], computed, reused, wall_s, rate, per_image, manifest["total_bytes"] / 2**20, out)
+             counts["shards"], computed, summary["reused_shards"], wall_s, rate, per_image,
+             manifest["total_bytes"] / 2**20, out)
     return summary

@@ -121,6 +121,14 @@ def test_manifest_checks_counts(tmp_path):
         write_manifest(out, [["a", "b"], ["c", "d"]], FP, (N, D))  # shard 1 holds 1 row, plan says 2
 
 
+def test_manifest_refuses_shard_of_other_tower(tmp_path):
+    out = build_store(tmp_path, ["a", "b"], 1)
+    write_shard(storage.join(out, shard_name(1)),
+                shard_table(["b"], feats_for("b")[None], {"shard": 1, "quarantined": 0, "fingerprint_id": "other"}))
+    with pytest.raises(RuntimeError, match="written by tower other"):
+        write_manifest(out, [["a"], ["b"]], FP, (N, D))
+
+
 def test_plan_is_deterministic():
     keys = sorted(f"k{i:02d}" for i in range(7))
     assert plan_shards(keys, 3) == [["k00", "k01", "k02"], ["k03", "k04", "k05"], ["k06"]]

@@ -156,7 +156,7 @@ def write_report(out: str, report: dict[str, Any], tracker: Tracker, cfg: EvalJo
                 tracker.log_artifact(path, "eval")
 
 
-def run_evaluation(cfg: EvalJobConfig) -> dict[str, Any]:
+def run_evaluation(cfg: EvalJobConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Run ``cfg.eval.benchmark`` end to end; returns the report (also written under its output URI)."""
     ev = cfg.eval
     if cfg.storage.s3_endpoint_url:
@@ -167,7 +167,8 @@ def run_evaluation(cfg: EvalJobConfig) -> dict[str, Any]:
     tags = {"vitune.benchmark": ev.benchmark, "vitune.model_folder": folder or "", "vitune.eval_output": out}
     if run_id:
         tags.update({"vitune.model_run_id": run_id, "vitune.model_run": f"runs:/{run_id}"})
-    tracker = Tracker(cfg.tracking, cfg.storage.root, run_name=f"eval-{ev.benchmark}", tags=tags)
+    tracker = Tracker(cfg.tracking, cfg.storage.root, run_name=f"eval-{ev.benchmark}", tags=tags,
+                      parent_run_id=parent_run_id)
     tracker.log_params(cfg.model_dump(mode="json"))
     judge = Judge(cfg.judge, cfg.storage.root) if wants_judge else None
     log.info("evaluating %s on %s → %s", folder or ev.predictions, ev.benchmark, out)
