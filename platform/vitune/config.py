@@ -72,7 +72,7 @@ class FeaturesConfig(Section):
     shard_size: int = Field(256, gt=0)  # images per Parquet shard
     batch_size: int = Field(32, gt=0)
     num_actors: int | None = Field(None, gt=0)  # None = one per GPU on a cluster, CPUs locally
-    actor_cpus: float = Field(1.0, gt=0)  # CPUs each tower actor reserves (its torch threads on CPU)
+    actor_cpus: float = Field(1.0, gt=0)  # CPUs each tower actor reserves (on CPU, torch threads share all CPUs)
     preprocess_cpus: float = Field(1.0, gt=0)  # CPUs each decode+preprocess task reserves
     max_pixels: int = Field(64_000_000, gt=0)  # images over this (width x height) are quarantined
 

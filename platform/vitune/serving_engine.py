@@ -4,17 +4,17 @@ Ray-free: the Serve app (`serving/app.py`) holds one `ServingEngine` per model r
 requests and events over HTTP and handles. The prompt path is training's: the model folder's own
 template through `tokenize_generation_prompt`, the image through `decode_image` and `encode_images`.
 
-Batching (what happens on a replica). Requests wait in one queue. A worker thread takes a *wave*: the
-head of the queue plus every queued request that can share its sampling (all greedy requests share;
-unseeded sampling requests share when temperature and top_p match; a request with a `seed` runs alone,
-so its output does not depend on its neighbours), up to `max_batch_size`, waiting at most
-`batch_wait_timeout_s` after the head arrived for the wave to fill. The wave's images go through the
-tower at once, then `VisionLanguageModel.generate_stream` decodes the left-padded wave with the KV cache;
-each step's tokens are detokenised per request and pushed to that request's asyncio queue, so streams
-get tokens as they are made. A request leaves the wave when it stops (EOS, a stop string, its own
-`max_tokens`, or its caller going away); the wave ends when all have left. Requests that arrive during
-a wave wait for the next one: this is static (wave) batching, not continuous batching, because the
-decode state of `generate_stream` cannot take new rows mid-flight. At most `max_queued` requests wait per
+Batching (what happens on a replica): continuous batching. Requests wait in one queue; a worker thread
+owns the running batch (`_Batch`: rows, KV cache, mask, positions, logits) and loops: admit waiting
+requests (their images through the tower in one `encode_images` call, then one prefill whose cache is
+merged into the running one), sample one token per row, detokenise and push each row's text to its
+asyncio queue (so streams get tokens as they are made), drop rows that finished (EOS, a stop string,
+their own `max_tokens`, or their caller going away), and run the survivors one step. New requests join
+at the next step boundary; nobody waits for a whole batch to end. Each row samples with its own
+temperature and top_p; a request with a `seed` draws from its own generator, so its tokens do not
+depend on its neighbours' draws. The decode steps are `VisionLanguageModel.generate_stream`'s (same
+splice, cache, positions and `_pick_next`), and a test checks the API's greedy answer equals
+`model.generate`. At most `max_batch_size` rows decode at once and `max_queued` requests wait per
 replica; more are refused with 429.
 """
 
@@ -69,7 +69,8 @@ class ServeConfig(BaseModel):
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto = the folder's dtype on GPU, fp32 on CPU
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # an idle replica starts a wave once no request came for this long
+    max_batch_wait_s: float = Field(0.1, ge=0)  # ... or this long after the wave's first request arrived
     max_queued: int = Field(256, ge=1)  # requests waiting for a wave on one replica; more get 429
     default_max_tokens: int = Field(256, ge=1)  # when a request names none (capped by the context left)
     context_length: int | None = Field(None, ge=2)  # default: the model's training max_length
@@ -369,14 +370,105 @@ class _Job:
     cancelled: bool = False
     done: bool = False
     generated: int = 0
+    generator: Any = None  # torch.Generator of a seeded request (its draws depend on nothing else)
 
-    @property
-    def batch_key(self) -> tuple[Any, ...]:
-        if self.temperature == 0:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", self.request_id)
-        return ("sample", self.temperature, self.top_p)
+
+class _Batch:
+    """The rows decoding on a replica: their jobs, KV cache, attention mask, next positions and logits.
+
+    The same steps as `VisionLanguageModel.generate_stream` (left-padded splice, prefill, one token per
+    step with the cache), kept as state so rows can join and leave between steps. Rows join by a prefill
+    of their own, whose cache is left-padded to the running cache's length and concatenated on the batch
+    axis; leaving rows are dropped with the cache's `batch_select_indices`. Joining while rows run needs
+    plain `DynamicLayer` caches (full attention); with other cache layers rows join only an empty batch.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.jobs: list[_Job] = []
+        self.cache: Any = None
+        self.mask: Any = None  # [B, T] long
+        self.positions: Any = None  # [B, 1] long, each row's next position id
+        self.logits: Any = None  # [B, V] each row's next-token logits
+
+    def can_join(self) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        return not self.jobs or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def add(self, jobs: list[_Job], features: list[Any]) -> None:
+        """Prefill `jobs` (features `[N, Dv]` or None each) and append them as rows."""
+        import torch
+        from transformers import DynamicCache
+
+        model = self.model
+        longest = max(len(j.prompt_ids) for j in jobs)
+        input_ids = torch.full((len(jobs), longest), model.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(jobs), longest, dtype=torch.long)
+        for i, job in enumerate(jobs):
+            input_ids[i, longest - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids, dtype=torch.long)
+            attention_mask[i, longest - len(job.prompt_ids) :] = 1
+        given = [f for f in features if f is not None]
+        spliced = model.splice(input_ids, attention_mask, torch.stack(given) if given else None, padding_side="left")
+        cache = DynamicCache(config=model.lm.config)
+        out = model.lm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                       position_ids=spliced.position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :]  # [B2, V]
+        positions = spliced.position_ids[:, -1:] + 2  # [B2, 1]
+        if not self.jobs:
+            self.jobs, self.cache, self.mask = list(jobs), cache, spliced.attention_mask
+            self.positions, self.logits = positions, logits
+            return
+        old_len, new_len = self.mask.shape[1], spliced.attention_mask.shape[1]
+        width = max(old_len, new_len)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(spliced.attention_mask, width, 1)])
+        self.positions = torch.cat([self.positions, positions])
+        self.logits = torch.cat([self.logits, logits])
+        self.jobs += jobs
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (in order); drop the cache columns no remaining row attends to."""
+        import torch
+
+        if len(rows) == len(self.jobs):
+            return
+        self.jobs = [self.jobs[i] for i in rows]
+        if not rows:
+            self.cache = self.mask = self.positions = self.logits = None
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
+        unused = int(self.mask.any(dim=0).long().argmax())  # leading columns that are padding for every row
+        if unused and self.can_join():
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            self.mask = self.mask[:, unused:]
+
+    def step(self, tokens: Any) -> None:
+        """Feed each row's new token `[B]`; the logits become those of the token after it."""
+        import torch
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.jobs), 1)], dim=1)  # [B, T+1]
+        out = self.model.lm(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.positions,
+                            cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.logits = out.logits[:, -1, :]
+        self.positions = self.positions + 1
+
+
+def _left_pad(tensor: Any, width: int, dim: int) -> Any:
+    """Zero-pad `tensor` on the left of `dim` to `width` (cache entries and mask columns of padding)."""
+    import torch
+
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _error_event(err: APIError) -> dict[str, Any]:
@@ -403,9 +495,11 @@ def _resolve_device(device: str) -> str:
 
 
 class ServingEngine:
-    """A loaded model + tower + tokenizer with a wave-batching worker thread (see the module docstring)."""
+    """A loaded model + tower + tokenizer with a continuous-batching worker thread (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, tower: Any, meta: dict[str, Any], cfg: ServeConfig) -> None:
+        import torch
+
         self.model = model
         self.tokenizer = tokenizer
         self.tower = tower
@@ -417,10 +511,14 @@ class ServingEngine:
         limit = cfg.context_length or int(meta["model"].get("max_length") or 2048)
         lm_limit = getattr(model.lm.config, "max_position_embeddings", None)
         self.context_length = min(limit, lm_limit) if lm_limit else limit
+        self._stops = set(model.eos_token_ids)
+        self._generator = torch.Generator(device=model.device)
+        self._generator.seed()
         self._queue: list[_Job] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._stats = {"waves": 0, "sequences": 0, "max_wave": 0, "tokens": 0}
+        self._stats = {"steps": 0, "row_steps": 0, "max_batch": 0, "admissions": 0, "sequences": 0, "tokens": 0,
+                       "busy_s": 0.0}
         self._worker = threading.Thread(target=self._work, name="vitune-engine", daemon=True)
         self._worker.start()
 
@@ -452,7 +550,7 @@ class ServingEngine:
         engine = cls(model, tokenizer, tower, meta, cfg)
         if cfg.warmup:
             engine.warmup()
-        logger.info("serving %s from %s on %s (%s): template %s, context %d, waves of up to %d",
+        logger.info("serving %s from %s on %s (%s): template %s, context %d, batches of up to %d",
                     engine.model_name, cfg.model, device, dtype, engine.template_name,
                     engine.context_length, cfg.max_batch_size)
         return engine
@@ -468,6 +566,7 @@ class ServingEngine:
         }
 
     def stats(self) -> dict[str, Any]:
+        """Counters since start: decode steps, rows over all steps (÷ steps = mean batch), seconds busy, ..."""
         with self._cond:
             return {**self._stats, "queued": len(self._queue), "alive": self._worker.is_alive()}
 
@@ -601,98 +700,142 @@ class ServingEngine:
 
     # -- worker side (thread) --
 
-    def _take_wave(self) -> list[_Job] | None:
+    def _admit(self, batch: _Batch) -> list[_Job] | None:
+        """Requests to join `batch` now (`[]`: none yet); blocks while nothing runs; None once closed.
+
+        An empty batch fills while requests keep arriving: it starts once none came for
+        `batch_wait_timeout_s`, or `max_batch_wait_s` after the first. A running batch admits the
+        waiting requests once the oldest has waited `batch_wait_timeout_s` (or they fill it), so one
+        prefill and cache merge serves several arrivals.
+        """
         cap, wait_s = self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s
+        max_wait = max(wait_s, self.cfg.max_batch_wait_s)
         with self._cond:
             while True:
                 self._queue = [j for j in self._queue if not j.cancelled]
                 if self._closed:
                     return None
-                if not self._queue:
+                room = cap - len(batch.jobs)
+                now = time.monotonic()
+                if batch.jobs:
+                    if not self._queue or room <= 0 or not batch.can_join():
+                        return []
+                    if len(self._queue) < room and now < self._queue[0].enqueued + wait_s:
+                        return []
+                elif not self._queue:
                     self._cond.wait()
                     continue
-                key = self._queue[0].batch_key
-                deadline = self._queue[0].enqueued + wait_s
-                wave = [j for j in self._queue if j.batch_key == key][:cap]
-                remaining = deadline - time.monotonic()
-                if len(wave) < cap and remaining > 0:
-                    self._cond.wait(remaining)
-                    continue
-                taken = {id(j) for j in wave}
-                self._queue = [j for j in self._queue if id(j) not in taken]
-                return wave
+                else:
+                    deadline = min(self._queue[0].enqueued + max_wait, self._queue[-1].enqueued + wait_s)
+                    if len(self._queue) < room and now < deadline:
+                        self._cond.wait(deadline - now)
+                        continue
+                admitted, self._queue = self._queue[:room], self._queue[room:]
+                return admitted
 
     def _work(self) -> None:
+        import torch
+
+        batch = _Batch(self.model)
         while True:
-            wave = self._take_wave()
-            if wave is None:
-                return
             try:
-                self._run_wave(wave)
-            except Exception as exc:  # noqa: BLE001 - fail the wave's requests, keep serving
-                logger.exception("generation failed for a wave of %d requests", len(wave))
+                admitted = self._admit(batch)
+                if admitted is None:
+                    return
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    if admitted:
+                        self._join(batch, admitted)
+                    if batch.jobs:
+                        self._step(batch)
+                with self._cond:
+                    self._stats["busy_s"] += time.perf_counter() - started
+            except Exception as exc:  # noqa: BLE001 - fail the batch's requests, keep serving
+                logger.exception("generation failed for a batch of %d requests", len(batch.jobs))
                 err = _error_event(APIError(500, f"generation failed: {type(exc).__name__}: {exc}",
                                             code="internal_error"))
-                self._deliver([(j, err) for j in wave if not j.done])
+                failed = batch.jobs + [j for j in (admitted or []) if j not in batch.jobs]
+                self._deliver([(j, err) for j in failed if not j.done])
+                for job in failed:
+                    job.done = True
+                batch = _Batch(self.model)
 
-    def _run_wave(self, wave: list[_Job]) -> None:
+    def _join(self, batch: _Batch, jobs: list[_Job]) -> None:
+        """Encode the newcomers' images in one tower call and prefill them into the batch."""
+        import torch
+
         from vitune.vision import encode_images
 
-        started = time.perf_counter()
-        images = [j.image for j in wave if j.image is not None]
-        encoded = iter(encode_images(self.tower, images)) if images else iter(())  # M x [N, D], the wave at once
-        features = [next(encoded) if j.image is not None else None for j in wave]
-        head = wave[0]
-        steps = self.model.generate_stream(
-            [j.prompt_ids for j in wave],
-            features,
-            max_new_tokens=max(j.max_tokens for j in wave),
-            temperature=head.temperature,
-            top_p=head.top_p,
-            seed=head.seed,
-        )
-        tokens = 0
-        try:
-            for step in steps:
-                out: list[tuple[_Job, dict[str, Any]]] = []
-                for i, job in enumerate(wave):
-                    if job.done:
-                        continue
-                    if job.cancelled:
-                        job.done = True
-                        continue
-                    new, reason = step.tokens[i], step.finish_reasons[i]
-                    job.generated += len(new)
-                    tokens += len(new)
-                    delta, stopped = job.text.push(new)
-                    if stopped:
-                        reason = "stop"
-                    elif reason is None and job.generated >= job.max_tokens:
-                        reason = "length"
-                    if reason is not None and not stopped:
-                        delta += job.text.flush()
-                    if delta:
-                        out.append((job, {"type": "delta", "text": delta}))
-                    if reason is not None:
-                        job.done = True
-                        out.append((job, {"type": "finish", "finish_reason": reason,
-                                          "completion_tokens": job.generated}))
-                self._deliver(out)
-                if all(j.done for j in wave):
-                    break
-        finally:
-            steps.close()
-        for job in wave:  # a wave can end without a final step for a request (e.g. max_tokens reached exactly)
-            if not job.done and not job.cancelled:
-                job.done = True
-                self._deliver([(job, {"type": "finish", "finish_reason": "length",
-                                      "completion_tokens": job.generated})])
+        images = [j.image for j in jobs if j.image is not None]
+        encoded = iter(encode_images(self.tower, images)) if images else iter(())  # M x [N, Dv]
+        features = [next(encoded) if j.image is not None else None for j in jobs]
+        for job in jobs:
+            if job.seed is not None and job.temperature > 0:
+                job.generator = torch.Generator(device=self.model.device).manual_seed(job.seed)
+        batch.add(jobs, features)
         with self._cond:
-            self._stats["waves"] += 1
-            self._stats["sequences"] += len(wave)
-            self._stats["max_wave"] = max(self._stats["max_wave"], len(wave))
-            self._stats["tokens"] += tokens
-        logger.debug("wave of %d: %d tokens in %.3fs", len(wave), tokens, time.perf_counter() - started)
+            self._stats["admissions"] += 1
+
+    def _sample(self, batch: _Batch) -> Any:
+        """Each row's next token: greedy rows by argmax, others by their own temperature/top_p/generator."""
+        import torch
+
+        from vitune.model import _pick_next
+
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, job in enumerate(batch.jobs):
+            key = ("greedy",) if job.temperature == 0 else (job.temperature, job.top_p, id(job.generator))
+            groups.setdefault(key, []).append(i)
+        tokens = torch.empty(len(batch.jobs), dtype=torch.long, device=batch.logits.device)
+        for rows in groups.values():
+            job = batch.jobs[rows[0]]
+            index = torch.tensor(rows, device=batch.logits.device)
+            generator = job.generator if job.generator is not None else self._generator
+            tokens[index] = _pick_next(batch.logits[index], job.temperature, job.top_p, generator)
+        return tokens
+
+    def _step(self, batch: _Batch) -> None:
+        """Sample one token per row, send each row's text, drop finished rows, run the survivors one step."""
+        tokens = self._sample(batch)  # [B]
+        out: list[tuple[_Job, dict[str, Any]]] = []
+        keep: list[int] = []
+        emitted = 0
+        for i, (job, tok) in enumerate(zip(batch.jobs, tokens.tolist(), strict=True)):
+            if job.cancelled:
+                job.done = True
+                continue
+            reason: str | None = None
+            delta, stopped = "", False
+            if tok in self._stops:
+                reason = "stop"
+            else:
+                job.generated += 1
+                emitted += 1
+                delta, stopped = job.text.push([tok])
+                if stopped:
+                    reason = "stop"
+                elif job.generated >= job.max_tokens:
+                    reason = "length"
+            if reason is not None and not stopped:
+                delta += job.text.flush()
+            if delta:
+                out.append((job, {"type": "delta", "text": delta}))
+            if reason is None:
+                keep.append(i)
+            else:
+                job.done = True
+                out.append((job, {"type": "finish", "finish_reason": reason, "completion_tokens": job.generated}))
+        self._deliver(out)
+        with self._cond:
+            self._stats["steps"] += 1
+            self._stats["row_steps"] += len(batch.jobs)
+            self._stats["max_batch"] = max(self._stats["max_batch"], len(batch.jobs))
+            self._stats["sequences"] += len(batch.jobs) - len(keep)
+            self._stats["tokens"] += emitted
+        survivors = tokens[keep] if len(keep) < len(batch.jobs) else tokens
+        batch.keep(keep)
+        if batch.jobs:
+            batch.step(survivors)
 
     @staticmethod
     def _deliver(items: list[tuple[_Job, dict[str, Any]]]) -> None:

@@ -149,7 +149,10 @@ def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor | int
         ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"], dtype=np.int64))
         labels[i, :n] = torch.as_tensor(np.asarray(r["labels"], dtype=np.int64))
         mask[i, :n] = 1
-    feats = [torch.as_tensor(np.asarray(r["features"])) for r in rows if r["has_image"]]
+    feats = [torch.as_tensor(np.asarray(r["features"])) for r in rows
+             if r["has_image"] and r.get("features") is not None]
+    # rows may carry raw image bytes instead (the frozen tower then runs in the loop: benchmarks only)
+    images = [r["image_bytes"] for r in rows if r.get("image_bytes") is not None]
     padded_tokens = int(sum(r["length"] for r in rows))
     max_len = max(r["length"] for r in rows)
     return {
@@ -157,6 +160,7 @@ def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor | int
         "attention_mask": mask,  # [B, T]
         "labels": labels,  # [B, T]
         "image_features": torch.stack(feats) if feats else None,  # [M, N, Dv]
+        "images": images,
         "num_tokens": padded_tokens,
         "num_padded": max_len * len(rows),
     }

@@ -40,24 +40,32 @@ def expected_fingerprint(cfg: TrainJobConfig) -> dict[str, Any]:
             "image_mode": v.image_mode}
 
 
-class JoinWithRecords:
-    """Ray Data ``map_batches`` callable: a block of feature rows → one training row per record using it."""
+# per Ray worker process: the tokenized records of the current run, fetched from the object store once
+_TOKENIZED: dict[str, dict[str, list[dict]]] = {}
 
-    def __init__(self, tokenized_ref):
-        import ray
 
-        self.by_key: dict[str, list[dict]] = ray.get(tokenized_ref)
+def join_with_records(batch: dict[str, np.ndarray], tokenized: list) -> dict[str, list]:
+    """Ray Data ``map_batches`` task: a block of feature rows → one training row per record using it.
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        cols: dict[str, list] = defaultdict(list)
-        for key, feats in zip(batch["image_key"], batch["features"], strict=True):
-            for s in self.by_key.get(str(key), ()):
-                cols["input_ids"].append(s["input_ids"])
-                cols["labels"].append(s["labels"])
-                cols["features"].append(feats)
-                cols["has_image"].append(True)
-                cols["length"].append(len(s["input_ids"]) + feats.shape[0] - 1)
-        return dict(cols)
+    A task (not an actor) so each epoch's re-execution reuses warm workers; ``tokenized`` boxes the
+    object-store reference so Ray hands it over unresolved and each process fetches it only once.
+    """
+    import ray
+
+    ref = tokenized[0]
+    by_key = _TOKENIZED.get(ref.hex())
+    if by_key is None:
+        _TOKENIZED.clear()
+        by_key = _TOKENIZED[ref.hex()] = ray.get(ref)
+    cols: dict[str, list] = defaultdict(list)
+    for key, feats in zip(batch["image_key"], batch["features"], strict=True):
+        for s in by_key.get(str(key), ()):
+            cols["input_ids"].append(s["input_ids"])
+            cols["labels"].append(s["labels"])
+            cols["features"].append(feats)
+            cols["has_image"].append(True)
+            cols["length"].append(len(s["input_ids"]) + feats.shape[0] - 1)
+    return dict(cols)
 
 
 def tokenize_with_ray(cfg: TrainJobConfig, stats: DataStats) -> tuple[dict[str, list[dict]], list[dict]]:
@@ -120,8 +128,9 @@ def build_dataset(cfg: TrainJobConfig, stats: DataStats):
         stats.samples -= len(text_only)
     # a new file order every epoch (reseeded per execution); rows then shuffle in a local buffer
     ds = store.to_ray_dataset(shuffle=FileShuffleConfig(seed=cfg.train.seed))
-    ds = ds.map_batches(JoinWithRecords, batch_size=64, batch_format="numpy", concurrency=1,
-                        fn_constructor_args=(ray.put(by_key),))
+    # light tasks (half a CPU): they must fit beside the training workers, whose CPUs Ray Data excludes
+    ds = ds.map_batches(join_with_records, batch_size=64, batch_format="numpy", num_cpus=0.5,
+                        fn_kwargs={"tokenized": [ray.put(by_key)]})
     return ds, store
 
 

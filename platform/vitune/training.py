@@ -125,7 +125,8 @@ def peak_flops() -> float | None:
 class Worker:
     """One data-parallel rank: the model under DeepSpeed, the step, checkpoints and the model folder."""
 
-    def __init__(self, cfg: TrainJobConfig, plan: Plan, rank: int, world_size: int, feature_dim: int):
+    def __init__(self, cfg: TrainJobConfig, plan: Plan, rank: int, world_size: int, feature_dim: int,
+                 image_encoder: Callable[[list[bytes]], torch.Tensor] | None = None):
         import deepspeed
 
         from vitune.model import build_model
@@ -133,6 +134,7 @@ class Worker:
 
         self.cfg, self.plan, self.rank, self.world = cfg, plan, rank, world_size
         self.feature_dim = feature_dim
+        self.image_encoder = image_encoder  # set only to time the tower-in-the-loop baseline
         torch.manual_seed(cfg.train.seed)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.train.use_gpu else torch.device("cpu")
         self.tokenizer, self.model, self.init_meta = self._build(build_model, load_tokenizer)
@@ -205,11 +207,14 @@ class Worker:
             if index < self.micro_in_epoch:  # consumed before the restart
                 index += 1
                 continue
+            feats = batch["image_features"]
+            if batch["images"] and self.image_encoder is not None:
+                feats = self.image_encoder(batch["images"])
             out = self.engine(
                 input_ids=batch["input_ids"].to(self.device),
                 attention_mask=batch["attention_mask"].to(self.device),
                 labels=batch["labels"].to(self.device),
-                image_features=None if batch["image_features"] is None else batch["image_features"].to(self.device),
+                image_features=None if feats is None else feats.to(self.device),
             )
             self.engine.backward(out.loss)
             self.engine.step()
@@ -310,9 +315,10 @@ def resolve_init_from(ref: str, tracking_uri: str | None = None) -> str:
 
 def run_loop(cfg: TrainJobConfig, plan: Plan, rank: int, world: int, epoch_rows: Callable[[int], Iterable[dict]],
              report: Callable[[dict, Path | None], None], restore: Path | None, feature_dim: int,
-             fingerprint: dict, on_metrics: Callable[[dict], None] | None = None) -> dict:
+             fingerprint: dict, on_metrics: Callable[[dict], None] | None = None,
+             image_encoder: Callable[[list[bytes]], torch.Tensor] | None = None) -> dict:
     """The whole per-worker run. ``report(metrics, checkpoint_dir)`` is Ray Train's report (or a local one)."""
-    worker = Worker(cfg, plan, rank, world, feature_dim)
+    worker = Worker(cfg, plan, rank, world, feature_dim, image_encoder)
     resumed_from = None
     if restore is not None:
         worker.load_checkpoint(restore)
@@ -356,7 +362,8 @@ def model_folder_uri(cfg: TrainJobConfig) -> str:
 
 
 def run_single_process(cfg: TrainJobConfig, rows: list[dict], feature_dim: int, fingerprint: dict,
-                       on_metrics: Callable[[dict], None] | None = None) -> dict:
+                       on_metrics: Callable[[dict], None] | None = None,
+                       image_encoder: Callable[[list[bytes]], torch.Tensor] | None = None) -> dict:
     """The same loop without Ray: one process (or each torchrun rank, with its slice of ``rows``)."""
     os.environ.setdefault("LOCAL_RANK", "0")
     if not dist.is_initialized():
@@ -376,4 +383,5 @@ def run_single_process(cfg: TrainJobConfig, rows: list[dict], feature_dim: int, 
         random.Random(cfg.train.seed + epoch).shuffle(order)
         return order
 
-    return run_loop(cfg, plan, rank, world, epoch_rows, lambda m, c: None, None, feature_dim, fingerprint, on_metrics)
+    return run_loop(cfg, plan, rank, world, epoch_rows, lambda m, c: None, None, feature_dim, fingerprint, on_metrics,
+                    image_encoder)

@@ -22,10 +22,10 @@ from jobs import extract_features as job
 from vitune import storage, synthetic
 from vitune.config import FeaturesJobConfig, VisionConfig, load_config
 from vitune.feature_store import MANIFEST, FeatureStore, FingerprintMismatch
-from vitune.features import FAIL_AFTER_ENV, SimulatedInterruption, extract_features
+from vitune.features import FAIL_AFTER_ENV, SimulatedInterruption, extract_features, output_uri
 from vitune.image import decode_image
 from vitune.records import read_records
-from vitune.vision import encode_images, load_vision_tower
+from vitune.vision import encode_images, fingerprint_id, load_vision_tower
 
 pytestmark = pytest.mark.integration
 
@@ -95,14 +95,13 @@ def built(ray_local, s3_bucket):
     finally:
         os.environ.pop(FAIL_AFTER_ENV)
     tower = load_vision_tower(cfg.model.vision)
-    from vitune.vision import fingerprint_id
-
-    out = f"{root}/features/{fingerprint_id(tower.fingerprint())}"
+    out = output_uri(cfg, fingerprint_id(tower.fingerprint()))
     after_kill = objects(out)
     time.sleep(1.1)  # S3 LastModified has one-second resolution: a rewrite would show
 
     # 2. the library finishes the store
     resumed = extract_features(cfg)
+    assert resumed["output"] == out
     after_resume = objects(out)
     return {"root": root, "data": data, "records": records, "cfg": cfg, "overrides": overrides, "tower": tower,
             "out": out, "after_kill": after_kill, "resumed": resumed, "after_resume": after_resume}
