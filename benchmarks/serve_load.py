@@ -175,12 +175,12 @@ def engine_only(folder: str, max_batch_size: int, concurrency: int, requests: in
 
 def run_mode(serve: Any, base: str, name: str, folder: str, max_batch_size: int, args: argparse.Namespace
              ) -> dict[str, Any]:
-    from serving.app import build_app
+    from serving.app import make_app
 
     app_args = {"model": folder, "served_model_name": "bench", "max_batch_size": max_batch_size,
                 "stream_interval_s": args.stream_interval_s}
     engine = {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": max(64, 2 * max(args.concurrency))}
-    serve.run(build_app(app_args, engine, {"ray_actor_options": {"num_cpus": 0.5}}), name=name,
+    serve.run(make_app(app_args, engine, {"ray_actor_options": {"num_cpus": 0.5}}), name=name,
               route_prefix=f"/{name}", logging_config={"log_level": "WARNING", "enable_access_log": False})
     url = f"{base}/{name}"
     asyncio.run(load(url, 8, 16, args.max_tokens))  # warm up connections and code paths

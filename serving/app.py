@@ -7,7 +7,8 @@ Two deployments:
   batches the requests on its replica into waves (see that module). Autoscaled on ongoing requests.
 
 Run: `serve run serving/config.yaml` (see the config's header), or from Python
-`serve.run(build_app({"model": "<model folder URI or models:/NAME/VERSION>"}))`.
+`serve.run(build_app({"model": "<model folder URI or models:/NAME/VERSION>"}))` (`make_app` also takes
+deployment options).
 """
 
 # No `from __future__ import annotations`: Serve pickles the ingress class by value, and FastAPI must see
@@ -210,15 +211,17 @@ class ChatAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def build_app(args: dict[str, Any], engine_options: dict[str, Any] | None = None,
-              api_options: dict[str, Any] | None = None) -> Application:
-    """The application for `import_path: serving.app:build_app`; `args` are `ServeConfig` fields.
+def build_app(args: dict[str, Any]) -> Application:
+    """The application for `import_path: serving.app:build_app`; `args` are `ServeConfig` fields."""
+    return make_app(args)
 
-    `engine_options` / `api_options` override deployment options from Python (a config file's
-    `deployments:` section does the same for `serve run` / `serve deploy`).
-    """
+
+def make_app(args: dict[str, Any], engine_options: dict[str, Any] | None = None,
+             api_options: dict[str, Any] | None = None) -> Application:
+    """`build_app` with deployment options from Python (tests, benchmarks); a config file's
+    `deployments:` section does the same for `serve run` / `serve deploy`."""
     cfg = ServeConfig.model_validate(args)
     raw = cfg.model_dump(mode="json")
-    engine = VLMEngine.options(**(engine_options or {})) if engine_options else VLMEngine
-    api = ChatAPI.options(**(api_options or {})) if api_options else ChatAPI
+    engine = VLMEngine.options(**engine_options) if engine_options else VLMEngine
+    api = ChatAPI.options(**api_options) if api_options else ChatAPI
     return api.bind(engine.bind(raw), raw)

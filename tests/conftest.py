@@ -93,11 +93,11 @@ class ServeHTTP:
                api_options: dict | None = None) -> str:
         from ray import serve
 
-        from serving.app import build_app
+        from serving.app import make_app
 
         engine_options = {"ray_actor_options": {"num_cpus": 0.5}, **(engine_options or {})}
         api_options = {"ray_actor_options": {"num_cpus": 0.25}, **(api_options or {})}
-        serve.run(build_app(args, engine_options, api_options), name=name, route_prefix=route_prefix)
+        serve.run(make_app(args, engine_options, api_options), name=name, route_prefix=route_prefix)
         return self.url + route_prefix.rstrip("/")
 
 

@@ -99,6 +99,7 @@ class TrainConfig(Section):
     log_every: int = Field(1, gt=0)
     max_failures: int = Field(2, ge=0)
     seed: int = 0
+    materialize_below_mb: float = Field(256, ge=0)  # keep the joined data in the object store when smaller
     fail_at_step: int | None = None  # testing: the last rank raises once at this step (not after a resume)
 
 

@@ -1,22 +1,38 @@
-"""``vitune demo``: the pipeline on local Ray with tiny presets and embedded storage/MLflow.
+"""``vitune demo``: synthetic data → features → align → finetune → eval → serve → one real HTTP request.
 
-Each step it runs is printed with its outputs, and the end prints a summary. Steps that the platform
-does not have yet are listed as such, never faked.
+Runs on local Ray with the tiny preset, embedded storage (a local folder) and MLflow (SQLite) — or, with
+``--root s3://...`` and ``--tracking-uri``, against an S3 endpoint and an MLflow server. The Serve app is
+the one ``serving/config.yaml`` names by ``import_path`` (one source of truth), started with the trained
+model folder. The end prints where everything is and how to look at it.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import logging
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
-from vitune import config, storage, synthetic
+from vitune import storage, synthetic
+from vitune.config import SyntheticJobConfig, load_config
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs", "tiny.yaml")
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the repository root of an editable install
+
+
+def repo_file(*parts: str) -> Path:
+    """A file of the repository (configs, the serving app): beside the package, else under the cwd."""
+    for base in (PACKAGE_ROOT, Path.cwd()):
+        if (base.joinpath(*parts)).exists():
+            return base.joinpath(*parts)
+    raise FileNotFoundError(f"{'/'.join(parts)} not found beside the package or in {Path.cwd()}; "
+                            "run the demo from the repository root")
 
 
 def _out(line: str = "") -> None:
@@ -24,32 +40,151 @@ def _out(line: str = "") -> None:
     sys.stdout.flush()
 
 
+def serve_model(model_folder: str, port: int, host: str = "127.0.0.1") -> str:
+    """Deploy the Serve app of ``serving/config.yaml`` (by its import path) for ``model_folder``; its URL."""
+    import yaml
+    from ray import serve
+    from ray._common.utils import import_attr
+
+    serve_cfg = yaml.safe_load(repo_file("serving", "config.yaml").read_text())
+    app_cfg = serve_cfg["applications"][0]
+    root = str(repo_file("serving", "config.yaml").parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    builder = import_attr(app_cfg["import_path"])
+    args = dict(app_cfg.get("args") or {}, model=model_folder)
+    small = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.5}}
+    app = builder(args, engine_options=small, api_options=small)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=app_cfg.get("name", "vitune"), route_prefix=app_cfg.get("route_prefix", "/"))
+    return f"http://{host}:{port}"
+
+
+def ask(url: str, image_png: bytes, question: str, api_key: str | None = None) -> dict[str, Any]:
+    """One OpenAI-format chat request with an image, over HTTP."""
+    import httpx
+
+    data_url = "data:image/png;base64," + base64.b64encode(image_png).decode()
+    body = {"model": "vitune-tiny", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": question}]}]}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+    r.raise_for_status()
+    return r.json()
+
+
+def run_demo(config: str, overrides: list[str], port: int = 8000, keep_serving: bool = False) -> dict[str, Any]:
+    import ray
+
+    from vitune.pipeline import run_pipeline
+
+    t0 = time.time()
+    cfg = load_config(SyntheticJobConfig, config, overrides)
+    root = cfg.storage.root
+    if cfg.storage.s3_endpoint_url:
+        storage.configure_s3(cfg.storage.s3_endpoint_url)
+    summary: dict[str, Any] = {"root": root}
+
+    _out(f"[1/6] synthetic data → {storage.join(root, 'data')}")
+    s = cfg.synthetic
+    data = synthetic.generate(storage.join(root, "data"), seed=s.seed, num_images=s.num_images,
+                              num_eval_images=s.num_eval_images, image_size=s.image_size)
+    summary["data"] = data
+    _out(f"      {s.num_images} training + {s.num_eval_images} held-out images, records: "
+         + ", ".join(data["records"].values()))
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                 log_to_driver=False)
+    steps = iter(["[2/6] feature store", "[3/6] align (stage 1)", "[4/6] finetune (stage 2)",
+                  "[5/6] evaluation on held-out images"])
+    _out(next(steps) + " ...")
+
+    def progress(msg: str) -> None:
+        _out(f"      {msg}")
+        nxt = next(steps, None)
+        if nxt:
+            _out(nxt + " ...")
+
+    results = run_pipeline(config, overrides, progress=progress)
+    summary["pipeline"] = results
+    ev = results["eval"]["result"]
+    _out(f"      accuracy {ev['accuracy']:.3f} vs chance {ev['chance']['overall']:.3f} "
+         f"(per kind: {', '.join(f'{k} {v:.2f}' for k, v in ev['per_kind'].items())})")
+
+    _out("[6/6] serving the finetuned model (Ray Serve, OpenAI-compatible API) ...")
+    folder = results["finetune"]["model_folder"]
+    url = serve_model(folder, port)
+    record = next(r for r in storage.read_json(data["records"]["eval"]) if r["kind"] == "color")
+    image = storage.read_bytes(storage.join(data["image_root"], record["image"]))
+    question = synthetic.QUESTIONS["color"]
+    reply = ask(url, image, question)
+    answer = reply["choices"][0]["message"]["content"]
+    summary["request"] = {"question": question, "answer": answer, "expected": record["answer"],
+                          "usage": reply.get("usage")}
+    summary["url"] = url
+    _out(f"      POST {url}/v1/chat/completions → {answer!r} (expected {record['answer']!r})")
+
+    _print_summary(summary, results, url, time.time() - t0, keep_serving)
+    if keep_serving:
+        _out("serving until Ctrl-C ...")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    from ray import serve
+
+    serve.shutdown()
+    return summary
+
+
+def _print_summary(summary: dict, results: dict, url: str, seconds: float, keep_serving: bool) -> None:
+    ev, fine, align = results["eval"]["result"], results["finetune"], results["align"]
+    tracking = results["tracking_uri"]
+    _out("")
+    _out("=" * 78)
+    _out(f"vitune demo finished in {seconds:.0f}s")
+    _out(f"  data        {summary['data']['root']}")
+    _out(f"  features    {results['features']['output']} ({results['features']['features_out']} images, "
+         f"{results['features']['quarantined']} quarantined)")
+    _out(f"  align       {align['model_folder']}  (MLflow run {align['run_id']}, {align['total_steps']} steps)")
+    _out(f"  finetune    {fine['model_folder']}  (MLflow run {fine['run_id']}, {fine['total_steps']} steps)")
+    _out(f"  eval        accuracy {ev['accuracy']:.3f} vs chance {ev['chance']['overall']:.3f} on {ev['n']} "
+         f"held-out questions → {results['eval']['output']}")
+    _out(f"  MLflow      {tracking}  (parent run {results['mlflow_parent_run_id']})")
+    _out(f"              loss curves: mlflow ui --backend-store-uri {tracking}")
+    req = summary["request"]
+    _out(f"  served      {url}  answered {req['answer']!r} to {req['question']!r}")
+    curl_body = json.dumps({"model": "vitune-tiny", "messages": [{"role": "user", "content": "Hello"}],
+                            "max_tokens": 8})
+    state = "up until Ctrl-C" if keep_serving else "stopped now; `vitune demo --keep-serving` keeps it up"
+    _out(f"  try it      ({state})")
+    _out(f"              curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{curl_body}'")
+    _out(f"              chat page: {url}/")
+    _out("=" * 78)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vitune demo", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.abspath(DEFAULT_CONFIG))
-    p.add_argument("--root", default=None, help="storage root (local folder or s3://...); default from config")
+    p.add_argument("--config", default=None, help="preset YAML (default: jobs/configs/tiny.yaml)")
+    p.add_argument("--root", default=None, help="storage root: a local folder or s3://bucket/prefix")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (else SQLite under the root)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--keep-serving", action="store_true", help="keep the model served until Ctrl-C")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     args = p.parse_args(argv)
-    overrides = list(args.overrides) + ([f"storage.root={args.root}"] if args.root else [])
-    cfg = config.load_config(config.SyntheticJobConfig, args.config, overrides)
-    root = cfg.storage.root
-    t0 = time.time()
-    summary: list[tuple[str, str]] = []
-
-    _out(f"[1/1] synthetic data → {storage.join(root, 'data')}")
-    data = synthetic.generate(storage.join(root, "data"), seed=cfg.synthetic.seed,
-                              num_images=cfg.synthetic.num_images, num_eval_images=cfg.synthetic.num_eval_images,
-                              image_size=cfg.synthetic.image_size)
-    from vitune.records import read_records
-
-    counts = {name: len(read_records(uri)) for name, uri in data["records"].items()}
-    summary.append(("data", f"{data['root']} ({counts})"))
-
-    _out("")
-    _out("=" * 72)
-    _out(f"vitune demo finished in {time.time() - t0:.1f}s")
-    for k, v in summary:
-        _out(f"  {k:<10} {v}")
-    _out("  not yet in the platform: feature store, training, evaluation, serving (see the open issues)")
-    _out("=" * 72)
+    config = args.config or str(repo_file("jobs", "configs", "tiny.yaml"))
+    overrides = list(args.overrides)
+    if args.root:
+        overrides.append(f"storage.root={args.root}")
+    if args.s3_endpoint:
+        overrides.append(f"storage.s3_endpoint_url={args.s3_endpoint}")
+        os.environ.setdefault("AWS_ENDPOINT_URL", args.s3_endpoint)
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    run_demo(config, overrides, port=args.port, keep_serving=args.keep_serving)
     return 0

@@ -414,7 +414,7 @@ class _Batch:
         out = model.lm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
                        position_ids=spliced.position_ids, cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :]  # [B2, V]
-        positions = spliced.position_ids[:, -1:] + 2  # [B2, 1]
+        positions = spliced.position_ids[:, -1:] + 1  # [B2, 1]
         if not self.jobs:
             self.jobs, self.cache, self.mask = list(jobs), cache, spliced.attention_mask
             self.positions, self.logits = positions, logits

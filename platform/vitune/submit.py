@@ -8,7 +8,9 @@ Before anything is sent, the config is loaded here with the job's config class, 
 fast with the field named. The job's runtime env ships the repository as its working dir (without .venv,
 runs, caches, .git) and ``platform/vitune`` as a py_module, so the driver and every Ray worker run the
 submitted code even where the cluster image holds an older install; the storage and tracking variables of
-this shell (``FORWARD_ENV``) and ``--env K=V`` become the job's env vars.
+this shell (``FORWARD_ENV``) and ``--env K=V`` become the job's env vars. A submitted job joins the cluster
+it runs on, so ``ray.address=null ray.num_cpus=null`` go before the user's overrides (a preset's local-Ray
+sizing would make ``ray.init`` refuse to connect).
 
 Token auth (Ray >= 2.52): the dashboard token is found the way Ray finds it — ``RAY_AUTH_TOKEN``, the file
 named by ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token`` — and sent as ``Authorization: Bearer``. Ray's

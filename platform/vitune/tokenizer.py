@@ -66,7 +66,8 @@ def build_tiny_tokenizer(out_dir: Path = TINY_DIR, vocab_size: int = TINY_VOCAB_
     tok.train_from_iterator(_corpus() * 3, trainer=trainer)
     bos = tok.token_to_id("<s>")
     # like Llama: a BOS is prepended when special tokens are added
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
     return out_dir

@@ -131,6 +131,12 @@ def build_dataset(cfg: TrainJobConfig, stats: DataStats):
     # light tasks (half a CPU): they must fit beside the training workers, whose CPUs Ray Data excludes
     ds = ds.map_batches(join_with_records, batch_size=64, batch_format="numpy", num_cpus=0.5,
                         fn_kwargs={"tokenized": [ray.put(by_key)]})
+    joined_mb = stats.samples * store.num_patches * store.hidden_size * 2 / 2**20
+    if joined_mb <= cfg.train.materialize_below_mb:
+        # small enough to keep in the object store: epochs then skip re-reading and re-joining, and the
+        # per-epoch shuffle happens in each worker's local buffer
+        log.info("materialising the joined training data (%.1f MiB of features)", joined_mb)
+        ds = ds.materialize()
     return ds, store
 
 

@@ -385,6 +385,57 @@ def test_model_from_s3_and_registry(tiny_model_folder, s3_bucket, mlflow_server)
     assert answers[0]["type"] == "result" and answers[0]["text"] == answers[1]["text"]
 
 
+def test_rows_joining_mid_flight_decode_like_model_generate(tiny_model_folder):
+    """Continuous batching (no Serve): staggered requests of mixed lengths join a running batch, and each
+    greedy answer equals `model.generate` on that request alone (cache merge, padding, row removal)."""
+    import torch
+
+    from vitune.image import decode_image
+    from vitune.openai_schema import parse_request
+    from vitune.serving_engine import ServeConfig, ServingEngine, chat_request_from_openai
+    from vitune.templates import tokenize_generation_prompt
+    from vitune.vision import encode_images
+
+    rng = random.Random(0)
+    words = ["cat", "dog", "the", "red", "picture", "where", "is", "table", "two"]
+    cases = [(" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))),
+              png_bytes((20 + i, 16), noise=True) if i % 3 else None, rng.randint(3, 30)) for i in range(12)]
+
+    async def ask(engine: ServingEngine, i: int) -> dict:
+        await asyncio.sleep(0.01 * i)  # arrive while earlier requests decode
+        text, image, max_tokens = cases[i]
+        message = image_message(text, data_url(image)) if image else {"role": "user", "content": text}
+        req = parse_request({"messages": [message], "max_tokens": max_tokens, "temperature": 0})
+        return await engine.complete(await chat_request_from_openai(req, engine.cfg))
+
+    async def ask_all(engine: ServingEngine) -> list[dict]:
+        return await asyncio.gather(*[ask(engine, i) for i in range(len(cases))])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = ServingEngine.from_config(ServeConfig(model=tiny_model_folder, max_batch_size=6,
+                                                   batch_wait_timeout_s=0, max_batch_wait_s=0))
+    with torch.no_grad():  # sharper attention, so a wrong key, mask column or position changes the answer
+        for name, weight in engine.model.lm.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                weight.mul_(6)
+    try:
+        answers = asyncio.run(ask_all(engine))
+        stats = engine.stats()
+        expected = []
+        for text, image, max_tokens in cases:
+            turn = {"from": "human", "value": ("<image>\n" if image else "") + text}
+            ids = tokenize_generation_prompt([turn], engine.template_name, engine.tokenizer)
+            features = [encode_images(engine.tower, [decode_image(image)])[0] if image else None]
+            out = engine.model.generate([ids], features, max_new_tokens=max_tokens)[0]
+            expected.append((engine.tokenizer.decode(out, skip_special_tokens=True), len(out)))
+    finally:
+        engine.close()
+        torch.set_num_threads(threads)
+    assert [(a["text"], a["completion_tokens"]) for a in answers] == expected
+    assert stats["admissions"] > 2 and 1 < stats["max_batch"] <= 6, stats  # rows joined a running batch
+
+
 def test_text_stream_holds_back_partial_stops_and_characters():
     from vitune.serving_engine import TextStream
     from vitune.tokenizer import load_tokenizer

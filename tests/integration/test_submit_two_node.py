@@ -122,7 +122,7 @@ class TwoNodeCluster:
                 p.send_signal(signal.SIGTERM)
         for p in reversed(self.procs):
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
         _, alive = psutil.wait_procs(started, timeout=10)
@@ -240,3 +240,45 @@ def test_bad_override_fails_before_anything_is_sent(caplog):
         rc = submit.main_submit(["train", "--config", TINY, "train.num_workers=0", "--address", "http://127.0.0.1:9"])
     assert rc == 2
     assert "train.num_workers" in caplog.text
+
+
+def test_token_is_found_the_way_ray_finds_it(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("from-home\n")
+    path = tmp_path / "tok"
+    path.write_text("from-path\n")
+    assert submit.auth_token({"HOME": str(home)}) == "from-home"
+    assert submit.auth_token({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(path)}) == "from-path"
+    assert submit.auth_token({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(path), "RAY_AUTH_TOKEN": "env"}) == "env"
+    assert submit.auth_token({"HOME": str(tmp_path)}) is None
+    with pytest.raises(submit.SubmitError, match="cannot be read"):
+        submit.auth_token({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+
+
+def test_job_env_runtime_env_and_entrypoint():
+    env = submit.job_env({"AWS_ENDPOINT_URL": "http://s3", "MLFLOW_TRACKING_URI": "", "HOME": "/root"},
+                         submit.parse_env(["A=1", "AWS_ENDPOINT_URL=http://other"]))
+    assert env == {"AWS_ENDPOINT_URL": "http://other", "A": "1"}  # set ones forwarded, --env wins, empty skipped
+    with pytest.raises(submit.SubmitError, match="KEY=VALUE"):
+        submit.parse_env(["novalue"])
+    renv = submit.build_runtime_env(ROOT, env, ["rich"])
+    assert renv["working_dir"] == str(ROOT) and renv["py_modules"] == [str(ROOT / "platform" / "vitune")]
+    assert {".venv", "runs", ".git"} <= set(renv["excludes"]) and renv["pip"] == ["rich"]
+    entry = submit.build_entrypoint("jobs/train.py", TINY, ["data.records=[a, b]", "stage=align"])
+    assert entry == "python jobs/train.py --config jobs/configs/tiny.yaml 'data.records=[a, b]' stage=align"
+
+
+def test_jobs_and_configs_resolve_inside_the_repository(tmp_path):
+    assert submit.resolve_job("train", ROOT) == ("jobs/train.py", "train")
+    assert submit.resolve_job(str(ROOT / "jobs" / "evaluate.py"), ROOT) == ("jobs/evaluate.py", "evaluate")
+    with pytest.raises(submit.SubmitError, match="unknown job"):
+        submit.resolve_job("trian", ROOT)
+    assert submit.resolve_config(str(ROOT / TINY), ROOT).remote == TINY
+    assert submit.resolve_config("s3://b/c.yaml", ROOT).remote == "s3://b/c.yaml"
+    outside = tmp_path / "c.yaml"
+    outside.write_text("{}")
+    with pytest.raises(submit.SubmitError, match="outside the working dir"):
+        submit.resolve_config(str(outside), ROOT)
+    assert submit.dashboard_url("h:8265", {}) == "http://h:8265"
+    assert submit.dashboard_url(None, {"RAY_ADDRESS": "http://x:1"}) == "http://x:1"

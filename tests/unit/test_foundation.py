@@ -26,7 +26,8 @@ def test_stdlib_platform_not_shadowed():
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml"))))
 def test_every_shipped_yaml_loads(path):
-    for cls in (config.FeaturesJobConfig, config.TrainJobConfig, config.SyntheticJobConfig):
+    for cls in (config.FeaturesJobConfig, config.TrainJobConfig, config.SyntheticJobConfig, config.EvalJobConfig,
+                config.GenerateJobConfig):
         cfg = config.load_config(cls, path)
         assert cfg.storage.root
     for stage in ("align", "finetune"):
@@ -56,6 +57,14 @@ def test_bad_override_names_field_and_value(override, needle):
     msg = str(err.value)
     assert needle in msg
     assert override.split("=", 1)[1] in msg
+
+
+def test_references_resolve_after_overrides():
+    raw = {"storage": {"root": "./a"}, "data": {"features": "${storage.root}/features", "records": ["${storage.root}/x.json"]}}
+    cfg = config.build_config(config.TrainJobConfig, raw, ["storage.root=s3://b/p"])
+    assert cfg.data.features == "s3://b/p/features" and cfg.data.records == ["s3://b/p/x.json"]
+    with pytest.raises(config.ConfigError, match="nope.x"):
+        config.build_config(config.TrainJobConfig, {"data": {"features": "${nope.x}"}})
 
 
 def test_override_without_equals_is_rejected():
