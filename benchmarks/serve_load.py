@@ -212,6 +212,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    # stdout carries only the JSON report: Ray's own messages (some written by its threads) go to stderr
+    sys.stdout.flush()
+    report_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
     import ray
     from ray import serve
@@ -259,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "http": report["http"]["batched_over_unbatched"][f"c{top_c}"]["requests_per_s"] >= 6.0,
         "engine_only": report[f"engine_only_c{top_c}"]["batched_over_unbatched"]["requests_per_s"] >= 6.0,
     }
-    print(json.dumps(report, indent=2))
+    report_out.write(json.dumps(report, indent=2) + "\n")
+    report_out.flush()
     return report
 
 

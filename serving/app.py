@@ -4,7 +4,8 @@ Two deployments:
 - `ChatAPI` (FastAPI ingress, CPU): auth, request parsing and checks, image decoding, SSE; the chat page
   at `/`. Bad input is answered here (or by the engine's prompt check) with a 4xx in OpenAI's error shape.
 - `VLMEngine` (the model, one GPU each on a cluster): a `vitune.serving_engine.ServingEngine` that
-  batches the requests on its replica into waves (see that module). Autoscaled on ongoing requests.
+  decodes the requests on its replica with continuous batching (see that module). Autoscaled on
+  ongoing requests.
 
 Run: `serve run serving/config.yaml` (see the config's header), or from Python
 `serve.run(build_app({"model": "<model folder URI or models:/NAME/VERSION>"}))` (`make_app` also takes
@@ -91,6 +92,8 @@ class ChatAPI:
         self.model_name = self.cfg.model_name()
         self.api_key = self.cfg.resolved_api_key()
         self.created = int(time.time())
+        # an image as base64 plus generous room for the conversation text
+        self.max_body = self.cfg.max_image_bytes * 4 // 3 + 1_000_000
         self.page = resources.files("vitune").joinpath("static/chat.html").read_text(encoding="utf-8")
         logger.info("chat API for %s (auth %s)", self.model_name, "on" if self.api_key else "off")
 
@@ -130,11 +133,27 @@ class ChatAPI:
             self._check_auth(request)
             return oai.models_body(self.model_name, self.created)
 
+        @app.get("/v1/models/{model_id:path}")
+        async def model(model_id: str, request: Request) -> dict[str, Any]:
+            self._check_auth(request)
+            if model_id != self.model_name:
+                raise APIError(404, f"the model {model_id!r} does not exist; this server serves "
+                               f"{self.model_name!r}", "model", "model_not_found")
+            return oai.models_body(self.model_name, self.created)["data"][0]
+
         @app.post("/v1/chat/completions")
         async def chat_completions(request: Request) -> Any:
             self._check_auth(request)
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_body:
+                raise APIError(413, f"the request body is {declared} bytes, over the limit of {self.max_body}",
+                               code="request_too_large")
+            raw = await request.body()
+            if len(raw) > self.max_body:
+                raise APIError(413, f"the request body is {len(raw)} bytes, over the limit of {self.max_body}",
+                               code="request_too_large")
             try:
-                payload = json.loads(await request.body())
+                payload = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
             req = oai.parse_request(payload)

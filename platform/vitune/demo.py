@@ -53,8 +53,7 @@ def serve_model(model_folder: str, port: int, host: str = "127.0.0.1") -> str:
         sys.path.insert(0, root)
     builder = import_attr(app_cfg["import_path"])
     args = dict(app_cfg.get("args") or {}, model=model_folder)
-    small = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.5}}
-    app = builder(args, engine_options=small, api_options=small)
+    app = builder(args)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=app_cfg.get("name", "vitune"), route_prefix=app_cfg.get("route_prefix", "/"))
     return f"http://{host}:{port}"
@@ -95,7 +94,8 @@ def run_demo(config: str, overrides: list[str], port: int = 8000, keep_serving: 
          + ", ".join(data["records"].values()))
 
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+        # "local": a fresh local Ray, never one that an earlier `ray start` left behind on this machine
+        ray.init(address=cfg.ray.address or "local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                  log_to_driver=False)
     steps = iter(["[2/6] feature store", "[3/6] align (stage 1)", "[4/6] finetune (stage 2)",
                   "[5/6] evaluation on held-out images"])
@@ -185,6 +185,7 @@ def main(argv: list[str]) -> int:
         os.environ.setdefault("AWS_ENDPOINT_URL", args.s3_endpoint)
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    for name in ("ray", "ray.data", "ray.train", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     run_demo(config, overrides, port=args.port, keep_serving=args.keep_serving)
     return 0

@@ -29,13 +29,19 @@ STEPS = ("features", "align", "finetune", "eval")
 
 def _train_done(cfg: TrainJobConfig) -> dict | None:
     """The earlier summary when this stage already finished with exactly this resolved config."""
+    import yaml
+
     from vitune.training import output_uri
 
     out = output_uri(cfg)
     summary_uri, config_uri = storage.join(out, "summary.json"), storage.join(out, "config.yaml")
-    if storage.exists(summary_uri) and storage.exists(config_uri) and storage.read_text(config_uri) == dump_config(cfg):
-        return storage.read_json(summary_uri)
-    return None
+    if not (storage.exists(summary_uri) and storage.exists(config_uri)):
+        return None
+    # where Ray runs and where runs are tracked do not change what a stage produces
+    ignore = {"ray", "tracking"}
+    before = {k: v for k, v in (yaml.safe_load(storage.read_text(config_uri)) or {}).items() if k not in ignore}
+    now = {k: v for k, v in yaml.safe_load(dump_config(cfg)).items() if k not in ignore}
+    return storage.read_json(summary_uri) if before == now else None
 
 
 def run_pipeline(config_path: str, overrides: Sequence[str] = (), steps: Sequence[str] = STEPS,

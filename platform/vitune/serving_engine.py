@@ -26,6 +26,7 @@ import binascii
 import dataclasses
 import logging
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -68,10 +69,10 @@ class ServeConfig(BaseModel):
     tracking_uri: str | None = None  # for models:/ (else MLFLOW_TRACKING_URI)
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto = the folder's dtype on GPU, fp32 on CPU
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)  # an idle replica starts a wave once no request came for this long
-    max_batch_wait_s: float = Field(0.1, ge=0)  # ... or this long after the wave's first request arrived
-    max_queued: int = Field(256, ge=1)  # requests waiting for a wave on one replica; more get 429
+    max_batch_size: int = Field(32, ge=1)  # rows decoded together on one replica
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # newcomers join after waiting this long (or a quiet gap this long)
+    max_batch_wait_s: float = Field(0.1, ge=0)  # an idle replica waits at most this long for a first batch to fill
+    max_queued: int = Field(256, ge=1)  # requests waiting to join on one replica; more get 429
     default_max_tokens: int = Field(256, ge=1)  # when a request names none (capped by the context left)
     context_length: int | None = Field(None, ge=2)  # default: the model's training max_length
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)  # encoded size
@@ -119,19 +120,16 @@ def _registry_download_uri(uri: str, tracking_uri: str | None) -> str:
     return client.get_model_version_download_uri(name, version)
 
 
-def resolve_model_source(uri: str, tracking_uri: str | None = None) -> str:
-    """A model-folder URI for `uri`: `models:/...` is downloaded from the MLflow registry to a temp folder."""
+def resolve_model_source(uri: str, dest: str, tracking_uri: str | None = None) -> str:
+    """A model-folder URI for `uri`: `models:/...` is downloaded from the MLflow registry into `dest`."""
     from vitune.model_folder import META_FILE
 
     if not uri.startswith(MODELS_SCHEME):
         return uri
-    import tempfile
-
     import mlflow.artifacts
 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     source = _registry_download_uri(uri, tracking_uri)
-    dest = tempfile.mkdtemp(prefix="vitune-registry-")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dest, tracking_uri=tracking_uri))
     for candidate in (local, *sorted(p.parent for p in local.glob(f"*/{META_FILE}"))):
         if (candidate / META_FILE).exists():
@@ -212,10 +210,11 @@ async def _fetch(url: str, cfg: ServeConfig, param: str) -> bytes:
                 chunks, size = [], 0
                 async for chunk in resp.aiter_bytes():
                     size += len(chunk)
-                    if size > limit:
-                        break
+                    if size > limit:  # stop reading: the size is all the error needs
+                        raise APIError(400, f"the image is over the limit of {limit} bytes", param,
+                                       "image_too_large")
                     chunks.append(chunk)
-                data = b"".join(chunks) if size <= limit else b"x" * (limit + 1)
+                data = b"".join(chunks)
     return data
 
 
@@ -532,14 +531,15 @@ class ServingEngine:
         from vitune.vision import fingerprint_id, load_vision_tower
 
         device = _resolve_device(cfg.device)
-        source = resolve_model_source(cfg.model, cfg.tracking_uri)
-        if cfg.dtype != "auto":
-            dtype = getattr(torch, cfg.dtype)
-        elif device == "cpu":
-            dtype = torch.float32  # half precision on CPU is slow and poorly supported
-        else:
-            dtype = getattr(torch, read_meta(source).get("dtype", "float32"))
-        model, tokenizer, meta = load_model_folder(source, device=device, dtype=dtype)
+        with tempfile.TemporaryDirectory(prefix="vitune-registry-") as download:
+            source = resolve_model_source(cfg.model, download, cfg.tracking_uri)
+            if cfg.dtype != "auto":
+                dtype = getattr(torch, cfg.dtype)
+            elif device == "cpu":
+                dtype = torch.float32  # half precision on CPU is slow and poorly supported
+            else:
+                dtype = getattr(torch, read_meta(source).get("dtype", "float32"))
+            model, tokenizer, meta = load_model_folder(source, device=device, dtype=dtype)
         tower = load_vision_tower(VisionConfig(**meta["model"]["vision"]), device=device, dtype=dtype)
         want, have = fingerprint_id(meta["fingerprint"]), fingerprint_id(tower.fingerprint())
         if want != have:

@@ -15,7 +15,7 @@ AUTOSCALING = {
     "min_replicas": 1,
     "max_replicas": 2,
     "target_ongoing_requests": 2,
-    "metrics_interval_s": 0.5,
+    "metrics_interval_s": 0.5,  # deprecated in favour of env vars, still honoured; keeps the test short
     "look_back_period_s": 2,
     "upscale_delay_s": 1,
     "downscale_delay_s": 4,
@@ -30,13 +30,12 @@ def running_replicas() -> int:
     return deployment.replica_states.get(ReplicaState.RUNNING, 0)
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> float:
+def wait_for(predicate, timeout_s: float, what: str) -> None:
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout_s:
             raise AssertionError(f"{what} not reached in {timeout_s:.0f}s")
         time.sleep(0.5)
-    return time.monotonic() - start
 
 
 def test_scales_up_under_load_and_back_down_when_idle(serve_http, tiny_model_folder):
@@ -65,14 +64,13 @@ def test_scales_up_under_load_and_back_down_when_idle(serve_http, tiny_model_fol
         for t in callers:
             t.start()
         try:
-            up_s = wait_for(lambda: running_replicas() == 2, 75, "2 running replicas under load")
+            wait_for(lambda: running_replicas() == 2, 75, "2 running replicas under load")
         finally:
             stop.set()
             for t in callers:
                 t.join(timeout=60)
         assert not failures, failures[:3]
-        down_s = wait_for(lambda: running_replicas() == 1 and _no_extra_replicas(), 60, "1 replica when idle")
-        assert up_s > 0 and down_s > 0
+        wait_for(lambda: running_replicas() == 1 and _no_extra_replicas(), 60, "1 replica when idle")
     finally:
         serve.delete(APP)
 

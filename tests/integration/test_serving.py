@@ -108,6 +108,9 @@ def test_stream_wire_format_ends_with_done(chat_app):
 def test_models_health_and_page(chat_app):
     models = httpx.get(f"{chat_app}/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL] and models["object"] == "list"
+    assert httpx.get(f"{chat_app}/v1/models/{MODEL}").json()["id"] == MODEL
+    missing = httpx.get(f"{chat_app}/v1/models/gpt-7")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert httpx.get(f"{chat_app}/healthz").json()["status"] == "ok"
     page = httpx.get(f"{chat_app}/")
     assert page.status_code == 200 and "v1/chat/completions" in page.text
@@ -226,6 +229,7 @@ def _bad_inputs() -> list[tuple[str, object, int, str | None]]:
         ("stream with bad image", body(stream=True, messages=[image_message(url=data_url(b"nope"))]), 400,
          "messages[0].content[1].image_url"),
         ("stream over context", body(stream=True, max_tokens=1000), 400, "max_tokens"),
+        ("body over the size limit", body(messages=[{"role": "user", "content": "x" * 1_400_000}]), 413, None),
     ]
 
 
@@ -434,6 +438,79 @@ def test_rows_joining_mid_flight_decode_like_model_generate(tiny_model_folder):
         torch.set_num_threads(threads)
     assert [(a["text"], a["completion_tokens"]) for a in answers] == expected
     assert stats["admissions"] > 2 and 1 < stats["max_batch"] <= 6, stats  # rows joined a running batch
+
+
+def test_remote_image_urls_follow_the_allow_list(s3_bucket):
+    """http(s)/s3 image URLs: refused by default; when enabled, only from allowed hosts and within limits."""
+    import http.server
+    import threading
+
+    from vitune import storage
+    from vitune.openai_schema import APIError
+    from vitune.serving_engine import RemoteImagesConfig, ServeConfig, load_image
+
+    files = {"/red.png": png_bytes(), "/big.png": png_bytes((300, 300), noise=True)}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            data = files.get(self.path)
+            self.send_response(200 if data else 404)
+            self.end_headers()
+            self.wfile.write(data or b"")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    storage.write_bytes(f"{s3_bucket}/images/red.png", png_bytes())
+    bucket = s3_bucket.removeprefix("s3://")
+    allowed = ServeConfig(model="unused", max_image_bytes=200_000,
+                          remote_images=RemoteImagesConfig(enabled=True, allowed_hosts=["127.0.0.1", bucket]))
+
+    def code(url: str, cfg: ServeConfig) -> str:
+        try:
+            asyncio.run(load_image(url, cfg))
+        except APIError as err:
+            assert err.status == 400 and err.message
+            return err.code
+        return "ok"
+
+    try:
+        assert code(f"{base}/red.png", ServeConfig(model="unused")) == "image_url_not_allowed"  # off by default
+        assert code(f"{base}/red.png", allowed) == "ok"
+        assert code(f"{s3_bucket}/images/red.png", allowed) == "ok"
+        assert code(f"http://localhost:{server.server_address[1]}/red.png", allowed) == "image_url_not_allowed"
+        assert code("s3://another-bucket/red.png", allowed) == "image_url_not_allowed"
+        assert code(f"{base}/big.png", allowed) == "image_too_large"
+        assert code(f"{base}/missing.png", allowed) == "image_fetch_failed"
+        assert code("ftp://127.0.0.1/red.png", allowed) == "invalid_image_url"
+    finally:
+        server.shutdown()
+
+
+def test_shipped_serve_config_is_valid():
+    """serving/config.yaml passes Serve's schema, its args pass ServeConfig, its deployments exist."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    import serving.app as app_module
+    from vitune.serving_engine import ServeConfig
+
+    raw = yaml.safe_load((Path(__file__).parents[2] / "serving" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    (application,) = schema.applications
+    module, _, attr = application.import_path.partition(":")
+    assert module == "serving.app" and getattr(app_module, attr) is app_module.build_app
+    ServeConfig.model_validate(application.args)
+    names = {d.name for d in application.deployments}
+    assert names == {"ChatAPI", "VLMEngine"}
+    engine = next(d for d in application.deployments if d.name == "VLMEngine")
+    assert engine.autoscaling_config["min_replicas"] >= 1 and engine.max_ongoing_requests >= 2 * \
+        application.args["max_batch_size"]
 
 
 def test_text_stream_holds_back_partial_stops_and_characters():

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,9 +140,12 @@ def cluster():
     c = TwoNodeCluster(base)
     try:
         c.start()
-        yield c
-    finally:
-        c.stop()
+    except BaseException:
+        c.stop()  # the logs stay under base for the error message's pointer
+        raise
+    yield c
+    c.stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def vitune(cluster: TwoNodeCluster, *argv: str, token_path: Path | None | bool = True, timeout: float = 600,
