@@ -15,6 +15,8 @@ import json
 import logging
 import sys
 
+import _common  # noqa: F401 - puts platform/ on sys.path when run as a plain Ray job
+
 from vitune import storage
 from vitune.config import FeaturesJobConfig, dump_config, load_config
 from vitune.feature_store import MANIFEST

@@ -16,6 +16,8 @@ import json
 import logging
 import sys
 
+import _common  # noqa: F401 - puts platform/ on sys.path when run as a plain Ray job
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,17 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 
-    import ray
-
     from vitune import storage
     from vitune.config import GenerateJobConfig, load_config
     from vitune.generate import run_generate
+    from vitune.ray_setup import init_ray
 
     cfg = load_config(GenerateJobConfig, args.config, args.overrides)
     if cfg.storage.s3_endpoint_url:
         storage.configure_s3(cfg.storage.s3_endpoint_url)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    init_ray(cfg.ray)
     summary = run_generate(cfg)
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return 0

@@ -20,6 +20,7 @@ from typing import Any
 
 from vitune import storage, synthetic
 from vitune.config import SyntheticJobConfig, load_config
+from vitune.ray_setup import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,6 @@ def ask(url: str, image_png: bytes, question: str, api_key: str | None = None) -
 
 
 def run_demo(config: str, overrides: list[str], port: int = 8000, keep_serving: bool = False) -> dict[str, Any]:
-    import ray
 
     from vitune.pipeline import run_pipeline
 
@@ -93,10 +93,9 @@ def run_demo(config: str, overrides: list[str], port: int = 8000, keep_serving: 
     _out(f"      {s.num_images} training + {s.num_eval_images} held-out images, records: "
          + ", ".join(data["records"].values()))
 
-    if not ray.is_initialized():
-        # "local": a fresh local Ray, never one that an earlier `ray start` left behind on this machine
-        ray.init(address=cfg.ray.address or "local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                 log_to_driver=False)
+    # "local": a fresh local Ray, never one that an earlier `ray start` left behind on this machine
+    init_ray(cfg.ray.model_copy(update={"address": cfg.ray.address or "local"}), include_dashboard=False,
+             log_to_driver=False)
     steps = iter(["[2/6] feature store", "[3/6] align (stage 1)", "[4/6] finetune (stage 2)",
                   "[5/6] evaluation on held-out images"])
     _out(next(steps) + " ...")

@@ -48,6 +48,7 @@ from vitune.feature_store import (
     shard_table,
     write_shard,
 )
+from vitune.ray_setup import init_ray
 
 if TYPE_CHECKING:
     import torch
@@ -376,7 +377,6 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
     ``fail_after_shards`` (or env ``VITUNE_FAIL_AFTER_SHARDS``) is a test hook: compute only that many of
     the missing shards, then raise ``SimulatedInterruption`` before the manifest is written.
     """
-    import ray
 
     from vitune.vision import fingerprint_id, load_vision_tower
 
@@ -417,8 +417,7 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
     pool = None
     t_pipe, t_pipe_wall = time.perf_counter(), time.time()
     if todo:
-        if not ray.is_initialized():
-            ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+        init_ray(cfg.ray)
         computed, pool = _run_shards(cfg, todo, out, fp_id, spec, image_root)
     if interrupted:
         raise SimulatedInterruption(f"{FAIL_AFTER_ENV}: stopped after {len(computed)} shards, before the manifest")

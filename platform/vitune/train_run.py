@@ -19,6 +19,7 @@ import numpy as np
 
 from vitune import storage
 from vitune.config import TrainJobConfig, dump_config
+from vitune.ray_setup import init_ray
 from vitune.tracking import Tracker, resolve_tracking_uri
 from vitune.train_data import DataStats, TokenizeBatch, load_records
 from vitune.training import (
@@ -194,7 +195,6 @@ def _ray_storage(cfg: TrainJobConfig) -> tuple[str, Any]:
 
 def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Run one stage end to end; returns a summary (model folder URI, MLflow run id, metrics, data stats)."""
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -203,8 +203,7 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     if cfg.train.init_from:  # workers get a plain folder URI (runs:/ resolved here, against our tracking)
         folder = resolve_init_from(cfg.train.init_from, resolve_tracking_uri(cfg.tracking, cfg.storage.root))
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": folder})})
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    init_ray(cfg.ray)
     world = cfg.train.num_workers
     stats = DataStats()
     ds, store = build_dataset(cfg, stats)

@@ -23,4 +23,6 @@ def test_synthetic_to_s3(s3_bucket, tmp_path):
     assert storage.read_bytes(out["records"]["instruct"]) == storage.read_bytes(local["records"]["instruct"])
     assert len(storage.list_files(f"{s3_bucket}/synth/images", suffix=".png")) == 6
     got = storage.download_dir(f"{s3_bucket}/synth", tmp_path / "down")
-    assert (got / "images" / "train" / "00000.png").read_bytes() == (tmp_path / "synth" / "images" / "train" / "00000.png").read_bytes()
+    assert (got / "images" / "train" / "00000.png").read_bytes() == (
+        tmp_path / "synth" / "images" / "train" / "00000.png"
+    ).read_bytes()

@@ -123,7 +123,7 @@ class TwoNodeCluster:
                 p.send_signal(signal.SIGTERM)
         for p in reversed(self.procs):
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
         _, alive = psutil.wait_procs(started, timeout=10)

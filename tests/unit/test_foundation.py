@@ -18,7 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_stdlib_platform_not_shadowed():
     out = subprocess.run(
         [sys.executable, "-c", "import platform, vitune; print(platform.system())"],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH="platform"), capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH="platform"),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == "Linux"
     assert not os.path.exists(os.path.join(ROOT, "platform", "__init__.py"))
@@ -26,8 +30,13 @@ def test_stdlib_platform_not_shadowed():
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml"))))
 def test_every_shipped_yaml_loads(path):
-    for cls in (config.FeaturesJobConfig, config.TrainJobConfig, config.SyntheticJobConfig, config.EvalJobConfig,
-                config.GenerateJobConfig):
+    for cls in (
+        config.FeaturesJobConfig,
+        config.TrainJobConfig,
+        config.SyntheticJobConfig,
+        config.EvalJobConfig,
+        config.GenerateJobConfig,
+    ):
         cfg = config.load_config(cls, path)
         assert cfg.storage.root
     for stage in ("align", "finetune"):
@@ -38,18 +47,23 @@ def test_every_shipped_yaml_loads(path):
 def test_stage_selects_block_and_overrides_win():
     path = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
     align = config.load_config(config.TrainJobConfig, path, ["stage=align"])
-    fine = config.load_config(config.TrainJobConfig, path, ["stage=finetune", "train.lr=0.5", "model.vision.select=cls_patch"])
+    fine = config.load_config(
+        config.TrainJobConfig, path, ["stage=finetune", "train.lr=0.5", "model.vision.select=cls_patch"]
+    )
     assert align.model.template == "plain" and fine.model.template == "vicuna_v1"
     assert fine.train.lr == 0.5 and fine.model.vision.select == "cls_patch"
     assert align.train.zero_stage == 2 and fine.train.zero_stage == 3
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("model.nope=1", "model.nope"),
-    ("train.lr=abc", "train.lr"),
-    ("model.vision.select=middle", "model.vision.select"),
-    ("train.micro_batch_size=0", "train.micro_batch_size"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.nope=1", "model.nope"),
+        ("train.lr=abc", "train.lr"),
+        ("model.vision.select=middle", "model.vision.select"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+    ],
+)
 def test_bad_override_names_field_and_value(override, needle):
     path = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
     with pytest.raises(config.ConfigError) as err:
@@ -60,7 +74,10 @@ def test_bad_override_names_field_and_value(override, needle):
 
 
 def test_references_resolve_after_overrides():
-    raw = {"storage": {"root": "./a"}, "data": {"features": "${storage.root}/features", "records": ["${storage.root}/x.json"]}}
+    raw = {
+        "storage": {"root": "./a"},
+        "data": {"features": "${storage.root}/features", "records": ["${storage.root}/x.json"]},
+    }
     cfg = config.build_config(config.TrainJobConfig, raw, ["storage.root=s3://b/p"])
     assert cfg.data.features == "s3://b/p/features" and cfg.data.records == ["s3://b/p/x.json"]
     with pytest.raises(config.ConfigError, match="nope.x"):

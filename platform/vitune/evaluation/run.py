@@ -54,7 +54,9 @@ def settings_of(ev: EvalConfig) -> GenerationSettings:
 
 
 def _ray_kwargs(cfg: EvalJobConfig) -> dict[str, Any]:
-    return {"address": cfg.ray.address, "num_cpus": cfg.ray.num_cpus}
+    from vitune.ray_setup import ray_init_kwargs
+
+    return ray_init_kwargs(cfg.ray)
 
 
 def get_answers(cfg: EvalJobConfig, requests: list[dict[str, Any]], folder: str | None,
