@@ -312,41 +312,27 @@ def test_llava_bench_report_files_and_mlflow_link(bench_run):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/report.json", "eval/report.md"}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "serving", "app.py")),
                     reason="serving/app.py does not exist yet: no vitune endpoint to judge with")
-def test_llava_bench_judged_by_the_serving_app(bench_run, bench_root, model_folder, tmp_path):
+def test_llava_bench_judged_by_the_serving_app(bench_run, bench_root, model_folder, serve_http, tmp_path):
     """vitune's own serving app as the judge: its (tiny, random) verdicts are unparseable, counted, not fatal."""
     import shutil
 
     from ray import serve
 
-    from serving.app import build_app
-
     # reuse the answers of the scripted-judge run: only the judge differs
     shutil.copytree(bench_run["tmp"] / "bench" / "answers", tmp_path / "served" / "answers")
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = serve_http.deploy("vitune-judge", "/judge", {
+        "model": model_folder, "served_model_name": "vitune-judge", "context_length": 1024, "max_batch_size": 8,
+        "warmup": False})
     try:
-        app = build_app({"model": model_folder, "served_model_name": "vitune-judge", "context_length": 1024,
-                         "max_batch_size": 8, "warmup": False},
-                        engine_options={"ray_actor_options": {"num_cpus": 0.5}},
-                        api_options={"ray_actor_options": {"num_cpus": 0.1}})
-        serve.run(app, name="vitune-judge", route_prefix="/")
         report = run_job(*_base(tmp_path, "served"), "eval.benchmark=llava_bench", f"eval.data={bench_root}",
-                         f"eval.model_folder={model_folder}", f"judge.base_url=http://127.0.0.1:{port}/v1",
+                         f"eval.model_folder={model_folder}", f"judge.base_url={url}/v1",
                          "judge.model=vitune-judge", "judge.max_tokens=16", "judge.requests_per_second=null",
                          "judge.max_retries=1", "judge.backoff_initial_s=0.1", f"judge.cache={tmp_path}/cache",
                          "judge.api_key_env=null")
     finally:
-        serve.shutdown()
+        serve.delete("vitune-judge")
     res = report["result"]
     assert report["inference"]["generated"] == 0
     assert report["judge"]["requests_sent"] >= 6 and report["judge"]["failures"] == 0
