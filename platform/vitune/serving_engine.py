@@ -304,7 +304,7 @@ class TextStream:
     """Incremental detokenisation with stop strings: emits only text that later tokens cannot change.
 
     Held back: a trailing partial UTF-8 character (decoded as U+FFFD) and a tail that could begin a stop
-    string. The concatenated deltas plus `flush()` equal `tokenizer.decode(ids, skip_special_tokens=True)`
+    string. The concatenated deltas plus `flush()` equal `tokenizer.decode(ids, skip_special_tokens=True).lstrip()`
     unless a stop string cut the text (which then ends just before the stop string).
     """
 
@@ -315,7 +315,8 @@ class TextStream:
         self._sent = 0
 
     def _decode(self) -> str:
-        return self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        # without the leading space: templates train a reply as " text" after the assistant cue (LLaVA strips too)
+        return self._tokenizer.decode(self._ids, skip_special_tokens=True).lstrip()
 
     def _advance(self, text: str, end: int) -> str:
         delta = text[self._sent : end] if end > self._sent else ""

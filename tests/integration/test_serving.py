@@ -141,7 +141,7 @@ def test_greedy_output_equals_model_generate(client, tiny_model_folder):
         out = model.generate([ids], [features[0]], max_new_tokens=24, temperature=0.0)[0]
     finally:
         torch.set_num_threads(threads)
-    assert api.choices[0].message.content == tokenizer.decode(out, skip_special_tokens=True)
+    assert api.choices[0].message.content == tokenizer.decode(out, skip_special_tokens=True).lstrip()
     assert api.usage.completion_tokens == len(out)
     assert api.usage.prompt_tokens == len(ids) - 1 + tower.num_patches
 
@@ -432,7 +432,7 @@ def test_rows_joining_mid_flight_decode_like_model_generate(tiny_model_folder):
             ids = tokenize_generation_prompt([turn], engine.template_name, engine.tokenizer)
             features = [encode_images(engine.tower, [decode_image(image)])[0] if image else None]
             out = engine.model.generate([ids], features, max_new_tokens=max_tokens)[0]
-            expected.append((engine.tokenizer.decode(out, skip_special_tokens=True), len(out)))
+            expected.append((engine.tokenizer.decode(out, skip_special_tokens=True).lstrip(), len(out)))
     finally:
         engine.close()
         torch.set_num_threads(threads)
