@@ -20,7 +20,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.utils import ModelOutput
 
 from vitune import IMAGE_TOKEN
 from vitune.projector import build_projector
@@ -44,18 +43,19 @@ class SplicedInputs:
     image_mask: torch.Tensor  # [B, T'] bool, True where image features were written
 
 
-@dataclass
-class VLMOutput(ModelOutput):
-    """Forward result; `labels`/`attention_mask` are the expanded ones the logits line up with.
+class VLMOutput(dict):
+    """Forward result: `loss` [] (mean CE over trained tokens), `logits` [B, T', V], `labels` and
+    `attention_mask` [B, T'] (the expanded ones the logits line up with), `num_label_tokens`.
 
-    A `ModelOutput` (a dict underneath) so DeepSpeed ZeRO-3 sees the tensors it must hook.
+    A dict with attribute access, so DeepSpeed ZeRO-3 sees the tensors it must hook (it walks dicts and
+    tuples, not dataclasses) without importing transformers at module import.
     """
 
-    loss: torch.Tensor | None = None  # [] mean CE over trained tokens
-    logits: torch.Tensor | None = None  # [B, T', V]
-    labels: torch.Tensor | None = None  # [B, T']
-    attention_mask: torch.Tensor | None = None  # [B, T']
-    num_label_tokens: int | None = None  # trained (non-ignored) next-token targets in the batch
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 @dataclass

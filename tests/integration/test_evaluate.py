@@ -63,8 +63,10 @@ def _png(path: str, seed: int) -> None:
 
 
 def _base(tmp, name: str) -> list[str]:
+    # the preset's eval section points at the demo's synthetic set: clear it, each test names its own
     return [f"storage.root={tmp}", f"eval.output={tmp}/{name}", "tracking.enabled=false", "eval.num_actors=1",
-            "eval.max_new_tokens=4", "eval.batch_size=4"]
+            "eval.max_new_tokens=4", "eval.batch_size=4", "eval.model_folder=null", "eval.data=null",
+            "eval.images=null"]
 
 
 def _judge(fake: FakeOpenAI) -> list[str]:
