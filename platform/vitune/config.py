@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vitune import storage
 
@@ -28,8 +28,13 @@ class Section(BaseModel):
 
 
 class StorageConfig(Section):
-    root: str = "./runs"  # local folder or s3://bucket/prefix holding data, features, checkpoints
+    root: str = Field("./runs", validate_default=True)  # local folder or s3://bucket/prefix: data, features, runs
     s3_endpoint_url: str | None = None  # else AWS_ENDPOINT_URL
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        return storage.absolute(v)
 
 
 class TrackingConfig(Section):
@@ -61,10 +66,21 @@ class ModelConfig(Section):
     max_length: int = Field(512, gt=8)
 
 
+def _absolute_paths(v: Any) -> Any:
+    """Local paths pinned to the driver's cwd (Ray workers run in other directories); URIs unchanged."""
+    if isinstance(v, str):
+        return storage.absolute(v)
+    if isinstance(v, list):
+        return [storage.absolute(x) if isinstance(x, str) else x for x in v]
+    return v
+
+
 class DataConfig(Section):
     records: list[str] = Field(default_factory=list)  # LLaVA JSON/JSONL URIs
     image_root: str | None = None
     features: str | None = None  # feature store URI
+
+    _paths = field_validator("records", "image_root", "features")(_absolute_paths)
 
 
 class FeaturesConfig(Section):
@@ -75,6 +91,8 @@ class FeaturesConfig(Section):
     actor_cpus: float = Field(1.0, gt=0)  # CPUs each tower actor reserves (on CPU, torch threads share all CPUs)
     preprocess_cpus: float = Field(1.0, gt=0)  # CPUs each decode+preprocess task reserves
     max_pixels: int = Field(64_000_000, gt=0)  # images over this (width x height) are quarantined
+
+    _paths = field_validator("output")(_absolute_paths)
 
 
 class TrainConfig(Section):
@@ -101,6 +119,8 @@ class TrainConfig(Section):
     seed: int = 0
     materialize_below_mb: float = Field(256, ge=0)  # keep the joined data in the object store when smaller
     fail_at_step: int | None = None  # testing: the last rank raises once at this step (not after a resume)
+
+    _paths = field_validator("output", "init_from")(_absolute_paths)
 
 
 class RunConfig(Section):
@@ -241,6 +261,11 @@ def build_config(cls: type[C], raw: dict, overrides: list[str] | tuple[str, ...]
         raw = deep_merge(raw, stages[stage])
     for path, value in parsed:
         _set_path(raw, path, value)
+    # a relative storage root means the driver's cwd: pin it before anything derives paths from it, since
+    # Ray workers run in other directories
+    root = (raw.get("storage") or {}).get("root") if isinstance(raw.get("storage"), dict) else None
+    if isinstance(root, str) and "${" not in root:
+        raw["storage"]["root"] = storage.absolute(root)
     raw = interpolate(raw)
     for key in list(raw):
         if key not in cls.model_fields and key in KNOWN_SECTIONS:

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,14 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if parsed.scheme and len(parsed.scheme) > 1:
         raise ValueError(f"unsupported storage URI scheme {parsed.scheme!r} in {uri!r} (use a local path or s3://)")
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute against this process's cwd (Ray workers run elsewhere); URIs unchanged."""
+    uri = str(uri)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri):  # s3://, file://, runs:/, models:/ ...
+        return uri
+    return os.path.abspath(uri)
 
 
 def join(uri: str, *parts: str) -> str:

@@ -301,7 +301,9 @@ def _lm_copy(lm: torch.nn.Module) -> torch.nn.Module:
 
 
 def resolve_init_from(ref: str, tracking_uri: str | None = None) -> str:
-    """A model-folder URI, or ``runs:/<run_id>`` → the folder that MLflow run wrote."""
+    """A model-folder URI, or ``runs:/<run_id>`` → the folder that MLflow run wrote (local paths absolute)."""
+    from vitune import storage
+
     if ref.startswith("runs:/"):
         from mlflow.tracking import MlflowClient
 
@@ -309,8 +311,8 @@ def resolve_init_from(ref: str, tracking_uri: str | None = None) -> str:
         folder = run.data.tags.get("vitune.model_folder")
         if not folder:
             raise ValueError(f"MLflow run {ref} has no vitune.model_folder tag (is it a vitune training run?)")
-        return folder
-    return ref
+        return storage.absolute(folder)
+    return storage.absolute(ref)
 
 
 def run_loop(cfg: TrainJobConfig, plan: Plan, rank: int, world: int, epoch_rows: Callable[[int], Iterable[dict]],

@@ -84,6 +84,20 @@ def test_references_resolve_after_overrides():
         config.build_config(config.TrainJobConfig, {"data": {"features": "${nope.x}"}})
 
 
+def test_relative_local_paths_are_pinned_to_the_driver_cwd(tmp_path, monkeypatch):
+    # Ray workers run in other directories: a relative root/path must mean the driver's cwd
+    monkeypatch.chdir(tmp_path)
+    cfg = config.build_config(
+        config.TrainJobConfig,
+        {"storage": {"root": "runs"}, "data": {"features": "${storage.root}/f", "records": ["r.json", "s3://b/r.json"]}},
+        ["train.init_from=runs:/abc", "train.output=out"],
+    )
+    assert cfg.storage.root == str(tmp_path / "runs") and cfg.data.features == str(tmp_path / "runs" / "f")
+    assert cfg.data.records == [str(tmp_path / "r.json"), "s3://b/r.json"]
+    assert cfg.train.init_from == "runs:/abc" and cfg.train.output == str(tmp_path / "out")
+    assert config.TrainJobConfig().storage.root == str(tmp_path / "runs")
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(config.ConfigError, match="key.sub=value"):
         config.build_config(config.TrainJobConfig, {}, ["train.lr"])

@@ -31,6 +31,8 @@ def resolve_model(ev: EvalConfig) -> tuple[str | None, str | None]:
 
         run_id = run_id or folder[len("runs:/"):].strip("/").split("/")[0]
         folder = resolve_init_from(folder)
+    if folder:
+        folder = storage.absolute(folder)  # batch-inference actors run in other directories
     if folder and not run_id:
         from vitune.model_folder import read_meta
 
