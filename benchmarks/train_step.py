@@ -42,7 +42,7 @@ def main() -> None:
     from vitune.records import normalize_image_token, read_records
     from vitune.templates import tokenize_record
     from vitune.tokenizer import load_tokenizer
-    from vitune.train_data import _row, collate, length_grouped
+    from vitune.train_data import collate, length_grouped, training_row
     from vitune.training import run_single_process
     from vitune.vision import encode_images, load_vision_tower
 
@@ -66,8 +66,8 @@ def main() -> None:
     for r in records:
         s = tokenize_record(r, cfg.model.template, tok, cfg.model.max_length)
         sample = {"input_ids": np.asarray(s.input_ids), "labels": np.asarray(s.labels)}
-        rows_store.append(_row(sample, feats[r.image]))
-        raw = _row(sample, feats[r.image])
+        rows_store.append(training_row(sample, feats[r.image]))
+        raw = training_row(sample, feats[r.image])
         raw["features"], raw["image_bytes"] = None, image_bytes[r.image]
         rows_raw.append(raw)
 

@@ -33,7 +33,6 @@ class DataStats:
     samples: int = 0
     skipped: Counter = field(default_factory=Counter)
     truncated: int = 0
-    image_keys_missing: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"records": self.records, "samples": self.samples, "skipped": dict(self.skipped),
@@ -100,16 +99,8 @@ class TokenizeBatch:
         }
 
 
-def join_features(tokenized_by_key: dict[str, list[dict]], keys: np.ndarray, features: np.ndarray) -> list[dict]:
-    """One training row per record that references an image in this block of the feature store."""
-    out = []
-    for key, feats in zip(keys, features, strict=True):
-        for sample in tokenized_by_key.get(str(key), ()):
-            out.append(_row(sample, feats))
-    return out
-
-
-def _row(sample: dict, feats: np.ndarray | None) -> dict:
+def training_row(sample: dict, feats: np.ndarray | None) -> dict:
+    """One training row: a tokenized sample + its image features; ``length`` counts the N image positions."""
     n_img = 0 if feats is None else feats.shape[0]
     length = len(sample["input_ids"]) + max(n_img - 1, 0)
     return {"input_ids": sample["input_ids"], "labels": sample["labels"], "features": feats,

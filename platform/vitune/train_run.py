@@ -21,7 +21,7 @@ from vitune import storage
 from vitune.config import TrainJobConfig, dump_config
 from vitune.ray_setup import init_ray
 from vitune.tracking import Tracker, resolve_tracking_uri
-from vitune.train_data import DataStats, TokenizeBatch, load_records
+from vitune.train_data import DataStats, TokenizeBatch, load_records, training_row
 from vitune.training import (
     Plan,
     deepspeed_config,
@@ -60,12 +60,9 @@ def join_with_records(batch: dict[str, np.ndarray], tokenized: list) -> dict[str
         by_key = _TOKENIZED[ref.hex()] = ray.get(ref)
     cols: dict[str, list] = defaultdict(list)
     for key, feats in zip(batch["image_key"], batch["features"], strict=True):
-        for s in by_key.get(str(key), ()):
-            cols["input_ids"].append(s["input_ids"])
-            cols["labels"].append(s["labels"])
-            cols["features"].append(feats)
-            cols["has_image"].append(True)
-            cols["length"].append(len(s["input_ids"]) + feats.shape[0] - 1)
+        for sample in by_key.get(str(key), ()):
+            for name, value in training_row(sample, feats).items():
+                cols[name].append(value)
     return dict(cols)
 
 
