@@ -26,8 +26,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from vitune import storage, synthetic
+from vitune import storage
 from vitune.config import FeaturesJobConfig, build_config
+from vitune.data import synthetic
 
 log = logging.getLogger("benchmarks.feature_throughput")
 
@@ -59,8 +60,8 @@ def tight_loop(cfg: FeaturesJobConfig, image_root: str, keys: list[str]) -> floa
     """Images/s of read → decode → preprocess → encode → fp16 in one process, batch by batch."""
     import torch
 
-    from vitune.image import decode_image
-    from vitune.vision import encode_images, load_vision_tower
+    from vitune.model.image import decode_image
+    from vitune.model.vision import encode_images, load_vision_tower
 
     tower = load_vision_tower(cfg.model.vision)
     bs = cfg.features.batch_size
@@ -74,7 +75,7 @@ def tight_loop(cfg: FeaturesJobConfig, image_root: str, keys: list[str]) -> floa
 
 
 def ray_job(cfg: FeaturesJobConfig) -> dict:
-    from vitune.features import extract_features
+    from vitune.features.extract import extract_features
 
     summary = extract_features(cfg)
     manifest = storage.read_json(storage.join(summary["output"], "manifest.json"))
@@ -85,7 +86,7 @@ def ray_job(cfg: FeaturesJobConfig) -> dict:
 
 
 def bench_tower(label: str, records: str, image_root: str, work: str, args: argparse.Namespace) -> dict:
-    from vitune.features import collect_image_keys
+    from vitune.features.extract import collect_image_keys
 
     keys, _ = collect_image_keys([records])
     raw = {"storage": {"root": work}, "tracking": {"enabled": False}, "model": {"vision": TOWERS[label]},

@@ -36,10 +36,10 @@ logger = logging.getLogger("serve_load")
 def build_model_folder(out: str, lm_hidden: int | None, lm_layers: int) -> dict[str, Any]:
     """Save a random-weight model folder: the tiny preset, or the tiny preset with a bigger random Llama."""
     from vitune.config import ModelConfig
-    from vitune.model import build_model
-    from vitune.model_folder import save_model_folder
-    from vitune.tokenizer import load_tokenizer
-    from vitune.vision import load_vision_tower
+    from vitune.data.tokenizer import load_tokenizer
+    from vitune.model.folder import save_model_folder
+    from vitune.model.vision import load_vision_tower
+    from vitune.model.vlm import build_model
 
     cfg = ModelConfig()
     tokenizer = load_tokenizer("tiny")
@@ -136,8 +136,8 @@ def engine_only(folder: str, sizes: dict[str, int], concurrency: int, requests: 
     """The same load straight into `ServingEngine`s in this process (no HTTP, no Serve): batching alone."""
     import torch
 
-    from vitune.openai_schema import parse_request
-    from vitune.serving_engine import ServeConfig, ServingEngine, chat_request_from_openai
+    from vitune.serve.engine import ServeConfig, ServingEngine, chat_request_from_openai
+    from vitune.serve.openai import parse_request
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a replica with num_cpus=1

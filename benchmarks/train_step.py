@@ -36,15 +36,16 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from vitune import storage, synthetic
+    from vitune import storage
     from vitune.config import TrainJobConfig, load_config
-    from vitune.image import decode_image
-    from vitune.records import normalize_image_token, read_records
-    from vitune.templates import tokenize_record
-    from vitune.tokenizer import load_tokenizer
-    from vitune.train_data import collate, length_grouped, training_row
-    from vitune.training import run_single_process
-    from vitune.vision import encode_images, load_vision_tower
+    from vitune.data import synthetic
+    from vitune.data.records import normalize_image_token, read_records
+    from vitune.data.templates import tokenize_record
+    from vitune.data.tokenizer import load_tokenizer
+    from vitune.model.image import decode_image
+    from vitune.model.vision import encode_images, load_vision_tower
+    from vitune.train.data import collate, length_grouped, training_row
+    from vitune.train.worker import run_single_process
 
     tmp = tempfile.mkdtemp(prefix="vitune-bench-")
     cfg = load_config(TrainJobConfig, os.path.join(ROOT, "jobs", "configs", "tiny.yaml"), [

@@ -19,8 +19,8 @@ import _common  # noqa: F401 - puts platform/ on sys.path when run as a plain Ra
 
 from vitune import storage
 from vitune.config import FeaturesJobConfig, dump_config, load_config
-from vitune.feature_store import MANIFEST
-from vitune.features import extract_features
+from vitune.features.extract import extract_features
+from vitune.features.store import MANIFEST
 from vitune.tracking import Tracker
 
 log = logging.getLogger("vitune.jobs.extract_features")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker.finish("FAILED")
         raise
     tracker.log_metrics({k: summary[k] for k in METRICS if summary.get(k) is not None})
-    tracker.set_tags({"vitune.features": summary["output"], "vitune.fingerprint_id": summary["fingerprint_id"]})
+    tracker.set_tags({"vitune.features.extract": summary["output"], "vitune.fingerprint_id": summary["fingerprint_id"]})
     tracker.log_text(json.dumps(summary, indent=2), "features/summary.json")
     tracker.log_text(storage.read_text(storage.join(summary["output"], MANIFEST)), "features/manifest.json")
     tracker.finish()

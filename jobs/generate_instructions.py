@@ -28,9 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
 
     from vitune import storage
-    from vitune.config import GenerateJobConfig, load_config
-    from vitune.generate import run_generate
-    from vitune.ray_setup import init_ray
+    from vitune.config import GenerateJobConfig, init_ray, load_config
+    from vitune.instruct.run import run_generate
 
     cfg = load_config(GenerateJobConfig, args.config, args.overrides)
     if cfg.storage.s3_endpoint_url:

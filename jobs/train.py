@@ -14,7 +14,7 @@ import _common
 def main(argv: list[str] | None = None) -> int:
     args = _common.parse(__doc__.splitlines()[0], argv)
     from vitune.config import TrainJobConfig, load_config
-    from vitune.train_run import run_training
+    from vitune.train.driver import run_training
 
     cfg = load_config(TrainJobConfig, args.config, args.overrides)
     summary = run_training(cfg)

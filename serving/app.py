@@ -3,7 +3,7 @@
 Two deployments:
 - `ChatAPI` (FastAPI ingress, CPU): auth, request parsing and checks, image decoding, SSE; the chat page
   at `/`. Bad input is answered here (or by the engine's prompt check) with a 4xx in OpenAI's error shape.
-- `VLMEngine` (the model, one GPU each on a cluster): a `vitune.serving_engine.ServingEngine` that
+- `VLMEngine` (the model, one GPU each on a cluster): a `vitune.serve.engine.ServingEngine` that
   decodes the requests on its replica with continuous batching (see that module). Autoscaled on
   ongoing requests.
 
@@ -31,9 +31,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vitune import openai_schema as oai
-from vitune.openai_schema import APIError
-from vitune.serving_engine import ChatRequest, ServeConfig, ServingEngine, chat_request_from_openai
+from vitune.serve import openai as oai
+from vitune.serve.engine import ChatRequest, ServeConfig, ServingEngine, chat_request_from_openai
+from vitune.serve.openai import APIError
 
 logger = logging.getLogger(__name__)
 

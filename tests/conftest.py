@@ -70,10 +70,10 @@ def _pythonpath() -> list[str]:
 def tiny_model_folder(tmp_path_factory) -> str:
     """A model folder of the tiny preset (random weights, tiny tokenizer and tower), saved once per session."""
     from vitune.config import ModelConfig
-    from vitune.model import build_model
-    from vitune.model_folder import save_model_folder
-    from vitune.tokenizer import load_tokenizer
-    from vitune.vision import load_vision_tower
+    from vitune.data.tokenizer import load_tokenizer
+    from vitune.model.folder import save_model_folder
+    from vitune.model.vision import load_vision_tower
+    from vitune.model.vlm import build_model
 
     cfg = ModelConfig()
     tokenizer = load_tokenizer("tiny")

@@ -9,6 +9,8 @@ the field and the bad value.
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -17,6 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vitune import storage
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -392,3 +396,70 @@ class EvalConfig(Section):
 class EvalJobConfig(RunConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+
+# --- serving: the Serve application's args (serving/config.yaml) ---
+MODELS_SCHEME = "models:/"
+API_KEY_ENV = "VITUNE_API_KEY"
+
+
+class RemoteImagesConfig(BaseModel):
+    """Image URLs other than `data:`; off by default, and then limited to `allowed_hosts`."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    allowed_hosts: list[str] = Field(default_factory=list)  # "example.com", or ".example.com" for subdomains too
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class ServeConfig(BaseModel):
+    """The Serve application's `args` (serving/config.yaml); validated once in `build_app`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str  # model folder URI (local or s3://) or models:/NAME/VERSION from the MLflow registry
+    served_model_name: str | None = None  # default: NAME of models:/NAME/VERSION, else the folder's name
+    tracking_uri: str | None = None  # for models:/ (else MLFLOW_TRACKING_URI)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto = the folder's dtype on GPU, fp32 on CPU
+    max_batch_size: int = Field(32, ge=1)  # rows decoded together on one replica
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # newcomers join after waiting this long (or a quiet gap this long)
+    max_batch_wait_s: float = Field(0.1, ge=0)  # an idle replica waits at most this long for a first batch to fill
+    max_queued: int = Field(256, ge=1)  # requests waiting to join on one replica; more get 429
+    default_max_tokens: int = Field(256, ge=1)  # when a request names none (capped by the context left)
+    context_length: int | None = Field(None, ge=2)  # default: the model's training max_length
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)  # encoded size
+    max_image_pixels: int = Field(16_000_000, ge=1)  # decoded width x height
+    remote_images: RemoteImagesConfig = Field(default_factory=RemoteImagesConfig)
+    api_key: str | None = None  # else the VITUNE_API_KEY env of the replica; unset = no auth
+    stream_interval_s: float = Field(0.05, ge=0)  # streamed text is sent at most this often (first token at once)
+    warmup: bool = True  # one short generation at load so the first request does not pay for it
+
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model.startswith(MODELS_SCHEME):
+            return self.model[len(MODELS_SCHEME) :].split("/")[0].split("@")[0]
+        return Path(self.model.rstrip("/")).name or "vitune"
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+# --- connecting to Ray the same way in every job: join the cluster a job runs on, or start a local one ---
+def ray_init_kwargs(cfg: RayConfig) -> dict[str, Any]:
+    """``ray.init`` arguments: resource sizes only when starting a local Ray (joining refuses them)."""
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        return {"address": address}
+    return {"address": address, "num_cpus": cfg.num_cpus}
+
+
+def init_ray(cfg: RayConfig, **kwargs: Any) -> None:
+    """``ray.init`` unless this process is connected already (a job's driver, a test session)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    args = {**ray_init_kwargs(cfg), **kwargs}
+    log.info("starting Ray: %s", {k: v for k, v in args.items() if v is not None} or "local")
+    ray.init(**args)

@@ -31,7 +31,7 @@ def _train_done(cfg: TrainJobConfig) -> dict | None:
     """The earlier summary when this stage already finished with exactly this resolved config."""
     import yaml
 
-    from vitune.training import output_uri
+    from vitune.train.worker import output_uri
 
     out = output_uri(cfg)
     summary_uri, config_uri = storage.join(out, "summary.json"), storage.join(out, "config.yaml")
@@ -60,13 +60,13 @@ def run_pipeline(config_path: str, overrides: Sequence[str] = (), steps: Sequenc
         for step in steps:
             t0 = time.perf_counter()
             if step == "features":
-                from vitune.features import extract_features
+                from vitune.features.extract import extract_features
 
                 out = extract_features(base)
                 skipped = out["computed_shards"] == 0
                 results["features"] = out
             elif step in ("align", "finetune"):
-                from vitune.train_run import run_training
+                from vitune.train.driver import run_training
 
                 cfg = load_config(TrainJobConfig, config_path, [*overrides, f"stage={step}"])
                 done = _train_done(cfg)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vitune import storage
-from vitune.config import TrackingConfig
+from vitune.config import MODELS_SCHEME, TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +151,48 @@ class Tracker:
             self._client.set_terminated(self.run_id, status)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
+
+
+# --- registered models: models:/NAME/VERSION → a model folder ---
+
+
+def _registry_download_uri(uri: str, tracking_uri: str | None) -> str:
+    """Where the artifacts of `models:/NAME/VERSION` (or `NAME@ALIAS`, `NAME/latest`) live.
+
+    Resolved with an explicit client: mlflow's own `models:/` download ignores a passed registry URI.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    ref = uri[len(MODELS_SCHEME) :].strip("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, _, version = ref.partition("/")
+        if not name or not version:
+            raise ValueError(f"model URI {uri!r} must be models:/NAME/VERSION or models:/NAME@ALIAS")
+        if version == "latest":
+            found = client.search_model_versions(f"name='{name}'")
+            if not found:
+                raise ValueError(f"registered model {name!r} has no versions")
+            version = str(max(int(v.version) for v in found))
+    return client.get_model_version_download_uri(name, version)
+
+
+def resolve_model_source(uri: str, dest: str, tracking_uri: str | None = None) -> str:
+    """A model-folder URI for `uri`: `models:/...` is downloaded from the MLflow registry into `dest`."""
+    from vitune.model.folder import META_FILE  # deferred: the model package imports torch
+
+    if not uri.startswith(MODELS_SCHEME):
+        return uri
+    import mlflow.artifacts
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    source = _registry_download_uri(uri, tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dest, tracking_uri=tracking_uri))
+    for candidate in (local, *sorted(p.parent for p in local.glob(f"*/{META_FILE}"))):
+        if (candidate / META_FILE).exists():
+            log.info("registry model %s (%s) downloaded to %s", uri, source, candidate)
+            return str(candidate)
+    raise FileNotFoundError(f"{uri} holds no vitune model folder ({META_FILE} not found in its artifacts)")

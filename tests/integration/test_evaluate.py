@@ -19,7 +19,7 @@ import pytest
 
 from tests.fake_openai import FakeOpenAI, Reply
 from vitune import storage
-from vitune.synthetic import Scene, render_scene
+from vitune.data.synthetic import Scene, render_scene
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
@@ -43,10 +43,10 @@ def model_folder(request, tmp_path_factory) -> str:
         return request.getfixturevalue("tiny_model_folder")
     except pytest.FixtureLookupError:
         from vitune.config import ModelConfig
-        from vitune.model import build_model
-        from vitune.model_folder import save_model_folder
-        from vitune.tokenizer import load_tokenizer
-        from vitune.vision import load_vision_tower
+        from vitune.data.tokenizer import load_tokenizer
+        from vitune.model.folder import save_model_folder
+        from vitune.model.vision import load_vision_tower
+        from vitune.model.vlm import build_model
 
         cfg = ModelConfig()
         tokenizer = load_tokenizer("tiny")
@@ -178,7 +178,7 @@ def test_scienceqa_generates_with_the_tiny_model_and_resumes(sqa_root, model_fol
 
 
 def test_synthetic_held_out_exact_match(model_folder, tmp_path):
-    from vitune import synthetic
+    from vitune.data import synthetic
 
     data = synthetic.generate(str(tmp_path / "syn"), seed=3, num_images=1, num_eval_images=3, image_size=32)
     records = json.loads((tmp_path / "syn" / "eval.json").read_text())

@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 
 from jobs import extract_features as job
-from vitune import storage, synthetic
+from vitune import storage
 from vitune.config import FeaturesJobConfig, VisionConfig, load_config
-from vitune.feature_store import MANIFEST, FeatureStore, FingerprintMismatch
-from vitune.features import FAIL_AFTER_ENV, SimulatedInterruption, extract_features, output_uri
-from vitune.image import decode_image
-from vitune.records import read_records
-from vitune.vision import encode_images, fingerprint_id, load_vision_tower
+from vitune.data import synthetic
+from vitune.data.records import read_records
+from vitune.features.extract import FAIL_AFTER_ENV, SimulatedInterruption, extract_features, output_uri
+from vitune.features.store import MANIFEST, FeatureStore, FingerprintMismatch
+from vitune.model.image import decode_image
+from vitune.model.vision import encode_images, fingerprint_id, load_vision_tower
 
 pytestmark = pytest.mark.integration
 

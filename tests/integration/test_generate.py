@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from tests.fake_openai import Reply, fake_openai_fixture  # noqa: F401 - fixture `fake_openai`
 from vitune import storage
 from vitune.config import GenerateJobConfig, build_config
-from vitune.generate import run_generate
-from vitune.generate_prompts import load_prompts
-from vitune.records import read_records
+from vitune.data.records import read_records
+from vitune.instruct.prompts import load_prompts
+from vitune.instruct.run import run_generate
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,9 @@ import pytest
 
 from tests.fake_openai import fake_openai_fixture  # noqa: F401 - fixture `fake_openai`
 from tests.integration.test_generate import make_responder
-from vitune import storage, synthetic
+from vitune import storage
 from vitune.config import FeaturesJobConfig, GenerateJobConfig, TrainJobConfig, build_config, load_config
+from vitune.data import synthetic
 
 pytestmark = pytest.mark.integration
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -45,9 +46,9 @@ def _generate_cfg(root, input_uri, base_url, model="fake", **endpoint):
 
 
 def test_generated_records_feed_features_and_training(ray_local, fake_openai, tmp_path):
-    from vitune.features import extract_features
-    from vitune.generate import run_generate
-    from vitune.train_run import run_training
+    from vitune.features.extract import extract_features
+    from vitune.instruct.run import run_generate
+    from vitune.train.driver import run_training
 
     fake_openai.responder = make_responder()
     s = run_generate(_generate_cfg(tmp_path, _scenes_as_jsonl(tmp_path), fake_openai.base_url))
@@ -67,7 +68,7 @@ def test_generated_records_feed_features_and_training(ray_local, fake_openai, tm
 
 
 def test_generation_against_the_serving_app_quarantines_nonsense(ray_local, chat_app, tmp_path):
-    from vitune.generate import run_generate
+    from vitune.instruct.run import run_generate
 
     s = run_generate(_generate_cfg(tmp_path, _scenes_as_jsonl(tmp_path), f"{chat_app}/v1", model="vitune-tiny",
                                    max_tokens=32))

@@ -121,10 +121,10 @@ def test_greedy_output_equals_model_generate(client, tiny_model_folder):
     import torch
 
     from vitune.config import VisionConfig
-    from vitune.image import decode_image
-    from vitune.model_folder import load_model_folder
-    from vitune.templates import tokenize_generation_prompt
-    from vitune.vision import encode_images, load_vision_tower
+    from vitune.data.templates import tokenize_generation_prompt
+    from vitune.model.folder import load_model_folder
+    from vitune.model.image import decode_image
+    from vitune.model.vision import encode_images, load_vision_tower
 
     image = png_bytes((60, 40), noise=True)
     api = client.chat.completions.create(model=MODEL, messages=[image_message("Describe it.", data_url(image))],
@@ -363,8 +363,8 @@ def test_model_from_s3_and_registry(tiny_model_folder, s3_bucket, mlflow_server)
     from mlflow.tracking import MlflowClient
 
     from vitune import storage
-    from vitune.openai_schema import parse_request
-    from vitune.serving_engine import ServeConfig, ServingEngine, chat_request_from_openai
+    from vitune.serve.engine import ServeConfig, ServingEngine, chat_request_from_openai
+    from vitune.serve.openai import parse_request
 
     s3_folder = f"{s3_bucket}/serving/model"
     storage.upload_dir(tiny_model_folder, s3_folder)
@@ -394,11 +394,11 @@ def test_rows_joining_mid_flight_decode_like_model_generate(tiny_model_folder):
     greedy answer equals `model.generate` on that request alone (cache merge, padding, row removal)."""
     import torch
 
-    from vitune.image import decode_image
-    from vitune.openai_schema import parse_request
-    from vitune.serving_engine import ServeConfig, ServingEngine, chat_request_from_openai
-    from vitune.templates import tokenize_generation_prompt
-    from vitune.vision import encode_images
+    from vitune.data.templates import tokenize_generation_prompt
+    from vitune.model.image import decode_image
+    from vitune.model.vision import encode_images
+    from vitune.serve.engine import ServeConfig, ServingEngine, chat_request_from_openai
+    from vitune.serve.openai import parse_request
 
     rng = random.Random(0)
     words = ["cat", "dog", "the", "red", "picture", "where", "is", "table", "two"]
@@ -446,8 +446,8 @@ def test_remote_image_urls_follow_the_allow_list(s3_bucket):
     import threading
 
     from vitune import storage
-    from vitune.openai_schema import APIError
-    from vitune.serving_engine import RemoteImagesConfig, ServeConfig, load_image
+    from vitune.serve.engine import RemoteImagesConfig, ServeConfig, load_image
+    from vitune.serve.openai import APIError
 
     files = {"/red.png": png_bytes(), "/big.png": png_bytes((300, 300), noise=True)}
 
@@ -498,7 +498,7 @@ def test_shipped_serve_config_is_valid():
     from ray.serve.schema import ServeDeploySchema
 
     import serving.app as app_module
-    from vitune.serving_engine import ServeConfig
+    from vitune.serve.engine import ServeConfig
 
     raw = yaml.safe_load((Path(__file__).parents[2] / "serving" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
@@ -514,8 +514,8 @@ def test_shipped_serve_config_is_valid():
 
 
 def test_text_stream_holds_back_partial_stops_and_characters():
-    from vitune.serving_engine import TextStream
-    from vitune.tokenizer import load_tokenizer
+    from vitune.data.tokenizer import load_tokenizer
+    from vitune.serve.engine import TextStream
 
     tokenizer = load_tokenizer("tiny")
     ids = tokenizer("the cat sat on the table. The end", add_special_tokens=False)["input_ids"]

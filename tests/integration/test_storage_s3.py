@@ -5,7 +5,8 @@ from __future__ import annotations
 import boto3
 
 from tests.unit.test_foundation import _roundtrip
-from vitune import storage, synthetic
+from vitune import storage
+from vitune.data import synthetic
 
 
 def test_s3_roundtrip(s3_bucket, s3_server):

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from tests import services
-from vitune import submit, synthetic
+from vitune.cli import submit
+from vitune.data import synthetic
 
 pytestmark = pytest.mark.integration
 
@@ -156,7 +157,7 @@ def vitune(cluster: TwoNodeCluster, *argv: str, token_path: Path | None | bool =
         env["RAY_AUTH_TOKEN_PATH"] = str(cluster.token_path if token_path is True else token_path)
     if home is not None:
         env["HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "vitune.cli", *argv], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vitune.cli.main", *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -240,7 +241,7 @@ def test_cluster_address_stays_in_its_temp_dir(cluster):
 
 def test_bad_override_fails_before_anything_is_sent(caplog):
     # no cluster at this address: validation must fail first, naming the field
-    with caplog.at_level(logging.ERROR, logger="vitune.submit"):
+    with caplog.at_level(logging.ERROR, logger="vitune.cli.submit"):
         rc = submit.main_submit(["train", "--config", TINY, "train.num_workers=0", "--address", "http://127.0.0.1:9"])
     assert rc == 2
     assert "train.num_workers" in caplog.text

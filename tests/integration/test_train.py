@@ -9,9 +9,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from vitune import storage, synthetic
+from vitune import storage
 from vitune.config import FeaturesJobConfig, TrainJobConfig, load_config
-from vitune.model_folder import load_model_folder
+from vitune.data import synthetic
+from vitune.model.folder import load_model_folder
 
 pytestmark = pytest.mark.integration
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,7 +21,7 @@ TINY = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
 
 @pytest.fixture(scope="module")
 def feature_setup(ray_local, s3_bucket):
-    from vitune.features import extract_features
+    from vitune.features.extract import extract_features
 
     root = f"{s3_bucket}/train-test"
     data = synthetic.generate(storage.join(root, "data"), seed=5, num_images=48, num_eval_images=0)
@@ -47,7 +48,7 @@ def _params(module):
 
 @pytest.fixture(scope="module")
 def trained(feature_setup, mlflow_server):
-    from vitune.train_run import run_training
+    from vitune.train.driver import run_training
 
     align = run_training(_train_cfg(feature_setup, "align", mlflow_server, "train.zero_stage=2"))
     fine = run_training(_train_cfg(feature_setup, "finetune", mlflow_server, "train.zero_stage=3",
@@ -56,8 +57,8 @@ def trained(feature_setup, mlflow_server):
 
 
 def test_align_trains_projector_only(trained):
-    from vitune.model import build_model
-    from vitune.tokenizer import load_tokenizer
+    from vitune.data.tokenizer import load_tokenizer
+    from vitune.model.vlm import build_model
 
     align, _ = trained
     assert align["total_steps"] == 3  # 48 captions / global batch 16
@@ -99,7 +100,7 @@ def test_mlflow_holds_runs_metrics_and_registered_model(trained, mlflow_server):
 
 
 def test_resume_after_worker_failure(feature_setup, mlflow_server):
-    from vitune.train_run import run_training
+    from vitune.train.driver import run_training
 
     cfg = _train_cfg(feature_setup, "align", mlflow_server, "train.zero_stage=2", "train.checkpoint_every=2",
                      "train.fail_at_step=2", "train.max_failures=1", "train.epochs=2",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vitune.batch_inference import normalize_answer
+from vitune.evaluation.inference import normalize_answer
 from vitune.evaluation.llava_bench import format_context, parse_scores, relative_scores
 from vitune.evaluation.scienceqa import Problem, build_prompt, extract_answer, score
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitune import cluster_manifests, submit
+from vitune.cli import manifests as cluster_manifests
+from vitune.cli import submit
 from vitune.config import ConfigError, SyntheticJobConfig, TrainJobConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,7 +145,7 @@ def test_rayservice_serve_config_is_serving_config_yaml():
     assert yaml.safe_load(service["spec"]["serveConfigV2"]) == yaml.safe_load(serve_text)
     manifest = (ROOT / cluster_manifests.RAYSERVICE).read_text()
     assert cluster_manifests.render_rayservice(manifest, serve_text) == manifest, (
-        "cluster/kuberay/rayservice.yaml is stale: run python -m vitune.cluster_manifests")
+        "cluster/kuberay/rayservice.yaml is stale: run python -m vitune.cli.manifests")
 
 
 def test_rayservice_ports_and_import_path_fit_the_cluster():

@@ -8,7 +8,8 @@ import pytest
 
 from vitune import storage
 from vitune.config import FeaturesJobConfig, build_config
-from vitune.feature_store import (
+from vitune.features.extract import key_set_hash, plan_shards, pool_size, write_manifest
+from vitune.features.store import (
     PLAN,
     FeatureStore,
     FingerprintMismatch,
@@ -17,7 +18,6 @@ from vitune.feature_store import (
     shard_table,
     write_shard,
 )
-from vitune.features import key_set_hash, plan_shards, pool_size, write_manifest
 
 N, D = 4, 3
 FP = {"tower": "t", "pretrained": None, "feature_layer": -2, "select": "patch", "image_size": 16,

@@ -10,7 +10,8 @@ import sys
 import pyarrow as pa
 import pytest
 
-from vitune import config, storage, synthetic
+from vitune import config, storage
+from vitune.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -135,7 +136,7 @@ def test_storage_rejects_unknown_scheme():
 
 
 def test_synthetic_is_deterministic_and_valid(tmp_path):
-    from vitune.records import validate_record
+    from vitune.data.records import validate_record
 
     a = synthetic.generate(str(tmp_path / "a"), seed=3, num_images=12, num_eval_images=4)
     b = synthetic.generate(str(tmp_path / "b"), seed=3, num_images=12, num_eval_images=4)
@@ -154,7 +155,7 @@ def test_synthetic_is_deterministic_and_valid(tmp_path):
 
 
 def test_tiny_tokenizer_offline():
-    from vitune.tokenizer import image_token_id, load_tokenizer
+    from vitune.data.tokenizer import image_token_id, load_tokenizer
 
     tok = load_tokenizer("tiny")
     ids = tok("<image>\nWhat color? red", add_special_tokens=False).input_ids

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from vitune.generate import collect, plan_tasks
-from vitune.generate_inputs import ImageContext, parse_jsonl_image, read_coco, read_inputs, read_jsonl
-from vitune.generate_parse import ParseError, build_record, fingerprint, parse_complex, parse_conversation
-from vitune.generate_prompts import KINDS, PromptError, load_prompt, load_prompts
-from vitune.records import validate_record
+from vitune.data.records import validate_record
+from vitune.instruct.inputs import ImageContext, parse_jsonl_image, read_coco, read_inputs, read_jsonl
+from vitune.instruct.parse import ParseError, build_record, fingerprint, parse_complex, parse_conversation
+from vitune.instruct.prompts import KINDS, PromptError, load_prompt, load_prompts
+from vitune.instruct.run import collect, plan_tasks
 
 CONVERSATION = """Question:
 What color is the bus?

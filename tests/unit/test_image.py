@@ -1,4 +1,4 @@
-"""Image decoding and tower preprocessing against hand-computed pixels (vitune.image)."""
+"""Image decoding and tower preprocessing against hand-computed pixels (vitune.model.image)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitune.image import (
+from vitune.model.image import (
     ImageError,
     check_dimensions,
     decode_image,

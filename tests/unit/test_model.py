@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitune.config import ModelConfig
-from vitune.model import IGNORE_INDEX, VisionLanguageModel, build_model, splice_image_features
-from vitune.model_folder import META_FILE, load_model_folder, save_model_folder
-from vitune.projector import build_projector, parse_projector_name
-from vitune.tokenizer import load_tokenizer
+from vitune.data.tokenizer import load_tokenizer
+from vitune.model.folder import META_FILE, load_model_folder, save_model_folder
+from vitune.model.projector import build_projector, parse_projector_name
+from vitune.model.vlm import IGNORE_INDEX, VisionLanguageModel, build_model, splice_image_features
 
 DV, N = 12, 5  # vision width and patches per image in these tests
 
@@ -272,7 +272,7 @@ def test_freeze_for_stage(tokenizer, caplog: pytest.LogCaptureFixture) -> None:
     vlm = build_model(ModelConfig(), tokenizer, DV)
     projector_params = sum(p.numel() for p in vlm.projector.parameters())
     lm_params = sum(p.numel() for p in vlm.lm.parameters())
-    with caplog.at_level(logging.INFO, logger="vitune.model"):
+    with caplog.at_level(logging.INFO, logger="vitune.model.vlm"):
         counts = vlm.freeze_for_stage("align")
     trainable = {name for name, p in vlm.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith("projector.") for name in trainable)

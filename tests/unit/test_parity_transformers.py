@@ -17,9 +17,9 @@ from PIL import Image
 from torch import nn
 
 from vitune.config import ModelConfig, VisionConfig
-from vitune.model import VisionLanguageModel, build_model
-from vitune.tokenizer import load_tokenizer
-from vitune.vision import VisionTower, encode_images, load_vision_tower
+from vitune.data.tokenizer import load_tokenizer
+from vitune.model.vision import VisionTower, encode_images, load_vision_tower
+from vitune.model.vlm import VisionLanguageModel, build_model
 
 ATOL = 1e-5
 

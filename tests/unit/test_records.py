@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vitune.records import (
+from vitune.data.records import (
     Record,
     RecordError,
     Turn,

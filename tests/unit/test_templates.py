@@ -12,9 +12,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from vitune import IMAGE_TOKEN
-from vitune.inspect_data import inspect_records, main, mark_trained
-from vitune.records import Turn, validate_record
-from vitune.templates import (
+from vitune.data.inspect import inspect_records, main, mark_trained
+from vitune.data.records import Turn, validate_record
+from vitune.data.templates import (
     IGNORE_INDEX,
     TEMPLATES,
     MaskError,
@@ -26,7 +26,7 @@ from vitune.templates import (
     tokenize_generation_prompt,
     tokenize_record,
 )
-from vitune.tokenizer import load_tokenizer
+from vitune.data.tokenizer import load_tokenizer
 
 CONV = [
     {"from": "human", "value": "What is unusual here?\n<image>"},

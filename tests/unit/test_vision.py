@@ -1,4 +1,4 @@
-"""The frozen vision tower (vitune.vision): shapes, determinism, feature-layer semantics, fingerprint."""
+"""The frozen vision tower (vitune.model.vision): shapes, determinism, feature-layer semantics, fingerprint."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 
 import vitune
 from vitune.config import VisionConfig
-from vitune.vision import (
+from vitune.model.vision import (
     TINY_TOWER,
     VisionTower,
     encode_images,
@@ -171,7 +171,7 @@ def test_openai_tag_builds_with_quick_gelu(monkeypatch: pytest.MonkeyPatch) -> N
 def test_import_has_no_side_effects() -> None:
     root = str(Path(vitune.__file__).resolve().parent.parent)
     code = (
-        "import sys, vitune.vision, vitune.image, vitune.model, vitune.projector\n"
+        "import sys, vitune.model.vision, vitune.model.image, vitune.model.vlm, vitune.model.projector\n"
         "assert 'open_clip' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitune import storage
-from vitune.batch_inference import single_turn
+from vitune.evaluation.inference import single_turn
 
 log = logging.getLogger(__name__)
 

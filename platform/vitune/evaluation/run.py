@@ -14,9 +14,9 @@ import tempfile
 from typing import Any
 
 from vitune import storage
-from vitune.batch_inference import GenerationSettings, run_batch_inference
 from vitune.config import EvalConfig, EvalJobConfig, dump_config
 from vitune.evaluation import report as report_lib
+from vitune.evaluation.inference import GenerationSettings, run_batch_inference
 from vitune.evaluation.judge import Judge
 from vitune.tracking import Tracker
 
@@ -27,14 +27,14 @@ def resolve_model(ev: EvalConfig) -> tuple[str | None, str | None]:
     """``(model folder URI, training run id)`` from ``runs:/<id>``, a folder, and ``model_run_id``."""
     folder, run_id = ev.model_folder, ev.model_run_id
     if folder and folder.startswith("runs:/"):
-        from vitune.training import resolve_init_from
+        from vitune.train.worker import resolve_init_from
 
         run_id = run_id or folder[len("runs:/"):].strip("/").split("/")[0]
         folder = resolve_init_from(folder)
     if folder:
         folder = storage.absolute(folder)  # batch-inference actors run in other directories
     if folder and not run_id:
-        from vitune.model_folder import read_meta
+        from vitune.model.folder import read_meta
 
         extra = read_meta(folder).get("extra") or {}
         run_id = extra.get("run_id") or extra.get("mlflow_run_id")
@@ -56,7 +56,7 @@ def settings_of(ev: EvalConfig) -> GenerationSettings:
 
 
 def _ray_kwargs(cfg: EvalJobConfig) -> dict[str, Any]:
-    from vitune.ray_setup import ray_init_kwargs
+    from vitune.config import ray_init_kwargs
 
     return ray_init_kwargs(cfg.ray)
 
@@ -128,7 +128,7 @@ def evaluate_llava_bench(cfg: EvalJobConfig, folder: str | None, out: str, judge
 
 
 def evaluate_synthetic_set(cfg: EvalJobConfig, folder: str | None, out: str, judge: Judge | None) -> dict[str, Any]:
-    from vitune.batch_inference import evaluate_synthetic
+    from vitune.evaluation.inference import evaluate_synthetic
 
     ev = cfg.eval
     data = _data_root(ev)
@@ -168,7 +168,7 @@ def run_evaluation(cfg: EvalJobConfig, parent_run_id: str | None = None) -> dict
     folder, run_id = resolve_model(ev)
     out = output_uri(cfg, folder)
     wants_judge = ev.benchmark == "llava_bench" or (ev.benchmark == "scienceqa" and ev.ensemble)
-    tags = {"vitune.benchmark": ev.benchmark, "vitune.model_folder": folder or "", "vitune.eval_output": out}
+    tags = {"vitune.benchmark": ev.benchmark, "vitune.model.folder": folder or "", "vitune.eval_output": out}
     if run_id:
         tags.update({"vitune.model_run_id": run_id, "vitune.model_run": f"runs:/{run_id}"})
     tracker = Tracker(cfg.tracking, cfg.storage.root, run_name=f"eval-{ev.benchmark}", tags=tags,

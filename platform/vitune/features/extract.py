@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from vitune import image as image_lib
 from vitune import storage
-from vitune.config import DataConfig, FeaturesJobConfig, VisionConfig
-from vitune.feature_store import (
+from vitune.config import DataConfig, FeaturesJobConfig, VisionConfig, init_ray
+from vitune.features.store import (
     ERRORS_DIR,
     FEATURE_DTYPE,
     FEATURES_COLUMN,
@@ -48,7 +47,7 @@ from vitune.feature_store import (
     shard_table,
     write_shard,
 )
-from vitune.ray_setup import init_ray
+from vitune.model import image as image_lib
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +84,7 @@ class PreprocessSpec:
 
 def collect_image_keys(record_uris: Sequence[str]) -> tuple[list[str], dict[str, int]]:
     """Sorted distinct image keys referenced by valid records, and record counts for the manifest."""
-    from vitune.records import read_records_with_errors
+    from vitune.data.records import read_records_with_errors
 
     if not record_uris:
         raise ValueError("data.records: no record files given")
@@ -233,7 +232,7 @@ class EncodeShard:
                  s3_endpoint_url: str | None = None):
         import torch
 
-        from vitune.vision import fingerprint_id, load_vision_tower
+        from vitune.model.vision import fingerprint_id, load_vision_tower
 
         if s3_endpoint_url:
             storage.configure_s3(s3_endpoint_url)
@@ -378,7 +377,7 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
     the missing shards, then raise ``SimulatedInterruption`` before the manifest is written.
     """
 
-    from vitune.vision import fingerprint_id, load_vision_tower
+    from vitune.model.vision import fingerprint_id, load_vision_tower
 
     t_start = time.perf_counter()
     if fail_after_shards is None:
@@ -463,7 +462,7 @@ def write_manifest(out: str, shards: Sequence[Sequence[str]], fp: dict[str, Any]
 
     Raises if any shard is missing or if images in != features out + quarantined.
     """
-    from vitune.vision import fingerprint_id
+    from vitune.model.vision import fingerprint_id
 
     fp_id = fingerprint_id(fp)
     by_shard = {r["shard"]: r for r in computed}

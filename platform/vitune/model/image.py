@@ -1,7 +1,7 @@
 """Image decoding and tower preprocessing: bytes → RGB PIL image → normalised [3, S, S] tensor.
 
 This is the single definition of how an image becomes pixels for the vision tower; the feature job,
-evaluation and serving all reach it through `vitune.vision.encode_images`, so they cannot skew.
+evaluation and serving all reach it through `vitune.model.vision.encode_images`, so they cannot skew.
 
 Decisions:
 - Alpha is composited onto white (what a viewer shows on a white page), instead of PIL's plain

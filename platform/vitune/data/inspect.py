@@ -15,8 +15,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from vitune.records import read_records_with_errors
-from vitune.templates import IGNORE_INDEX, TEMPLATES, MaskError, TokenizedSample, tokenize_record
+from vitune.data.records import read_records_with_errors
+from vitune.data.templates import IGNORE_INDEX, TEMPLATES, MaskError, TokenizedSample, tokenize_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,7 +40,7 @@ def inspect_records(
     uri: str, template: str, tokenizer_name: str = "tiny", max_length: int = 2048, show: int = 3
 ) -> dict[str, Any]:
     """Validate and tokenize every record at ``uri``; return stats and ``show`` marked samples."""
-    from vitune.tokenizer import load_tokenizer
+    from vitune.data.tokenizer import load_tokenizer
 
     if template not in TEMPLATES:
         raise ValueError(f"unknown conversation template {template!r}; valid: {', '.join(TEMPLATES)}")

@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from vitune import image as image_lib
+from vitune.model import image as image_lib
 
 logger = logging.getLogger(__name__)
 
 TINY_TOWER = "vitune-tiny-vit"
-_ASSET_CONFIGS = Path(__file__).parent / "assets" / "open_clip"
+_ASSET_CONFIGS = Path(__file__).parent.parent / "assets" / "open_clip"
 _INIT_SEED = 0
 # What makes two feature stores interchangeable; versions are recorded but do not change the id.
 FINGERPRINT_ID_KEYS = ("tower", "pretrained", "feature_layer", "select", "image_size", "image_mode")

@@ -19,7 +19,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from vitune import synthetic
+    from vitune.data import synthetic
 
     out = synthetic.generate(args.output, seed=args.seed, num_images=args.num_images,
                              num_eval_images=args.num_eval_images, image_size=args.image_size)
@@ -29,25 +29,25 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace, rest: list[str]) -> int:
-    from vitune import inspect_data
+    from vitune.data import inspect as inspect_data
 
     return inspect_data.main(rest)
 
 
 def _cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
-    from vitune import demo
+    from vitune.cli import demo
 
     return demo.main(rest)
 
 
 def _cmd_submit(args: argparse.Namespace, rest: list[str]) -> int:
-    from vitune import submit
+    from vitune.cli import submit
 
     return submit.main_submit(rest)
 
 
 def _cmd_jobs(args: argparse.Namespace, rest: list[str]) -> int:
-    from vitune import submit
+    from vitune.cli import submit
 
     return submit.main_jobs(rest)
 

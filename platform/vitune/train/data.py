@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitune.records import Record, normalize_image_token, read_records_with_errors
-from vitune.templates import IGNORE_INDEX, MaskError, tokenize_record
+from vitune.data.records import Record, normalize_image_token, read_records_with_errors
+from vitune.data.templates import IGNORE_INDEX, MaskError, tokenize_record
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def load_records(uris: list[str], stats: DataStats) -> list[Record]:
 
 def tokenize_rows(rows: Iterable[dict], template: str, tokenizer: Any, max_length: int) -> tuple[list[dict], Counter]:
     """Tokenize LLaVA record dicts; a record whose labels cannot be built is a counted skip, never silent."""
-    from vitune.records import validate_record
+    from vitune.data.records import validate_record
 
     out, skipped = [], Counter()
     for row in rows:
@@ -79,7 +79,7 @@ class TokenizeBatch:
     """Ray Data ``map_batches`` callable: record JSON strings → input_ids/labels (tokenizer loaded once)."""
 
     def __init__(self, template: str, tokenizer_name: str, max_length: int):
-        from vitune.tokenizer import load_tokenizer
+        from vitune.data.tokenizer import load_tokenizer
 
         self.template, self.max_length = template, max_length
         self.tokenizer = load_tokenizer(tokenizer_name)

@@ -1,7 +1,7 @@
 """Tokenizers: the tiny offline byte-level BPE shipped with the package, or any Hugging Face tokenizer.
 
 The tiny tokenizer is trained on the synthetic corpus plus the conversation templates' fixed text, so the
-demo and tests need no download. ``python -m vitune.tokenizer`` rebuilds the shipped file.
+demo and tests need no download. ``python -m vitune.data.tokenizer`` rebuilds the shipped file.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from vitune import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
-TINY_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
+TINY_DIR = Path(__file__).parent.parent / "assets" / "tiny_tokenizer"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 TINY_VOCAB_SIZE = 1024
 # A chat template for the `chat_template` conversation template, so it runs offline with the tiny LM.
@@ -45,7 +45,7 @@ zero one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 10 100
 
 
 def _corpus() -> list[str]:
-    from vitune import synthetic
+    from vitune.data import synthetic
 
     return synthetic.corpus_texts() + [line for line in _GENERAL_TEXT.splitlines() if line.strip()]
 

@@ -2,15 +2,15 @@
 
 ``run_generate(cfg)`` is the library entry of ``jobs/generate_instructions.py``:
 
-1. read images (COCO or JSONL, ``vitune.generate_inputs``) and plan tasks: per kind, ``targets.<kind>``
+1. read images (COCO or JSONL, ``vitune.instruct.inputs``) and plan tasks: per kind, ``targets.<kind>``
    images drawn by a seeded shuffle (all of them when the target is larger), one task per (image, kind);
 2. run the tasks with Ray Data ``map_batches`` on ``workers`` concurrent Ray tasks, each keeping
    ``threads_per_worker`` requests going through ``LLMClient``; one ``RayLimiter`` actor holds the job-wide
    caps (``endpoint.max_concurrency`` in flight, ``endpoint.requests_per_second``), so the caps hold however
    many workers Ray runs. A task that dies is retried by Ray; the answers it already got come from the
    response cache;
-3. parse each output into a LLaVA record (``vitune.generate_parse``), validate it with
-   ``vitune.records.validate_record``, drop duplicates (same model text), and quarantine everything else
+3. parse each output into a LLaVA record (``vitune.instruct.parse``), validate it with
+   ``vitune.data.records.validate_record``, drop duplicates (same model text), and quarantine everything else
    with its reason and raw text;
 4. write ``<output>/records/<kind>.json``, ``<output>/errors/errors.jsonl`` and ``<output>/summary.json``
    and log the summary, the resolved config and the prompt hashes to MLflow.
@@ -31,11 +31,11 @@ from typing import Any
 
 from vitune import storage
 from vitune.config import EndpointConfig, GenerateJobConfig, dump_config
-from vitune.generate_inputs import ImageContext, read_inputs
-from vitune.generate_parse import ParseError, build_record, fingerprint
-from vitune.generate_prompts import KINDS, PromptSpec, load_prompts
+from vitune.data.records import Record, RecordError, validate_record, write_records
+from vitune.instruct.inputs import ImageContext, read_inputs
+from vitune.instruct.parse import ParseError, build_record, fingerprint
+from vitune.instruct.prompts import KINDS, PromptSpec, load_prompts
 from vitune.llm_client import Limiter, LLMClient, LLMError, RayLimiter
-from vitune.records import Record, RecordError, validate_record, write_records
 
 log = logging.getLogger(__name__)
 

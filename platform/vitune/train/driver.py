@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 
 from vitune import storage
-from vitune.config import TrainJobConfig, dump_config
-from vitune.ray_setup import init_ray
+from vitune.config import TrainJobConfig, dump_config, init_ray
 from vitune.tracking import Tracker, resolve_tracking_uri
-from vitune.train_data import DataStats, TokenizeBatch, load_records, training_row
-from vitune.training import (
+from vitune.train.data import DataStats, TokenizeBatch, load_records, training_row
+from vitune.train.worker import (
     Plan,
     deepspeed_config,
     gradient_accumulation,
@@ -108,7 +107,7 @@ def build_dataset(cfg: TrainJobConfig, stats: DataStats):
     import ray
     from ray.data import FileShuffleConfig
 
-    from vitune.feature_store import FeatureStore
+    from vitune.features.store import FeatureStore
 
     if not cfg.data.features:
         raise ValueError("data.features: no feature store URI (run jobs/extract_features.py first)")
@@ -244,7 +243,7 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
         raise
     folder = model_folder_uri(cfg)
     metrics = dict(result.metrics or {})
-    tracker.set_tags({"vitune.model_folder": folder})
+    tracker.set_tags({"vitune.model.folder": folder})
     _log_model_folder(tracker, folder)
     version = None
     if cfg.stage == "finetune" and cfg.tracking.registered_model and tracker.active:

@@ -1,8 +1,8 @@
 """The RayService manifest's ``serveConfigV2``, generated from ``serving/config.yaml`` (its one source of truth).
 
-    python -m vitune.cluster_manifests            # rewrite cluster/kuberay/rayservice.yaml's serveConfigV2
-    python -m vitune.cluster_manifests --check    # exit 1 when it differs from serving/config.yaml
-    python -m vitune.cluster_manifests --model s3://B/vitune/tiny/train/finetune/model --engine-gpus 1 \\
+    python -m vitune.cli.manifests            # rewrite cluster/kuberay/rayservice.yaml's serveConfigV2
+    python -m vitune.cli.manifests --check    # exit 1 when it differs from serving/config.yaml
+    python -m vitune.cli.manifests --model s3://B/vitune/tiny/train/finetune/model --engine-gpus 1 \\
         | kubectl apply -f -                      # a deployment variant, written to stdout
 
 The serve config is embedded verbatim (comments too) as the block scalar under ``serveConfigV2:``; the rest
@@ -35,7 +35,7 @@ ENGINE = "VLMEngine"
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]  # platform/vitune/cluster_manifests.py → repository root
+    return Path(__file__).resolve().parents[3]  # platform/vitune/cli/manifests.py → repository root
 
 
 def replace_block_scalar(text: str, key: str, value: str) -> str:
@@ -91,7 +91,7 @@ def render_rayservice(manifest_text: str, serve_text: str, model: str | None = N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vitune.cluster_manifests", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vitune.cli.manifests", description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help=f"exit 1 if {RAYSERVICE} is not up to date")
     p.add_argument("--model", help="the model to serve: a model folder URI or models:/NAME/VERSION")
     p.add_argument("--engine-gpus", type=float, help=f"GPUs per {ENGINE} replica (ray_actor_options.num_gpus)")
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if variant:
             p.error("--check compares the checked-in manifest; it takes no --model / --engine-gpus")
         if render_rayservice(current, serve_text) != current:
-            log.error("%s is stale: its %s differs from %s (run: python -m vitune.cluster_manifests)",
+            log.error("%s is stale: its %s differs from %s (run: python -m vitune.cli.manifests)",
                       RAYSERVICE, KEY, SERVE_CONFIG)
             return 1
         log.info("%s is up to date with %s", RAYSERVICE, SERVE_CONFIG)

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitune import __version__, storage
-from vitune.model import VisionLanguageModel, load_lm
-from vitune.projector import build_projector
+from vitune.model.projector import build_projector
+from vitune.model.vlm import VisionLanguageModel, load_lm
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from vitune.config import TrainJobConfig
-from vitune.train_data import collate, length_grouped
+from vitune.train.data import collate, length_grouped
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,8 @@ class Worker:
                  image_encoder: Callable[[list[bytes]], torch.Tensor] | None = None):
         import deepspeed
 
-        from vitune.model import build_model
-        from vitune.tokenizer import load_tokenizer
+        from vitune.data.tokenizer import load_tokenizer
+        from vitune.model.vlm import build_model
 
         self.cfg, self.plan, self.rank, self.world = cfg, plan, rank, world_size
         self.feature_dim = feature_dim
@@ -157,7 +157,7 @@ class Worker:
     def _build(self, build_model, load_tokenizer):
         cfg = self.cfg
         if cfg.train.init_from:
-            from vitune.model_folder import load_model_folder
+            from vitune.model.folder import load_model_folder
 
             model, tokenizer, meta = load_model_folder(resolve_init_from(cfg.train.init_from))
             log.info("initialised from %s (stage %s)", cfg.train.init_from, meta.get("extra", {}).get("stage"))
@@ -274,8 +274,8 @@ class Worker:
         return snapshot()
 
     def save_model_folder(self, uri: str, fingerprint: dict) -> None:
-        from vitune.model import build_model
-        from vitune.model_folder import save_model_folder
+        from vitune.model.folder import save_model_folder
+        from vitune.model.vlm import build_model
 
         state = self.gathered_state()
         if self.rank != 0:
@@ -308,9 +308,9 @@ def resolve_init_from(ref: str, tracking_uri: str | None = None) -> str:
         from mlflow.tracking import MlflowClient
 
         run = MlflowClient(tracking_uri).get_run(ref[len("runs:/"):].strip("/").split("/")[0])
-        folder = run.data.tags.get("vitune.model_folder")
+        folder = run.data.tags.get("vitune.model.folder")
         if not folder:
-            raise ValueError(f"MLflow run {ref} has no vitune.model_folder tag (is it a vitune training run?)")
+            raise ValueError(f"MLflow run {ref} has no vitune.model.folder tag (is it a vitune training run?)")
         return storage.absolute(folder)
     return storage.absolute(ref)
 

@@ -1,7 +1,7 @@
 """The vision-language model: projector + any Hugging Face causal LM, with the `<image>` splice.
 
 The vision tower is not part of this module: it is frozen in both stages, so training consumes
-precomputed features and eval/serving compute them with `vitune.vision.encode_images`. A sample holds
+precomputed features and eval/serving compute them with `vitune.model.vision.encode_images`. A sample holds
 at most one `<image>` token; it expands to the N projected feature vectors of its image.
 
 `splice_image_features` is the single definition of that expansion (training with right padding,
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitune import IMAGE_TOKEN
-from vitune.projector import build_projector
+from vitune.model.projector import build_projector
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ def image_token_id_of(tokenizer: Any) -> int:
     """The id of `<image>` in `tokenizer`, or a clear error when it lacks one."""
     token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; load it with vitune.tokenizer.load_tokenizer")
+        raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; load it with vitune.data.tokenizer.load_tokenizer")
     return int(token_id)
 
 

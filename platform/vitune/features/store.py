@@ -248,7 +248,7 @@ class FeatureStore:
         """Yield ``(record, features [N, D])`` shard by shard, in store order; features never shuffle.
 
         ``records`` is ``{image_key: [record, ...]}`` or an iterable of objects with an ``.image`` key
-        (``vitune.records.Record``); text-only records are ignored. Records whose image has no
+        (``vitune.data.records.Record``); text-only records are ignored. Records whose image has no
         features (quarantined or absent) are counted and logged at the end.
         """
         if isinstance(records, Mapping):

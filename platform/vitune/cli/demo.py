@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitune import storage, synthetic
-from vitune.config import SyntheticJobConfig, load_config
-from vitune.ray_setup import init_ray
+from vitune import storage
+from vitune.config import SyntheticJobConfig, init_ray, load_config
+from vitune.data import synthetic
 
 log = logging.getLogger(__name__)
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the repository root of an editable install
+PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the repository root of an editable install
 
 
 def repo_file(*parts: str) -> Path:

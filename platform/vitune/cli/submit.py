@@ -91,7 +91,7 @@ def find_repo_root(start: str | Path | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "jobs" / "_common.py").is_file():
             return folder
-    pkg_root = Path(__file__).resolve().parents[2]  # platform/vitune/submit.py → repository root
+    pkg_root = Path(__file__).resolve().parents[3]  # platform/vitune/cli/submit.py → repository root
     if (pkg_root / "jobs" / "_common.py").is_file():
         return pkg_root
     raise SubmitError(f"no vitune repository (a folder with jobs/_common.py) at or above {here}; "

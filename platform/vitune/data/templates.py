@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from vitune import IMAGE_TOKEN
-from vitune.records import GPT, HUMAN, Record, Turn, as_turns, describe_record, normalize_turn_image_token
+from vitune.data.records import GPT, HUMAN, Record, Turn, as_turns, describe_record, normalize_turn_image_token
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -326,7 +326,8 @@ def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def _image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_id is None or image_id == tokenizer.unk_token_id:
-        raise TemplateError(f"the tokenizer has no {IMAGE_TOKEN} token (load it with vitune.tokenizer.load_tokenizer)")
+        raise TemplateError(f"the tokenizer has no {IMAGE_TOKEN} token "
+                            "(load it with vitune.data.tokenizer.load_tokenizer)")
     return image_id
 
 

@@ -4,7 +4,7 @@ Shared by the benchmarks (ScienceQA, LLaVA-Bench) and the demo's held-out synthe
 row is ``{id, image (URI or None), conversations}`` where ``conversations`` are LLaVA turns ending with
 the human turn to answer, holding one ``<image>`` token iff there is an image. An actor pool of
 ``AnswerBatch`` callables (one per GPU on a cluster, one or two on CPUs) loads the model folder and the
-vision tower once, then per batch: reads and decodes the images, runs ``vitune.vision.encode_images``
+vision tower once, then per batch: reads and decodes the images, runs ``vitune.model.vision.encode_images``
 (the one image path that features and serving use too), tokenizes with the model's template and
 decodes greedily by default.
 
@@ -114,9 +114,9 @@ class AnswerBatch:
         import torch
 
         from vitune.config import VisionConfig
-        from vitune.feature_store import check_fingerprint
-        from vitune.model_folder import load_model_folder
-        from vitune.vision import load_vision_tower
+        from vitune.features.store import check_fingerprint
+        from vitune.model.folder import load_model_folder
+        from vitune.model.vision import load_vision_tower
 
         self.settings = GenerationSettings(**settings)
         self.output_uri = output_uri
@@ -131,12 +131,12 @@ class AnswerBatch:
         self.stop_ids = meta.get("stop_token_ids")
 
     def _load_image(self, uri: str):
-        from vitune.image import decode_image
+        from vitune.model.image import decode_image
 
         return decode_image(storage.read_bytes(uri))
 
     def _prepare(self, rid: str, image: str | None, conversations: list[dict]) -> tuple[list[int], Any]:
-        from vitune.templates import tokenize_generation_prompt
+        from vitune.data.templates import tokenize_generation_prompt
 
         expected = 1 if image else 0
         found = _image_tokens(conversations)
@@ -146,7 +146,7 @@ class AnswerBatch:
         return ids, self._load_image(image) if image else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from vitune.vision import encode_images
+        from vitune.model.vision import encode_images
 
         ids = [str(x) for x in batch["id"].tolist()]
         images = [str(x) if x else None for x in batch["image"].tolist()]
@@ -306,7 +306,7 @@ def evaluate_synthetic(
     Returns ``{accuracy, per_kind, chance, n, n_per_kind, errors, inference}``; ``chance`` is uniform
     guessing per kind and over the whole set. Answers go under ``output_uri`` (a temp folder when None).
     """
-    from vitune.synthetic import CHECKABLE_KINDS, chance_accuracy
+    from vitune.data.synthetic import CHECKABLE_KINDS, chance_accuracy
 
     records = json.loads(storage.read_text(eval_records_uri))
     requests = []

@@ -1,0 +1,1 @@
+"""The `vitune` command line: subcommands for data, jobs, the demo, submission and export."""

@@ -1,0 +1,1 @@
+"""Data: LLaVA records, conversation templates and label masks, tokenizers, synthetic data, inspection."""

@@ -1,0 +1,1 @@
+"""Serving: the OpenAI wire format and request conversion (openai), the batching engine (engine)."""

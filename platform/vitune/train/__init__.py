@@ -1,0 +1,1 @@
+"""Training: records → tokenized rows joined to features (data), the per-worker loop (worker), the driver."""
