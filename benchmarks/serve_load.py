@@ -136,8 +136,10 @@ def engine_only(folder: str, sizes: dict[str, int], concurrency: int, requests: 
     """The same load straight into `ServingEngine`s in this process (no HTTP, no Serve): batching alone."""
     import torch
 
-    from vitune.serve.engine import ServeConfig, ServingEngine, chat_request_from_openai
+    from vitune.config import ServeConfig
+    from vitune.serve.engine import ServingEngine
     from vitune.serve.openai import parse_request
+    from vitune.serve.request import chat_request_from_openai
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a replica with num_cpus=1

@@ -31,9 +31,11 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vitune.config import ServeConfig
 from vitune.serve import openai as oai
-from vitune.serve.engine import ChatRequest, ServeConfig, ServingEngine, chat_request_from_openai
+from vitune.serve.engine import ServingEngine
 from vitune.serve.openai import APIError
+from vitune.serve.request import ChatRequest, chat_request_from_openai
 
 logger = logging.getLogger(__name__)
 

@@ -363,8 +363,10 @@ def test_model_from_s3_and_registry(tiny_model_folder, s3_bucket, mlflow_server)
     from mlflow.tracking import MlflowClient
 
     from vitune import storage
-    from vitune.serve.engine import ServeConfig, ServingEngine, chat_request_from_openai
+    from vitune.config import ServeConfig
+    from vitune.serve.engine import ServingEngine
     from vitune.serve.openai import parse_request
+    from vitune.serve.request import chat_request_from_openai
 
     s3_folder = f"{s3_bucket}/serving/model"
     storage.upload_dir(tiny_model_folder, s3_folder)
@@ -394,11 +396,13 @@ def test_rows_joining_mid_flight_decode_like_model_generate(tiny_model_folder):
     greedy answer equals `model.generate` on that request alone (cache merge, padding, row removal)."""
     import torch
 
+    from vitune.config import ServeConfig
     from vitune.data.templates import tokenize_generation_prompt
     from vitune.model.image import decode_image
     from vitune.model.vision import encode_images
-    from vitune.serve.engine import ServeConfig, ServingEngine, chat_request_from_openai
+    from vitune.serve.engine import ServingEngine
     from vitune.serve.openai import parse_request
+    from vitune.serve.request import chat_request_from_openai
 
     rng = random.Random(0)
     words = ["cat", "dog", "the", "red", "picture", "where", "is", "table", "two"]
@@ -446,8 +450,9 @@ def test_remote_image_urls_follow_the_allow_list(s3_bucket):
     import threading
 
     from vitune import storage
-    from vitune.serve.engine import RemoteImagesConfig, ServeConfig, load_image
+    from vitune.config import RemoteImagesConfig, ServeConfig
     from vitune.serve.openai import APIError
+    from vitune.serve.request import load_image
 
     files = {"/red.png": png_bytes(), "/big.png": png_bytes((300, 300), noise=True)}
 
@@ -498,7 +503,7 @@ def test_shipped_serve_config_is_valid():
     from ray.serve.schema import ServeDeploySchema
 
     import serving.app as app_module
-    from vitune.serve.engine import ServeConfig
+    from vitune.config import ServeConfig
 
     raw = yaml.safe_load((Path(__file__).parents[2] / "serving" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
@@ -515,7 +520,7 @@ def test_shipped_serve_config_is_valid():
 
 def test_text_stream_holds_back_partial_stops_and_characters():
     from vitune.data.tokenizer import load_tokenizer
-    from vitune.serve.engine import TextStream
+    from vitune.serve.stream import TextStream
 
     tokenizer = load_tokenizer("tiny")
     ids = tokenizer("the cat sat on the table. The end", add_special_tokens=False)["input_ids"]
