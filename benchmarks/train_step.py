@@ -48,7 +48,7 @@ def main() -> None:
     from vitune.train.worker import run_single_process
 
     tmp = tempfile.mkdtemp(prefix="vitune-bench-")
-    cfg = load_config(TrainJobConfig, os.path.join(ROOT, "jobs", "configs", "tiny.yaml"), [
+    cfg = load_config(TrainJobConfig, "tiny", [
         "stage=finetune", f"storage.root={tmp}", "train.num_workers=1", "train.init_from=null",
         f"train.epochs={args.epochs}", f"model.vision.name={args.tower}", "train.checkpoint_every=100000",
         "train.log_every=1",

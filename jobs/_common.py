@@ -15,7 +15,7 @@ if os.path.join(_ROOT, "platform") not in sys.path:
 
 def parse(description: str, argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", required=True, help="a preset YAML, e.g. jobs/configs/tiny.yaml")
+    p.add_argument("--config", required=True, help="a preset YAML, e.g. tiny")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

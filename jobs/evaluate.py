@@ -1,8 +1,8 @@
 """Evaluate a model folder: ScienceQA accuracy, LLaVA-Bench relative score, or the synthetic held-out set.
 
-    python jobs/evaluate.py --config jobs/configs/tiny.yaml eval.benchmark=scienceqa \
+    python jobs/evaluate.py --config tiny eval.benchmark=scienceqa \
         eval.model_folder=runs/tiny/train/finetune/model eval.data=/data/scienceqa
-    python jobs/evaluate.py --config jobs/configs/tiny.yaml eval.benchmark=llava_bench \
+    python jobs/evaluate.py --config tiny eval.benchmark=llava_bench \
         eval.model_folder=runs:/<training run id> eval.data=/data/llava-bench-in-the-wild \
         judge.base_url=https://api.openai.com/v1 judge.model=gpt-4o judge.api_key_env=OPENAI_API_KEY
 """

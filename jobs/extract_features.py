@@ -1,6 +1,6 @@
 """Feature job: the images of LLaVA records → a fingerprinted fp16 feature store on storage (Ray Data).
 
-    python jobs/extract_features.py --config jobs/configs/tiny.yaml data.records='[s3://b/captions.json]' \
+    python jobs/extract_features.py --config tiny data.records='[s3://b/captions.json]' \
         data.image_root=s3://b/ features.shard_size=256
 
 Runs on local Ray, or on a cluster with ``ray.address=...`` / as a Ray job. Re-running finishes an

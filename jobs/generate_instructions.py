@@ -1,6 +1,6 @@
 """Ray job: generate LLaVA instruction data (conversation / detail / complex) through any OpenAI-compatible LLM.
 
-    python jobs/generate_instructions.py --config jobs/configs/tiny.yaml \\
+    python jobs/generate_instructions.py --config tiny \\
         generate.input=[s3://data/coco/captions_train2017.json,s3://data/coco/instances_train2017.json] \\
         generate.endpoint.base_url=https://api.example.com/v1 generate.endpoint.model=some-model
 

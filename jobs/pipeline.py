@@ -1,6 +1,6 @@
 """Run features → align → finetune → eval as one job; finished steps with a matching config are skipped.
 
-    python jobs/pipeline.py --config jobs/configs/tiny.yaml [steps=features,align] [key=value ...]
+    python jobs/pipeline.py --config tiny [steps=features,align] [key=value ...]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train one LLaVA stage (``stage=align|finetune``) with Ray Train × DeepSpeed from the feature store.
 
-    python jobs/train.py --config jobs/configs/tiny.yaml stage=align data.features=...
+    python jobs/train.py --config tiny stage=align data.features=...
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Typed configuration: one pydantic model per job, loaded from YAML with ``key.sub=value`` overrides.
 
-A preset YAML (``jobs/configs/<model>.yaml``) holds the sections of every job for one model; each job's
-model takes the sections it knows. ``stage: align | finetune`` selects a block under ``stages:`` that is
-deep-merged over the rest before overrides apply (stage is data, not a fork). Validation errors name
-the field and the bad value.
+A preset (``platform/vitune/presets/<model>.yaml``, named by its file stem; or any YAML path or URI)
+holds the sections of every job for one model; each job's model takes the sections it knows.
+``stage: align | finetune`` selects a block under ``stages:`` that is deep-merged over the rest before
+overrides apply (stage is data, not a fork). Validation errors name the field and the bad value.
+Also here: the Serve application's config and the one way every job connects to Ray.
 """
 
 from __future__ import annotations
@@ -280,11 +281,35 @@ def build_config(cls: type[C], raw: dict, overrides: list[str] | tuple[str, ...]
         raise ConfigError(_format_errors(err, raw)) from None
 
 
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in the package (``tiny``, ``llava-v1.5-7b``, ...)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_preset(path: str | Path) -> str:
+    """A preset name → its packaged YAML; anything else (a local path or URI) is returned as it is.
+
+    Names are looked up in the package, so the CLI and jobs find presets from any working directory.
+    """
+    text = str(path)
+    if "/" not in text and not text.endswith((".yaml", ".yml")):
+        candidate = PRESETS_DIR / f"{text}.yaml"
+        if not candidate.exists():
+            raise ConfigError(f"unknown preset {text!r}; valid presets: {', '.join(preset_names())} "
+                              "(or give a YAML path or URI)")
+        return str(candidate)
+    return text
+
+
 def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> C:
-    """Load a job config from a YAML file (local path or URI) with ``key.sub=value`` overrides."""
+    """Load a job config from a preset name or a YAML file (local path or URI) with ``key.sub=value`` overrides."""
     raw: dict = {}
     if path is not None:
-        text = storage.read_text(str(path))
+        path = resolve_preset(path)
+        text = storage.read_text(path)
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

@@ -72,7 +72,7 @@ def test_learning_check_beats_chance(demo):
 
 def test_pipeline_rerun_skips_finished_steps(demo):
     root, _, env = demo
-    proc = subprocess.run([sys.executable, "jobs/pipeline.py", "--config", "jobs/configs/tiny.yaml",
+    proc = subprocess.run([sys.executable, "jobs/pipeline.py", "--config", "tiny",
                            f"storage.root={root}", "steps=features,align,finetune"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

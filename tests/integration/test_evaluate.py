@@ -22,7 +22,7 @@ from vitune import storage
 from vitune.data.synthetic import Scene, render_scene
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
+TINY = "tiny"
 
 
 def run_job(*overrides: str) -> dict:

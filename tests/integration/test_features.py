@@ -30,7 +30,7 @@ from vitune.model.vision import encode_images, fingerprint_id, load_vision_tower
 
 pytestmark = pytest.mark.integration
 
-TINY = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs", "tiny.yaml")
+TINY = "tiny"
 NUM_GOOD = 20
 SHARD_SIZE = 8
 # named so that sorting spreads them over the three shards of 8 (``-`` sorts before ``.``)

@@ -4,7 +4,6 @@ serving app (the tiny, untrained model) quarantines its nonsense instead of writ
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest
@@ -16,8 +15,7 @@ from vitune.config import FeaturesJobConfig, GenerateJobConfig, TrainJobConfig, 
 from vitune.data import synthetic
 
 pytestmark = pytest.mark.integration
-TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                    "jobs", "configs", "tiny.yaml")
+TINY = "tiny"
 
 
 def _scenes_as_jsonl(root) -> str:

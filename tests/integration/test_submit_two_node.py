@@ -34,7 +34,7 @@ from vitune.data import synthetic
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = "jobs/configs/tiny.yaml"
+TINY = "tiny"
 BIN = Path(sys.executable).parent
 NODE_CPUS = 3  # two workers of 2 CPUs cannot share a node; 1 CPU per node is left for Ray Data and the tower
 CLEAN_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
@@ -271,7 +271,7 @@ def test_job_env_runtime_env_and_entrypoint():
     assert renv["working_dir"] == str(ROOT) and renv["py_modules"] == [str(ROOT / "platform" / "vitune")]
     assert {".venv", "runs", ".git"} <= set(renv["excludes"]) and renv["pip"] == ["rich"]
     entry = submit.build_entrypoint("jobs/train.py", TINY, ["data.records=[a, b]", "stage=align"])
-    assert entry == "python jobs/train.py --config jobs/configs/tiny.yaml 'data.records=[a, b]' stage=align"
+    assert entry == "python jobs/train.py --config tiny 'data.records=[a, b]' stage=align"
 
 
 def test_jobs_and_configs_resolve_inside_the_repository(tmp_path):

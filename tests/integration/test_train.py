@@ -16,7 +16,7 @@ from vitune.model.folder import load_model_folder
 
 pytestmark = pytest.mark.integration
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
+TINY = "tiny"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import yaml
 
 from vitune.cli import manifests as cluster_manifests
 from vitune.cli import submit
-from vitune.config import ConfigError, SyntheticJobConfig, TrainJobConfig, load_config
+from vitune.config import ConfigError, SyntheticJobConfig, TrainJobConfig, load_config, resolve_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -95,8 +95,8 @@ def test_rayjob_entrypoint_names_existing_job_and_config_and_its_overrides_load(
     script, config, overrides = _python_command(job)
     assert (ROOT / script).is_file(), f"{script} does not exist"
     assert script.startswith("jobs/") and Path(script).stem in submit.JOB_CONFIGS
-    assert (ROOT / config).is_file(), f"{config} does not exist"
-    cfgs = submit.validate_job(Path(script).stem, str(ROOT / config), overrides)
+    assert Path(resolve_preset(config)).is_file(), f"{config} is no preset"
+    cfgs = submit.validate_job(Path(script).stem, config, overrides)
     assert cfgs, f"{script}: nothing validated"
     if step in ("align", "finetune"):
         (cfg,) = cfgs
@@ -110,7 +110,7 @@ def test_rayjob_overrides_are_really_checked():
     (job,) = [j for j in _kind("RayJob") if j["metadata"]["name"] == "vitune-align"]
     script, config, overrides = _python_command(job)
     with pytest.raises(ConfigError, match="train.num_workerz"):
-        submit.validate_job(Path(script).stem, str(ROOT / config), [*overrides, "train.num_workerz=2"])
+        submit.validate_job(Path(script).stem, config, [*overrides, "train.num_workerz=2"])
 
 
 def test_rayjobs_run_on_the_raycluster_from_the_image_workdir():
@@ -128,13 +128,13 @@ def test_the_pipeline_rayjob_synthesizes_the_tiny_presets_data_where_the_preset_
     argv = synth[0][3:]
     flags = dict(zip(argv[1::2], argv[2::2], strict=True))
     _, config, overrides = _python_command(job)
-    preset = load_config(SyntheticJobConfig, ROOT / config, [o for o in overrides if not o.startswith("steps=")])
+    preset = load_config(SyntheticJobConfig, config, [o for o in overrides if not o.startswith("steps=")])
     s = preset.synthetic
     assert flags == {"--seed": str(s.seed), "--num-images": str(s.num_images),
                      "--num-eval-images": str(s.num_eval_images), "--image-size": str(s.image_size)}
     root = next(o.split("=", 1)[1] for o in overrides if o.startswith("storage.root="))
     assert argv[0] == f"{root}/data"
-    features = submit.validate_job("pipeline", str(ROOT / config), overrides)[0]
+    features = submit.validate_job("pipeline", config, overrides)[0]
     assert features.data.image_root == f"{root}/data"
 
 

@@ -29,7 +29,7 @@ def test_stdlib_platform_not_shadowed():
     assert not os.path.exists(os.path.join(ROOT, "platform", "__init__.py"))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml"))))
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "platform", "vitune", "presets", "*.yaml"))))
 def test_every_shipped_yaml_loads(path):
     for cls in (
         config.FeaturesJobConfig,
@@ -46,7 +46,7 @@ def test_every_shipped_yaml_loads(path):
 
 
 def test_stage_selects_block_and_overrides_win():
-    path = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
+    path = "tiny"
     align = config.load_config(config.TrainJobConfig, path, ["stage=align"])
     fine = config.load_config(
         config.TrainJobConfig, path, ["stage=finetune", "train.lr=0.5", "model.vision.select=cls_patch"]
@@ -66,7 +66,7 @@ def test_stage_selects_block_and_overrides_win():
     ],
 )
 def test_bad_override_names_field_and_value(override, needle):
-    path = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
+    path = "tiny"
     with pytest.raises(config.ConfigError) as err:
         config.load_config(config.TrainJobConfig, path, [override])
     msg = str(err.value)

@@ -245,12 +245,10 @@ def test_collect_drops_duplicates_into_quarantine():
 
 
 def test_tiny_preset_has_a_generate_section():
-    import os
 
     from vitune.config import GenerateJobConfig, load_config
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cfg = load_config(GenerateJobConfig, os.path.join(root, "jobs", "configs", "tiny.yaml"),
+    cfg = load_config(GenerateJobConfig, "tiny",
                       ["generate.input=data/in.jsonl", "generate.endpoint.requests_per_second=null"])
     assert cfg.generate.format == "jsonl" and cfg.generate.input == "data/in.jsonl"
     assert cfg.generate.endpoint.requests_per_second is None and cfg.generate.targets.complex == 77

@@ -167,7 +167,7 @@ def _print_summary(summary: dict, results: dict, url: str, seconds: float, keep_
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vitune demo", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None, help="preset YAML (default: jobs/configs/tiny.yaml)")
+    p.add_argument("--config", default=None, help="preset YAML (default: tiny)")
     p.add_argument("--root", default=None, help="storage root: a local folder or s3://bucket/prefix")
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (else SQLite under the root)")
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep-serving", action="store_true", help="keep the model served until Ctrl-C")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     args = p.parse_args(argv)
-    config = args.config or str(repo_file("jobs", "configs", "tiny.yaml"))
+    config = args.config or "tiny"
     overrides = list(args.overrides)
     if args.root:
         overrides.append(f"storage.root={args.root}")

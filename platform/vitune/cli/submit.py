@@ -1,6 +1,6 @@
 """``vitune submit`` / ``vitune jobs``: send a jobs/ entrypoint to any Ray cluster and follow it (Job Submission API).
 
-    vitune submit train --config jobs/configs/tiny.yaml stage=align --address http://HEAD:8265
+    vitune submit train --config tiny stage=align --address http://HEAD:8265
     vitune jobs list --address http://HEAD:8265          # or RAY_ADDRESS=http://HEAD:8265
     vitune jobs logs JOB_ID [--follow] | status JOB_ID | stop JOB_ID
 
@@ -327,7 +327,7 @@ def submit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitune submit", description="Submit a jobs/ entrypoint to a Ray cluster.")
     p.add_argument("job", help=f"{' | '.join(JOB_CONFIGS)}, or a path to a script in the repository")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides (pipeline: also steps=a,b)")
-    p.add_argument("--config", required=True, help="preset YAML in the repository (e.g. jobs/configs/tiny.yaml) "
+    p.add_argument("--config", required=True, help="preset YAML in the repository (e.g. tiny) "
                                                    "or an s3:// URI")
     p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="an env var of the job")
