@@ -186,7 +186,7 @@ def engine_only(folder: str, sizes: dict[str, int], concurrency: int, requests: 
 
 
 def deploy(serve: Any, name: str, folder: str, max_batch_size: int, args: argparse.Namespace) -> None:
-    from serving.app import make_app
+    from vitune.serve.app import make_app
 
     app_args = {"model": folder, "served_model_name": "bench", "max_batch_size": max_batch_size,
                 "stream_interval_s": args.stream_interval_s}

@@ -3,8 +3,9 @@
 Prints JSON: tokens/s, samples/s, data-wait share and padding share of the DeepSpeed step fed precomputed
 features (what vitune does), and the same model on the same data with the frozen tower decoding and
 encoding every image inside the loop (what the official LLaVA loop does), as a ratio. Also the padding
-share of length-grouped vs randomly cut micro-batches. The per-worker step needs no Ray, so this runs on
-a GPU machine that has none (``train.use_gpu=true``).
+share of length-grouped vs randomly cut micro-batches. The per-worker loop (``vitune.train.worker``) needs
+no Ray, so this runs on a GPU machine that has none (``train.use_gpu=true``); the tower-in-the-loop
+variant and the single-process harness are benchmark code and live here.
 
     python benchmarks/train_step.py [--images 256] [--tower ViT-B-32] [key=value ...]
 """
@@ -16,12 +17,84 @@ import json
 import logging
 import os
 import random
-import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "platform"))
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vitune import storage
+from vitune.config import TrainJobConfig, load_config
+from vitune.data import synthetic
+from vitune.data.records import read_records
+from vitune.data.tokenizer import load_tokenizer
+from vitune.model.image import decode_image
+from vitune.model.vision import VisionTower, encode_images, load_vision_tower
+from vitune.train.data import collate, collate_tokens, length_grouped, tokenize_row, training_row
+from vitune.train.worker import Plan, Worker, gradient_accumulation, run_loop
+
+
+class TowerInLoopWorker(Worker):
+    """The official LLaVA loop's shape: rows carry image bytes, decoded and encoded by the frozen tower in the step."""
+
+    def __init__(self, *args, tower: VisionTower, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tower = tower
+
+    def collate(self, rows: list[dict]) -> dict:
+        return {**collate_tokens(rows, self.model.pad_token_id), "images": [r["image_bytes"] for r in rows]}
+
+    def micro_step(self, batch: dict) -> float:
+        feats = encode_images(self.tower, [decode_image(b) for b in batch["images"]])  # [B, N, Dv]
+        return super().micro_step({**batch, "image_features": feats})
+
+
+def run_single_process(cfg: TrainJobConfig, rows: list[dict], feature_dim: int, fingerprint: dict,
+                       on_metrics: Callable[[dict], None], make_worker: Callable[..., Worker] = Worker) -> dict:
+    """The training loop without Ray: one process (or each torchrun rank, with its slice of ``rows``)."""
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("nccl" if cfg.train.use_gpu else "gloo",
+                                rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = rows[rank::world][: len(rows) // world]
+    plan = Plan(len(mine) * world, world, cfg.train.micro_batch_size, gradient_accumulation(cfg, world),
+                cfg.train.epochs, cfg.train.max_steps)
+
+    def epoch_rows(epoch: int) -> Iterable[dict]:
+        order = list(mine)
+        random.Random(cfg.train.seed + epoch).shuffle(order)
+        return order
+
+    worker = make_worker(cfg, plan, rank, world, feature_dim)
+    return run_loop(worker, epoch_rows, lambda m, c: None, None, fingerprint, on_metrics)
+
+
+def timed(cfg: TrainJobConfig, rows: list[dict], tower: VisionTower,
+          make_worker: Callable[..., Worker] = Worker) -> dict:
+    """One training run over ``rows``: wall time, steady-state throughput (first step excluded), final loss."""
+    metrics: list[dict] = []
+    t = time.perf_counter()
+    run_single_process(cfg, rows, tower.hidden_size, tower.fingerprint(), metrics.append, make_worker)
+    wall = time.perf_counter() - t
+    steady = metrics[1:] or metrics  # the first step pays for warm-up
+    return {
+        "wall_s": round(wall, 2),
+        "steps": len(metrics),
+        "samples_per_s": float(np.mean([m["samples_per_s"] for m in steady])),
+        "tokens_per_s": float(np.mean([m["tokens_per_s"] for m in steady])),
+        "data_wait_share": float(np.mean([m["data_wait_share"] for m in steady])),
+        "padding_share": float(np.mean([m["padding_share"] for m in steady])),
+        "final_loss": metrics[-1]["loss"],
+    }
+
+
+def padding_share(batches: list[dict]) -> float:
+    return 1 - sum(b["num_tokens"] for b in batches) / sum(b["num_positions"] for b in batches)
 
 
 def main() -> None:
@@ -33,20 +106,6 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    import numpy as np
-    import torch
-
-    from vitune import storage
-    from vitune.config import TrainJobConfig, load_config
-    from vitune.data import synthetic
-    from vitune.data.records import normalize_image_token, read_records
-    from vitune.data.templates import tokenize_record
-    from vitune.data.tokenizer import load_tokenizer
-    from vitune.model.image import decode_image
-    from vitune.model.vision import encode_images, load_vision_tower
-    from vitune.train.data import collate, length_grouped, training_row
-    from vitune.train.worker import run_single_process
-
     tmp = tempfile.mkdtemp(prefix="vitune-bench-")
     cfg = load_config(TrainJobConfig, "tiny", [
         "stage=finetune", f"storage.root={tmp}", "train.num_workers=1", "train.init_from=null",
@@ -57,7 +116,7 @@ def main() -> None:
     data = synthetic.generate(storage.join(tmp, "data"), seed=0, num_images=args.images, num_eval_images=0)
     tower = load_vision_tower(cfg.model.vision, device=device)
     tok = load_tokenizer("tiny")
-    records = [normalize_image_token(r) for r in read_records(data["records"]["instruct"])]
+    records = read_records(data["records"]["instruct"])
     image_bytes = {r.image: storage.read_bytes(storage.join(data["root"], r.image)) for r in records}
 
     t0 = time.perf_counter()
@@ -65,44 +124,21 @@ def main() -> None:
     feature_job_s = time.perf_counter() - t0
     rows_store, rows_raw = [], []
     for r in records:
-        s = tokenize_record(r, cfg.model.template, tok, cfg.model.max_length)
-        sample = {"input_ids": np.asarray(s.input_ids), "labels": np.asarray(s.labels)}
+        sample = tokenize_row(r, cfg.model.template, tok, cfg.model.max_length)
+        if not sample.trainable:
+            raise ValueError(f"synthetic record {r.id} cannot be trained: {sample.skip}")
         rows_store.append(training_row(sample, feats[r.image]))
-        raw = training_row(sample, feats[r.image])
-        raw["features"], raw["image_bytes"] = None, image_bytes[r.image]
-        rows_raw.append(raw)
+        # the same row (length counts the N image positions) with the image's bytes in place of its features
+        rows_raw.append({**training_row(sample, feats[r.image]), "features": None, "image_bytes": image_bytes[r.image]})
 
-    def encode_on_the_fly(images: list[bytes]) -> torch.Tensor:
-        return encode_images(tower, [decode_image(b) for b in images])
-
-    def timed(rows, encoder=None) -> dict:
-        metrics: list[dict] = []
-        t = time.perf_counter()
-        run_single_process(cfg, rows, tower.hidden_size, tower.fingerprint(), on_metrics=metrics.append,
-                           image_encoder=encoder)
-        wall = time.perf_counter() - t
-        steady = metrics[1:] or metrics  # the first step pays for warm-up
-        return {
-            "wall_s": round(wall, 2),
-            "steps": len(metrics),
-            "samples_per_s": float(np.mean([m["samples_per_s"] for m in steady])),
-            "tokens_per_s": float(np.mean([m["tokens_per_s"] for m in steady])),
-            "data_wait_share": float(np.mean([m["data_wait_share"] for m in steady])),
-            "padding_share": float(np.mean([m["padding_share"] for m in steady])),
-            "final_loss": metrics[-1]["loss"],
-        }
-
-    store = timed(rows_store)
-    on_the_fly = timed(rows_raw, encode_on_the_fly)
+    store = timed(cfg, rows_store, tower)
+    on_the_fly = timed(cfg, rows_raw, tower, lambda *a: TowerInLoopWorker(*a, tower=tower))
 
     mb = cfg.train.micro_batch_size
     rows = list(rows_store)
     random.Random(0).shuffle(rows)
     grouped = [collate(g, tok.pad_token_id) for g in length_grouped(rows, mb, megabatch=8, seed=0)]
     random_cut = [collate(rows[i:i + mb], tok.pad_token_id) for i in range(0, len(rows) - mb + 1, mb)]
-
-    def pad_share(batches) -> float:
-        return 1 - sum(b["num_tokens"] for b in batches) / sum(b["num_padded"] for b in batches)
 
     print(json.dumps({
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
@@ -111,8 +147,8 @@ def main() -> None:
         "tower_in_loop": on_the_fly,
         "samples_per_s_ratio_store_vs_tower_in_loop": store["samples_per_s"] / on_the_fly["samples_per_s"],
         "feature_job_single_process_s": round(feature_job_s, 2),
-        "padding_share_length_grouped": pad_share(grouped),
-        "padding_share_random_batches": pad_share(random_cut),
+        "padding_share_length_grouped": padding_share(grouped),
+        "padding_share_random_batches": padding_share(random_cut),
     }, indent=2))
 
 

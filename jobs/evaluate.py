@@ -9,24 +9,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
-import _common
+from vitune.cli import jobs
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _common.parse(__doc__.splitlines()[0], argv)
-    from vitune.config import EvalJobConfig, load_config
-    from vitune.evaluation.report import metrics
-    from vitune.evaluation.run import run_evaluation
-
-    cfg = load_config(EvalJobConfig, args.config, args.overrides)
-    report = run_evaluation(cfg)
-    summary = {"benchmark": report["benchmark"], "output": report["output"], "run_id": report["mlflow_run_id"],
-               "metrics": metrics(report)}
-    sys.stdout.write(json.dumps(summary) + "\n")
-    return 0
+    return jobs.main("evaluate", argv, __doc__)
 
 
 if __name__ == "__main__":

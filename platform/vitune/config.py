@@ -1,31 +1,31 @@
 """Typed configuration: one pydantic model per job, loaded from YAML with ``key.sub=value`` overrides.
 
-A preset (``platform/vitune/presets/<model>.yaml``, named by its file stem; or any YAML path or URI)
-holds the sections of every job for one model; each job's model takes the sections it knows.
-``stage: align | finetune`` selects a block under ``stages:`` that is deep-merged over the rest before
-overrides apply (stage is data, not a fork). Validation errors name the field and the bad value.
-Also here: the Serve application's config and the one way every job connects to Ray.
+(Over 400 lines on purpose: every job's config in one file, so a preset's sections read side by side.)
+A preset (``platform/vitune/presets/<name>.yaml``, named by its stem; or any YAML path or URI) holds the
+sections of every job for one model; each job's model takes the sections it knows. ``stage: align |
+finetune`` selects a block under ``stages:``, merged over the rest before overrides apply
+(``vitune.config_tree``). Validation errors name the field and the value. Paths left unset default to
+``vitune.layout``'s. Also here: the Serve application's config, and ``connect``: storage and Ray, set up
+the same way by every job.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitune import storage
+from vitune.config_tree import ConfigError, resolve_tree, validation_message
 
 log = logging.getLogger(__name__)
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be loaded; the message names the field and the value."""
+Stage = Literal["align", "finetune"]
+STAGES: tuple[str, ...] = get_args(Stage)
 
 
 class Section(BaseModel):
@@ -80,16 +80,28 @@ def _absolute_paths(v: Any) -> Any:
     return v
 
 
+def _absolute_or_stage(v: Any) -> Any:
+    """A stage name (``align``) is kept for ``_stage_model``; anything else is a path."""
+    return v if v in STAGES else _absolute_paths(v)
+
+
+def _stage_model(root: str, ref: str | None) -> str | None:
+    """A stage name → that stage's model folder under ``root``, so the resolved config names the folder."""
+    from vitune import layout  # deferred: layout derives its paths from the classes of this module
+
+    return layout.stage_model(root, ref)
+
+
 class DataConfig(Section):
     records: list[str] = Field(default_factory=list)  # LLaVA JSON/JSONL URIs
-    image_root: str | None = None
-    features: str | None = None  # feature store URI
+    image_root: str | None = None  # default: the folder of the first records file
+    features: str | None = None  # feature store training reads; default: features.output, else layout's
 
     _paths = field_validator("records", "image_root", "features")(_absolute_paths)
 
 
 class FeaturesConfig(Section):
-    output: str | None = None  # default: <storage.root>/features/<fingerprint id>
+    output: str | None = None  # store the feature job writes; default: data.features, else layout's
     shard_size: int = Field(256, gt=0)  # images per Parquet shard
     batch_size: int = Field(32, gt=0)
     num_actors: int | None = Field(None, gt=0)  # None = one per GPU on a cluster, CPUs locally
@@ -101,8 +113,8 @@ class FeaturesConfig(Section):
 
 
 class TrainConfig(Section):
-    output: str | None = None  # default: <storage.root>/train/<stage>
-    init_from: str | None = None  # align checkpoint/model-folder URI or runs:/<run id>
+    output: str | None = None  # default: layout's <storage.root>/train/<stage>
+    init_from: str | None = None  # model-folder URI, runs:/<run id>, or a stage name (its model folder); None = new
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
@@ -125,10 +137,11 @@ class TrainConfig(Section):
     materialize_below_mb: float = Field(256, ge=0)  # keep the joined data in the object store when smaller
     fail_at_step: int | None = None  # testing: the last rank raises once at this step (not after a resume)
 
-    _paths = field_validator("output", "init_from")(_absolute_paths)
+    _paths = field_validator("output")(_absolute_paths)
+    _init = field_validator("init_from")(_absolute_or_stage)
 
 
-class RunConfig(Section):
+class JobConfig(Section):
     """The fields every job has: where things live, where runs go, which Ray."""
 
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -136,29 +149,33 @@ class RunConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
-class FeaturesJobConfig(RunConfig):
+class FeaturesJobConfig(JobConfig):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
 
 
-class TrainJobConfig(RunConfig):
-    stage: Literal["align", "finetune"] = "align"
+class TrainJobConfig(JobConfig):
+    stage: Stage = "align"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @model_validator(mode="after")
+    def _resolve_stage(self) -> TrainJobConfig:
+        self.train.init_from = _stage_model(self.storage.root, self.train.init_from)
+        return self
+
 
 class SyntheticConfig(Section):
-    output: str | None = None  # default: <storage.root>/data
     seed: int = 0
     num_images: int = Field(64, gt=0)
     num_eval_images: int = Field(16, ge=0)
     image_size: int = Field(64, ge=16)
 
 
-class SyntheticJobConfig(RunConfig):
+class SyntheticJobConfig(JobConfig):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
 
@@ -171,114 +188,17 @@ KNOWN_SECTIONS = {
 C = TypeVar("C", bound=BaseModel)
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[str], Any]]:
-    out = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        key, value = item.split("=", 1)
-        key = key.strip().lstrip("-")
-        if not key:
-            raise ConfigError(f"override {item!r} has an empty key")
-        out.append((key.split("."), _parse_value(value)))
-    return out
-
-
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
-        node = nxt
-    node[path[-1]] = value
-
-
-def deep_merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _format_errors(err: ValidationError, raw: dict) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown field (value {e.get('input')!r})")
-        else:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-_REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
-
-
-def interpolate(tree: Any, root: dict | None = None, _depth: int = 0) -> Any:
-    """Replace ``${a.b}`` in strings with the value at ``a.b`` of the same config (after overrides)."""
-    root = tree if root is None else root
-    if _depth > 10:
-        raise ConfigError("config references (${...}) nest too deep or form a cycle")
-    if isinstance(tree, dict):
-        return {k: interpolate(v, root, _depth) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [interpolate(v, root, _depth) for v in tree]
-    if not isinstance(tree, str) or "${" not in tree:
-        return tree
-
-    def lookup(match: re.Match) -> str:
-        node: Any = root
-        for part in match.group(1).split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"config reference ${{{match.group(1)}}} names no value")
-            node = node[part]
-        return str(interpolate(node, root, _depth + 1))
-
-    return _REF.sub(lookup, tree)
-
-
 def build_config(cls: type[C], raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> C:
     """Validate ``raw`` (+ overrides, stage block merged) as ``cls``; errors name the field and value."""
-    raw = copy.deepcopy(raw or {})
-    parsed = parse_overrides(overrides)
-    # the stage may itself be an override; it must be known before its block is merged
-    for path, value in parsed:
-        if path == ["stage"]:
-            raw["stage"] = value
-    stages = raw.pop("stages", None) or {}
-    if "stage" in cls.model_fields and stages:
-        stage = raw.get("stage", cls.model_fields["stage"].default)
-        if stage not in stages:
-            raise ConfigError(f"stage: {stage!r} has no block under 'stages' (have: {sorted(stages)})")
-        raw = deep_merge(raw, stages[stage])
-    for path, value in parsed:
-        _set_path(raw, path, value)
-    # a relative storage root means the driver's cwd: pin it before anything derives paths from it, since
-    # Ray workers run in other directories
-    root = (raw.get("storage") or {}).get("root") if isinstance(raw.get("storage"), dict) else None
-    if isinstance(root, str) and "${" not in root:
-        raw["storage"]["root"] = storage.absolute(root)
-    raw = interpolate(raw)
+    stage_field = cls.model_fields.get("stage")
+    raw = resolve_tree(raw, overrides, stage_field.default if stage_field else None)
     for key in list(raw):
         if key not in cls.model_fields and key in KNOWN_SECTIONS:
             raw.pop(key)  # another job's section in a shared preset
     try:
         return cls.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, raw)) from None
+        raise ConfigError(validation_message(err)) from None
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -355,9 +275,9 @@ class GenerateConfig(Section):
     format: Literal["coco", "jsonl"] = "coco"
     image_prefix: str = ""  # prepended to COCO file_name in the records' "image" (e.g. "train2017/")
     max_images: int | None = Field(None, gt=0)  # read at most this many images (in input order)
-    output: str | None = None  # default: <storage.root>/generate
+    output: str | None = None  # default: layout's <storage.root>/generate
     prompts: str | None = None  # folder (URI) with custom <kind>.yaml prompt files; None = the packaged ones
-    cache: str | None = None  # response cache URI; default: <storage.root>/llm_cache
+    cache: str | None = None  # response cache URI; default: layout's <storage.root>/llm_cache
     use_cache: bool = True
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     targets: GenerateTargets = Field(default_factory=GenerateTargets)
@@ -371,7 +291,7 @@ class GenerateConfig(Section):
     seed: int = 0
 
 
-class GenerateJobConfig(RunConfig):
+class GenerateJobConfig(JobConfig):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
 
@@ -382,7 +302,7 @@ class JudgeConfig(EndpointConfig):
     """The judge: any OpenAI-compatible chat endpoint, plus how its verdicts are cached and repeated."""
 
     temperature: float = Field(0.2, ge=0, le=2)  # LLaVA's review temperature
-    cache: str | None = None  # verdict cache URI; default: <storage.root>/judge_cache
+    cache: str | None = None  # verdict cache URI; default: layout's <storage.root>/judge_cache
     use_cache: bool = True
     swap_order: bool = False  # LLaVA-Bench: a second pass with the two answers swapped → position bias
     repeats: int = Field(1, ge=1)  # LLaVA-Bench: judge every question this many times → spread (std) of the score
@@ -390,11 +310,11 @@ class JudgeConfig(EndpointConfig):
 
 class EvalConfig(Section):
     benchmark: Literal["scienceqa", "llava_bench", "synthetic"] = "scienceqa"
-    model_folder: str | None = None  # model folder URI or runs:/<training run id>
+    model_folder: str | None = None  # model folder URI, runs:/<training run id>, or a stage name (its model folder)
     model_run_id: str | None = None  # the training run to link; default: from runs:/ or the model folder
     data: str | None = None  # benchmark root URI (synthetic: the eval.json URI)
     images: str | None = None  # image root; default: <data>/images/<split> (ScienceQA), <data>/images (LLaVA-Bench)
-    output: str | None = None  # default: <storage.root>/eval/<benchmark>/<name>
+    output: str | None = None  # default: layout's <storage.root>/eval/<benchmark>/<name>
     name: str | None = None  # default: the model folder's last path component
     predictions: str | None = None  # JSONL {question_id, text}: score these answers instead of generating
     limit: int | None = Field(None, gt=0)  # evaluate only the first N questions
@@ -418,9 +338,14 @@ class EvalConfig(Section):
     use_gpu: bool | None = None  # None = when the cluster has GPUs
 
 
-class EvalJobConfig(RunConfig):
+class EvalJobConfig(JobConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+    @model_validator(mode="after")
+    def _resolve_stage(self) -> EvalJobConfig:
+        self.eval.model_folder = _stage_model(self.storage.root, self.eval.model_folder)
+        return self
 
 
 # --- serving: the Serve application's args (serving/config.yaml) ---
@@ -470,7 +395,7 @@ class ServeConfig(BaseModel):
         return self.api_key or os.environ.get(API_KEY_ENV) or None
 
 
-# --- connecting to Ray the same way in every job: join the cluster a job runs on, or start a local one ---
+# --- connecting the same way in every job: the config's S3 endpoint; Ray joined where a job runs, else started ---
 def ray_init_kwargs(cfg: RayConfig) -> dict[str, Any]:
     """``ray.init`` arguments: resource sizes only when starting a local Ray (joining refuses them)."""
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -481,10 +406,21 @@ def ray_init_kwargs(cfg: RayConfig) -> dict[str, Any]:
 
 def init_ray(cfg: RayConfig, **kwargs: Any) -> None:
     """``ray.init`` unless this process is connected already (a job's driver, a test session)."""
-    import ray
+    import ray  # deferred: configs are read by processes that never start Ray (CLI, Serve replicas, unit tests)
 
     if ray.is_initialized():
         return
     args = {**ray_init_kwargs(cfg), **kwargs}
     log.info("starting Ray: %s", {k: v for k, v in args.items() if v is not None} or "local")
     ray.init(**args)
+
+
+def connect(cfg: JobConfig, start_ray: bool = False) -> None:
+    """What every job sets up first: the S3 endpoint its config names, then Ray when ``start_ray``.
+
+    Jobs that may find nothing to do (a complete feature store) connect to Ray later, only when needed.
+    """
+    if cfg.storage.s3_endpoint_url:
+        storage.configure_s3(cfg.storage.s3_endpoint_url)
+    if start_ray:
+        init_ray(cfg.ray)

@@ -1,6 +1,7 @@
 """Storage by URI: one resolver turns a local path or ``s3://bucket/prefix`` into a filesystem + path.
 
-No other module branches on local vs S3; they call these helpers with URIs. The S3 endpoint comes from
+No other module branches on local vs S3; they call these helpers with URIs (bytes, text, JSON, JSON Lines,
+Parquet, whole folders); local writes are atomic (temp file + rename). The S3 endpoint comes from
 ``AWS_ENDPOINT_URL`` (or ``configure_s3``), credentials from the usual AWS variables.
 """
 
@@ -12,6 +13,7 @@ import os
 import posixpath
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -117,6 +119,23 @@ def read_json(uri: str) -> Any:
 
 def write_json(uri: str, obj: Any) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl(uri: str, rows: Iterable[Any]) -> None:
+    """JSON Lines, one row a line, in one atomic write; values JSON cannot hold are written as strings."""
+    write_text(uri, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+
+
+def read_jsonl(uri: str) -> list[Any]:
+    """The rows of a JSON Lines file (blank lines skipped); a bad line raises naming the file and line."""
+    rows = []
+    for lineno, line in enumerate(read_text(uri).splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{uri} line {lineno}: not JSON ({exc})") from None
+    return rows
 
 
 def exists(uri: str) -> bool:

@@ -1,7 +1,11 @@
-"""MLflow tracking for every job: a run with the resolved config, metrics and artifacts.
+"""MLflow for every job, and the one owner of MLflow references.
 
-Embedded default: a SQLite store under the storage root (or ``MLFLOW_TRACKING_URI``); a tracking server by
-config. When the server cannot be reached the job goes on, says so once, and the tracker becomes a no-op.
+``Tracker``: a run with the resolved config, metrics and artifacts. Embedded default: a SQLite store under
+the storage root (or ``MLFLOW_TRACKING_URI``); a tracking server by config. When the server cannot be
+reached the job goes on, says so once, and the tracker becomes a no-op.
+
+References: ``runs:/<run id>`` names the model folder a training run wrote (its ``vitune.model.folder``
+tag; ``run_model_folder``), ``models:/NAME/VERSION`` a registered model (``resolve_model_source``).
 """
 
 from __future__ import annotations
@@ -9,13 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from vitune import storage
+from vitune import layout, storage
 from vitune.config import MODELS_SCHEME, TrackingConfig
 
+# mlflow is imported where used: it takes about a second to import, and processes that never track (a
+# Serve replica loading a folder, tracking.enabled=false) should not pay for it.
 log = logging.getLogger(__name__)
+
+RUNS_SCHEME = "runs:/"
+MODEL_FOLDER_TAG = "vitune.model.folder"  # set on a training run: the model folder it wrote
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, storage_root: str) -> str:
@@ -23,10 +33,9 @@ def resolve_tracking_uri(cfg: TrackingConfig, storage_root: str) -> str:
         return cfg.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    local = storage.local_path(storage_root)
-    base = local if local else os.path.abspath("./runs")
-    os.makedirs(base, exist_ok=True)
-    return f"sqlite:///{os.path.join(base, 'mlflow.db')}"
+    db = layout.mlflow_db(storage_root)
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    return f"sqlite:///{db}"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -101,8 +110,6 @@ class Tracker:
         if not self.active:
             return
         try:
-            import time
-
             from mlflow.entities import Metric
 
             ts = int(time.time() * 1000)
@@ -151,6 +158,29 @@ class Tracker:
             self._client.set_terminated(self.run_id, status)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
+
+
+# --- training runs: runs:/<run id> → the model folder it wrote ---
+
+
+def run_id_of(ref: str | None) -> str | None:
+    """The run id of ``runs:/<run id>[/path]``; None for anything else."""
+    if not ref or not ref.startswith(RUNS_SCHEME):
+        return None
+    return ref[len(RUNS_SCHEME):].strip("/").split("/")[0]
+
+
+def run_model_folder(ref: str, tracking_uri: str | None = None) -> str:
+    """A model-folder URI as it is, or ``runs:/<run id>`` → the folder that run wrote; local paths absolute."""
+    run_id = run_id_of(ref)
+    if run_id is None:
+        return storage.absolute(ref)
+    from mlflow.tracking import MlflowClient
+
+    folder = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(MODEL_FOLDER_TAG)
+    if not folder:
+        raise ValueError(f"MLflow run {ref} has no {MODEL_FOLDER_TAG} tag (is it a vitune training run?)")
+    return storage.absolute(folder)
 
 
 # --- registered models: models:/NAME/VERSION → a model folder ---

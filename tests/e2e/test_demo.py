@@ -1,5 +1,6 @@
-"""End to end: `vitune demo` (what `make demo` runs) in its own process — synthetic data → features → align →
-finetune → eval → serve → one HTTP request — then the learning check and a pipeline re-run that skips."""
+"""End to end: `vitune demo` (what `make demo` runs) in its own process, started from a folder outside the
+repository with nothing of it on the import path — synthetic data → features → align → finetune → eval → serve →
+one HTTP request — then the learning check and a pipeline re-run that skips."""
 
 from __future__ import annotations
 
@@ -26,11 +27,14 @@ MIN_OVERALL = 0.55
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo") / "run"
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "platform"))
-    env.pop("RAY_ADDRESS", None)
+    base = tmp_path_factory.mktemp("demo")
+    root, cwd = base / "run", base / "elsewhere"
+    cwd.mkdir()
+    assert os.path.commonpath([ROOT, str(cwd)]) != ROOT, "the demo must run from outside the repository"
+    # the installed command alone: no PYTHONPATH, so neither the driver nor a Serve replica can see the repository
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
     proc = subprocess.run([os.path.join(BIN, "vitune"), "demo", "--root", str(root), "--port", str(free_port())],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root, proc.stdout, env
 
@@ -38,6 +42,7 @@ def demo(tmp_path_factory):
 def test_demo_answers_over_http_and_prints_summary(demo):
     _, out, _ = demo
     assert "vitune demo finished" in out
+    assert all(f"[{i}/6]" in out for i in range(1, 7)), out
     m = re.search(r"POST (http://127\.0\.0\.1:\d+)/v1/chat/completions → '(.*)' \(expected '(\w+)'\)", out)
     assert m, out
     assert m.group(2).strip(), "the served model returned an empty answer"
@@ -50,9 +55,9 @@ def test_runs_exist_and_loss_falls(demo):
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("vitune-tiny").experiment_id])
     by_name = {r.info.run_name: r for r in runs}
-    assert {"pipeline", "align", "finetune", "eval-synthetic"} <= set(by_name)
+    assert {"pipeline", "extract_features", "align", "finetune", "eval-synthetic"} <= set(by_name)
     parent = by_name["pipeline"].info.run_id
-    for name in ("align", "finetune", "eval-synthetic"):
+    for name in ("extract_features", "align", "finetune", "eval-synthetic"):
         assert by_name[name].data.tags.get("mlflow.parentRunId") == parent
         assert by_name[name].info.status == "FINISHED"
     loss = [m.value for m in client.get_metric_history(by_name["finetune"].info.run_id, "loss")]

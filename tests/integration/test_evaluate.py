@@ -13,7 +13,6 @@ import os
 import random
 import re
 import statistics
-import sys
 
 import pytest
 
@@ -27,8 +26,6 @@ TINY = "tiny"
 
 def run_job(*overrides: str) -> dict:
     """``jobs/evaluate.py`` in this process (so it uses the session's local Ray); returns report.json."""
-    if os.path.join(ROOT, "jobs") not in sys.path:
-        sys.path.insert(0, os.path.join(ROOT, "jobs"))
     spec = importlib.util.spec_from_file_location("evaluate_job", os.path.join(ROOT, "jobs", "evaluate.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -17,16 +17,18 @@ from collections import Counter
 import boto3
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from jobs import extract_features as job
-from vitune import storage
-from vitune.config import FeaturesJobConfig, VisionConfig, load_config
+from vitune import layout, storage
+from vitune.config import FeaturesJobConfig, TrainJobConfig, VisionConfig, load_config
 from vitune.data import synthetic
 from vitune.data.records import read_records
-from vitune.features.extract import FAIL_AFTER_ENV, SimulatedInterruption, extract_features, output_uri
+from vitune.features.extract import FAIL_AFTER_ENV, SimulatedInterruption, extract_features
 from vitune.features.store import MANIFEST, FeatureStore, FingerprintMismatch
 from vitune.model.image import decode_image
 from vitune.model.vision import encode_images, fingerprint_id, load_vision_tower
+from vitune.pipeline import run_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +98,7 @@ def built(ray_local, s3_bucket):
     finally:
         os.environ.pop(FAIL_AFTER_ENV)
     tower = load_vision_tower(cfg.model.vision)
-    out = output_uri(cfg, fingerprint_id(tower.fingerprint()))
+    out = layout.features_output(cfg, fingerprint_id(tower.fingerprint()))
     after_kill = objects(out)
     time.sleep(1.1)  # S3 LastModified has one-second resolution: a rewrite would show
 
@@ -105,7 +107,15 @@ def built(ray_local, s3_bucket):
     assert resumed["output"] == out
     after_resume = objects(out)
     return {"root": root, "data": data, "records": records, "cfg": cfg, "overrides": overrides, "tower": tower,
-            "out": out, "after_kill": after_kill, "resumed": resumed, "after_resume": after_resume}
+            "tower_id": fingerprint_id(tower.fingerprint()), "out": out, "after_kill": after_kill,
+            "resumed": resumed, "after_resume": after_resume}
+
+
+def test_store_is_where_the_layout_says_without_loading_a_tower(built):
+    # training finds the store from its own config: the same path, derived from the config alone
+    assert built["out"] == layout.features_output(built["cfg"]) == f"{built['root']}/features/{built['tower_id']}"
+    train = load_config(TrainJobConfig, TINY, built["overrides"])
+    assert layout.features_input(train) == built["out"]
 
 
 def test_interrupted_run_resumes_without_recomputing(built):
@@ -154,12 +164,31 @@ def test_broken_images_are_quarantined_with_reasons(built):
     assert not set(store.get(BROKEN))
 
 
-def test_rerun_is_a_noop(built):
+def test_rerun_is_a_noop(built, capsys):
     time.sleep(1.1)
     assert job.main(["--config", TINY, *built["overrides"]]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the job's JSON summary
+    assert printed["output"] == built["out"] and printed["computed_shards"] == 0
     assert objects(built["out"]) == built["after_resume"]  # no file written, not even the manifest
     summary = extract_features(built["cfg"])
     assert summary["computed_shards"] == 0 and summary["features_out"] == NUM_GOOD
+
+
+def test_pipeline_features_step_is_its_own_run_under_the_parent(built, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = run_pipeline(TINY, [*built["overrides"], "tracking.enabled=true", f"tracking.uri={uri}",
+                              "tracking.experiment=t-features"], steps=["features"])
+    assert [(s["step"], s["skipped"]) for s in res["steps"]] == [("features", True)]  # the store is complete
+    client = MlflowClient(uri)
+    parent = client.get_run(res["mlflow_parent_run_id"])
+    child = client.get_run(res["features"]["run_id"])
+    assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
+    assert child.info.run_name == "extract_features" and child.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags["vitune.features.extract"] == built["out"]
+    assert child.data.metrics["features_out"] == NUM_GOOD and child.data.metrics["computed_shards"] == 0
+    assert {a.path for a in client.list_artifacts(child.info.run_id, "features")} == {
+        "features/summary.json", "features/manifest.json"}
 
 
 def test_changed_plan_is_refused(built):

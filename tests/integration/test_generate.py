@@ -112,6 +112,10 @@ def test_generate_end_to_end_and_cached_rerun(ray_local, fake_openai, s3_bucket,
     # every written record is valid LLaVA data of its kind
     prompts = load_prompts()
     out = s["output"]
+    # where everything went: the layout's paths under the storage root (cache, records, errors, summary)
+    assert out == f"{root}/generate" and s["cache"] == f"{root}/llm_cache"
+    assert s["record_files"]["detail"] == f"{out}/records/detail.json"
+    assert s["errors_file"] == f"{out}/errors/errors.jsonl"
     assert storage.read_json(storage.join(out, "summary.json"))["records"] == 12
     by_kind = {k: read_records(uri) for k, uri in s["record_files"].items()}
     for kind, recs in by_kind.items():
@@ -126,7 +130,7 @@ def test_generate_end_to_end_and_cached_rerun(ray_local, fake_openai, s3_bucket,
     assert by_kind["complex"][0].conversations[0].value == "<image>\nWhat might happen next?"
 
     # quarantined outputs keep the raw text and the reason
-    errors = [json.loads(x) for x in storage.read_text(s["errors_file"]).splitlines()]
+    errors = storage.read_jsonl(s["errors_file"])
     assert len(errors) == 7
     gen = {(e["task_id"], e["reason"]): e for e in errors if e["stage"] == "generate"}
     assert gen[("000000000003-conversation", "missing_label")]["raw"] == "Sure, here is a chat about the fruit."
@@ -139,6 +143,7 @@ def test_generate_end_to_end_and_cached_rerun(ray_local, fake_openai, s3_bucket,
     for kind, p in prompts.items():
         assert run.data.params[f"prompt_hash.{kind}"] == p.hash
     assert run.data.metrics["records"] == 12 and run.data.metrics["quarantined.too_short"] == 1
+    assert run.data.tags["vitune.job"] == "generate_instructions"
 
     # second run: everything from the cache, nothing sent, same result
     fake_openai.clear()

@@ -1,13 +1,16 @@
-"""Tracking against a real MLflow tracking server (artifacts on the S3 server) and an unreachable one."""
+"""Tracking against a real MLflow tracking server (artifacts on the S3 server) and an unreachable one;
+``runs:/`` references resolved to the model folder a training run wrote."""
 
 from __future__ import annotations
 
 import logging
+import os
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from vitune.config import TrackingConfig
-from vitune.tracking import Tracker
+from vitune.tracking import MODEL_FOLDER_TAG, Tracker, run_id_of, run_model_folder
 
 
 def test_tracker_logs_to_server(mlflow_server, tmp_path):
@@ -35,3 +38,18 @@ def test_unreachable_server_warns_once_and_goes_on(tmp_path, caplog, monkeypatch
         t.finish()
     assert not t.active
     assert sum("unavailable" in r.message for r in caplog.records) == 1
+
+
+def test_runs_reference_resolves_to_the_model_folder(mlflow_server, tmp_path):
+    cfg = TrackingConfig(uri=mlflow_server, experiment="t-refs")
+    trained = Tracker(cfg, str(tmp_path), run_name="align")
+    trained.set_tags({MODEL_FOLDER_TAG: str(tmp_path / "train" / "align" / "model")})
+    trained.finish()
+    ref = f"runs:/{trained.run_id}"
+    assert run_id_of(ref) == run_id_of(f"{ref}/model") == trained.run_id and run_id_of(str(tmp_path)) is None
+    assert run_model_folder(ref, mlflow_server) == str(tmp_path / "train" / "align" / "model")
+    assert run_model_folder("some/folder") == os.path.abspath("some/folder")  # a folder passes, made absolute
+    other = Tracker(cfg, str(tmp_path), run_name="not-training")
+    other.finish()
+    with pytest.raises(ValueError, match=f"no {MODEL_FOLDER_TAG} tag"):
+        run_model_folder(f"runs:/{other.run_id}", mlflow_server)

@@ -3,6 +3,7 @@ the S3 server, runs on the MLflow tracking server; and a resume after an injecte
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -30,14 +31,20 @@ def feature_setup(ray_local, s3_bucket):
         f"data.records=[{data['records']['captions']}, {data['records']['instruct']}]"])
     summary = extract_features(cfg)
     assert summary["features_out"] == 48
-    return {"root": root, "data": data, "features": summary["output"]}
+    # records training must skip, each for its own reason: no id, and an image the feature store lacks
+    unusable = storage.join(root, "unusable.jsonl")
+    turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A shape."}]
+    storage.write_text(unusable, "".join(json.dumps(r) + "\n" for r in (
+        {"image": "images/nowhere.png", "conversations": turns},
+        {"id": "no-features", "image": "images/nowhere.png", "conversations": turns})))
+    return {"root": root, "data": data, "features": summary["output"], "unusable": unusable}
 
 
-def _train_cfg(setup, stage, tracking_uri, *extra):
-    records = setup["data"]["records"]["captions" if stage == "align" else "instruct"]
+def _train_cfg(setup, stage, tracking_uri, *extra, records=None):
+    records = records or [setup["data"]["records"]["captions" if stage == "align" else "instruct"]]
     return load_config(TrainJobConfig, TINY, [
         f"stage={stage}", f"storage.root={setup['root']}", f"data.features={setup['features']}",
-        f"data.records=[{records}]", f"tracking.uri={tracking_uri}", "tracking.experiment=train-test",
+        f"data.records={json.dumps(records)}", f"tracking.uri={tracking_uri}", "tracking.experiment=train-test",
         "tracking.registered_model=vitune-train-test", "train.num_workers=2", "train.micro_batch_size=4",
         "train.global_batch_size=16", "train.epochs=1", "train.log_every=1", *extra])
 
@@ -50,7 +57,9 @@ def _params(module):
 def trained(feature_setup, mlflow_server):
     from vitune.train.driver import run_training
 
-    align = run_training(_train_cfg(feature_setup, "align", mlflow_server, "train.zero_stage=2"))
+    captions = feature_setup["data"]["records"]["captions"]
+    align = run_training(_train_cfg(feature_setup, "align", mlflow_server, "train.zero_stage=2",
+                                    records=[captions, feature_setup["unusable"]]))
     fine = run_training(_train_cfg(feature_setup, "finetune", mlflow_server, "train.zero_stage=3",
                                    f"train.init_from=runs:/{align['run_id']}"))
     return align, fine
@@ -79,6 +88,16 @@ def test_finetune_trains_projector_and_lm(trained):
     for name in ("projector", "lm"):
         a, f = _params(getattr(a_model, name)), _params(getattr(f_model, name))
         assert any(not torch.equal(a[k], f[k]) for k in a), f"finetune left the {name} unchanged"
+
+
+def test_skipped_records_are_reported_per_reason(trained, mlflow_server):
+    align, fine = trained
+    assert align["data"]["skipped"] == {"missing_id": 1, "no_features": 1}
+    assert align["data"]["records"] == 50 == align["data"]["samples"] + align["data"]["skipped_total"]
+    metrics = MlflowClient(mlflow_server).get_run(align["run_id"]).data.metrics
+    assert (metrics["skipped_missing_id"], metrics["skipped_no_features"], metrics["skipped_total"]) == (1, 1, 2)
+    assert (metrics["records_in"], metrics["samples"]) == (50, 48)
+    assert fine["data"]["skipped_total"] == 0 and fine["data"]["records"] == fine["data"]["samples"]
 
 
 def test_mlflow_holds_runs_metrics_and_registered_model(trained, mlflow_server):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vitune.evaluation.inference import normalize_answer
 from vitune.evaluation.llava_bench import format_context, parse_scores, relative_scores
 from vitune.evaluation.scienceqa import Problem, build_prompt, extract_answer, score
+from vitune.evaluation.synthetic import normalize_answer
 
 
 @pytest.mark.parametrize(

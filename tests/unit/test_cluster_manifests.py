@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vitune import layout
 from vitune.cli import manifests as cluster_manifests
 from vitune.cli import submit
+from vitune.cli.jobs import JOBS
 from vitune.config import ConfigError, SyntheticJobConfig, TrainJobConfig, load_config, resolve_preset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,8 +50,13 @@ def _containers(cluster_spec: dict) -> list[dict]:
     return [c for g in groups for c in g["template"]["spec"]["containers"]]
 
 
+def _vitune_services() -> list[dict]:
+    # rayservice-vllm.yaml runs the vLLM image, not this one: tests/unit/serve/test_vllm_config.py checks it
+    return [d for d in _kind("RayService") if d["metadata"]["name"] == "vitune"]
+
+
 def _cluster_specs() -> list[dict]:
-    return [d["spec"] for d in _kind("RayCluster")] + [d["spec"]["rayClusterConfig"] for d in _kind("RayService")]
+    return [d["spec"] for d in _kind("RayCluster")] + [d["spec"]["rayClusterConfig"] for d in _vitune_services()]
 
 
 def test_cluster_folder_has_the_pieces():
@@ -94,7 +101,7 @@ def test_rayjob_entrypoint_names_existing_job_and_config_and_its_overrides_load(
     (job,) = [j for j in _kind("RayJob") if j["metadata"]["name"] == f"vitune-{step}"]
     script, config, overrides = _python_command(job)
     assert (ROOT / script).is_file(), f"{script} does not exist"
-    assert script.startswith("jobs/") and Path(script).stem in submit.JOB_CONFIGS
+    assert script.startswith("jobs/") and Path(script).stem in JOBS
     assert Path(resolve_preset(config)).is_file(), f"{config} is no preset"
     cfgs = submit.validate_job(Path(script).stem, config, overrides)
     assert cfgs, f"{script}: nothing validated"
@@ -135,11 +142,11 @@ def test_the_pipeline_rayjob_synthesizes_the_tiny_presets_data_where_the_preset_
     root = next(o.split("=", 1)[1] for o in overrides if o.startswith("storage.root="))
     assert argv[0] == f"{root}/data"
     features = submit.validate_job("pipeline", config, overrides)[0]
-    assert features.data.image_root == f"{root}/data"
+    assert layout.image_root(features.data) == f"{root}/data"
 
 
 def test_rayservice_serve_config_is_serving_config_yaml():
-    (service,) = _kind("RayService")
+    (service,) = _vitune_services()
     serve_text = (ROOT / cluster_manifests.SERVE_CONFIG).read_text()
     # compared in full: KubeRay forbids no key of serveConfigV2 (it hands it to Serve's REST API as is)
     assert yaml.safe_load(service["spec"]["serveConfigV2"]) == yaml.safe_load(serve_text)
@@ -149,7 +156,7 @@ def test_rayservice_serve_config_is_serving_config_yaml():
 
 
 def test_rayservice_ports_and_import_path_fit_the_cluster():
-    (service,) = _kind("RayService")
+    (service,) = _vitune_services()
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     serve_ports = [p["containerPort"] for p in head["ports"] if p.get("name") == "serve"]
@@ -162,7 +169,7 @@ def test_rayservice_ports_and_import_path_fit_the_cluster():
 
 
 def test_check_fails_when_serving_config_changes(tmp_path):
-    for rel in (cluster_manifests.SERVE_CONFIG, cluster_manifests.RAYSERVICE):
+    for rel in [path for pair in cluster_manifests.PAIRS.values() for path in pair]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp_path / rel)
     assert cluster_manifests.main(["--check", "--root", str(tmp_path)]) == 0

@@ -8,7 +8,8 @@ import pytest
 
 from vitune import storage
 from vitune.config import FeaturesJobConfig, build_config
-from vitune.features.extract import key_set_hash, plan_shards, pool_size, write_manifest
+from vitune.features.encode import pool_size
+from vitune.features.extract import key_set_hash, plan_shards
 from vitune.features.store import (
     PLAN,
     FeatureStore,
@@ -16,6 +17,7 @@ from vitune.features.store import (
     features_to_numpy,
     shard_name,
     shard_table,
+    write_manifest,
     write_shard,
 )
 
@@ -36,9 +38,8 @@ def build_store(root, keys: list[str], shard_size: int, bad: frozenset[str] = fr
         good = [k for k in shard_keys if k not in bad]
         feats = np.stack([feats_for(k) for k in good]) if good else np.empty((0, N, D), np.float16)
         if len(good) < len(shard_keys):
-            lines = "".join(f'{{"image_key": "{k}", "reason": "broken", "shard": {i}}}\n'
-                            for k in shard_keys if k in bad)
-            storage.write_text(storage.join(out, f"errors/shard-{i:05d}.jsonl"), lines)
+            storage.write_jsonl(storage.join(out, f"errors/shard-{i:05d}.jsonl"),
+                                [{"image_key": k, "reason": "broken", "shard": i} for k in shard_keys if k in bad])
         write_shard(storage.join(out, shard_name(i)),
                     shard_table(good, feats, {"shard": i, "quarantined": len(shard_keys) - len(good)}))
     write_manifest(out, shards, FP, (N, D))

@@ -130,6 +130,17 @@ def _roundtrip(base: str) -> None:
     assert not storage.exists(storage.join(base, "t", "p.parquet"))
 
 
+def test_jsonl_roundtrip_and_bad_line(tmp_path):
+    uri = str(tmp_path / "rows.jsonl")
+    rows = [{"id": 1, "text": "ü"}, {"id": 2, "path": tmp_path}]  # a value JSON cannot hold is written as text
+    storage.write_jsonl(uri, rows)
+    assert storage.read_text(uri) == f'{{"id": 1, "text": "ü"}}\n{{"id": 2, "path": "{tmp_path}"}}\n'
+    assert storage.read_jsonl(uri) == [{"id": 1, "text": "ü"}, {"id": 2, "path": str(tmp_path)}]
+    storage.write_text(uri, '{"id": 1}\n\nnot json\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl line 3: not JSON"):
+        storage.read_jsonl(uri)
+
+
 def test_storage_rejects_unknown_scheme():
     with pytest.raises(ValueError, match="gs"):
         storage.resolve("gs://bucket/x")
@@ -162,3 +173,46 @@ def test_tiny_tokenizer_offline():
     assert ids[0] == image_token_id(tok)
     assert tok.decode(ids) == "<image>\nWhat color? red"
     assert tok.decode(tok("日本 ünïcode", add_special_tokens=False).input_ids) == "日本 ünïcode"
+
+
+def test_image_token_id_of_a_tokenizer_without_it_is_a_clear_error():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from vitune.data.tokenizer import image_token_id
+
+    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, "<unk>")),
+                                   unk_token="<unk>")
+    with pytest.raises(ValueError, match="the tokenizer has no <image> token .load it with vitune.data.tokenizer"):
+        image_token_id(bare)
+
+
+def test_shared_facts_are_defined_once():
+    import vitune
+    from vitune.data import records, templates
+    from vitune.model import vlm
+
+    assert (vitune.IGNORE_INDEX, vitune.HUMAN, vitune.GPT) == (-100, "human", "gpt")
+    assert templates.IGNORE_INDEX is vlm.IGNORE_INDEX is vitune.IGNORE_INDEX  # imported, not restated
+    assert records.ROLES == (vitune.HUMAN, vitune.GPT)
+
+
+def test_every_job_entrypoint_has_the_one_shape():
+    from vitune.cli.jobs import JOBS
+
+    files = sorted(p[:-3] for p in os.listdir(os.path.join(ROOT, "jobs")) if p.endswith(".py"))
+    assert files == sorted(JOBS)  # one entrypoint per job, no helper module beside them
+    for job in files:
+        text = open(os.path.join(ROOT, "jobs", f"{job}.py")).read()
+        assert f'return jobs.main("{job}", argv, __doc__)' in text and len(text.splitlines()) < 40, job
+        assert "sys.path" not in text and "argparse" not in text, job
+
+
+def test_job_without_config_is_refused(capsys):
+    from vitune.cli.jobs import main
+
+    with pytest.raises(SystemExit) as err:
+        main("train", [])
+    assert err.value.code == 2 and "--config" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown job 'nope'; valid jobs: extract_features, train"):
+        main("nope", ["--config", "tiny"])

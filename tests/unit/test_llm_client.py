@@ -11,7 +11,8 @@ import pytest
 from tests.fake_openai import FakeOpenAI, Reply, fake_openai_fixture  # noqa: F401 - fixture `fake_openai`
 from tests.services import free_port
 from vitune.config import EndpointConfig
-from vitune.llm_client import LimiterCore, LLMClient, LLMError, ResponseCache, parse_retry_after
+from vitune.llm_client import LLMClient, LLMError, ResponseCache, parse_retry_after
+from vitune.rate_limit import LimiterCore
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say hi please"}]
 

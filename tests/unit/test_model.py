@@ -1,4 +1,4 @@
-"""Projector registry, the `<image>` splice, loss, generation, stage freezing and the model folder."""
+"""Projector registry, the `<image>` splice, loss, stage freezing and the model folder (decoding: test_decoding)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from torch import nn
 
 from vitune.config import ModelConfig
 from vitune.data.tokenizer import load_tokenizer
-from vitune.model.folder import META_FILE, load_model_folder, save_model_folder
+from vitune.model.folder import META_FILE, inference_dtype, load_for_inference, load_model_folder, save_model_folder
 from vitune.model.projector import build_projector, parse_projector_name
+from vitune.model.vision import load_vision_tower
 from vitune.model.vlm import IGNORE_INDEX, VisionLanguageModel, build_model, splice_image_features
 
 DV, N = 12, 5  # vision width and patches per image in these tests
@@ -24,16 +25,20 @@ def tokenizer():
     return load_tokenizer("tiny")
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer) -> VisionLanguageModel:
+def peaky_model(tokenizer) -> VisionLanguageModel:
+    """The tiny VLM with peakier weights than the 0.02 init: fewer near-ties in greedy decoding, larger logits."""
     vlm = build_model(ModelConfig(), tokenizer, DV).eval()
-    # Peakier weights than the 0.02 init: fewer near-ties in greedy decoding, larger logit effects.
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in vlm.parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.3, generator=gen)
     return vlm
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> VisionLanguageModel:
+    return peaky_model(tokenizer)
 
 
 def _features(count: int, seed: int = 0) -> torch.Tensor:
@@ -193,78 +198,6 @@ def test_build_model_is_deterministic(tokenizer) -> None:
     assert a.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
 
 
-# -- generation ---------------------------------------------------------------------------------
-
-
-def test_greedy_matches_hf_generate_text_only(model: VisionLanguageModel) -> None:
-    prompt = [1, 300, 301, 302]
-    ours = model.generate([prompt], max_new_tokens=12, stop_token_ids=())
-    with torch.no_grad():
-        hf = model.lm.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, 4, dtype=torch.long),
-            max_new_tokens=12,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=model.pad_token_id,
-        )
-    assert ours == [hf[0, len(prompt) :].tolist()]
-
-
-def test_batched_generation_equals_one_by_one(model: VisionLanguageModel) -> None:
-    img = model.image_token_id
-    prompts = [[1, 300, img, 301], [1, 310, 311, 312, 313, 314, 315], [1, img, 320], [1, 2]]
-    feats = _features(2, seed=3)
-    image_features = [feats[0], None, feats[1], None]
-    batched = model.generate(prompts, image_features, max_new_tokens=10, stop_token_ids=())
-    singles = [
-        model.generate([p], [f], max_new_tokens=10, stop_token_ids=())[0]
-        for p, f in zip(prompts, image_features, strict=True)
-    ]
-    assert batched == singles
-    assert all(len(seq) == 10 for seq in batched)
-    assert batched[0] != model.generate([prompts[0]], [torch.zeros(N, DV)], max_new_tokens=10, stop_token_ids=())[0]
-
-
-def test_stop_tokens_end_a_sequence_and_are_not_emitted(model: VisionLanguageModel) -> None:
-    prompts = [[1, 300, 301], [1, 400]]
-    free = model.generate(prompts, max_new_tokens=8, stop_token_ids=())
-    stop = free[0][3]
-    stopped = model.generate(prompts, max_new_tokens=8, stop_token_ids=(stop,))
-    first = free[0].index(stop)
-    assert stopped[0] == free[0][:first]
-    cut = free[1].index(stop) if stop in free[1] else len(free[1])
-    assert stopped[1] == free[1][:cut]
-    steps = list(model.generate_stream(prompts, max_new_tokens=8, stop_token_ids=(stop,)))
-    assert steps[first].finish_reasons[0] == "stop" and steps[first].tokens[0] == []
-    assert all(step.tokens[0] == [] for step in steps[first:])
-    assert [sum((s.tokens[i] for s in steps), []) for i in range(2)] == stopped
-
-
-def test_stream_reports_length_and_stops_when_all_done(model: VisionLanguageModel) -> None:
-    steps = list(model.generate_stream([[1, 300]], max_new_tokens=3, stop_token_ids=()))
-    assert len(steps) == 3
-    assert [s.finish_reasons[0] for s in steps] == [None, None, "length"]
-    assert model.generate([[1, 300]], max_new_tokens=0) == [[]]
-
-
-def test_sampling_is_seeded_and_top_p_tiny_is_greedy(model: VisionLanguageModel) -> None:
-    prompts = [[1, 300, 301], [1, 310]]
-    kwargs = dict(max_new_tokens=8, temperature=1.0, stop_token_ids=())
-    a = model.generate(prompts, seed=7, **kwargs)
-    assert a == model.generate(prompts, seed=7, **kwargs)
-    assert a != model.generate(prompts, seed=8, **kwargs)
-    greedy = model.generate(prompts, max_new_tokens=8, stop_token_ids=())
-    assert model.generate(prompts, seed=1, top_p=1e-6, **kwargs) == greedy
-
-
-def test_generate_checks_image_features(model: VisionLanguageModel) -> None:
-    with pytest.raises(ValueError, match="prompt 0 holds 1 <image> tokens but features are None"):
-        model.generate([[1, model.image_token_id]], [None], max_new_tokens=2)
-    with pytest.raises(ValueError, match="top_p"):
-        model.generate([[1]], max_new_tokens=2, temperature=1.0, top_p=0.0)
-
-
 # -- freezing -----------------------------------------------------------------------------------
 
 
@@ -328,3 +261,19 @@ def test_model_folder_rejects_unknown_format(tokenizer, tmp_path: Path) -> None:
         load_model_folder(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a vitune model folder"):
         load_model_folder(str(tmp_path / "missing"))
+
+
+def test_load_for_inference_checks_the_tower_and_uses_fp32_on_cpu(tokenizer, tmp_path: Path) -> None:
+    cfg = ModelConfig()
+    tower = load_vision_tower(cfg.vision)
+    vlm = build_model(cfg, tokenizer, tower.hidden_size).to(torch.bfloat16)
+    save_model_folder(vlm, tokenizer, cfg, tower.fingerprint(), str(tmp_path / "ok"), include_lm=True)
+    loaded = load_for_inference(str(tmp_path / "ok"), device="cpu")
+    assert loaded.model.dtype == torch.float32 and loaded.tower.fingerprint() == tower.fingerprint()
+    assert loaded.meta["dtype"] == "bfloat16" and loaded.tower.dtype == torch.float32
+    assert inference_dtype("auto", "cuda", loaded.meta) == torch.bfloat16
+    assert load_for_inference(str(tmp_path / "ok"), device="cpu", dtype="bfloat16").model.dtype == torch.bfloat16
+    other = {**tower.fingerprint(), "feature_layer": -1}
+    save_model_folder(vlm, tokenizer, cfg, other, str(tmp_path / "other"), include_lm=False)
+    with pytest.raises(ValueError, match="feature_layer: trained on -1, tower gives -2"):
+        load_for_inference(str(tmp_path / "other"), device="cpu")

@@ -18,6 +18,7 @@ from vitune.data.templates import (
     IGNORE_INDEX,
     TEMPLATES,
     MaskError,
+    TemplateError,
     bos_ids,
     get_template,
     render_conversation,
@@ -25,6 +26,7 @@ from vitune.data.templates import (
     tokenize_conversation,
     tokenize_generation_prompt,
     tokenize_record,
+    with_system,
 )
 from vitune.data.tokenizer import load_tokenizer
 
@@ -417,3 +419,20 @@ def test_mark_trained_wraps_every_reply(tiny):
     text = mark_trained(sample, tiny)
     assert text.count("[[") == 2
     assert "[[A man irons clothes on a taxi.<|im_end|>]]" in text and "[[No, it is not.<|im_end|>]]" in text
+
+
+@pytest.mark.parametrize(("name", "start"), [
+    ("vicuna_v1", "Be brief. USER:"),
+    ("llama_2", "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n"),
+    ("chatml_direct", "<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\n"),
+])
+def test_with_system_replaces_the_system_prompt(name, start):
+    turns = [{"from": "human", "value": "hi"}]
+    assert render_generation_prompt(turns, with_system(name, "Be brief.")).startswith(start)
+    assert with_system(name, None) is get_template(name)
+
+
+@pytest.mark.parametrize("name", ["plain", "chat_template"])
+def test_with_system_refuses_templates_without_a_system_prompt(name):
+    with pytest.raises(TemplateError, match="no system prompt"):
+        with_system(name, "Be brief.")

@@ -1,9 +1,11 @@
 """``vitune demo``: synthetic data → features → align → finetune → eval → serve → one real HTTP request.
 
 Runs on local Ray with the tiny preset, embedded storage (a local folder) and MLflow (SQLite) — or, with
-``--root s3://...`` and ``--tracking-uri``, against an S3 endpoint and an MLflow server. The Serve app is
-the one ``serving/config.yaml`` names by ``import_path`` (one source of truth), started with the trained
-model folder. The end prints where everything is and how to look at it.
+``--root s3://...`` and ``--tracking-uri``, against an S3 endpoint and an MLflow server. Everything it needs
+ships in the package, so it runs from any directory: the preset by name, and the Serve application
+(``vitune.serve.app``, which ``serving/config.yaml`` deploys) with ``ServeConfig``'s defaults — the values
+that config spells out — for the trained model folder, served under the run's registered model name.
+The end prints where everything is and how to look at it.
 """
 
 from __future__ import annotations
@@ -15,25 +17,20 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from vitune import storage
+import httpx
+from ray import serve
+
+from vitune import layout, storage
 from vitune.config import SyntheticJobConfig, init_ray, load_config
 from vitune.data import synthetic
+from vitune.pipeline import run_pipeline
+from vitune.serve.app import build_app
 
 log = logging.getLogger(__name__)
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the repository root of an editable install
-
-
-def repo_file(*parts: str) -> Path:
-    """A file of the repository (configs, the serving app): beside the package, else under the cwd."""
-    for base in (PACKAGE_ROOT, Path.cwd()):
-        if (base.joinpath(*parts)).exists():
-            return base.joinpath(*parts)
-    raise FileNotFoundError(f"{'/'.join(parts)} not found beside the package or in {Path.cwd()}; "
-                            "run the demo from the repository root")
+APP_NAME = "vitune"  # the Serve application's name, as in serving/config.yaml
 
 
 def _out(line: str = "") -> None:
@@ -41,31 +38,18 @@ def _out(line: str = "") -> None:
     sys.stdout.flush()
 
 
-def serve_model(model_folder: str, port: int, host: str = "127.0.0.1") -> str:
-    """Deploy the Serve app of ``serving/config.yaml`` (by its import path) for ``model_folder``; its URL."""
-    import yaml
-    from ray import serve
-    from ray._common.utils import import_attr
-
-    serve_cfg = yaml.safe_load(repo_file("serving", "config.yaml").read_text())
-    app_cfg = serve_cfg["applications"][0]
-    root = str(repo_file("serving", "config.yaml").parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    builder = import_attr(app_cfg["import_path"])
-    args = dict(app_cfg.get("args") or {}, model=model_folder)
-    app = builder(args)
+def serve_model(model_folder: str, model_name: str, port: int, host: str = "127.0.0.1") -> str:
+    """Deploy the packaged Serve application for ``model_folder``, served as ``model_name``; its URL."""
+    app = build_app({"model": model_folder, "served_model_name": model_name})
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=app_cfg.get("name", "vitune"), route_prefix=app_cfg.get("route_prefix", "/"))
+    serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
 
-def ask(url: str, image_png: bytes, question: str, api_key: str | None = None) -> dict[str, Any]:
+def ask(url: str, model_name: str, image_png: bytes, question: str, api_key: str | None = None) -> dict[str, Any]:
     """One OpenAI-format chat request with an image, over HTTP."""
-    import httpx
-
     data_url = "data:image/png;base64," + base64.b64encode(image_png).decode()
-    body = {"model": "vitune-tiny", "max_tokens": 8, "temperature": 0,
+    body = {"model": model_name, "max_tokens": 8, "temperature": 0,
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": question}]}]}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -74,20 +58,31 @@ def ask(url: str, image_png: bytes, question: str, api_key: str | None = None) -
     return r.json()
 
 
+def serve_and_ask(model_folder: str, model_name: str, data: dict[str, Any], port: int) -> tuple[str, dict[str, Any]]:
+    """Serve the model, then ask it the colour of one held-out image over HTTP: (URL, the exchange)."""
+    url = serve_model(model_folder, model_name, port)
+    record = next(r for r in storage.read_json(data["records"]["eval"]) if r["kind"] == "color")
+    image = storage.read_bytes(storage.join(data["image_root"], record["image"]))
+    question = synthetic.QUESTIONS["color"]
+    reply = ask(url, model_name, image, question)
+    answer = reply["choices"][0]["message"]["content"]
+    return url, {"question": question, "answer": answer, "expected": record["answer"], "usage": reply.get("usage")}
+
+
 def run_demo(config: str, overrides: list[str], port: int = 8000, keep_serving: bool = False) -> dict[str, Any]:
-
-    from vitune.pipeline import run_pipeline
-
+    """The six steps; what each produced (data, pipeline results, the request and its answer, the URL)."""
     t0 = time.time()
     cfg = load_config(SyntheticJobConfig, config, overrides)
+    # clients name the model as the run registers it in MLflow (models:/<name>/<version> serves the same name)
+    model_name = cfg.tracking.registered_model or cfg.tracking.experiment
     root = cfg.storage.root
     if cfg.storage.s3_endpoint_url:
         storage.configure_s3(cfg.storage.s3_endpoint_url)
     summary: dict[str, Any] = {"root": root}
 
-    _out(f"[1/6] synthetic data → {storage.join(root, 'data')}")
+    _out(f"[1/6] synthetic data → {layout.synthetic_data(cfg)}")
     s = cfg.synthetic
-    data = synthetic.generate(storage.join(root, "data"), seed=s.seed, num_images=s.num_images,
+    data = synthetic.generate(layout.synthetic_data(cfg), seed=s.seed, num_images=s.num_images,
                               num_eval_images=s.num_eval_images, image_size=s.image_size)
     summary["data"] = data
     _out(f"      {s.num_images} training + {s.num_eval_images} held-out images, records: "
@@ -113,17 +108,9 @@ def run_demo(config: str, overrides: list[str], port: int = 8000, keep_serving: 
          f"(per kind: {', '.join(f'{k} {v:.2f}' for k, v in ev['per_kind'].items())})")
 
     _out("[6/6] serving the finetuned model (Ray Serve, OpenAI-compatible API) ...")
-    folder = results["finetune"]["model_folder"]
-    url = serve_model(folder, port)
-    record = next(r for r in storage.read_json(data["records"]["eval"]) if r["kind"] == "color")
-    image = storage.read_bytes(storage.join(data["image_root"], record["image"]))
-    question = synthetic.QUESTIONS["color"]
-    reply = ask(url, image, question)
-    answer = reply["choices"][0]["message"]["content"]
-    summary["request"] = {"question": question, "answer": answer, "expected": record["answer"],
-                          "usage": reply.get("usage")}
-    summary["url"] = url
-    _out(f"      POST {url}/v1/chat/completions → {answer!r} (expected {record['answer']!r})")
+    url, request = serve_and_ask(results["finetune"]["model_folder"], model_name, data, port)
+    summary.update(request=request, url=url, model_name=model_name)
+    _out(f"      POST {url}/v1/chat/completions → {request['answer']!r} (expected {request['expected']!r})")
 
     _print_summary(summary, results, url, time.time() - t0, keep_serving)
     if keep_serving:
@@ -133,8 +120,6 @@ def run_demo(config: str, overrides: list[str], port: int = 8000, keep_serving: 
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
-    from ray import serve
-
     serve.shutdown()
     return summary
 
@@ -156,7 +141,7 @@ def _print_summary(summary: dict, results: dict, url: str, seconds: float, keep_
     _out(f"              loss curves: mlflow ui --backend-store-uri {tracking}")
     req = summary["request"]
     _out(f"  served      {url}  answered {req['answer']!r} to {req['question']!r}")
-    curl_body = json.dumps({"model": "vitune-tiny", "messages": [{"role": "user", "content": "Hello"}],
+    curl_body = json.dumps({"model": summary["model_name"], "messages": [{"role": "user", "content": "Hello"}],
                             "max_tokens": 8})
     state = "up until Ctrl-C" if keep_serving else "stopped now; `vitune demo --keep-serving` keeps it up"
     _out(f"  try it      ({state})")
@@ -167,7 +152,7 @@ def _print_summary(summary: dict, results: dict, url: str, seconds: float, keep_
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vitune demo", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None, help="preset YAML (default: tiny)")
+    p.add_argument("--config", default="tiny", help="a preset name, or a YAML path or URI (default: tiny)")
     p.add_argument("--root", default=None, help="storage root: a local folder or s3://bucket/prefix")
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (else SQLite under the root)")
@@ -175,7 +160,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep-serving", action="store_true", help="keep the model served until Ctrl-C")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     args = p.parse_args(argv)
-    config = args.config or "tiny"
     overrides = list(args.overrides)
     if args.root:
         overrides.append(f"storage.root={args.root}")
@@ -186,5 +170,5 @@ def main(argv: list[str]) -> int:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     for name in ("ray", "ray.data", "ray.train", "ray.serve"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    run_demo(config, overrides, port=args.port, keep_serving=args.keep_serving)
+    run_demo(args.config, overrides, port=args.port, keep_serving=args.keep_serving)
     return 0

@@ -1,6 +1,7 @@
-"""The ``vitune`` command line: data tools, the demo, and job submission to Ray clusters.
+"""The ``vitune`` command line: data tools, the demo, job submission to Ray clusters, and model export.
 
-Subcommands import what they need when they run, so ``vitune --help`` is instant.
+It works from any directory: the demo runs from the installed package (presets, the Serve application);
+``submit`` finds the repository it uploads from the cwd, else the checkout vitune is installed from.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+# Each command imports its module when it runs (deferred on purpose): they pull in Ray, torch or pyarrow,
+# and `vitune --help` should answer at once.
 def _cmd_synth(args: argparse.Namespace) -> int:
     from vitune.data import synthetic
 
@@ -47,9 +50,15 @@ def _cmd_submit(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace, rest: list[str]) -> int:
-    from vitune.cli import submit
+    from vitune.cli import cluster
 
-    return submit.main_jobs(rest)
+    return cluster.main_jobs(rest)
+
+
+def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from vitune.cli import export
+
+    return export.main(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("demo", _cmd_demo, "the whole pipeline on local Ray with tiny presets"),
         ("submit", _cmd_submit, "submit a job entrypoint to a Ray cluster"),
         ("jobs", _cmd_jobs, "list, follow or stop submitted jobs"),
+        ("export", _cmd_export, "write a model folder in the llava-hf layout (transformers, vLLM, SGLang)"),
     ):
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.set_defaults(func=func, passthrough=True)

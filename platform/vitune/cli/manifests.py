@@ -1,15 +1,20 @@
-"""The RayService manifest's ``serveConfigV2``, generated from ``serving/config.yaml`` (its one source of truth).
+"""The RayService manifests' ``serveConfigV2``, generated from their serve configs (the one source of truth).
 
-    python -m vitune.cli.manifests            # rewrite cluster/kuberay/rayservice.yaml's serveConfigV2
-    python -m vitune.cli.manifests --check    # exit 1 when it differs from serving/config.yaml
+Two pairs: ``serving/config.yaml`` (vitune's engine) → ``cluster/kuberay/rayservice.yaml``, and
+``serving/vllm.yaml`` (Ray Serve LLM / vLLM over a llava-hf export) → ``cluster/kuberay/rayservice-vllm.yaml``.
+
+    python -m vitune.cli.manifests            # rewrite both manifests' serveConfigV2
+    python -m vitune.cli.manifests --check    # exit 1 when either differs from its serve config
     python -m vitune.cli.manifests --model s3://B/vitune/tiny/train/finetune/model --engine-gpus 1 \\
         | kubectl apply -f -                      # a deployment variant, written to stdout
+    python -m vitune.cli.manifests --vllm --model s3://B/vitune/tiny/export/llava-hf | kubectl apply -f -
 
 The serve config is embedded verbatim (comments too) as the block scalar under ``serveConfigV2:``; the rest
 of the manifest is left as written. KubeRay hands serveConfigV2 unchanged to Serve's REST API (only
 ``target_capacity`` is set by KubeRay, during incremental upgrades), so no key is excluded: the manifest's
 serveConfigV2, parsed, equals serving/config.yaml, parsed. A variant (``--model``, ``--engine-gpus``) is
 rendered from the parsed config, so it loses the comments, and goes to stdout, never into the checked-in file.
+The vLLM variant (``--vllm --model``) points every LLM config at the exported folder.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from vitune.cli.repo import RepositoryNotFound, find_repo_root
+
 log = logging.getLogger(__name__)
 
 SERVE_CONFIG = "serving/config.yaml"
@@ -32,10 +39,9 @@ RAYSERVICE = "cluster/kuberay/rayservice.yaml"
 KEY = "serveConfigV2"
 APP = "vitune"  # the application and deployment of serving/config.yaml that the options change
 ENGINE = "VLMEngine"
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[3]  # platform/vitune/cli/manifests.py → repository root
+VLLM_SERVE_CONFIG = "serving/vllm.yaml"
+VLLM_RAYSERVICE = "cluster/kuberay/rayservice-vllm.yaml"
+VLLM_APP = "vllm"  # the Ray Serve LLM application of serving/vllm.yaml
 
 
 def replace_block_scalar(text: str, key: str, value: str) -> str:
@@ -80,47 +86,105 @@ def render_serve_config(serve_text: str, model: str | None = None, engine_gpus: 
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def render_rayservice(manifest_text: str, serve_text: str, model: str | None = None,
-                      engine_gpus: float | None = None) -> str:
-    """The RayService manifest with its serveConfigV2 generated from ``serve_text`` (+ the variant's options)."""
-    out = replace_block_scalar(manifest_text, KEY, render_serve_config(serve_text, model, engine_gpus))
-    embedded = yaml.safe_load(out)["spec"][KEY]
-    if yaml.safe_load(embedded) != yaml.safe_load(render_serve_config(serve_text, model, engine_gpus)):
+def embed_serve_config(manifest_text: str, serve_text: str) -> str:
+    """The RayService manifest with ``serve_text`` as its serveConfigV2, checked to parse back to it."""
+    out = replace_block_scalar(manifest_text, KEY, serve_text)
+    if yaml.safe_load(yaml.safe_load(out)["spec"][KEY]) != yaml.safe_load(serve_text):
         raise ValueError(f"the embedded {KEY} does not parse back to the serve config")  # an indentation bug
     return out
 
 
+def render_rayservice(manifest_text: str, serve_text: str, model: str | None = None,
+                      engine_gpus: float | None = None) -> str:
+    """The RayService manifest with its serveConfigV2 generated from ``serve_text`` (+ the variant's options)."""
+    return embed_serve_config(manifest_text, render_serve_config(serve_text, model, engine_gpus))
+
+
+def render_vllm_serve_config(serve_text: str, model: str | None = None) -> str:
+    """serving/vllm.yaml's text: verbatim without ``model``; with it, every LLM config serves that exported folder.
+
+    A local folder's ``chat_template.jinja`` is named explicitly; for a remote one (``s3://``) the key is dropped:
+    Ray Serve LLM downloads the folder to a cache path of its own, and vLLM then applies that folder's
+    chat_template.jinja itself (the processor's, else the tokenizer's chat template: the same file).
+    """
+    if model is None:
+        return serve_text
+    config = copy.deepcopy(yaml.safe_load(serve_text))
+    apps = {a.get("name"): a for a in config.get("applications", [])}
+    if VLLM_APP not in apps:
+        raise ValueError(f"{VLLM_SERVE_CONFIG} has no application {VLLM_APP!r} (have: {sorted(apps)})")
+    for llm in apps[VLLM_APP]["args"]["llm_configs"]:
+        llm["model_loading_config"]["model_source"] = model
+        engine = llm.setdefault("engine_kwargs", {})
+        engine.pop("chat_template", None)
+        if "://" not in model:
+            engine["chat_template"] = f"{model.rstrip('/')}/chat_template.jinja"
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def render_vllm_rayservice(manifest_text: str, serve_text: str, model: str | None = None) -> str:
+    """The vLLM RayService manifest with its serveConfigV2 generated from serving/vllm.yaml (+ ``model``)."""
+    return embed_serve_config(manifest_text, render_vllm_serve_config(serve_text, model))
+
+
+PAIRS = {"vitune": (SERVE_CONFIG, RAYSERVICE), "vllm": (VLLM_SERVE_CONFIG, VLLM_RAYSERVICE)}  # serve config → manifest
+
+
+def _render(name: str, manifest_text: str, serve_text: str, model: str | None = None,
+            engine_gpus: float | None = None) -> str:
+    if name == "vllm":
+        return render_vllm_rayservice(manifest_text, serve_text, model)
+    return render_rayservice(manifest_text, serve_text, model, engine_gpus)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vitune.cli.manifests", description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help=f"exit 1 if {RAYSERVICE} is not up to date")
-    p.add_argument("--model", help="the model to serve: a model folder URI or models:/NAME/VERSION")
+    p.add_argument("--check", action="store_true", help=f"exit 1 if {RAYSERVICE} or {VLLM_RAYSERVICE} is not up "
+                                                        "to date")
+    p.add_argument("--vllm", action="store_true", help=f"only {VLLM_RAYSERVICE} (from {VLLM_SERVE_CONFIG}); with "
+                                                       "--model, its variant serving that exported folder")
+    p.add_argument("--model", help="the model to serve: a model folder URI or models:/NAME/VERSION (with --vllm: "
+                                   "an exported llava-hf folder, local or s3://)")
     p.add_argument("--engine-gpus", type=float, help=f"GPUs per {ENGINE} replica (ray_actor_options.num_gpus)")
-    p.add_argument("--output", "-o", help=f"where to write (default: {RAYSERVICE} in place; '-' or with "
-                                          "--model/--engine-gpus: stdout)")
-    p.add_argument("--root", type=Path, default=None, help="the repository root (default: this checkout)")
+    p.add_argument("--output", "-o", help=f"where to write (default: {RAYSERVICE} and {VLLM_RAYSERVICE} in place; "
+                                          "'-' or with --model/--engine-gpus: stdout)")
+    p.add_argument("--root", type=Path, default=None, help="the repository root (default: found from the cwd, "
+                                                           "else the checkout vitune is installed from)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    root = args.root or repo_root()
-    manifest_path = root / RAYSERVICE
-    current = manifest_path.read_text()
-    serve_text = (root / SERVE_CONFIG).read_text()
+    if args.vllm and args.engine_gpus is not None:
+        p.error("--engine-gpus sizes vitune's engine; a vLLM replica takes the GPUs of its engine_kwargs")
+    try:
+        root = args.root or find_repo_root()
+    except RepositoryNotFound as exc:
+        log.error("%s", exc)
+        return 2
     variant = args.model is not None or args.engine_gpus is not None
+    names = ["vllm"] if args.vllm else (["vitune"] if variant or args.output else list(PAIRS))
     if args.check:
         if variant:
-            p.error("--check compares the checked-in manifest; it takes no --model / --engine-gpus")
-        if render_rayservice(current, serve_text) != current:
-            log.error("%s is stale: its %s differs from %s (run: python -m vitune.cli.manifests)",
-                      RAYSERVICE, KEY, SERVE_CONFIG)
-            return 1
-        log.info("%s is up to date with %s", RAYSERVICE, SERVE_CONFIG)
-        return 0
-    out = render_rayservice(current, serve_text, args.model, args.engine_gpus)
-    target = args.output or ("-" if variant else str(manifest_path))
-    if target == "-":
-        sys.stdout.write(out)
-    else:
-        Path(target).write_text(out)
-        log.info("wrote %s (%s from %s)", target, KEY, SERVE_CONFIG)
+            p.error("--check compares the checked-in manifests; it takes no --model / --engine-gpus")
+        stale = []
+        for name in names:
+            serve_rel, manifest_rel = PAIRS[name]
+            current = (root / manifest_rel).read_text()
+            if _render(name, current, (root / serve_rel).read_text()) != current:
+                log.error("%s is stale: its %s differs from %s (run: python -m vitune.cli.manifests)",
+                          manifest_rel, KEY, serve_rel)
+                stale.append(name)
+            else:
+                log.info("%s is up to date with %s", manifest_rel, serve_rel)
+        return 1 if stale else 0
+    for name in names:
+        serve_rel, manifest_rel = PAIRS[name]
+        out = _render(name, (root / manifest_rel).read_text(), (root / serve_rel).read_text(), args.model,
+                      args.engine_gpus)
+        target = args.output or ("-" if variant else str(root / manifest_rel))
+        if target == "-":
+            sys.stdout.write(out)
+        else:
+            Path(target).write_text(out)
+            log.info("wrote %s (%s from %s)", target, KEY, serve_rel)
     return 0
 
 

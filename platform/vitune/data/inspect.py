@@ -15,8 +15,9 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from vitune import IGNORE_INDEX
 from vitune.data.records import read_records_with_errors
-from vitune.data.templates import IGNORE_INDEX, TEMPLATES, MaskError, TokenizedSample, tokenize_record
+from vitune.data.templates import TEMPLATES, MaskError, TokenizedSample, tokenize_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

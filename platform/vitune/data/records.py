@@ -15,12 +15,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
-from vitune import IMAGE_TOKEN, storage
+from vitune import GPT, HUMAN, IMAGE_TOKEN, storage
 
 log = logging.getLogger(__name__)
 
-HUMAN = "human"
-GPT = "gpt"
 ROLES = (HUMAN, GPT)
 RECORD_SUFFIXES = (".json", ".jsonl")
 
@@ -304,7 +302,6 @@ def write_records(records: Iterable[Record], uri: str) -> None:
     """Write records as a JSON list, or as JSON Lines when ``uri`` ends with ``.jsonl``."""
     rows = [r.to_json() for r in records]
     if str(uri).endswith(".jsonl"):
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        storage.write_jsonl(uri, rows)
     else:
-        text = json.dumps(rows, ensure_ascii=False, indent=1) + "\n"
-    storage.write_text(uri, text)
+        storage.write_text(uri, json.dumps(rows, ensure_ascii=False, indent=1) + "\n")

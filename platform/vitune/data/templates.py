@@ -10,6 +10,9 @@ text (trained: the reply and the separator that ends it). The same segments give
 - ``tokenize_conversation``: ids + labels, built by tokenizing segment by segment (see below),
 - ``tokenize_generation_prompt``: the serving-time ids, a prefix of the training ids by construction.
 
+``with_system`` gives a template with a caller's system prompt (serving's system messages), or a
+``TemplateError`` when the template has none.
+
 Masks are built by tokenizing each segment on its own (no special tokens added; ``<image>`` split out
 and inserted as its single id, as LLaVA's ``tokenizer_image_token`` does), then concatenating, with BOS
 prepended once when the tokenizer adds one. Trained labels are therefore exactly the tokens of the
@@ -24,19 +27,17 @@ see the same ids.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from vitune import IMAGE_TOKEN
-from vitune.data.records import GPT, HUMAN, Record, Turn, as_turns, describe_record, normalize_turn_image_token
+from vitune import GPT, HUMAN, IGNORE_INDEX, IMAGE_TOKEN
+from vitune.data.records import Record, Turn, as_turns, describe_record, normalize_turn_image_token
+from vitune.data.tokenizer import image_token_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-
-IGNORE_INDEX = -100
 
 
 class SepStyle(StrEnum):
@@ -99,6 +100,7 @@ _LLAVA_LLAMA_2_SYSTEM = (
     "and assist the user with a variety of tasks using natural language."
 )
 _CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
+_CHATML_SYSTEM = "<|im_start|>system\n"  # a ChatML system prompt is this cue + its text
 
 TEMPLATES: Mapping[str, ConversationTemplate] = MappingProxyType(
     {
@@ -112,7 +114,7 @@ TEMPLATES: Mapping[str, ConversationTemplate] = MappingProxyType(
                 "llava_llama_2", SepStyle.LLAMA_2, _LLAVA_LLAMA_2_SYSTEM, ("USER", "ASSISTANT"), "<s>", "</s>"
             ),
             ConversationTemplate(
-                "chatml_direct", SepStyle.MPT, "<|im_start|>system\nAnswer the questions.", _CHATML_ROLES, "<|im_end|>"
+                "chatml_direct", SepStyle.MPT, _CHATML_SYSTEM + "Answer the questions.", _CHATML_ROLES, "<|im_end|>"
             ),
             ConversationTemplate("chat_template", SepStyle.CHAT_TEMPLATE, roles=("user", "assistant")),
         )
@@ -128,6 +130,23 @@ def get_template(name: str | ConversationTemplate) -> ConversationTemplate:
         return TEMPLATES[name]
     except KeyError:
         raise ValueError(f"unknown conversation template {name!r}; valid: {', '.join(TEMPLATES)}") from None
+
+
+def with_system(template: str | ConversationTemplate, system: str | None) -> ConversationTemplate:
+    """``template`` with its system prompt replaced by ``system`` (None keeps the template's own).
+
+    Raises ``TemplateError`` for templates that have no system prompt (``plain``, ``chat_template``).
+    """
+    tpl = get_template(template)
+    if system is None:
+        return tpl
+    if tpl.style in (SepStyle.TWO, SepStyle.LLAMA_2):
+        return replace(tpl, system=system)
+    if tpl.style is SepStyle.MPT:
+        return replace(tpl, system=_CHATML_SYSTEM + system)
+    raise TemplateError(
+        f"the {tpl.name!r} template has no system prompt; put the instruction in the user message", "no_system_prompt"
+    )
 
 
 @dataclass(frozen=True)
@@ -324,11 +343,10 @@ def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def _image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if image_id is None or image_id == tokenizer.unk_token_id:
-        raise TemplateError(f"the tokenizer has no {IMAGE_TOKEN} token "
-                            "(load it with vitune.data.tokenizer.load_tokenizer)")
-    return image_id
+    try:
+        return image_token_id(tokenizer)
+    except ValueError as e:  # a counted, reported skip of the record, like every other mask problem
+        raise TemplateError(str(e)) from e
 
 
 def _encode(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -2,16 +2,22 @@
 
 The tiny tokenizer is trained on the synthetic corpus plus the conversation templates' fixed text, so the
 demo and tests need no download. ``python -m vitune.data.tokenizer`` rebuilds the shipped file.
+``image_token_id`` is the one lookup of ``<image>``'s id (templates, the model and serving call it).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from vitune import IMAGE_TOKEN
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# transformers is imported where a tokenizer is built: vitune.model imports image_token_id from here and must
+# stay importable without transformers (a Serve or Ray process pays for it only when it loads a model).
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +51,14 @@ zero one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 10 100
 
 
 def _corpus() -> list[str]:
-    from vitune.data import synthetic
+    from vitune.data import synthetic  # deferred: only rebuilding the shipped tokenizer needs the corpus
 
     return synthetic.corpus_texts() + [line for line in _GENERAL_TEXT.splitlines() if line.strip()]
 
 
 def build_tiny_tokenizer(out_dir: Path = TINY_DIR, vocab_size: int = TINY_VOCAB_SIZE) -> Path:
     """Train the tiny byte-level BPE (deterministic) and save it as ``tokenizer.json`` in ``out_dir``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # rebuilding only
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -78,6 +84,8 @@ def load_tokenizer(name_or_path: str = "tiny") -> PreTrainedTokenizerBase:
 
     The result always has ``<image>`` as a special token and a pad token.
     """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     if name_or_path == "tiny":
         tok = PreTrainedTokenizerFast(
             tokenizer_file=str(TINY_DIR / "tokenizer.json"),
@@ -101,7 +109,12 @@ def load_tokenizer(name_or_path: str = "tiny") -> PreTrainedTokenizerBase:
 
 
 def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    """The id of ``<image>`` in ``tokenizer``; a ``ValueError`` when it has none (a tokenizer not loaded here)."""
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token "
+                         "(load it with vitune.data.tokenizer.load_tokenizer)")
+    return int(token_id)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Batch inference on Ray Data: requests (id, image, conversation) → answers by id, resumable.
 
-Shared by the benchmarks (ScienceQA, LLaVA-Bench) and the demo's held-out synthetic eval. Each request
-row is ``{id, image (URI or None), conversations}`` where ``conversations`` are LLaVA turns ending with
-the human turn to answer, holding one ``<image>`` token iff there is an image. An actor pool of
-``AnswerBatch`` callables (one per GPU on a cluster, one or two on CPUs) loads the model folder and the
-vision tower once, then per batch: reads and decodes the images, runs ``vitune.model.vision.encode_images``
-(the one image path that features and serving use too), tokenizes with the model's template and
-decodes greedily by default.
+Shared by the benchmarks (ScienceQA, LLaVA-Bench) and the demo's held-out synthetic eval
+(``vitune.evaluation.synthetic``). Each request row is ``{id, image (URI or None), conversations}`` where
+``conversations`` are LLaVA turns ending with the human turn to answer, holding one ``<image>`` token iff
+there is an image. An actor pool of ``AnswerBatch`` callables (one per GPU on a cluster, one or two on CPUs)
+loads the model and its vision tower once through ``vitune.model.folder.load_for_inference`` (the loader
+serving uses too), then per batch: reads and decodes the images, runs ``vitune.model.vision.encode_images``
+(the one image path that features and serving use too), tokenizes with the model's template and decodes
+through ``model.generate`` (the one decode loop, ``vitune.model.decoding``), greedily by default.
 
 Checkpointing: every batch's answers are written as one JSONL shard ``<output>/answers/part-<hash>.jsonl``
 in a single write, before the batch is reported done. A re-run reads the shards and only generates the
@@ -21,7 +22,6 @@ import hashlib
 import json
 import logging
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -111,22 +111,16 @@ class AnswerBatch:
     """``map_batches`` callable: model folder + tower loaded once; a batch of requests → answers + a shard."""
 
     def __init__(self, model_folder: str, output_uri: str, settings: dict[str, Any]) -> None:
+        # deferred: the driver imports this module without torch; only the actors load the model
         import torch
 
-        from vitune.config import VisionConfig
-        from vitune.features.store import check_fingerprint
-        from vitune.model.folder import load_model_folder
-        from vitune.model.vision import load_vision_tower
+        from vitune.model.folder import load_for_inference
 
         self.settings = GenerationSettings(**settings)
         self.output_uri = output_uri
         use_gpu = bool(self.settings.use_gpu) and torch.cuda.is_available()
-        device = "cuda" if use_gpu else "cpu"
-        self.model, self.tokenizer, meta = load_model_folder(model_folder, device=device)
-        self.tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]), device=device,
-                                       dtype=self.model.dtype if use_gpu else torch.float32)
-        # the tower must be the one the model was trained on (same check as the feature store's)
-        check_fingerprint(meta.get("fingerprint") or None, self.tower.fingerprint(), model_folder)
+        loaded = load_for_inference(model_folder, device="cuda" if use_gpu else "cpu")
+        self.model, self.tokenizer, self.tower, meta = loaded.model, loaded.tokenizer, loaded.tower, loaded.meta
         self.template = self.settings.template or meta["model"]["template"]
         self.stop_ids = meta.get("stop_token_ids")
 
@@ -280,65 +274,3 @@ def run_batch_inference(
     result.answers = {i: answers[i] for i in ids}
     result.errors = sum(1 for i in ids if answers[i].get("error"))
     return result
-
-
-# --- the demo's held-out synthetic eval ---
-
-_NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5"}
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, outer punctuation and whitespace stripped, number words as digits."""
-    words = re.sub(r"\s+", " ", text.strip().lower()).strip(" .,!?;:\"'").split(" ")
-    return " ".join(_NUMBER_WORDS.get(w, w) for w in words)
-
-
-def evaluate_synthetic(
-    model_folder: str,
-    eval_records_uri: str,
-    image_root: str,
-    output_uri: str | None = None,
-    settings: GenerationSettings | None = None,
-    ray_init_kwargs: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Exact-match accuracy on the synthetic held-out records (``eval.json``), overall and per kind.
-
-    Returns ``{accuracy, per_kind, chance, n, n_per_kind, errors, inference}``; ``chance`` is uniform
-    guessing per kind and over the whole set. Answers go under ``output_uri`` (a temp folder when None).
-    """
-    from vitune.data.synthetic import CHECKABLE_KINDS, chance_accuracy
-
-    records = json.loads(storage.read_text(eval_records_uri))
-    requests = []
-    for rec in records:
-        turns = rec["conversations"]
-        human = [t for t in turns if t["from"] == "human"][:1]
-        requests.append({"id": rec["id"], "image": storage.join(image_root, rec["image"]) if rec.get("image") else None,
-                         "conversations": human})
-    settings = settings or GenerationSettings(max_new_tokens=8)
-    if output_uri is None:
-        with tempfile.TemporaryDirectory(prefix="vitune-eval-") as tmp:
-            result = run_batch_inference(requests, model_folder, tmp, settings, ray_init_kwargs)
-    else:
-        result = run_batch_inference(requests, model_folder, output_uri, settings, ray_init_kwargs)
-    hits: dict[str, list[bool]] = {kind: [] for kind in CHECKABLE_KINDS}
-    for rec in records:
-        answer = result.answers[str(rec["id"])]["text"]
-        hits.setdefault(rec["kind"], []).append(normalize_answer(answer) == normalize_answer(rec["answer"]))
-    all_hits = [h for v in hits.values() for h in v]
-    chance = chance_accuracy()
-    counts = {k: len(v) for k, v in hits.items()}
-    n = len(all_hits)
-    chance_overall = sum(chance.get(k, 0.0) * c for k, c in counts.items()) / n if n else 0.0
-    report = {
-        "accuracy": sum(all_hits) / n if n else 0.0,
-        "per_kind": {k: sum(v) / len(v) for k, v in hits.items() if v},
-        "chance": {**chance, "overall": chance_overall},
-        "n": n,
-        "n_per_kind": counts,
-        "errors": result.errors,
-        "inference": result.summary(),
-    }
-    log.info("synthetic eval: accuracy %.3f (chance %.3f) over %d questions; per kind %s", report["accuracy"],
-             chance_overall, n, report["per_kind"])
-    return report

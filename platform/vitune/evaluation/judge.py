@@ -12,18 +12,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from vitune import storage
+from vitune import layout
 from vitune.config import JudgeConfig
 from vitune.llm_client import LLMClient, LLMError, ResponseCache
 
 log = logging.getLogger(__name__)
-
-
-def cache_uri(cfg: JudgeConfig, storage_root: str) -> str | None:
-    """Where verdicts are cached (None when caching is off)."""
-    if not cfg.use_cache:
-        return None
-    return cfg.cache or storage.join(storage_root, "judge_cache")
 
 
 class Judge:
@@ -31,7 +24,7 @@ class Judge:
 
     def __init__(self, cfg: JudgeConfig, storage_root: str, client: LLMClient | None = None) -> None:
         self.cfg = cfg
-        uri = cache_uri(cfg, storage_root)
+        uri = layout.judge_cache(cfg, storage_root)
         self.client = client or LLMClient(cfg, cache=ResponseCache(uri) if uri else None)
         self.errors = 0
 

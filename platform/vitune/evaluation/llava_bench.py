@@ -24,7 +24,6 @@ paper: ``repeats`` judges each question several times → mean and sample std of
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import statistics
@@ -83,17 +82,6 @@ class BenchItem:
     reference: str
 
 
-def read_jsonl(uri: str) -> list[dict[str, Any]]:
-    rows = []
-    for i, line in enumerate(storage.read_text(uri).splitlines()):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise ValueError(f"{uri} line {i + 1}: not JSON ({exc})") from None
-    return rows
-
-
 def format_context(row: Mapping[str, Any]) -> str:
     """Captions (one per line) and, for COCO, ``category: [x1, y1, x2, y2]`` lines."""
     caps = row.get("captions", row.get("caption", ""))
@@ -114,10 +102,10 @@ def file_uris(data: str, layout: str, questions: str | None = None, context: str
 
 def load_bench(questions_uri: str, context_uri: str, references_uri: str, limit: int | None = None) -> list[BenchItem]:
     """Join questions with their image's context and the reference answer; errors name the question."""
-    contexts = {str(r["image"]): format_context(r) for r in read_jsonl(context_uri)}
-    refs = {str(r["question_id"]): str(r["text"]) for r in read_jsonl(references_uri)}
+    contexts = {str(r["image"]): format_context(r) for r in storage.read_jsonl(context_uri)}
+    refs = {str(r["question_id"]): str(r["text"]) for r in storage.read_jsonl(references_uri)}
     items = []
-    for q in read_jsonl(questions_uri)[:limit]:
+    for q in storage.read_jsonl(questions_uri)[:limit]:
         qid = str(q.get("question_id"))
         category = CATEGORY_ALIASES.get(str(q.get("category", "")).lower())
         if category is None:

@@ -13,40 +13,42 @@ import os
 import tempfile
 from typing import Any
 
-from vitune import storage
-from vitune.config import EvalConfig, EvalJobConfig, dump_config
+from vitune import layout, storage
+from vitune.config import EvalConfig, EvalJobConfig, connect, dump_config, ray_init_kwargs
+from vitune.evaluation import llava_bench, scienceqa
 from vitune.evaluation import report as report_lib
 from vitune.evaluation.inference import GenerationSettings, run_batch_inference
 from vitune.evaluation.judge import Judge
-from vitune.tracking import Tracker
+from vitune.evaluation.synthetic import evaluate_synthetic
+from vitune.tracking import (
+    MODEL_FOLDER_TAG,
+    RUNS_SCHEME,
+    Tracker,
+    resolve_tracking_uri,
+    run_id_of,
+    run_model_folder,
+)
 
 log = logging.getLogger(__name__)
 
+RESULTS = "results.jsonl"  # per question (ScienceQA)
+REVIEWS = "reviews.jsonl"  # judge verdicts (LLaVA-Bench)
 
-def resolve_model(ev: EvalConfig) -> tuple[str | None, str | None]:
-    """``(model folder URI, training run id)`` from ``runs:/<id>``, a folder, and ``model_run_id``."""
-    folder, run_id = ev.model_folder, ev.model_run_id
-    if folder and folder.startswith("runs:/"):
-        from vitune.train.worker import resolve_init_from
 
-        run_id = run_id or folder[len("runs:/"):].strip("/").split("/")[0]
-        folder = resolve_init_from(folder)
-    if folder:
-        folder = storage.absolute(folder)  # batch-inference actors run in other directories
-    if folder and not run_id:
-        from vitune.model.folder import read_meta
+def resolve_model(cfg: EvalJobConfig) -> tuple[str | None, str | None]:
+    """``(model folder URI, training run id)`` from ``eval.model_folder`` (a folder, ``runs:/<id>`` or a stage
+    name) and ``eval.model_run_id``; local folders come back absolute (batch-inference actors run elsewhere)."""
+    ref = cfg.eval.model_folder
+    if not ref:
+        return None, cfg.eval.model_run_id
+    run_id = cfg.eval.model_run_id or run_id_of(ref)
+    folder = run_model_folder(ref, resolve_tracking_uri(cfg.tracking, cfg.storage.root))
+    if not run_id:
+        from vitune.model.folder import read_meta  # deferred: the model package imports torch
 
         extra = read_meta(folder).get("extra") or {}
         run_id = extra.get("run_id") or extra.get("mlflow_run_id")
     return folder, run_id
-
-
-def output_uri(cfg: EvalJobConfig, folder: str | None) -> str:
-    ev = cfg.eval
-    if ev.output:
-        return ev.output
-    name = ev.name or (folder.rstrip("/").rsplit("/", 1)[-1] if folder else "predictions")
-    return storage.join(cfg.storage.root, "eval", ev.benchmark, name)
 
 
 def settings_of(ev: EvalConfig) -> GenerationSettings:
@@ -56,8 +58,6 @@ def settings_of(ev: EvalConfig) -> GenerationSettings:
 
 
 def _ray_kwargs(cfg: EvalJobConfig) -> dict[str, Any]:
-    from vitune.config import ray_init_kwargs
-
     return ray_init_kwargs(cfg.ray)
 
 
@@ -66,9 +66,7 @@ def get_answers(cfg: EvalJobConfig, requests: list[dict[str, Any]], folder: str 
     """Answer texts by id: from ``eval.predictions`` (JSONL ``{question_id|id, text}``) or generated."""
     ev = cfg.eval
     if ev.predictions:
-        from vitune.evaluation.llava_bench import read_jsonl
-
-        rows = read_jsonl(ev.predictions)
+        rows = storage.read_jsonl(ev.predictions)
         texts = {str(r.get("question_id", r.get("id"))): str(r.get("text", "")) for r in rows}
         log.info("scoring %d predictions from %s", len(texts), ev.predictions)
         return texts, None
@@ -85,8 +83,6 @@ def _data_root(ev: EvalConfig) -> str:
 
 
 def evaluate_scienceqa(cfg: EvalJobConfig, folder: str | None, out: str, judge: Judge | None) -> dict[str, Any]:
-    from vitune.evaluation import scienceqa
-
     ev = cfg.eval
     root = _data_root(ev)
     problems = scienceqa.load_problems(root, ev.split, ev.limit)
@@ -101,13 +97,11 @@ def evaluate_scienceqa(cfg: EvalJobConfig, folder: str | None, out: str, judge: 
         for row in rows:
             row.update({k: by_pid[row["pid"]][k] for k in ("judge", "final", "judge_text")})
         result.update(ens)
-    scienceqa.write_rows(storage.join(out, "results.jsonl"), rows)
+    storage.write_jsonl(storage.join(out, RESULTS), rows)
     return {"result": result, "inference": inference}
 
 
 def evaluate_llava_bench(cfg: EvalJobConfig, folder: str | None, out: str, judge: Judge | None) -> dict[str, Any]:
-    from vitune.evaluation import llava_bench
-
     ev = cfg.eval
     if judge is None:
         raise ValueError("LLaVA-Bench needs a judge: set judge.base_url and judge.model")
@@ -122,14 +116,11 @@ def evaluate_llava_bench(cfg: EvalJobConfig, folder: str | None, out: str, judge
     answers = {it.question_id: texts.get(it.question_id, "") for it in items}
     result, rows = llava_bench.judge_bench(items, answers, judge.ask_many, cfg.judge.repeats, cfg.judge.swap_order)
     result["layout"] = ev.layout
-    storage.write_text(storage.join(out, "reviews.jsonl"),
-                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    storage.write_jsonl(storage.join(out, REVIEWS), rows)
     return {"result": result, "inference": inference}
 
 
 def evaluate_synthetic_set(cfg: EvalJobConfig, folder: str | None, out: str, judge: Judge | None) -> dict[str, Any]:
-    from vitune.evaluation.inference import evaluate_synthetic
-
     ev = cfg.eval
     data = _data_root(ev)
     if not folder:
@@ -151,7 +142,7 @@ def write_report(out: str, report: dict[str, Any], tracker: Tracker, cfg: EvalJo
         storage.write_text(storage.join(out, name), text)
     tracker.log_metrics(report_lib.metrics(report))
     with tempfile.TemporaryDirectory(prefix="vitune-eval-") as tmp:
-        for name in (*files, "results.jsonl", "reviews.jsonl"):
+        for name in (*files, RESULTS, REVIEWS):
             uri = storage.join(out, name)
             if storage.exists(uri):
                 path = os.path.join(tmp, name)
@@ -163,14 +154,13 @@ def write_report(out: str, report: dict[str, Any], tracker: Tracker, cfg: EvalJo
 def run_evaluation(cfg: EvalJobConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Run ``cfg.eval.benchmark`` end to end; returns the report (also written under its output URI)."""
     ev = cfg.eval
-    if cfg.storage.s3_endpoint_url:
-        storage.configure_s3(cfg.storage.s3_endpoint_url)
-    folder, run_id = resolve_model(ev)
-    out = output_uri(cfg, folder)
+    connect(cfg)  # Ray is joined or started by batch inference, only when answers are generated
+    folder, run_id = resolve_model(cfg)
+    out = layout.eval_output(cfg, folder)
     wants_judge = ev.benchmark == "llava_bench" or (ev.benchmark == "scienceqa" and ev.ensemble)
-    tags = {"vitune.benchmark": ev.benchmark, "vitune.model.folder": folder or "", "vitune.eval_output": out}
+    tags = {"vitune.benchmark": ev.benchmark, MODEL_FOLDER_TAG: folder or "", "vitune.eval_output": out}
     if run_id:
-        tags.update({"vitune.model_run_id": run_id, "vitune.model_run": f"runs:/{run_id}"})
+        tags.update({"vitune.model_run_id": run_id, "vitune.model_run": f"{RUNS_SCHEME}{run_id}"})
     tracker = Tracker(cfg.tracking, cfg.storage.root, run_name=f"eval-{ev.benchmark}", tags=tags,
                       parent_run_id=parent_run_id)
     tracker.log_params(cfg.model_dump(mode="json"))

@@ -22,7 +22,6 @@ fails to state falls back to our letter, then to its own.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -248,7 +247,3 @@ def ensemble(problems: Sequence[Problem], predictions: Mapping[str, str], ask_ma
         "rows": [{"pid": p.pid, "ours": ours[p.pid], "judge": judge[p.pid], "final": final[p.pid],
                   "judge_text": judge_texts[p.pid]} for p in problems],
     }
-
-
-def write_rows(uri: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    storage.write_text(uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -11,8 +11,8 @@ A shard file exists only complete (local temp + rename, or one S3 PUT), so "shar
 exists". ``features`` is Arrow's canonical ``arrow.fixed_shape_tensor`` extension type, which plain
 pyarrow and Ray Data both read back as ``[rows, N, D]``; a store whose tensor column arrives flat (a flat
 or fixed-size list, or Ray's own tensor extension when Ray is not imported) is reshaped from the
-manifest's schema. This module is the reader used by training and tests, plus the shard writer the
-feature job calls; it never imports Ray unless ``to_ray_dataset`` is called.
+manifest's schema. This module is the reader used by training and tests, plus the shard and manifest
+writers the feature job calls; it never imports Ray unless ``to_ray_dataset`` is called.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import bisect
 import io
 import json
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -78,6 +79,25 @@ def check_fingerprint(expected: Mapping[str, Any] | None, found: Mapping[str, An
         raise FingerprintMismatch(uri, diffs)
 
 
+def config_fingerprint(vision: Any) -> dict[str, Any]:
+    """The fingerprint fields a ``VisionConfig`` fixes, without loading weights: the image size is read from
+    open_clip's model config. Enough for ``fingerprint_id``, so a store's path is known before a tower runs."""
+    # deferred: open_clip and the model package import torch; readers of a store need neither
+    import open_clip
+
+    from vitune.model.vision import _register_asset_configs  # registers the configs vitune ships (tiny tower)
+
+    _register_asset_configs()
+    model_cfg = open_clip.get_model_config(vision.name)
+    if not model_cfg or "image_size" not in model_cfg.get("vision_cfg", {}):
+        raise ValueError(f"unknown vision tower {vision.name!r}; valid open_clip names: "
+                         f"{', '.join(open_clip.list_models())}")
+    size = model_cfg["vision_cfg"]["image_size"]
+    return {"tower": vision.name, "pretrained": vision.pretrained, "feature_layer": vision.feature_layer,
+            "select": vision.select, "image_mode": vision.image_mode,
+            "image_size": size[0] if isinstance(size, list | tuple) else size}
+
+
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.parquet"
 
@@ -118,6 +138,53 @@ def read_shard_footer(uri: str) -> dict[str, Any]:
         pf = pq.ParquetFile(f)
         meta = (pf.schema_arrow.metadata or {}).get(SHARD_METADATA_KEY)
         return {"rows": pf.metadata.num_rows, "bytes": size, **(json.loads(meta) if meta else {})}
+
+
+def write_manifest(out: str, shards: Sequence[Sequence[str]], fp: dict[str, Any], shape: tuple[int, int],
+                   computed: Sequence[dict[str, Any]] = (), extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check every planned shard (this run's results, else its file's footer) and write ``manifest.json`` last.
+
+    Raises if any shard is missing or if images in != features out + quarantined.
+    """
+    from vitune.model.vision import fingerprint_id  # deferred: the model package imports torch; readers need none
+
+    fp_id = fingerprint_id(fp)
+    by_shard = {r["shard"]: r for r in computed}
+    entries = []
+    for i, shard_keys in enumerate(shards):
+        info = by_shard.get(i) or read_shard_footer(storage.join(out, shard_name(i)))
+        if info.get("fingerprint_id", fp_id) != fp_id:
+            raise RuntimeError(f"{out}/{shard_name(i)} was written by tower {info['fingerprint_id']}, not {fp_id}")
+        if info["rows"] + info.get("quarantined", 0) != len(shard_keys):
+            raise RuntimeError(f"{out}/{shard_name(i)}: {info['rows']} rows + {info.get('quarantined', 0)} "
+                               f"quarantined != its {len(shard_keys)} planned images")
+        entries.append({"file": shard_name(i), "rows": info["rows"], "quarantined": info.get("quarantined", 0),
+                        "bytes": info["bytes"], "key_range": [shard_keys[0], shard_keys[-1]],
+                        "errors": errors_name(i) if info.get("quarantined") else None})
+    images_in = sum(len(k) for k in shards)
+    features_out = sum(e["rows"] for e in entries)
+    quarantined = sum(e["quarantined"] for e in entries)
+    if images_in != features_out + quarantined:
+        raise RuntimeError(f"images in ({images_in}) != features out ({features_out}) + quarantined ({quarantined})")
+    total_bytes = sum(e["bytes"] for e in entries)
+    extra = dict(extra or {})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fingerprint": fp,
+        "fingerprint_id": fp_id,
+        "counts": {"images_in": images_in, "features_out": features_out, "quarantined": quarantined,
+                   "shards": len(entries), **extra.pop("record_counts", {})},
+        "schema": {"columns": [KEY_COLUMN, FEATURES_COLUMN], "num_patches": shape[0], "hidden_size": shape[1],
+                   "shape": list(shape), "dtype": FEATURE_DTYPE},
+        "shards": entries,
+        "errors_dir": ERRORS_DIR if quarantined else None,
+        "total_bytes": total_bytes,
+        "bytes_per_image": total_bytes / features_out if features_out else None,
+        **extra,
+    }
+    storage.write_json(storage.join(out, MANIFEST), manifest)
+    return manifest
 
 
 def features_to_numpy(column: pa.ChunkedArray | pa.Array, num_patches: int, hidden_size: int) -> np.ndarray:
@@ -161,8 +228,8 @@ class FeatureStore:
         """Open the store at ``uri``; refuse it if its fingerprint differs from ``expect_fingerprint``."""
         manifest_uri = storage.join(uri, MANIFEST)
         if not storage.exists(manifest_uri):
-            hint = " (shards exist: the job was interrupted; re-run it to finish)" if storage.exists(
-                storage.join(uri, PLAN)) else ""
+            hint = (" (shards exist: the job was interrupted; re-run it to finish)" if storage.exists(
+                storage.join(uri, PLAN)) else " (run jobs/extract_features.py with the same config first)")
             raise FileNotFoundError(f"no feature store at {uri}: {MANIFEST} is missing{hint}")
         manifest = storage.read_json(manifest_uri)
         if manifest.get("format_version") != FORMAT_VERSION:
@@ -197,8 +264,7 @@ class FeatureStore:
         out: list[dict[str, Any]] = []
         for s in self._shards:
             if s.get("errors"):
-                text = storage.read_text(storage.join(self.uri, s["errors"]))
-                out.extend(json.loads(line) for line in text.splitlines() if line.strip())
+                out.extend(storage.read_jsonl(storage.join(self.uri, s["errors"])))
         return out
 
     def _read(self, uri: str) -> pa.Table:
@@ -272,7 +338,7 @@ class FeatureStore:
 
     def to_ray_dataset(self, **read_parquet_kwargs: Any):
         """The shards as a Ray Dataset (``features`` batches arrive as ``[B, N, D]`` arrays)."""
-        import ray
+        import ray  # deferred: readers without Ray (training workers, tests) never load it
 
         fs, _ = storage.resolve(self.uri)
         paths = [storage.resolve(u)[1] for u in self.shard_uris()]

@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any
 
-from vitune import IMAGE_TOKEN
+from vitune import GPT, HUMAN, IMAGE_TOKEN
 
 MIN_DETAIL_WORDS = 8  # a "detailed description" shorter than this is not one
 
@@ -115,8 +115,8 @@ def to_conversations(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
     """LLaVA turns from ``(question, answer)`` pairs, ``<image>`` on the first human turn."""
     turns = []
     for i, (q, a) in enumerate(pairs):
-        turns.append({"from": "human", "value": f"{IMAGE_TOKEN}\n{q}" if i == 0 else q})
-        turns.append({"from": "gpt", "value": a})
+        turns.append({"from": HUMAN, "value": f"{IMAGE_TOKEN}\n{q}" if i == 0 else q})
+        turns.append({"from": GPT, "value": a})
     return turns
 
 
@@ -144,7 +144,7 @@ def fingerprint(record: dict[str, Any]) -> str:
     """
     turns = record["conversations"]
     if record.get("kind") == "detail":
-        parts = [t["value"] for t in turns if t["from"] == "gpt"]
+        parts = [t["value"] for t in turns if t["from"] == GPT]
     else:
         parts = [t["value"].replace(IMAGE_TOKEN, "").strip() for t in turns]
     norm = [" ".join(p.split()).lower() for p in parts]

@@ -29,13 +29,18 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from vitune import storage
-from vitune.config import EndpointConfig, GenerateJobConfig, dump_config
+import ray
+import ray.data
+
+from vitune import layout, storage
+from vitune.config import EndpointConfig, GenerateJobConfig, connect, dump_config, init_ray
 from vitune.data.records import Record, RecordError, validate_record, write_records
 from vitune.instruct.inputs import ImageContext, read_inputs
 from vitune.instruct.parse import ParseError, build_record, fingerprint
 from vitune.instruct.prompts import KINDS, PromptSpec, load_prompts
-from vitune.llm_client import Limiter, LLMClient, LLMError, RayLimiter
+from vitune.llm_client import LLMClient, LLMError
+from vitune.rate_limit import Limiter, RayLimiter
+from vitune.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +108,6 @@ def run_tasks(tasks: list[dict[str, Any]], prompts: dict[str, PromptSpec], endpo
               cache_uri: str | None, workers: int = 2, threads_per_worker: int = 8,
               batch_size: int = 16) -> list[dict[str, Any]]:
     """Run the tasks on Ray Data under one job-wide ``RayLimiter``; result rows in task order."""
-    import ray
-    import ray.data
-
     if not tasks:
         return []
     limiter = RayLimiter.for_endpoint(endpoint)
@@ -180,19 +182,15 @@ def summarize(cfg: GenerateJobConfig, prompts: dict[str, PromptSpec], n_images: 
     }
 
 
-def output_uri(cfg: GenerateJobConfig) -> str:
-    return cfg.generate.output or storage.join(cfg.storage.root, "generate")
-
-
-def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:
-    """The whole job on the current Ray (``ray.init`` first, or Ray Data starts a local one); returns the summary."""
-    from vitune.tracking import Tracker
-
+def run_generate(cfg: GenerateJobConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """The whole job: Ray joined (``ray.address``) or started when there is work; returns the summary."""
     g = cfg.generate
-    out = output_uri(cfg)
-    cache_uri = (g.cache or storage.join(cfg.storage.root, "llm_cache")) if g.use_cache else None
+    connect(cfg)
+    out = layout.generate_output(cfg)
+    cache_uri = layout.llm_cache(cfg)
     prompts = load_prompts(g.prompts)
-    tracker = Tracker(cfg.tracking, cfg.storage.root, run_name="generate", tags={"job": "generate_instructions"})
+    tracker = Tracker(cfg.tracking, cfg.storage.root, run_name="generate", parent_run_id=parent_run_id,
+                      tags={"vitune.job": "generate_instructions"})
     tracker.log_params({"config": cfg.model_dump(mode="json"),
                         "prompt_hash": {k: p.hash for k, p in prompts.items()}})
     tracker.log_text(dump_config(cfg), "config/resolved.yaml")
@@ -204,22 +202,22 @@ def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:
         log.info("generate: %d images (%d input errors) → %d tasks %s via %s at %s", len(images),
                  len(input_errors), len(tasks), dict(Counter(t["kind"] for t in tasks)), g.endpoint.model,
                  g.endpoint.base_url)
+        if tasks:
+            init_ray(cfg.ray)
         rows = run_tasks(tasks, prompts, g.endpoint, cache_uri, g.workers, g.threads_per_worker, g.batch_size)
         records, errors = collect(rows)
         summary = summarize(cfg, prompts, len(images), input_errors, tasks, rows, records, errors,
                             time.monotonic() - t0)
         if summary["records"] + summary["quarantined"] != summary["tasks"]:  # guards the accounting itself
             raise RuntimeError(f"accounting mismatch: {summary}")
-        files = {kind: storage.join(out, "records", f"{kind}.json") for kind in records}
+        files = {kind: layout.generate_records(out, kind) for kind in records}
         for kind, recs in records.items():
             write_records(recs, files[kind])
-        error_rows = [e.to_json() for e in input_errors] + errors
-        errors_uri = storage.join(out, "errors", "errors.jsonl")
-        storage.write_text(errors_uri, "".join(json.dumps(e, ensure_ascii=False, default=str) + "\n"
-                                               for e in error_rows))
+        errors_uri = layout.generate_errors(out)
+        storage.write_jsonl(errors_uri, [e.to_json() for e in input_errors] + errors)
         summary.update(output=out, record_files=files, errors_file=errors_uri, cache=cache_uri,
                        mlflow_run_id=tracker.run_id)
-        storage.write_json(storage.join(out, "summary.json"), summary)
+        storage.write_json(layout.generate_summary(out), summary)
         tracker.log_metrics({k: summary[k] for k in ("images", "tasks", "records", "quarantined", "requests_sent",
                                                      "retries", "cache_hits", "prompt_tokens", "completion_tokens",
                                                      "estimated_cost", "wall_s", "tasks_per_s")})

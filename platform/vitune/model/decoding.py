@@ -1,103 +1,266 @@
-"""The one decode loop: a batch of rows (prefill, one step at a time, sampling) that rows join and leave."""
+"""The one decode loop: a batch of rows that prefill, step with a KV cache, sample, and join and leave.
+
+Every decoder in vitune drives this module. `VisionLanguageModel.generate` / `generate_stream` (and through
+them batch inference in evaluation) call `decode_stream`, which prefills all prompts at once and steps until
+every row is done; the serving engine holds a `DecodeBatch` itself and admits and drops rows between steps
+(continuous batching). The steps are the same for both:
+
+- join: the new rows' prompts are left padded and spliced with their image features (`model.splice`), then
+  prefilled into a fresh `DynamicCache`; a running batch pads its cache and the newcomers' on the left to
+  one length and concatenates them on the batch axis;
+- sample: each row's next token from the last logits, greedy at temperature 0, else nucleus sampling
+  (`sample_next`); rows that share temperature, top_p and generator draw in one call;
+- leave: `keep` drops finished rows from the cache (`batch_select_indices`) and trims cache columns that
+  only padding used;
+- step: the sampled tokens go through the LM one position further.
+
+The model is driven only through its attributes (`splice`, `lm`, `pad_token_id`, `eos_token_ids`, `device`,
+`image_token_id`), so this module does not import `vitune.model.vlm`; a row carries an opaque `payload` (the
+engine's request), so it never imports `vitune.serve`. All KV-cache code lives here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 
-class _Batch:
-    """The rows decoding on a replica: their jobs, KV cache, attention mask, next positions and logits.
+from vitune import IMAGE_TOKEN
 
-    The same steps as `VisionLanguageModel.generate_stream` (left-padded splice, prefill, one token per
-    step with the cache), kept as state so rows can join and leave between steps. Rows join by a prefill
-    of their own, whose cache is left-padded to the running cache's length and concatenated on the batch
-    axis; leaving rows are dropped with the cache's `batch_select_indices`. Joining while rows run needs
-    plain `DynamicLayer` caches (full attention); with other cache layers rows join only an empty batch.
+
+@dataclass
+class GenerationStep:
+    """One decoding step: per sequence the new token ids (`[]` once finished) and why it finished."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str | None]  # "stop" | "length" at the step a sequence ends, else None
+
+
+def seeded_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
+    """A generator on `device` seeded with `seed`, or from fresh entropy when `seed` is None."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """`[B, V]` logits → `[B]` next tokens: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already hold top_p; the first always stays
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@dataclass(eq=False)
+class DecodeRow:
+    """One sequence of a `DecodeBatch`: its prompt, sampling settings, progress and the caller's payload."""
+
+    prompt_ids: Sequence[int]  # zero or one <image> token
+    features: torch.Tensor | None = None  # [N, Dv] tower features of the prompt's image, else None
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    generator: torch.Generator | None = None  # None = the batch's shared generator
+    payload: Any = None  # whatever the caller needs back with the row (the engine: its request)
+    generated: int = 0  # tokens emitted so far (stop tokens are not emitted)
+    finish_reason: str | None = None  # set when the row is done: "stop" | "length" | the caller's reason
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
+
+    def accept(self, token: int, stops: Container[int]) -> list[int]:
+        """Record the row's sampled `token`: the tokens to emit (`[]` for a stop token); sets `finish_reason`."""
+        if token in stops:
+            self.finish_reason = "stop"
+            return []
+        self.generated += 1
+        if self.generated >= self.max_new_tokens:
+            self.finish_reason = "length"
+        return [token]
+
+
+class DecodeBatch:
+    """The rows decoding together: their KV cache, attention mask, next positions, logits and sampled tokens.
+
+    Rows join by a prefill of their own whose cache is merged into the running one; rows leave through
+    `keep`. Joining while rows run needs plain `DynamicLayer` caches (full attention); with other cache
+    layers rows join only an empty batch (`can_join`).
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, generator: torch.Generator | None = None) -> None:
         self.model = model
-        self.jobs: list[Any] = []
-        self.cache: Any = None
-        self.mask: Any = None  # [B, T] long
-        self.positions: Any = None  # [B, 1] long, each row's next position id
-        self.logits: Any = None  # [B, V] each row's next-token logits
+        self.generator = generator if generator is not None else seeded_generator(model.device)
+        self.rows: list[DecodeRow] = []
+        self.cache: Any = None  # transformers DynamicCache
+        self.mask: torch.Tensor | None = None  # [B, T] long
+        self.positions: torch.Tensor | None = None  # [B, 1] long, each row's next position id
+        self.logits: torch.Tensor | None = None  # [B, V] each row's next-token logits
+        self.tokens: torch.Tensor | None = None  # [B] the tokens `sample` drew, fed by `step`
 
     def can_join(self) -> bool:
+        # deferred: transformers is heavy and only decoding needs its cache classes
         from transformers.cache_utils import DynamicLayer
 
-        return not self.jobs or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        return not self.rows or all(type(layer) is DynamicLayer for layer in self.cache.layers)
 
-    def add(self, jobs: list[Any], features: list[Any]) -> None:
-        """Prefill `jobs` (features `[N, Dv]` or None each) and append them as rows."""
-        import torch
+    def _inputs(self, rows: Sequence[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Left-padded `input_ids` and `attention_mask` `[B, T]` and the stacked features `[M, N, Dv]`."""
+        longest = max(len(row.prompt_ids) for row in rows)
+        input_ids = torch.full((len(rows), longest), self.model.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)
+        features = []
+        for i, row in enumerate(rows):
+            n_image = sum(1 for tok in row.prompt_ids if tok == self.model.image_token_id)
+            if n_image != (row.features is not None):
+                given = "given" if row.features is not None else "None"
+                raise ValueError(f"prompt {i} holds {n_image} {IMAGE_TOKEN} tokens but features are {given}")
+            if row.features is not None:
+                features.append(row.features[0] if row.features.dim() == 3 else row.features)  # [N, Dv]
+            if row.prompt_ids:
+                input_ids[i, longest - len(row.prompt_ids) :] = torch.tensor(list(row.prompt_ids), dtype=torch.long)
+                attention_mask[i, longest - len(row.prompt_ids) :] = 1
+        return input_ids, attention_mask, torch.stack(features) if features else None
+
+    @torch.no_grad()
+    def join(self, rows: Sequence[DecodeRow]) -> None:
+        """Prefill `rows` and append them to the batch."""
+        # deferred: transformers is heavy and only decoding needs its cache classes
         from transformers import DynamicCache
 
+        if not rows:
+            return
+        if not self.can_join():
+            raise RuntimeError("rows can join a running batch only when its cache layers are plain DynamicLayers")
         model = self.model
-        longest = max(len(j.prompt_ids) for j in jobs)
-        input_ids = torch.full((len(jobs), longest), model.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(jobs), longest, dtype=torch.long)
-        for i, job in enumerate(jobs):
-            input_ids[i, longest - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids, dtype=torch.long)
-            attention_mask[i, longest - len(job.prompt_ids) :] = 1
-        given = [f for f in features if f is not None]
-        spliced = model.splice(input_ids, attention_mask, torch.stack(given) if given else None, padding_side="left")
+        spliced = model.splice(*self._inputs(rows), padding_side="left")
         cache = DynamicCache(config=model.lm.config)
         out = model.lm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
                        position_ids=spliced.position_ids, cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :]  # [B2, V]
         positions = spliced.position_ids[:, -1:] + 1  # [B2, 1]
-        if not self.jobs:
-            self.jobs, self.cache, self.mask = list(jobs), cache, spliced.attention_mask
-            self.positions, self.logits = positions, logits
+        if not self.rows:
+            self.rows, self.cache, self.mask = list(rows), cache, spliced.attention_mask
+            self.positions, self.logits, self.tokens = positions, logits, None
             return
-        old_len, new_len = self.mask.shape[1], spliced.attention_mask.shape[1]
-        width = max(old_len, new_len)
+        width = max(self.mask.shape[1], spliced.attention_mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)])
             mine.values = torch.cat([_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)])
         self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(spliced.attention_mask, width, 1)])
         self.positions = torch.cat([self.positions, positions])
         self.logits = torch.cat([self.logits, logits])
-        self.jobs += jobs
+        self.tokens = None
+        self.rows += rows
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only `rows` (in order); drop the cache columns no remaining row attends to."""
-        import torch
+    def sample(self) -> torch.Tensor:
+        """Each row's next token `[B]`: greedy rows by argmax, the others by their temperature/top_p/generator."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, row in enumerate(self.rows):
+            key = ("greedy",) if row.temperature == 0 else (row.temperature, row.top_p, id(row.generator))
+            groups.setdefault(key, []).append(i)
+        device = self.logits.device
+        tokens = torch.empty(len(self.rows), dtype=torch.long, device=device)
+        for members in groups.values():
+            row = self.rows[members[0]]
+            index = torch.tensor(members, device=device)
+            generator = row.generator if row.generator is not None else self.generator
+            tokens[index] = sample_next(self.logits[index], row.temperature, row.top_p, generator)
+        self.tokens = tokens
+        return tokens
 
-        if len(rows) == len(self.jobs):
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keep only the rows at `indices` (in order); drop the cache columns no remaining row attends to."""
+        if len(indices) == len(self.rows):
             return
-        self.jobs = [self.jobs[i] for i in rows]
-        if not rows:
-            self.cache = self.mask = self.positions = self.logits = None
+        self.rows = [self.rows[i] for i in indices]
+        if not self.rows:
+            self.cache = self.mask = self.positions = self.logits = self.tokens = None
             return
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        index = torch.tensor(list(indices), dtype=torch.long, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
+        if self.tokens is not None:
+            self.tokens = self.tokens[index]
         unused = int(self.mask.any(dim=0).long().argmax())  # leading columns that are padding for every row
         if unused and self.can_join():
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
             self.mask = self.mask[:, unused:]
 
-    def step(self, tokens: Any) -> None:
-        """Feed each row's new token `[B]`; the logits become those of the token after it."""
-        import torch
-
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.jobs), 1)], dim=1)  # [B, T+1]
-        out = self.model.lm(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.positions,
-                            cache=self.cache, use_cache=True, logits_to_keep=1)
+    @torch.no_grad()
+    def step(self) -> None:
+        """Feed each row its sampled token; the logits become those of the token after it."""
+        if self.tokens is None:
+            raise RuntimeError("step() feeds the tokens sample() drew; call sample() first")
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # [B, T+1]
+        out = self.model.lm(input_ids=self.tokens[:, None].to(self.model.device), attention_mask=self.mask,
+                            position_ids=self.positions, cache=self.cache, use_cache=True, logits_to_keep=1)
         self.logits = out.logits[:, -1, :]
         self.positions = self.positions + 1
+        self.tokens = None
 
 
-def _left_pad(tensor: Any, width: int, dim: int) -> Any:
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Zero-pad `tensor` on the left of `dim` to `width` (cache entries and mask columns of padding)."""
-    import torch
-
     missing = width - tensor.shape[dim]
     if missing <= 0:
         return tensor
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+@torch.no_grad()
+def decode_stream(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    image_features: Sequence[torch.Tensor | None] | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_token_ids: Sequence[int] | None = None,
+    seed: int | None = None,
+) -> Iterator[GenerationStep]:
+    """Decode `prompts` together, yielding each step's new tokens (stop tokens are not emitted).
+
+    `prompts` are token id lists, each holding zero or one `<image>` token; `image_features[i]` is
+    `[N, Dv]` for a prompt with an image and None otherwise. Greedy at `temperature == 0`, nucleus
+    sampling otherwise from one generator seeded by `seed` (fresh entropy when None). Stops at
+    `stop_token_ids` (default: the model's EOS ids). Finished rows stay in the batch until all are done,
+    so every row sees the same batch at every step.
+    """
+    if image_features is None:
+        image_features = [None] * len(prompts)
+    if len(image_features) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(image_features)} image_features entries")
+    rows = [DecodeRow(prompt, feats, max_new_tokens, temperature, top_p)
+            for prompt, feats in zip(prompts, image_features, strict=True)]
+    if not rows or max_new_tokens <= 0:
+        return
+    stops = set(model.eos_token_ids if stop_token_ids is None else stop_token_ids)
+    batch = DecodeBatch(model, seeded_generator(model.device, seed))
+    batch.join(rows)
+    while True:
+        tokens = batch.sample().tolist()
+        emitted: list[list[int]] = []
+        reasons: list[str | None] = []
+        for row, token in zip(rows, tokens, strict=True):
+            done = row.finish_reason is not None
+            emitted.append([] if done else row.accept(token, stops))
+            reasons.append(None if done else row.finish_reason)
+        yield GenerationStep(emitted, reasons)
+        if all(row.finish_reason is not None for row in rows):
+            return
+        batch.step()

@@ -6,6 +6,10 @@ Layout under a local path or s3:// prefix:
     lm/                    the language model (HF `save_pretrained`), absent when `include_lm=False`
                            (align stage: the LM is frozen, so the folder names the LM path to reload)
     tokenizer/             the tokenizer, `<image>` included
+
+`load_for_inference` is the one way evaluation and serving load a model to answer with: a folder URI or
+`models:/NAME/VERSION`, the model plus its vision tower (fingerprint checked against the features the model
+was trained on), under one device and dtype rule.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +26,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitune import __version__, storage
+from vitune.config import VisionConfig
+from vitune.features.store import FingerprintMismatch, check_fingerprint
 from vitune.model.projector import build_projector
+from vitune.model.vision import VisionTower, load_vision_tower
 from vitune.model.vlm import VisionLanguageModel, load_lm
+from vitune.tracking import resolve_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -144,3 +153,53 @@ def load_model_folder(
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("loaded model folder %s (format %d, %s)", uri, meta["format_version"], model.dtype)
     return model, tokenizer, meta
+
+
+@dataclass
+class InferenceModel:
+    """What answering needs: the model, its tokenizer, its vision tower and the folder's `vitune_model.json`."""
+
+    model: VisionLanguageModel
+    tokenizer: Any
+    tower: VisionTower
+    meta: dict[str, Any]
+
+
+def resolve_device(device: str) -> str:
+    """`"auto"` → `"cuda"` when a GPU is visible, else `"cpu"`; any other name passes through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def inference_dtype(dtype: str, device: str, meta: dict[str, Any]) -> torch.dtype:
+    """The model's dtype: `dtype` when named; `"auto"` = fp32 on CPU, the folder's own dtype on a GPU."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if torch.device(device).type == "cpu":
+        return torch.float32  # half precision on CPU is slow and poorly supported
+    return getattr(torch, meta.get("dtype", "float32"))
+
+
+def load_for_inference(
+    source: str, device: str = "auto", dtype: str = "auto", tracking_uri: str | None = None
+) -> InferenceModel:
+    """Load the model folder `source` (a URI or `models:/NAME/VERSION`) and its vision tower, ready to answer.
+
+    The tower runs in the model's dtype on a GPU and in fp32 on CPU; it must give the features the model
+    was trained on (the folder's fingerprint), or loading fails naming the fields that differ.
+    """
+    device = resolve_device(device)
+    with tempfile.TemporaryDirectory(prefix="vitune-registry-") as download:
+        folder = resolve_model_source(source, download, tracking_uri)
+        model_dtype = inference_dtype(dtype, device, read_meta(folder))
+        model, tokenizer, meta = load_model_folder(folder, device=device, dtype=model_dtype)
+    tower_dtype = torch.float32 if torch.device(device).type == "cpu" else model.dtype
+    tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]), device=device, dtype=tower_dtype)
+    try:
+        check_fingerprint(meta.get("fingerprint") or None, tower.fingerprint(), source)
+    except FingerprintMismatch as exc:
+        detail = "; ".join(f"{field}: trained on {want!r}, tower gives {have!r}" for field, want, have in exc.diffs)
+        raise ValueError(f"model {source} was trained on other features than its tower gives: {detail}") from None
+    logger.info("loaded %s for inference on %s (%s; tower %s)", source, device, model.dtype, tower_dtype)
+    return InferenceModel(model, tokenizer, tower, meta)

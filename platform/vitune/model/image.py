@@ -142,8 +142,9 @@ def resize_shortest_and_crop(image: Image.Image, size: int) -> Image.Image:
         new_w, new_h = int(size * width / height), size
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left = int(round((new_w - size) / 2.0))
-    top = int(round((new_h - size) / 2.0))
+    # floor, as CLIPImageProcessor's centre crop (official LLaVA, and the llava-hf export's processor) rounds
+    left = (new_w - size) // 2
+    top = (new_h - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 

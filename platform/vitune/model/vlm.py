@@ -8,6 +8,9 @@ at most one `<image>` token; it expands to the N projected feature vectors of it
 batched generation with left padding): it builds the expanded token sequence, embeds it, and writes
 the projected features in through an image mask (the nanoVLM way). Labels at image positions are
 `IGNORE_INDEX`; the attention mask and position ids follow the expanded sequence.
+
+`generate` / `generate_stream` delegate to `vitune.model.decoding`, the one decode loop (prefill with left
+padding through `splice`, KV-cache steps, sampling) that the serving engine drives as well.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitune import IMAGE_TOKEN
+from vitune import IGNORE_INDEX, IMAGE_TOKEN
+from vitune.data import tokenizer as tokenizer_lib
+from vitune.model.decoding import GenerationStep, decode_stream
 from vitune.model.projector import build_projector
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 STAGES = ("align", "finetune")
 TINY_LM = "tiny"
 _INIT_SEED = 0
@@ -56,14 +60,6 @@ class VLMOutput(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
-
-
-@dataclass
-class GenerationStep:
-    """One decoding step: per sequence the new token ids (`[]` once finished) and why it finished."""
-
-    tokens: list[list[int]]
-    finish_reasons: list[str | None]  # "stop" | "length" at the step a sequence ends, else None
 
 
 def splice_image_features(
@@ -147,22 +143,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return total / max(count, 1), count
 
 
-def _pick_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """`[B, V]` logits → `[B]` next tokens: argmax at temperature 0, else nucleus sampling."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the tokens ranked above it already hold top_p; the first always stays
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
 class VisionLanguageModel(nn.Module):
-    """Projector + causal LM. `forward` trains on features; `generate*` decode with a KV cache."""
+    """Projector + causal LM. `forward` trains on features; `generate*` drive `vitune.model.decoding`."""
 
     def __init__(
         self,
@@ -240,118 +222,27 @@ class VisionLanguageModel(nn.Module):
         return VLMOutput(loss=loss, logits=out.logits, labels=spliced.labels,
                          attention_mask=spliced.attention_mask, num_label_tokens=count)
 
-    @torch.no_grad()
     def generate_stream(
         self,
         prompts: Sequence[Sequence[int]],
         image_features: Sequence[torch.Tensor | None] | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop_token_ids: Sequence[int] | None = None,
-        seed: int | None = None,
+        **options: Any,
     ) -> Iterator[GenerationStep]:
-        """Decode a batch with a KV cache, yielding each step's new tokens (stop tokens are not emitted).
+        """Decode a batch with a KV cache, yielding each step's new tokens: `vitune.model.decoding.decode_stream`.
 
-        `prompts` are token id lists, each holding zero or one `<image>` token; `image_features[i]` is
-        `[N, Dv]` for a prompt with an image and None otherwise. Greedy at `temperature == 0`, nucleus
-        sampling otherwise with a per-call generator seeded by `seed`.
+        `options`: `max_new_tokens`, `temperature`, `top_p`, `stop_token_ids`, `seed`, as there.
         """
-        from transformers import DynamicCache
-
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
-        batch = len(prompts)
-        if image_features is None:
-            image_features = [None] * batch
-        if len(image_features) != batch:
-            raise ValueError(f"{batch} prompts but {len(image_features)} image_features entries")
-        if batch == 0 or max_new_tokens <= 0:
-            return
-        stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        device = self.device
-
-        features = []
-        for i, (prompt, feats) in enumerate(zip(prompts, image_features, strict=True)):
-            n_image = sum(1 for tok in prompt if tok == self.image_token_id)
-            if n_image != (feats is not None):
-                given = "given" if feats is not None else "None"
-                raise ValueError(f"prompt {i} holds {n_image} {IMAGE_TOKEN} tokens but features are {given}")
-            if feats is not None:
-                features.append(feats[0] if feats.dim() == 3 else feats)  # [N, Dv]
-        longest = max(len(p) for p in prompts)
-        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(batch, longest, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            if prompt:
-                input_ids[i, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-                attention_mask[i, longest - len(prompt) :] = 1
-        spliced = self.splice(
-            input_ids, attention_mask, torch.stack(features) if features else None, padding_side="left"
-        )
-
-        generator = torch.Generator(device=device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        cache = DynamicCache(config=self.lm.config)
-        mask = spliced.attention_mask  # [B, T']
-        next_position = spliced.position_ids[:, -1:] + 1  # [B, 1]
-        out = self.lm(
-            inputs_embeds=spliced.inputs_embeds,
-            attention_mask=mask,
-            position_ids=spliced.position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        finished = [False] * batch
-        for step in range(max_new_tokens):
-            next_tokens = _pick_next(out.logits[:, -1, :], temperature, top_p, generator)  # [B]
-            tokens: list[list[int]] = []
-            reasons: list[str | None] = []
-            for i, tok in enumerate(next_tokens.tolist()):
-                if finished[i]:
-                    tokens.append([])
-                    reasons.append(None)
-                elif tok in stops:
-                    finished[i] = True
-                    tokens.append([])
-                    reasons.append("stop")
-                else:
-                    tokens.append([tok])
-                    finished[i] = step == max_new_tokens - 1
-                    reasons.append("length" if finished[i] else None)
-            yield GenerationStep(tokens, reasons)
-            if all(finished):
-                return
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # [B, T'+step+1]
-            out = self.lm(
-                input_ids=next_tokens[:, None].to(device),  # [B, 1]
-                attention_mask=mask,
-                position_ids=next_position,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            next_position = next_position + 1
+        return decode_stream(self, prompts, image_features, **options)
 
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
         image_features: Sequence[torch.Tensor | None] | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop_token_ids: Sequence[int] | None = None,
-        seed: int | None = None,
+        **options: Any,
     ) -> list[list[int]]:
-        """Batched decoding; returns each prompt's new token ids without the stop token."""
+        """Batched decoding (options as `generate_stream`); each prompt's new token ids without the stop token."""
         outputs: list[list[int]] = [[] for _ in prompts]
-        for step in self.generate_stream(
-            prompts, image_features, max_new_tokens, temperature, top_p, stop_token_ids, seed
-        ):
+        for step in decode_stream(self, prompts, image_features, **options):
             for i, toks in enumerate(step.tokens):
                 outputs[i].extend(toks)
         return outputs
@@ -420,14 +311,6 @@ def _stop_ids(tokenizer: Any, lm: nn.Module) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def image_token_id_of(tokenizer: Any) -> int:
-    """The id of `<image>` in `tokenizer`, or a clear error when it lacks one."""
-    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; load it with vitune.data.tokenizer.load_tokenizer")
-    return int(token_id)
-
-
 def build_model(
     model_cfg: Any,
     tokenizer: Any,
@@ -439,7 +322,7 @@ def build_model(
 
     Pass `lm` to reuse an already loaded language model (e.g. from a model folder).
     """
-    image_token_id = image_token_id_of(tokenizer)
+    image_token_id = tokenizer_lib.image_token_id(tokenizer)
     if lm is None:
         lm = load_lm(model_cfg.lm, tokenizer, dtype)
     lm_width = lm.get_input_embeddings().embedding_dim

@@ -1,63 +1,58 @@
-"""Serving engine: OpenAI chat request → template prompt + image features → batched, streamed generation.
+"""Serving engine: admission, queueing and events over the one decode loop (`vitune.model.decoding`).
 
-Ray-free: the Serve app (`serving/app.py`) holds one `ServingEngine` per model replica and only moves
-requests and events over HTTP and handles. The prompt path is training's: the model folder's own
-template through `tokenize_generation_prompt`, the image through `decode_image` and `encode_images`.
+Ray-free: the Serve app holds one `ServingEngine` per model replica and only moves requests and events
+over HTTP and handles. The engine loads its model with `vitune.model.folder.load_for_inference` (the loader
+batch inference uses too). The prompt path is training's: the model folder's own template (its system
+prompt replaced through `vitune.data.templates.with_system`) through `tokenize_generation_prompt`, the
+image through `decode_image` and `encode_images`.
 
 Batching (what happens on a replica): continuous batching. Requests wait in one queue; a worker thread
-owns the running batch (`_Batch`: rows, KV cache, mask, positions, logits) and loops: admit waiting
-requests (their images through the tower in one `encode_images` call, then one prefill whose cache is
-merged into the running one), sample one token per row, detokenise and push each row's text to its
-asyncio queue (so streams get tokens as they are made), drop rows that finished (EOS, a stop string,
-their own `max_tokens`, or their caller going away), and run the survivors one step. New requests join
-at the next step boundary; nobody waits for a whole batch to end. Each row samples with its own
-temperature and top_p; a request with a `seed` draws from its own generator, so its tokens do not
-depend on its neighbours' draws. The decode steps are `VisionLanguageModel.generate_stream`'s (same
-splice, cache, positions and `_pick_next`), and a test checks the API's greedy answer equals
-`model.generate`. At most `max_batch_size` rows decode at once and `max_queued` requests wait per
-replica; more are refused with 429.
+owns the running `DecodeBatch` and loops: admit waiting requests (their images through the tower in one
+`encode_images` call, then one prefill that joins the running rows), sample one token per row, detokenise
+and push each row's text to its asyncio queue (so streams get tokens as they are made), drop rows that
+finished (EOS, a stop string, their own `max_tokens`, or their caller going away), and run the survivors
+one step. New requests join at the next step boundary; nobody waits for a whole batch to end. Each row
+samples with its own temperature and top_p; a request with a `seed` draws from its own generator, so its
+tokens do not depend on its neighbours' draws. Prefill, cache, positions and sampling are the decode loop's,
+the same `model.generate` runs, and a test checks the API's greedy answer equals `model.generate`. At most
+`max_batch_size` rows decode at once and `max_queued` requests wait per replica; more are refused with 429.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from PIL import Image
 
 from vitune import IMAGE_TOKEN
 from vitune.config import ServeConfig
 from vitune.data.records import HUMAN
-from vitune.model.decoding import _Batch
+from vitune.data.templates import TemplateError, tokenize_generation_prompt, with_system
+from vitune.model.decoding import DecodeBatch, DecodeRow, seeded_generator
+from vitune.model.folder import load_for_inference
+from vitune.model.vision import encode_images
 from vitune.serve.openai import APIError
 from vitune.serve.request import MAX_IMAGES, ChatRequest
-from vitune.serve.stream import TextStream, _coalesce
-from vitune.tracking import resolve_model_source
+from vitune.serve.stream import TextStream, coalesce_deltas
 
 logger = logging.getLogger(__name__)
 
 
-# --- the engine ---------------------------------------------------------------------------------------
-
-
 @dataclass
 class _Job:
-    """One request inside the engine: its prompt, sampling, the caller's queue, and decoding state."""
+    """One request inside the engine: its decode row (prompt, sampling, progress), image, caller's queue, state."""
 
     request_id: str
-    prompt_ids: list[int]
+    row: DecodeRow  # its payload is this job once it joins the batch
     image: Image.Image | None
     prompt_tokens: int
-    max_tokens: int
-    temperature: float
-    top_p: float
     seed: int | None
     text: TextStream
     loop: asyncio.AbstractEventLoop
@@ -65,32 +60,16 @@ class _Job:
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     done: bool = False
-    generated: int = 0
-    generator: Any = None  # torch.Generator of a seeded request (its draws depend on nothing else)
-
-
 
 
 def _error_event(err: APIError) -> dict[str, Any]:
     return {"type": "error", "status": err.status, **err.body()}
 
 
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 class ServingEngine:
     """A loaded model + tower + tokenizer with a continuous-batching worker thread (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, tower: Any, meta: dict[str, Any], cfg: ServeConfig) -> None:
-        import torch
-
         self.model = model
         self.tokenizer = tokenizer
         self.tower = tower
@@ -103,8 +82,7 @@ class ServingEngine:
         lm_limit = getattr(model.lm.config, "max_position_embeddings", None)
         self.context_length = min(limit, lm_limit) if lm_limit else limit
         self._stops = set(model.eos_token_ids)
-        self._generator = torch.Generator(device=model.device)
-        self._generator.seed()
+        self._generator = seeded_generator(model.device)  # shared by the requests without a seed
         self._queue: list[_Job] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -115,35 +93,13 @@ class ServingEngine:
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> ServingEngine:
-        """Load the model folder named by `cfg.model` and its vision tower (fingerprint checked)."""
-        import torch
-
-        from vitune.config import VisionConfig
-        from vitune.model.folder import load_model_folder, read_meta
-        from vitune.model.vision import fingerprint_id, load_vision_tower
-
-        device = _resolve_device(cfg.device)
-        with tempfile.TemporaryDirectory(prefix="vitune-registry-") as download:
-            source = resolve_model_source(cfg.model, download, cfg.tracking_uri)
-            if cfg.dtype != "auto":
-                dtype = getattr(torch, cfg.dtype)
-            elif device == "cpu":
-                dtype = torch.float32  # half precision on CPU is slow and poorly supported
-            else:
-                dtype = getattr(torch, read_meta(source).get("dtype", "float32"))
-            model, tokenizer, meta = load_model_folder(source, device=device, dtype=dtype)
-        tower = load_vision_tower(VisionConfig(**meta["model"]["vision"]), device=device, dtype=dtype)
-        want, have = fingerprint_id(meta["fingerprint"]), fingerprint_id(tower.fingerprint())
-        if want != have:
-            raise ValueError(
-                f"model {cfg.model} was trained on features {meta['fingerprint']} (id {want}) but its tower "
-                f"config gives {tower.fingerprint()} (id {have})"
-            )
-        engine = cls(model, tokenizer, tower, meta, cfg)
+        """Load the model named by `cfg.model` (folder URI or `models:/`) and its vision tower."""
+        loaded = load_for_inference(cfg.model, device=cfg.device, dtype=cfg.dtype, tracking_uri=cfg.tracking_uri)
+        engine = cls(loaded.model, loaded.tokenizer, loaded.tower, loaded.meta, cfg)
         if cfg.warmup:
             engine.warmup()
         logger.info("serving %s from %s on %s (%s): template %s, context %d, batches of up to %d",
-                    engine.model_name, cfg.model, device, dtype, engine.template_name,
+                    engine.model_name, cfg.model, engine.model.device, engine.model.dtype, engine.template_name,
                     engine.context_length, cfg.max_batch_size)
         return engine
 
@@ -164,8 +120,6 @@ class ServingEngine:
 
     def warmup(self) -> None:
         """Run the tower and two decoding steps once, outside any request."""
-        from vitune.model.vision import encode_images
-
         image = Image.new("RGB", (self.tower.image_size, self.tower.image_size))
         features = encode_images(self.tower, [image])
         ids = self._prompt_ids([{"from": HUMAN, "value": f"{IMAGE_TOKEN}\nhello"}], None)
@@ -173,24 +127,9 @@ class ServingEngine:
 
     # -- request side (event loop) --
 
-    def _template(self, system: str | None) -> Any:
-        from vitune.data.templates import SepStyle, get_template
-
-        tpl = get_template(self.template_name)
-        if system is None:
-            return tpl
-        if tpl.style in (SepStyle.TWO, SepStyle.LLAMA_2):
-            return dataclasses.replace(tpl, system=system)
-        if tpl.style is SepStyle.MPT:
-            return dataclasses.replace(tpl, system=f"<|im_start|>system\n{system}")
-        raise APIError(400, f"this model's conversation template {tpl.name!r} has no system prompt; put the "
-                       "instruction in the user message", "messages")
-
     def _prompt_ids(self, turns: list[dict[str, str]], system: str | None) -> list[int]:
-        from vitune.data.templates import TemplateError, tokenize_generation_prompt
-
         try:
-            return tokenize_generation_prompt(turns, self._template(system), self.tokenizer)
+            return tokenize_generation_prompt(turns, with_system(self.template_name, system), self.tokenizer)
         except TemplateError as exc:
             raise APIError(400, f"the messages do not fit this model's {self.template_name!r} conversation "
                            f"template: {exc}", "messages") from None
@@ -216,14 +155,15 @@ class ServingEngine:
                 raise APIError(400, f"this model's context length is {self.context_length} tokens; the prompt "
                                f"takes {prompt_tokens} (the image {self.num_image_positions}) and max_tokens "
                                f"asks for {max_tokens} more", "max_tokens", "context_length_exceeded")
+        try:
+            row = DecodeRow(ids, max_new_tokens=max_tokens, temperature=chat.temperature, top_p=chat.top_p)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "temperature" if chat.temperature < 0 else "top_p") from None
         return _Job(
             request_id=chat.request_id,
-            prompt_ids=ids,
+            row=row,
             image=chat.image,
             prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
-            temperature=chat.temperature,
-            top_p=chat.top_p,
             seed=chat.seed,
             text=TextStream(self.tokenizer, chat.stop),
             loop=loop or asyncio.get_running_loop(),
@@ -247,7 +187,7 @@ class ServingEngine:
                 return
             self._queue.append(job)
             self._cond.notify_all()
-        yield {"type": "start", "prompt_tokens": job.prompt_tokens, "max_tokens": job.max_tokens}
+        yield {"type": "start", "prompt_tokens": job.prompt_tokens, "max_tokens": job.row.max_new_tokens}
         interval = self.cfg.stream_interval_s
         last_sent: float | None = None
         try:
@@ -260,7 +200,7 @@ class ServingEngine:
                     await asyncio.sleep(max(0.0, last_sent + interval - time.monotonic()))
                 while not job.events.empty():
                     pending.append(job.events.get_nowait())
-                for ev in _coalesce(pending):
+                for ev in coalesce_deltas(pending):
                     yield ev
                     if ev["type"] in ("finish", "error"):
                         return
@@ -292,7 +232,7 @@ class ServingEngine:
 
     # -- worker side (thread) --
 
-    def _admit(self, batch: _Batch) -> list[_Job] | None:
+    def _admit(self, batch: DecodeBatch) -> list[_Job] | None:
         """Requests to join `batch` now (`[]`: none yet); blocks while nothing runs; None once closed.
 
         An empty batch fills while requests keep arriving: it starts once none came for
@@ -307,9 +247,9 @@ class ServingEngine:
                 self._queue = [j for j in self._queue if not j.cancelled]
                 if self._closed:
                     return None
-                room = cap - len(batch.jobs)
+                room = cap - len(batch.rows)
                 now = time.monotonic()
-                if batch.jobs:
+                if batch.rows:
                     if not self._queue or room <= 0 or not batch.can_join():
                         return []
                     if len(self._queue) < room and now < self._queue[0].enqueued + wait_s:
@@ -326,9 +266,7 @@ class ServingEngine:
                 return admitted
 
     def _work(self) -> None:
-        import torch
-
-        batch = _Batch(self.model)
+        batch = DecodeBatch(self.model, self._generator)
         while True:
             try:
                 admitted = self._admit(batch)
@@ -338,96 +276,69 @@ class ServingEngine:
                 with torch.inference_mode():
                     if admitted:
                         self._join(batch, admitted)
-                    if batch.jobs:
+                    if batch.rows:
                         self._step(batch)
                 with self._cond:
                     self._stats["busy_s"] += time.perf_counter() - started
             except Exception as exc:  # noqa: BLE001 - fail the batch's requests, keep serving
-                logger.exception("generation failed for a batch of %d requests", len(batch.jobs))
+                logger.exception("generation failed for a batch of %d requests", len(batch.rows))
                 err = _error_event(APIError(500, f"generation failed: {type(exc).__name__}: {exc}",
                                             code="internal_error"))
-                failed = batch.jobs + [j for j in (admitted or []) if j not in batch.jobs]
+                running = [row.payload for row in batch.rows]
+                failed = running + [j for j in (admitted or []) if j not in running]
                 self._deliver([(j, err) for j in failed if not j.done])
                 for job in failed:
                     job.done = True
-                batch = _Batch(self.model)
+                batch = DecodeBatch(self.model, self._generator)
 
-    def _join(self, batch: _Batch, jobs: list[_Job]) -> None:
+    def _join(self, batch: DecodeBatch, jobs: list[_Job]) -> None:
         """Encode the newcomers' images in one tower call and prefill them into the batch."""
-        import torch
-
-        from vitune.model.vision import encode_images
-
         images = [j.image for j in jobs if j.image is not None]
         encoded = iter(encode_images(self.tower, images)) if images else iter(())  # M x [N, Dv]
-        features = [next(encoded) if j.image is not None else None for j in jobs]
         for job in jobs:
-            if job.seed is not None and job.temperature > 0:
-                job.generator = torch.Generator(device=self.model.device).manual_seed(job.seed)
-        batch.add(jobs, features)
+            job.row.payload = job
+            job.row.features = next(encoded) if job.image is not None else None
+            if job.seed is not None and job.row.temperature > 0:  # its own draws, whoever its neighbours are
+                job.row.generator = seeded_generator(self.model.device, job.seed)
+        batch.join([job.row for job in jobs])
         with self._cond:
             self._stats["admissions"] += 1
 
-    def _sample(self, batch: _Batch) -> Any:
-        """Each row's next token: greedy rows by argmax, others by their own temperature/top_p/generator."""
-        import torch
-
-        from vitune.model.vlm import _pick_next
-
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, job in enumerate(batch.jobs):
-            key = ("greedy",) if job.temperature == 0 else (job.temperature, job.top_p, id(job.generator))
-            groups.setdefault(key, []).append(i)
-        tokens = torch.empty(len(batch.jobs), dtype=torch.long, device=batch.logits.device)
-        for rows in groups.values():
-            job = batch.jobs[rows[0]]
-            index = torch.tensor(rows, device=batch.logits.device)
-            generator = job.generator if job.generator is not None else self._generator
-            tokens[index] = _pick_next(batch.logits[index], job.temperature, job.top_p, generator)
-        return tokens
-
-    def _step(self, batch: _Batch) -> None:
+    def _step(self, batch: DecodeBatch) -> None:
         """Sample one token per row, send each row's text, drop finished rows, run the survivors one step."""
-        tokens = self._sample(batch)  # [B]
+        tokens = batch.sample().tolist()  # [B]
         out: list[tuple[_Job, dict[str, Any]]] = []
-        keep: list[int] = []
         emitted = 0
-        for i, (job, tok) in enumerate(zip(batch.jobs, tokens.tolist(), strict=True)):
+        for row, tok in zip(batch.rows, tokens, strict=True):
+            job: _Job = row.payload
             if job.cancelled:
+                row.finish_reason = "cancelled"
                 job.done = True
                 continue
-            reason: str | None = None
-            delta, stopped = "", False
-            if tok in self._stops:
-                reason = "stop"
-            else:
-                job.generated += 1
-                emitted += 1
-                delta, stopped = job.text.push([tok])
-                if stopped:
-                    reason = "stop"
-                elif job.generated >= job.max_tokens:
-                    reason = "length"
-            if reason is not None and not stopped:
+            new = row.accept(tok, self._stops)
+            emitted += len(new)
+            delta, stopped = job.text.push(new)
+            if stopped:
+                row.finish_reason = "stop"
+            elif row.finish_reason is not None:
                 delta += job.text.flush()
             if delta:
                 out.append((job, {"type": "delta", "text": delta}))
-            if reason is None:
-                keep.append(i)
-            else:
+            if row.finish_reason is not None:
                 job.done = True
-                out.append((job, {"type": "finish", "finish_reason": reason, "completion_tokens": job.generated}))
+                out.append((job, {"type": "finish", "finish_reason": row.finish_reason,
+                                  "completion_tokens": row.generated}))
         self._deliver(out)
+        keep = [i for i, row in enumerate(batch.rows) if row.finish_reason is None]
         with self._cond:
             self._stats["steps"] += 1
-            self._stats["row_steps"] += len(batch.jobs)
-            self._stats["max_batch"] = max(self._stats["max_batch"], len(batch.jobs))
-            self._stats["sequences"] += len(batch.jobs) - len(keep)
+            self._stats["row_steps"] += len(batch.rows)
+            self._stats["max_batch"] = max(self._stats["max_batch"], len(batch.rows))
+            self._stats["sequences"] += len(batch.rows) - len(keep)
             self._stats["tokens"] += emitted
-        survivors = tokens[keep] if len(keep) < len(batch.jobs) else tokens
         batch.keep(keep)
-        if batch.jobs:
-            batch.step(survivors)
+        if batch.rows:
+            batch.step()
 
     @staticmethod
     def _deliver(items: list[tuple[_Job, dict[str, Any]]]) -> None:

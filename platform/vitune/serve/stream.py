@@ -53,7 +53,8 @@ class TextStream:
         text = self._decode()
         return self._advance(text, len(text))
 
-def _coalesce(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+
+def coalesce_deltas(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Merge consecutive text deltas so a slow consumer gets fewer, larger messages."""
     out: list[dict[str, Any]] = []
     for ev in events:

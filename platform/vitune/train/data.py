@@ -1,110 +1,182 @@
-"""Training data: records tokenized with the core templates, joined to feature-store shards by image key.
+"""Training data: records → tokenized rows that carry their skip reason → rows joined to feature-store shards.
 
-The records are small and the features big, so the join runs where the features are read: each
-feature shard's block is matched against the tokenized records (shared once through the object store),
-and feature bytes never cross the cluster in a shuffle. The epoch shuffle is a per-epoch file order
-plus a local buffer, then length-grouped micro-batches (LLaVA's ``group_by_modality_length`` idea) keep
-padding small. The same pieces run without Ray for single-process timing.
+Every record is read and validated once (``vitune.data.records``), tokenized once with the core templates,
+and becomes one ``TokenizedRow``: ``TOKEN_DTYPE`` arrays of ids and labels and, when it cannot be trained,
+the reason why. A reason is the ``kind`` of the record's validation or mask error (``bad_type``,
+``template_mismatch``, ``image_truncated``, ... — the vocabulary ``vitune data inspect`` reports), or
+``text_only`` / ``no_features`` for a record this feature-store pipeline cannot join. ``DataStats`` counts
+the rows: rows in = rows trained + rows skipped, per reason. Token ids stay int32 until ``collate`` turns
+them into the int64 tensors the model takes.
+
+The records are small and the features big, so the join runs where the features are read: the trainable
+rows cross Ray once, into the object store, and each feature shard's block is matched against them; feature
+bytes never cross the cluster in a shuffle. The epoch shuffle is a per-epoch file order plus a local buffer,
+then length-grouped micro-batches (LLaVA's ``group_by_modality_length`` idea) keep padding small. Everything
+here but the join task runs without Ray.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from vitune import IGNORE_INDEX
 from vitune.data.records import Record, normalize_image_token, read_records_with_errors
-from vitune.data.templates import IGNORE_INDEX, MaskError, tokenize_record
+from vitune.data.templates import MaskError, tokenize_record
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+
+TOKEN_DTYPE = np.int32  # ids and labels in rows, the object store and Arrow; int64 only in collated tensors
+TEXT_ONLY = "text_only"  # no image: the feature-store pipeline does not train text-only records yet
+NO_FEATURES = "no_features"  # the record's image has no row in the feature store
+
+
+@dataclass(frozen=True)
+class TokenizedRow:
+    """One input record, tokenized: ``skip`` is why it cannot be trained (None when it can)."""
+
+    id: str
+    image_key: str  # "" for a text-only (or unreadable) record
+    input_ids: np.ndarray  # [T] TOKEN_DTYPE (empty when skipped before tokenizing)
+    labels: np.ndarray  # [T] TOKEN_DTYPE, IGNORE_INDEX outside the trained spans
+    truncated: bool = False
+    skip: str | None = None
+
+    @property
+    def trainable(self) -> bool:
+        return self.skip is None
+
+
+_NO_TOKENS = np.zeros(0, dtype=TOKEN_DTYPE)
+
+
+def tokenize_row(record: Record, template: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TokenizedRow:
+    """A validated record → its ``TokenizedRow``; one whose labels cannot be built carries its mask error's kind."""
+    record = normalize_image_token(record)
+    image_key = record.image or ""
+    try:
+        sample = tokenize_record(record, template, tokenizer, max_length)
+    except MaskError as err:
+        log.warning("skipping record: %s", err)
+        return TokenizedRow(record.id, image_key, _NO_TOKENS, _NO_TOKENS, skip=err.kind)
+    return TokenizedRow(record.id, image_key, np.asarray(sample.input_ids, dtype=TOKEN_DTYPE),
+                        np.asarray(sample.labels, dtype=TOKEN_DTYPE), truncated=sample.truncated)
+
+
+def tokenize_records(uris: Sequence[str], template: str, tokenizer: PreTrainedTokenizerBase,
+                     max_length: int) -> list[TokenizedRow]:
+    """One row per input record of every file: invalid records carry their validation error's kind."""
+    rows: list[TokenizedRow] = []
+    for uri in uris:
+        records, errors = read_records_with_errors(uri)
+        for err in errors:
+            log.warning("skipping invalid record: %s", err)
+            rows.append(TokenizedRow(err.record_id or "", "", _NO_TOKENS, _NO_TOKENS, skip=err.kind))
+        rows.extend(tokenize_row(r, template, tokenizer, max_length) for r in records)
+    return rows
+
+
+def check_features(rows: Iterable[TokenizedRow], feature_keys: Collection[str]) -> list[TokenizedRow]:
+    """Mark the trainable rows the feature store cannot feed: ``text_only``, or ``no_features`` for their image."""
+    out = []
+    for row in rows:
+        if row.trainable and not row.image_key:
+            row = replace(row, skip=TEXT_ONLY)
+        elif row.trainable and row.image_key not in feature_keys:
+            row = replace(row, skip=NO_FEATURES)
+        out.append(row)
+    return out
 
 
 @dataclass
 class DataStats:
-    """Accounting of what the training data holds: records in = samples + skipped."""
+    """What the training data holds: rows in = rows trained (``samples``) + rows skipped, per reason."""
 
     records: int = 0
     samples: int = 0
     skipped: Counter = field(default_factory=Counter)
     truncated: int = 0
 
+    @classmethod
+    def of(cls, rows: Iterable[TokenizedRow]) -> DataStats:
+        stats = cls()
+        for row in rows:
+            stats.records += 1
+            if row.trainable:
+                stats.samples += 1
+                stats.truncated += row.truncated
+            else:
+                stats.skipped[row.skip] += 1
+        if stats.skipped:
+            log.warning("%d of %d records skipped: %s", stats.skipped_total, stats.records, dict(stats.skipped))
+        return stats
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
     def as_dict(self) -> dict[str, Any]:
         return {"records": self.records, "samples": self.samples, "skipped": dict(self.skipped),
-                "skipped_total": sum(self.skipped.values()), "truncated": self.truncated}
+                "skipped_total": self.skipped_total, "truncated": self.truncated}
+
+    def metrics(self) -> dict[str, float]:
+        """The MLflow form: ``records_in``, ``samples``, ``truncated``, ``skipped_total`` and ``skipped_<reason>``."""
+        out = {"records_in": self.records, "samples": self.samples, "truncated": self.truncated,
+               "skipped_total": self.skipped_total}
+        out.update({f"skipped_{reason}": n for reason, n in sorted(self.skipped.items())})
+        return out
 
 
-def load_records(uris: list[str], stats: DataStats) -> list[Record]:
-    """Read and validate every record file; invalid records are counted skips with their reason."""
-    out: list[Record] = []
-    for uri in uris:
-        records, errors = read_records_with_errors(uri)
-        stats.records += len(records) + len(errors)
-        for err in errors:
-            stats.skipped[f"invalid:{getattr(err, 'kind', 'record')}"] += 1
-            log.warning("skipping invalid record: %s", err)
-        out.extend(normalize_image_token(r) for r in records)
-    return out
-
-
-def tokenize_rows(rows: Iterable[dict], template: str, tokenizer: Any, max_length: int) -> tuple[list[dict], Counter]:
-    """Tokenize LLaVA record dicts; a record whose labels cannot be built is a counted skip, never silent."""
-    from vitune.data.records import validate_record
-
-    out, skipped = [], Counter()
+def by_image_key(rows: Iterable[TokenizedRow]) -> dict[str, list[TokenizedRow]]:
+    """The trainable rows grouped by image key: the table each join task looks feature rows up in."""
+    out: dict[str, list[TokenizedRow]] = defaultdict(list)
     for row in rows:
-        rec = normalize_image_token(validate_record(row))
-        try:
-            sample = tokenize_record(rec, template, tokenizer, max_length)
-        except MaskError as err:
-            skipped[f"mask:{getattr(err, 'kind', 'error')}"] += 1
-            log.warning("skipping record: %s", err)
-            continue
-        out.append({
-            "id": rec.id,
-            "image_key": rec.image or "",
-            "input_ids": np.asarray(sample.input_ids, dtype=np.int32),
-            "labels": np.asarray(sample.labels, dtype=np.int32),
-            "truncated": sample.truncated,
-        })
-    return out, skipped
+        if row.trainable:
+            out[row.image_key].append(row)
+    return dict(out)
 
 
-class TokenizeBatch:
-    """Ray Data ``map_batches`` callable: record JSON strings → input_ids/labels (tokenizer loaded once)."""
-
-    def __init__(self, template: str, tokenizer_name: str, max_length: int):
-        from vitune.data.tokenizer import load_tokenizer
-
-        self.template, self.max_length = template, max_length
-        self.tokenizer = load_tokenizer(tokenizer_name)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        import json
-
-        rows, skipped = tokenize_rows((json.loads(s) for s in batch["record"]), self.template, self.tokenizer,
-                                      self.max_length)
-        return {
-            "id": [r["id"] for r in rows],
-            "image_key": [r["image_key"] for r in rows],
-            "input_ids": [r["input_ids"] for r in rows],
-            "labels": [r["labels"] for r in rows],
-            "truncated": [r["truncated"] for r in rows],
-            "skipped": [json.dumps(dict(skipped))] * len(rows) if rows else [],
-        }
-
-
-def training_row(sample: dict, feats: np.ndarray | None) -> dict:
+def training_row(sample: TokenizedRow, feats: np.ndarray | None) -> dict[str, Any]:
     """One training row: a tokenized sample + its image features; ``length`` counts the N image positions."""
     n_img = 0 if feats is None else feats.shape[0]
-    length = len(sample["input_ids"]) + max(n_img - 1, 0)
-    return {"input_ids": sample["input_ids"], "labels": sample["labels"], "features": feats,
+    length = len(sample.input_ids) + max(n_img - 1, 0)
+    return {"input_ids": sample.input_ids, "labels": sample.labels, "features": feats,
             "has_image": feats is not None, "length": length}
+
+
+# per Ray worker process: the trainable rows of the current run, fetched from the object store once
+_BY_KEY: dict[str, dict[str, list[TokenizedRow]]] = {}
+
+
+def join_with_features(batch: dict[str, np.ndarray], by_key_ref: list) -> dict[str, list]:
+    """Ray Data ``map_batches`` task: a block of feature rows → one training row per record using it.
+
+    A task (not an actor) so each epoch's re-execution reuses warm workers; ``by_key_ref`` boxes the
+    object-store reference so Ray hands it over unresolved and each process fetches it only once.
+    """
+    import ray  # deferred: only this task needs Ray; the rest of the module runs without it (benchmarks)
+
+    ref = by_key_ref[0]
+    by_key = _BY_KEY.get(ref.hex())
+    if by_key is None:
+        _BY_KEY.clear()
+        by_key = _BY_KEY[ref.hex()] = ray.get(ref)
+    cols: dict[str, list] = defaultdict(list)
+    for key, feats in zip(batch["image_key"], batch["features"], strict=True):
+        for sample in by_key.get(str(key), ()):
+            for name, value in training_row(sample, feats).items():
+                cols[name].append(value)
+    return dict(cols)
 
 
 def length_grouped(rows: Iterable[dict], micro_batch_size: int, megabatch: int, seed: int) -> Iterator[list[dict]]:
@@ -129,29 +201,31 @@ def length_grouped(rows: Iterable[dict], micro_batch_size: int, megabatch: int, 
         yield from flush(buf)
 
 
-def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor | int]:
-    """Right-padded ``input_ids/attention_mask/labels`` + the image features of the rows that have one."""
+def collate_tokens(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor | int]:
+    """Right-padded int64 ``input_ids/attention_mask/labels`` and the batch's token counts.
+
+    ``num_tokens`` counts the positions that hold a real token (an image's N patches included),
+    ``num_positions`` all positions the step computes (padding included).
+    """
     width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)  # int64 from here on: the one conversion
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"], dtype=np.int64))
-        labels[i, :n] = torch.as_tensor(np.asarray(r["labels"], dtype=np.int64))
-        mask[i, :n] = 1
-    feats = [torch.as_tensor(np.asarray(r["features"])) for r in rows
-             if r["has_image"] and r.get("features") is not None]
-    # rows may carry raw image bytes instead (the frozen tower then runs in the loop: benchmarks only)
-    images = [r["image_bytes"] for r in rows if r.get("image_bytes") is not None]
-    padded_tokens = int(sum(r["length"] for r in rows))
-    max_len = max(r["length"] for r in rows)
+        ids[i, :n], labels[i, :n], mask[i, :n] = r["input_ids"], r["labels"], 1
+    lengths = [int(r["length"]) for r in rows]
     return {
-        "input_ids": ids,  # [B, T]
-        "attention_mask": mask,  # [B, T]
-        "labels": labels,  # [B, T]
-        "image_features": torch.stack(feats) if feats else None,  # [M, N, Dv]
-        "images": images,
-        "num_tokens": padded_tokens,
-        "num_padded": max_len * len(rows),
+        "input_ids": torch.from_numpy(ids),  # [B, T]
+        "attention_mask": torch.from_numpy(mask),  # [B, T]
+        "labels": torch.from_numpy(labels),  # [B, T]
+        "num_tokens": sum(lengths),
+        "num_positions": max(lengths) * len(rows),
     }
+
+
+def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor | int | None]:
+    """``collate_tokens`` + the image features of the rows that have one."""
+    feats = [np.asarray(r["features"]) for r in rows if r["has_image"]]
+    return {**collate_tokens(rows, pad_token_id),
+            "image_features": torch.from_numpy(np.stack(feats)) if feats else None}  # [M, N, Dv]

@@ -1,7 +1,9 @@
 """Driver side of a training stage: data plan, Ray Train ``TorchTrainer`` × DeepSpeed, MLflow, registry.
 
-``run_training(cfg)`` is what ``jobs/train.py`` and the pipeline call. Rank 0 logs metrics to the MLflow
-run the driver opened; the driver logs the config, the DeepSpeed config and the model folder, and after
+``run_training(cfg)`` is what ``jobs/train.py`` and the pipeline call. The driver tokenizes the records
+once (``vitune.train.data``), puts the trainable rows in the object store for the join with the feature
+shards, and reports what it skipped per reason. Rank 0 logs step metrics to the MLflow run the driver
+opened; the driver logs the config, the DeepSpeed config, the data counts and the model folder, and after
 finetune registers the model.
 """
 
@@ -10,28 +12,42 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
-from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import ray
+import ray.train
+from ray.data import Dataset, FileShuffleConfig
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
-from vitune import storage
-from vitune.config import TrainJobConfig, dump_config, init_ray
-from vitune.tracking import Tracker, resolve_tracking_uri
-from vitune.train.data import DataStats, TokenizeBatch, load_records, training_row
+from vitune import layout, storage
+from vitune.config import TrainJobConfig, connect, dump_config, init_ray
+from vitune.data.tokenizer import load_tokenizer
+from vitune.features.store import FeatureStore
+from vitune.model.folder import TOKENIZER_DIR
+from vitune.tracking import MODEL_FOLDER_TAG, Tracker, resolve_tracking_uri, run_model_folder
+from vitune.train.data import (
+    DataStats,
+    TokenizedRow,
+    by_image_key,
+    check_features,
+    join_with_features,
+    tokenize_records,
+)
 from vitune.train.worker import (
     Plan,
+    Worker,
     deepspeed_config,
     gradient_accumulation,
-    model_folder_uri,
-    output_uri,
-    resolve_init_from,
     run_loop,
 )
 
 log = logging.getLogger(__name__)
+
 
 def expected_fingerprint(cfg: TrainJobConfig) -> dict[str, Any]:
     """The fingerprint fields a config determines without loading the tower (checked against the store)."""
@@ -40,115 +56,50 @@ def expected_fingerprint(cfg: TrainJobConfig) -> dict[str, Any]:
             "image_mode": v.image_mode}
 
 
-# per Ray worker process: the tokenized records of the current run, fetched from the object store once
-_TOKENIZED: dict[str, dict[str, list[dict]]] = {}
+def training_rows(cfg: TrainJobConfig, store: FeatureStore) -> list[TokenizedRow]:
+    """One row per input record, tokenized with the model's tokenizer; a row that cannot train says why."""
+    with tempfile.TemporaryDirectory(prefix="vitune-tok-") as tmp:
+        tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_source(cfg, tmp))
+    rows = tokenize_records(cfg.data.records, cfg.model.template, tokenizer, cfg.model.max_length)
+    return check_features(rows, set(store.keys()))
 
 
-def join_with_records(batch: dict[str, np.ndarray], tokenized: list) -> dict[str, list]:
-    """Ray Data ``map_batches`` task: a block of feature rows → one training row per record using it.
-
-    A task (not an actor) so each epoch's re-execution reuses warm workers; ``tokenized`` boxes the
-    object-store reference so Ray hands it over unresolved and each process fetches it only once.
-    """
-    import ray
-
-    ref = tokenized[0]
-    by_key = _TOKENIZED.get(ref.hex())
-    if by_key is None:
-        _TOKENIZED.clear()
-        by_key = _TOKENIZED[ref.hex()] = ray.get(ref)
-    cols: dict[str, list] = defaultdict(list)
-    for key, feats in zip(batch["image_key"], batch["features"], strict=True):
-        for sample in by_key.get(str(key), ()):
-            for name, value in training_row(sample, feats).items():
-                cols[name].append(value)
-    return dict(cols)
-
-
-def tokenize_with_ray(cfg: TrainJobConfig, stats: DataStats) -> tuple[dict[str, list[dict]], list[dict]]:
-    """Validate + tokenize every record inside Ray Data; returns samples by image key and text-only ones."""
-    import ray
-
-    records = load_records(cfg.data.records, stats)
-    if not records:
-        raise ValueError(f"no valid records in data.records={cfg.data.records}")
-    ds = ray.data.from_items([{"record": json.dumps(r.to_json())} for r in records])
-    ds = ds.map_batches(TokenizeBatch, batch_size=256, concurrency=1, fn_constructor_kwargs={
-        "template": cfg.model.template, "tokenizer_name": cfg.model.tokenizer or _tokenizer_source(cfg),
-        "max_length": cfg.model.max_length})
-    by_key: dict[str, list[dict]] = defaultdict(list)
-    text_only: list[dict] = []
-    n_ok = 0
-    for row in ds.iter_rows():
-        n_ok += 1
-        stats.truncated += bool(row["truncated"])
-        sample = {"input_ids": np.asarray(row["input_ids"], dtype=np.int32),
-                  "labels": np.asarray(row["labels"], dtype=np.int32)}
-        (by_key[row["image_key"]] if row["image_key"] else text_only).append(sample)
-    if len(records) > n_ok:
-        stats.skipped["mask"] += len(records) - n_ok
-    return dict(by_key), text_only
-
-
-def _tokenizer_source(cfg: TrainJobConfig) -> str:
-    """The tokenizer of the initial model folder when starting from one, else the config's."""
+def _tokenizer_source(cfg: TrainJobConfig, tmp: str) -> str:
+    """The tokenizer of the initial model folder when starting from one (downloaded into ``tmp``), else the LM's."""
     if cfg.train.init_from:
         folder = cfg.train.init_from
         local = storage.local_path(folder)
         if local:
-            return str(Path(local) / "tokenizer")
-        tmp = tempfile.mkdtemp(prefix="vitune-tok-")
-        return str(storage.download_dir(storage.join(folder, "tokenizer"), tmp))
+            return str(Path(local) / TOKENIZER_DIR)
+        return str(storage.download_dir(storage.join(folder, TOKENIZER_DIR), tmp))
     return cfg.model.lm
 
 
-def build_dataset(cfg: TrainJobConfig, stats: DataStats):
-    """The joined, streamed training dataset + the feature store it reads."""
-    import ray
-    from ray.data import FileShuffleConfig
-
-    from vitune.features.store import FeatureStore
-
-    if not cfg.data.features:
-        raise ValueError("data.features: no feature store URI (run jobs/extract_features.py first)")
-    store = FeatureStore.open(cfg.data.features, expect_fingerprint=expected_fingerprint(cfg))
-    by_key, text_only = tokenize_with_ray(cfg, stats)
-    keys = set(store.keys())
-    missing = [k for k in by_key if k not in keys]
-    for k in missing:
-        stats.skipped["image_not_in_feature_store"] += len(by_key.pop(k))
-    stats.samples = sum(len(v) for v in by_key.values()) + len(text_only)
-    if text_only:
-        log.warning("%d text-only records are not used by this feature-store pipeline yet; counted as skipped",
-                    len(text_only))
-        stats.skipped["text_only"] += len(text_only)
-        stats.samples -= len(text_only)
+def build_dataset(cfg: TrainJobConfig, store: FeatureStore, rows: list[TokenizedRow], samples: int) -> Dataset:
+    """The feature shards streamed and joined to the trainable ``rows`` (which cross Ray once, here)."""
     # a new file order every epoch (reseeded per execution); rows then shuffle in a local buffer
     ds = store.to_ray_dataset(shuffle=FileShuffleConfig(seed=cfg.train.seed))
     # light tasks (half a CPU): they must fit beside the training workers, whose CPUs Ray Data excludes
-    ds = ds.map_batches(join_with_records, batch_size=64, batch_format="numpy", num_cpus=0.5,
-                        fn_kwargs={"tokenized": [ray.put(by_key)]})
-    joined_mb = stats.samples * store.num_patches * store.hidden_size * 2 / 2**20
+    ds = ds.map_batches(join_with_features, batch_size=64, batch_format="numpy", num_cpus=0.5,
+                        fn_kwargs={"by_key_ref": [ray.put(by_image_key(rows))]})
+    joined_mb = samples * store.num_patches * store.hidden_size * 2 / 2**20
     if joined_mb <= cfg.train.materialize_below_mb:
         # small enough to keep in the object store: epochs then skip re-reading and re-joining, and the
         # per-epoch shuffle happens in each worker's local buffer
         log.info("materialising the joined training data (%.1f MiB of features)", joined_mb)
         ds = ds.materialize()
-    return ds, store
+    return ds
 
 
 def _ray_train_loop(config: dict) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
+    """Ray Train's per-worker entry: this rank's shard of the joined rows through ``run_loop``."""
     cfg = TrainJobConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    plan = Plan(**config["plan"])
     shard = ray.train.get_dataset_shard("train")
 
-    def epoch_rows(epoch: int):
+    def epoch_rows(epoch: int) -> Iterator[dict]:
         for batch in shard.iter_batches(batch_size=64, batch_format="numpy", local_shuffle_buffer_size=256,
                                         local_shuffle_seed=cfg.train.seed + 97 * epoch + rank):
             n = len(batch["length"])
@@ -167,21 +118,24 @@ def _ray_train_loop(config: dict) -> None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("step",)}, step=int(metrics["step"]))
         log.info("step %d: %s", metrics["step"], {k: round(v, 4) for k, v in metrics.items()})
 
-    restore = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            local = Path(tempfile.mkdtemp(prefix="vitune-restore-"))
-            import shutil
+    restore = _restored_checkpoint()
+    worker = Worker(cfg, Plan(**config["plan"]), rank, world, config["feature_dim"])
+    run_loop(worker, epoch_rows, report, restore, config["fingerprint"], on_metrics)
 
-            shutil.copytree(d, local, dirs_exist_ok=True)
-            restore = local
-    run_loop(cfg, plan, rank, world, epoch_rows, report, restore, config["feature_dim"], config["fingerprint"],
-             on_metrics)
+
+def _restored_checkpoint() -> Path | None:
+    """A local copy of the checkpoint Ray Train restarts this run from (None on a fresh start)."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    local = Path(tempfile.mkdtemp(prefix="vitune-restore-"))
+    with ckpt.as_directory() as d:
+        shutil.copytree(d, local, dirs_exist_ok=True)
+    return local
 
 
 def _ray_storage(cfg: TrainJobConfig) -> tuple[str, Any]:
-    base = storage.join(output_uri(cfg), "ray")
+    base = layout.train_checkpoints(cfg)
     fs, path = storage.resolve(base)
     if storage.is_remote(base):
         return path, fs
@@ -191,18 +145,19 @@ def _ray_storage(cfg: TrainJobConfig) -> tuple[str, Any]:
 
 def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Run one stage end to end; returns a summary (model folder URI, MLflow run id, metrics, data stats)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    if cfg.storage.s3_endpoint_url:
-        storage.configure_s3(cfg.storage.s3_endpoint_url)
+    connect(cfg)
     if cfg.train.init_from:  # workers get a plain folder URI (runs:/ resolved here, against our tracking)
-        folder = resolve_init_from(cfg.train.init_from, resolve_tracking_uri(cfg.tracking, cfg.storage.root))
+        folder = run_model_folder(cfg.train.init_from, resolve_tracking_uri(cfg.tracking, cfg.storage.root))
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": folder})})
     init_ray(cfg.ray)
     world = cfg.train.num_workers
-    stats = DataStats()
-    ds, store = build_dataset(cfg, stats)
+    store = FeatureStore.open(layout.features_input(cfg), expect_fingerprint=expected_fingerprint(cfg))
+    rows = training_rows(cfg, store)
+    stats = DataStats.of(rows)
+    if not stats.samples:
+        raise ValueError(f"no trainable records in data.records={cfg.data.records}: skipped {dict(stats.skipped)}")
+    ds = build_dataset(cfg, store, rows, stats.samples)
+    del rows  # the trainable ones live in the object store now
     accum = gradient_accumulation(cfg, world)
     plan = Plan(stats.samples, world, cfg.train.micro_batch_size, accum, cfg.train.epochs, cfg.train.max_steps)
     if plan.total_steps < 1:
@@ -211,39 +166,15 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     log.info("stage %s: %d samples (%s), %d workers, accum %d, %d steps/epoch, %d steps",
              cfg.stage, stats.samples, stats.as_dict(), world, accum, plan.steps_per_epoch, plan.total_steps)
 
-    tracker = Tracker(cfg.tracking, cfg.storage.root, run_name=f"{cfg.stage}", parent_run_id=parent_run_id,
-                      tags={"vitune.stage": cfg.stage})
-    tracker.log_params(cfg.model_dump(mode="json"))
-    tracker.log_params({"data_stats": stats.as_dict(), "plan": {"total_steps": plan.total_steps, "accum": accum}})
-    tracker.log_text(dump_config(cfg), "config/resolved.yaml")
-    tracker.log_text(json.dumps(deepspeed_config(cfg, world), indent=2), "config/deepspeed.json")
-    storage.write_text(storage.join(output_uri(cfg), "config.yaml"), dump_config(cfg))
-
-    path, fs = _ray_storage(cfg)
-    trainer = TorchTrainer(
-        _ray_train_loop,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
-            "plan": plan.__dict__,
-            "run_id": tracker.run_id,
-            "feature_dim": store.feature_dim,
-            "fingerprint": store.fingerprint,
-        },
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(name=f"vitune-{cfg.stage}", storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
-        datasets={"train": ds},
-    )
+    tracker = _start_run(cfg, stats, plan, parent_run_id)
     try:
-        result = trainer.fit()
+        result = _trainer(cfg, ds, store, plan, tracker.run_id).fit()
     except Exception:
         tracker.finish("FAILED")
         raise
-    folder = model_folder_uri(cfg)
+    folder = layout.model_folder(cfg)
     metrics = dict(result.metrics or {})
-    tracker.set_tags({"vitune.model.folder": folder})
+    tracker.set_tags({MODEL_FOLDER_TAG: folder})
     _log_model_folder(tracker, folder)
     version = None
     if cfg.stage == "finetune" and cfg.tracking.registered_model and tracker.active:
@@ -252,8 +183,41 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     summary = {"stage": cfg.stage, "model_folder": folder, "run_id": tracker.run_id, "metrics": metrics,
                "data": stats.as_dict(), "total_steps": plan.total_steps, "registered_version": version,
                "tracking_uri": tracker.uri}
-    storage.write_json(storage.join(output_uri(cfg), "summary.json"), summary)
+    storage.write_json(layout.train_summary(cfg), summary)
     return summary
+
+
+def _start_run(cfg: TrainJobConfig, stats: DataStats, plan: Plan, parent_run_id: str | None) -> Tracker:
+    """The stage's MLflow run with the config, the plan and the data counts (``skipped_<reason>``) logged."""
+    tracker = Tracker(cfg.tracking, cfg.storage.root, run_name=f"{cfg.stage}", parent_run_id=parent_run_id,
+                      tags={"vitune.stage": cfg.stage})
+    tracker.log_params(cfg.model_dump(mode="json"))
+    tracker.log_params({"plan": {"total_steps": plan.total_steps, "accum": plan.accum}})
+    tracker.log_metrics(stats.metrics(), step=0)
+    tracker.log_text(dump_config(cfg), "config/resolved.yaml")
+    tracker.log_text(json.dumps(deepspeed_config(cfg, plan.world_size), indent=2), "config/deepspeed.json")
+    storage.write_text(layout.train_config(cfg), dump_config(cfg))
+    return tracker
+
+
+def _trainer(cfg: TrainJobConfig, ds: Dataset, store: FeatureStore, plan: Plan, run_id: str | None) -> TorchTrainer:
+    path, fs = _ray_storage(cfg)
+    return TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "plan": plan.__dict__,
+            "run_id": run_id,
+            "feature_dim": store.feature_dim,
+            "fingerprint": store.fingerprint,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(name=f"vitune-{cfg.stage}", storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        datasets={"train": ds},
+    )
 
 
 def _log_model_folder(tracker: Tracker, folder: str) -> None:

@@ -1,8 +1,9 @@
 """The per-worker training loop: DeepSpeed ZeRO over the VLM, fed micro-batches of features + tokens.
 
-It runs under Ray Train (``ray_train_loop``) or without Ray (``run_single_process``, for timing on a
-machine that has no Ray); the loop itself only needs ``torch.distributed`` and an iterable of rows.
-Stage is data: ``freeze_for_stage`` decides what trains, the config decides the rest.
+The driver runs ``run_loop`` on every Ray Train worker; the loop itself only needs ``torch.distributed``
+and, per epoch, an iterable of training rows (``vitune.train.data.training_row``), so it also runs in one
+plain process (``benchmarks/train_step.py``). Stage is data: ``freeze_for_stage`` decides what trains,
+the config decides the rest.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -20,8 +20,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM
 
+from vitune import layout
 from vitune.config import TrainJobConfig
+from vitune.data.tokenizer import load_tokenizer
+from vitune.model.folder import load_model_folder, save_model_folder
+from vitune.model.vlm import build_model
+from vitune.tracking import run_model_folder
 from vitune.train.data import collate, length_grouped
 
 log = logging.getLogger(__name__)
@@ -125,19 +131,14 @@ def peak_flops() -> float | None:
 class Worker:
     """One data-parallel rank: the model under DeepSpeed, the step, checkpoints and the model folder."""
 
-    def __init__(self, cfg: TrainJobConfig, plan: Plan, rank: int, world_size: int, feature_dim: int,
-                 image_encoder: Callable[[list[bytes]], torch.Tensor] | None = None):
-        import deepspeed
-
-        from vitune.data.tokenizer import load_tokenizer
-        from vitune.model.vlm import build_model
+    def __init__(self, cfg: TrainJobConfig, plan: Plan, rank: int, world_size: int, feature_dim: int):
+        import deepspeed  # deferred: slow to import and probes accelerators; only training processes need it
 
         self.cfg, self.plan, self.rank, self.world = cfg, plan, rank, world_size
         self.feature_dim = feature_dim
-        self.image_encoder = image_encoder  # set only to time the tower-in-the-loop baseline
         torch.manual_seed(cfg.train.seed)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.train.use_gpu else torch.device("cpu")
-        self.tokenizer, self.model, self.init_meta = self._build(build_model, load_tokenizer)
+        self.tokenizer, self.model, self.init_meta = self._build()
         self.trainable = self.model.freeze_for_stage(cfg.stage)
         if cfg.train.gradient_checkpointing:
             self.model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -154,12 +155,10 @@ class Worker:
         self.epoch = 0
         self.micro_in_epoch = 0
 
-    def _build(self, build_model, load_tokenizer):
+    def _build(self) -> tuple[Any, torch.nn.Module, dict | None]:
         cfg = self.cfg
         if cfg.train.init_from:
-            from vitune.model.folder import load_model_folder
-
-            model, tokenizer, meta = load_model_folder(resolve_init_from(cfg.train.init_from))
+            model, tokenizer, meta = load_model_folder(run_model_folder(cfg.train.init_from))
             log.info("initialised from %s (stage %s)", cfg.train.init_from, meta.get("extra", {}).get("stage"))
             return tokenizer, model.to(self.device).train(), meta
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.lm)
@@ -181,17 +180,34 @@ class Worker:
         log.info("resumed at step %d (epoch %d, micro-batch %d)", self.step, self.epoch, self.micro_in_epoch)
 
     # --- the loop ------------------------------------------------------------------------------------
+    def collate(self, rows: list[dict]) -> dict:
+        """One micro-batch of training rows as the step takes it."""
+        return collate(rows, self.model.pad_token_id)
+
     def micro_batches(self, rows: Iterable[dict]) -> Iterator[dict]:
         t = self.cfg.train
         seed = t.seed * 1000 + self.epoch * 10 + self.rank
         for group in length_grouped(rows, t.micro_batch_size, megabatch=max(4, self.plan.accum), seed=seed):
-            yield collate(group, self.model.pad_token_id)
+            yield self.collate(group)
+
+    def micro_step(self, batch: dict) -> float:
+        """Forward and backward of one micro-batch; DeepSpeed steps the optimizer at the accumulation boundary."""
+        feats = batch["image_features"]
+        out = self.engine(
+            input_ids=batch["input_ids"].to(self.device),
+            attention_mask=batch["attention_mask"].to(self.device),
+            labels=batch["labels"].to(self.device),
+            image_features=None if feats is None else feats.to(self.device),
+        )
+        self.engine.backward(out.loss)
+        self.engine.step()
+        return float(out.loss.detach())
 
     def train_epoch(self, rows: Iterable[dict], on_step: Callable[[dict], None]) -> None:
         """One epoch over this rank's rows; skips the micro-batches a resumed run already consumed."""
         plan, accum = self.plan, self.plan.accum
         per_epoch = plan.steps_per_epoch * accum
-        stats = {"loss": 0.0, "tokens": 0, "padded": 0, "samples": 0, "wait": 0.0}
+        stats = {"loss": 0.0, "tokens": 0, "positions": 0, "samples": 0, "wait": 0.0}
         t_step = time.perf_counter()
         it = self.micro_batches(rows)
         index = 0
@@ -207,22 +223,11 @@ class Worker:
             if index < self.micro_in_epoch:  # consumed before the restart
                 index += 1
                 continue
-            feats = batch["image_features"]
-            if batch["images"] and self.image_encoder is not None:
-                feats = self.image_encoder(batch["images"])
-            out = self.engine(
-                input_ids=batch["input_ids"].to(self.device),
-                attention_mask=batch["attention_mask"].to(self.device),
-                labels=batch["labels"].to(self.device),
-                image_features=None if feats is None else feats.to(self.device),
-            )
-            self.engine.backward(out.loss)
-            self.engine.step()
+            stats["loss"] += self.micro_step(batch)
             index += 1
             self.micro_in_epoch = index
-            stats["loss"] += float(out.loss.detach())
             stats["tokens"] += batch["num_tokens"]
-            stats["padded"] += batch["num_padded"]
+            stats["positions"] += batch["num_positions"]
             stats["samples"] += batch["input_ids"].shape[0]
             if index % accum == 0:
                 self.step += 1
@@ -236,11 +241,11 @@ class Worker:
         self.micro_in_epoch = 0
 
     def _metrics(self, stats: dict, elapsed: float) -> dict[str, float]:
-        totals = torch.tensor([stats["loss"] / self.plan.accum, stats["tokens"], stats["samples"], stats["padded"],
-                               stats["wait"]], dtype=torch.float64)
+        totals = torch.tensor([stats["loss"] / self.plan.accum, stats["tokens"], stats["samples"],
+                               stats["positions"], stats["wait"]], dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(totals)
-        loss, tokens, samples, padded, wait = totals.tolist()
+        loss, tokens, samples, positions, wait = totals.tolist()
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             "loss": loss / self.world,
@@ -249,7 +254,7 @@ class Worker:
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens / elapsed,
             "data_wait_share": (wait / self.world) / elapsed,
-            "padding_share": 1.0 - tokens / max(padded, 1),
+            "padding_share": 1.0 - tokens / max(positions, 1),
             "step": self.step,
             "epoch": self.epoch,
         }
@@ -267,16 +272,13 @@ class Worker:
             return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
         if self.cfg.train.zero_stage == 3:
-            import deepspeed
+            import deepspeed  # deferred, as in __init__
 
             with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
                 return snapshot()
         return snapshot()
 
     def save_model_folder(self, uri: str, fingerprint: dict) -> None:
-        from vitune.model.folder import save_model_folder
-        from vitune.model.vlm import build_model
-
         state = self.gathered_state()
         if self.rank != 0:
             return
@@ -295,32 +297,17 @@ class Worker:
 
 def _lm_copy(lm: torch.nn.Module) -> torch.nn.Module:
     """A fresh, unpartitioned LM of the same architecture (weights are loaded from the gathered state)."""
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_config(lm.config)
 
 
-def resolve_init_from(ref: str, tracking_uri: str | None = None) -> str:
-    """A model-folder URI, or ``runs:/<run_id>`` → the folder that MLflow run wrote (local paths absolute)."""
-    from vitune import storage
+def run_loop(worker: Worker, epoch_rows: Callable[[int], Iterable[dict]], report: Callable[[dict, Path | None], None],
+             restore: Path | None, fingerprint: dict, on_metrics: Callable[[dict], None] | None = None) -> dict:
+    """The whole run of one worker: epochs of ``epoch_rows(epoch)``, checkpoints, then the model folder.
 
-    if ref.startswith("runs:/"):
-        from mlflow.tracking import MlflowClient
-
-        run = MlflowClient(tracking_uri).get_run(ref[len("runs:/"):].strip("/").split("/")[0])
-        folder = run.data.tags.get("vitune.model.folder")
-        if not folder:
-            raise ValueError(f"MLflow run {ref} has no vitune.model.folder tag (is it a vitune training run?)")
-        return storage.absolute(folder)
-    return storage.absolute(ref)
-
-
-def run_loop(cfg: TrainJobConfig, plan: Plan, rank: int, world: int, epoch_rows: Callable[[int], Iterable[dict]],
-             report: Callable[[dict, Path | None], None], restore: Path | None, feature_dim: int,
-             fingerprint: dict, on_metrics: Callable[[dict], None] | None = None,
-             image_encoder: Callable[[list[bytes]], torch.Tensor] | None = None) -> dict:
-    """The whole per-worker run. ``report(metrics, checkpoint_dir)`` is Ray Train's report (or a local one)."""
-    worker = Worker(cfg, plan, rank, world, feature_dim, image_encoder)
+    ``report(metrics, checkpoint_dir)`` is Ray Train's report (or a local one); ``restore`` a checkpoint
+    folder to resume from.
+    """
+    cfg, plan, rank, world = worker.cfg, worker.plan, worker.rank, worker.world
     resumed_from = None
     if restore is not None:
         worker.load_checkpoint(restore)
@@ -342,48 +329,9 @@ def run_loop(cfg: TrainJobConfig, plan: Plan, rank: int, world: int, epoch_rows:
 
     while worker.step < plan.total_steps:
         worker.train_epoch(epoch_rows(worker.epoch), on_step)
-    out_uri = model_folder_uri(cfg)
-    worker.save_model_folder(out_uri, fingerprint)
+    worker.save_model_folder(layout.model_folder(cfg), fingerprint)
     final = dict(last, step=worker.step, resumed_from=resumed_from if resumed_from is not None else -1)
     with tempfile.TemporaryDirectory(prefix="vitune-ckpt-") as d:
         worker.save_checkpoint(Path(d))
         report(final, Path(d))
     return final
-
-
-def output_uri(cfg: TrainJobConfig) -> str:
-    from vitune import storage
-
-    return cfg.train.output or storage.join(cfg.storage.root, "train", cfg.stage)
-
-
-def model_folder_uri(cfg: TrainJobConfig) -> str:
-    from vitune import storage
-
-    return storage.join(output_uri(cfg), "model")
-
-
-def run_single_process(cfg: TrainJobConfig, rows: list[dict], feature_dim: int, fingerprint: dict,
-                       on_metrics: Callable[[dict], None] | None = None,
-                       image_encoder: Callable[[list[bytes]], torch.Tensor] | None = None) -> dict:
-    """The same loop without Ray: one process (or each torchrun rank, with its slice of ``rows``)."""
-    os.environ.setdefault("LOCAL_RANK", "0")
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("nccl" if cfg.train.use_gpu else "gloo",
-                                rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = rows[rank::world][: len(rows) // world]
-    plan = Plan(len(mine) * world, world, cfg.train.micro_batch_size, gradient_accumulation(cfg, world),
-                cfg.train.epochs, cfg.train.max_steps)
-
-    def epoch_rows(epoch: int) -> Iterable[dict]:
-        import random
-
-        order = list(mine)
-        random.Random(cfg.train.seed + epoch).shuffle(order)
-        return order
-
-    return run_loop(cfg, plan, rank, world, epoch_rows, lambda m, c: None, None, feature_dim, fingerprint, on_metrics,
-                    image_encoder)

@@ -1,0 +1,108 @@
+"""TextVQA (val): reading text in images, prompted with reference OCR tokens as LLaVA-1.5 does, VQA accuracy.
+
+Layout under ``eval.data`` (LLaVA's ``eval.zip`` + the TextVQA release; each name can be replaced by config):
+``llava_textvqa_val_v051_ocr.jsonl`` (``eval.questions``: ``{question_id (= the image id), image, text}``),
+``TextVQA_0.5.1_val.json`` (``eval.references``: ``{"data": [{image_id, question, answers (10)}]}``) and
+``train_images/`` (``eval.images``).
+
+LLaVA-1.5's prompt (``build_prompt``): the question, ``Reference OCR token: `` with the image's OCR tokens
+joined by ", " (empty when there are none), then "Answer the question using a single word or phrase.", one
+per line. As LLaVA's ``eval_textvqa.py`` does, an answer is matched to its annotation on (image id, question
+in lower case), the question read back from the prompt; the score is the VQA accuracy with the standard
+answer normalisation (``vqa_normalize``), averaged over questions. A question without an answer scores 0
+and is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from vitune import storage
+from vitune.config import EvalJobConfig
+from vitune.evaluation import llava_format as fmt_io
+from vitune.evaluation.tables import fmt, numbers, table
+from vitune.evaluation.vqa_normalize import normalize_vqa_answer, vqa_accuracy
+
+log = logging.getLogger(__name__)
+
+QUESTIONS_FILE = "llava_textvqa_val_v051_ocr.jsonl"
+ANNOTATIONS_FILE = "TextVQA_0.5.1_val.json"
+IMAGES_DIR = "train_images"
+OCR_LINE = "Reference OCR token: "
+_OCR_PROMPT_QUESTION = re.compile(r"Question: (.*?) Short answer:", re.DOTALL)
+
+
+def build_prompt(question: str, ocr_tokens: Sequence[str]) -> str:
+    """LLaVA-1.5's TextVQA prompt for a question and its image's OCR tokens."""
+    return f"{question}\n{OCR_LINE}{', '.join(ocr_tokens)}\n{fmt_io.SHORT_ANSWER_PROMPT}"
+
+
+def question_of(prompt: str) -> str:
+    """The question inside a prompt, in lower case, by the rules of LLaVA's ``eval_textvqa.py``."""
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        m = _OCR_PROMPT_QUESTION.search(prompt)
+        if m is None:
+            raise ValueError(f"TextVQA prompt has no 'Question: ... Short answer:' part: {prompt!r}")
+        question = m.group(1)
+    elif OCR_LINE in prompt and len(lines) == 3:
+        question = lines[1] if prompt.startswith(OCR_LINE.strip()) else lines[0]
+    elif len(lines) == 2:
+        question = lines[0]
+    else:
+        raise ValueError(f"cannot find the question in TextVQA prompt {prompt!r}")
+    return question.lower()
+
+
+def read_annotations(uri: str) -> dict[tuple[str, str], list[str]]:
+    """``(image id, question in lower case) → the human answers``."""
+    data = storage.read_json(uri)
+    rows = data["data"] if isinstance(data, dict) else data
+    return {(str(a["image_id"]), str(a["question"]).lower()): [str(x) for x in a["answers"]] for a in rows}
+
+
+def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str, Any]],
+          annotations: Mapping[tuple[str, str], Sequence[str]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Mean VQA accuracy (percent); a question with no annotation raises, one with no answer scores 0."""
+    texts = fmt_io.match_answers(questions, answers)
+    rows = []
+    for q, text in zip(questions, texts, strict=True):
+        key = (str(q["question_id"]), question_of(str(q["text"])))
+        if key not in annotations:
+            raise ValueError(f"TextVQA question {key} has no annotation")
+        humans = annotations[key]
+        acc = vqa_accuracy(text, humans) if text is not None else 0.0
+        rows.append({"question_id": q["question_id"], "question": key[1], "accuracy": acc, "text": text,
+                     "normalized": normalize_vqa_answer(text) if text is not None else None})
+    missing = sum(t is None for t in texts)
+    total = sum(r["accuracy"] for r in rows)
+    return {"n": len(rows), "missing": missing, "accuracy": fmt_io.pct(total, len(rows))}, rows
+
+
+def run_textvqa(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn) -> dict[str, Any]:
+    """Questions (with OCR tokens) and annotations from ``eval.data`` → answers → VQA accuracy."""
+    ev = cfg.eval
+    if not ev.data:
+        raise ValueError("eval.data: the TextVQA folder (llava_textvqa_val_v051_ocr.jsonl, "
+                         "TextVQA_0.5.1_val.json, train_images/) is required")
+    questions = fmt_io.read_questions(fmt_io.resolve(ev.data, ev.questions, QUESTIONS_FILE), ev.limit)
+    annotations = read_annotations(fmt_io.resolve(ev.data, ev.references, ANNOTATIONS_FILE))
+    images = ev.images or storage.join(ev.data, IMAGES_DIR)
+    answers, inference = fmt_io.collect_answers(cfg, questions, images, out, answer_fn)
+    result, rows = score(questions, answers, annotations)
+    fmt_io.write_results(out, rows)
+    log.info("TextVQA: accuracy %s over %d questions", result["accuracy"], result["n"])
+    return {"result": result, "inference": inference}
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    rows = [["VQA accuracy, %", fmt(result["accuracy"])], ["questions", str(result["n"])],
+            ["without an answer (scored 0)", str(result["missing"])]]
+    return f"## TextVQA (val, with reference OCR tokens)\n\n{table(['', ''], rows)}\n"
+
+
+def metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    return numbers({"accuracy": result["accuracy"], "missing": result["missing"]})

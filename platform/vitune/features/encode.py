@@ -1,0 +1,244 @@
+"""The feature job's Ray Data stages: image bytes → preprocessed pixels (CPU tasks) → tower features (actors).
+
+``run_shards`` streams one dataset row per shard through
+
+    load_shard (tasks)  read bytes → ``image.decode_image`` → the tower's preprocessing, on CPUs in parallel
+                        with the actors; a bad image becomes an error row with its reason, never an exception
+    EncodeShard (actor pool, one per GPU or sized to CPUs; ``pool_size``)
+                        the tower loaded once, micro-batches under inference mode → fp16 → writes the
+                        shard's errors file, then its Parquet file in one atomic write (the commit)
+
+and returns one result row per shard (counts, bytes, timings) for the manifest. ``vitune.features.extract``
+plans the shards and writes the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from PIL import Image
+
+from vitune import storage
+from vitune.config import FeaturesJobConfig, VisionConfig
+from vitune.features.store import errors_name, shard_name, shard_table, write_shard
+from vitune.model import image as image_lib
+from vitune.model.vision import fingerprint_id, load_vision_tower
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The tower's preprocessing without its weights, for CPU tasks: ``VisionTower.preprocess`` exactly."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_mode: str
+
+    @classmethod
+    def from_tower(cls, tower: Any) -> PreprocessSpec:
+        return cls(tower.image_size, tuple(tower.mean), tuple(tower.std), tower.image_mode)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return image_lib.preprocess(img, self.image_size, self.mean, self.std, self.image_mode)  # [3, S, S]
+
+
+READ_TRIES = 3
+
+
+def _read(fs: Any, path: str) -> bytes:
+    """Read a file; a missing one raises ``FileNotFoundError`` at once, other I/O errors are retried."""
+    for attempt in range(READ_TRIES):
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt == READ_TRIES - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _binary_column(buffers: list[pa.Buffer]) -> pa.LargeBinaryArray:
+    """Buffers → a ``large_binary`` column; a single buffer (one shard per batch, the usual case) is not copied."""
+    offsets = pa.py_buffer(np.cumsum([0, *(b.size for b in buffers)], dtype=np.int64))
+    data = buffers[0] if len(buffers) == 1 else pa.py_buffer(b"".join(buffers))
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(buffers), [None, offsets, data])
+
+
+def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixels: int,
+               s3_endpoint_url: str | None = None) -> pa.Table:
+    """CPU task: one row per shard → its preprocessed pixels ``[n, 3, S, S]`` + quarantined images."""
+    if s3_endpoint_url:
+        storage.configure_s3(s3_endpoint_url)
+    fs, base = storage.resolve(image_root)
+    out: dict[str, list] = {k: [] for k in ("shard", "keys", "pixels", "errors", "bytes_read", "load_s", "pid")}
+    for shard, keys in zip(batch.column("shard").to_pylist(), batch.column("keys").to_pylist(), strict=True):
+        t0 = time.perf_counter()
+        pixels = np.empty((len(keys), 3, spec.image_size, spec.image_size), dtype=np.float32)  # [n, 3, S, S]
+        ok_keys: list[str] = []
+        errors: list[dict[str, str]] = []
+        nbytes = 0
+        for key in keys:
+            try:
+                data = _read(fs, posixpath.join(base, key))
+                nbytes += len(data)
+                pixels[len(ok_keys)] = spec(image_lib.decode_image(data, max_pixels=max_pixels)).numpy()
+            except FileNotFoundError:
+                reason = "missing file"
+            except OSError as exc:
+                reason = f"cannot read file after {READ_TRIES} tries: {exc}"
+            except image_lib.ImageError as exc:
+                reason = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one bad image must never stop the job
+                reason = f"preprocessing failed: {type(exc).__name__}: {exc}"
+            else:
+                ok_keys.append(key)
+                continue
+            errors.append({"image_key": key, "uri": storage.join(image_root, key), "reason": reason})
+        out["shard"].append(shard)
+        out["keys"].append(ok_keys)
+        out["pixels"].append(pa.py_buffer(pixels[:len(ok_keys)]))  # zero-copy into Arrow
+        out["errors"].append(json.dumps(errors))
+        out["bytes_read"].append(nbytes)
+        out["load_s"].append(time.perf_counter() - t0)
+        out["pid"].append(os.getpid())
+    return pa.table({
+        "shard": pa.array(out["shard"], pa.int64()),
+        "keys": pa.array(out["keys"], pa.list_(pa.string())),
+        "pixels": _binary_column(out["pixels"]),
+        "errors": pa.array(out["errors"], pa.string()),
+        "bytes_read": pa.array(out["bytes_read"], pa.int64()),
+        "load_s": pa.array(out["load_s"], pa.float64()),
+        "pid": pa.array(out["pid"], pa.int64()),
+    })
+
+
+class EncodeShard:
+    """Actor: loads the tower once; per shard, encodes its pixels in micro-batches and writes its files."""
+
+    def __init__(self, vision: VisionConfig, output: str, fp_id: str, batch_size: int, threads: int | None,
+                 s3_endpoint_url: str | None = None):
+        if s3_endpoint_url:
+            storage.configure_s3(s3_endpoint_url)
+        if threads:
+            torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tower = load_vision_tower(vision, device=device)
+        if fingerprint_id(self.tower.fingerprint()) != fp_id:
+            raise RuntimeError(f"tower on this worker has fingerprint {self.tower.fingerprint()}, not {fp_id}")
+        self.output, self.fp_id, self.batch_size = output, fp_id, batch_size
+        self._last_done: float | None = None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        wait_s = 0.0 if self._last_done is None else started - self._last_done
+        size, n_p, dim = self.tower.image_size, self.tower.num_patches, self.tower.hidden_size
+        results: list[dict[str, Any]] = []
+        for i, row in enumerate(batch.drop_columns(["pixels"]).to_pylist()):
+            shard, keys, errors = row["shard"], row["keys"], json.loads(row["errors"])
+            pixels = np.frombuffer(batch.column("pixels")[i].as_buffer(), dtype=np.float32)
+            pixels = pixels.reshape(len(keys), 3, size, size)
+            t0 = time.perf_counter()
+            feats = np.empty((len(keys), n_p, dim), dtype=np.float16)  # [n, N, D]
+            for s in range(0, len(keys), self.batch_size):
+                chunk = torch.from_numpy(pixels[s:s + self.batch_size].copy())  # [b, 3, S, S]
+                feats[s:s + self.batch_size] = self.tower.encode(chunk).to(torch.float16).cpu().numpy()
+            t1 = time.perf_counter()
+            errors_file = None
+            if errors:
+                # errors first, the shard last: the shard file is the commit of both
+                errors_file = errors_name(shard)
+                storage.write_jsonl(storage.join(self.output, errors_file), [{**e, "shard": shard} for e in errors])
+            meta = {"shard": shard, "fingerprint_id": self.fp_id, "quarantined": len(errors), "errors": errors_file}
+            nbytes = write_shard(storage.join(self.output, shard_name(shard)), shard_table(keys, feats, meta))
+            results.append({
+                "shard": shard, "rows": len(keys), "quarantined": len(errors), "bytes": nbytes,
+                "bytes_read": row["bytes_read"], "load_s": row["load_s"], "encode_s": t1 - t0,
+                "write_s": time.perf_counter() - t1, "wait_s": wait_s if i == 0 else 0.0,
+                "fused": row["pid"] == os.getpid(),  # preprocessing ran in this actor: Ray Data fused the stages
+                "done_at": time.time(),
+            })
+        self._last_done = time.perf_counter()
+        return pa.Table.from_pylist(results)
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    num_actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    threads: int | None  # torch threads per actor on CPU
+
+
+def pool_size(cfg: FeaturesJobConfig, cluster: dict[str, float], num_shards: int) -> PoolSize:
+    """How many tower actors, and what each reserves; never more actors than shards to compute.
+
+    With GPUs: one actor per GPU. CPU only: the CPUs left after one preprocessing task, ``actor_cpus``
+    each; the actors' torch threads then share out all the CPUs (decoding is light next to the tower, and
+    a core left to it alone would idle most of the time).
+    """
+    feats = cfg.features
+    gpus = int(cluster.get("GPU", 0))
+    if gpus > 0:
+        n = max(1, min(feats.num_actors or gpus, num_shards))
+        return PoolSize(n, 1.0, feats.actor_cpus, None)
+    cpus = cluster.get("CPU", 1)
+    n = feats.num_actors or max(1, int((cpus - feats.preprocess_cpus) // feats.actor_cpus))
+    n = max(1, min(n, num_shards))
+    if n * feats.actor_cpus + feats.preprocess_cpus > cpus:
+        raise ValueError(
+            f"{n} tower actor(s) x features.actor_cpus={feats.actor_cpus} + features.preprocess_cpus="
+            f"{feats.preprocess_cpus} need more than the cluster's {cpus:g} CPUs: preprocessing could never run. "
+            "Lower features.num_actors / actor_cpus / preprocess_cpus"
+        )
+    return PoolSize(n, 0.0, feats.actor_cpus, max(1, int(cpus // n)))
+
+
+def run_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], out: str, fp_id: str,
+               spec: PreprocessSpec, image_root: str) -> tuple[list[dict[str, Any]], PoolSize]:
+    """Compute the ``todo`` shards ``[(index, keys)]`` into the store at ``out``; one result row per shard."""
+    pool = pool_size(cfg, ray.cluster_resources(), len(todo))
+    log.info("computing %d shards: %d tower actor(s) (%s GPU, %s CPU each), preprocessing tasks of %s CPU",
+             len(todo), pool.num_actors, pool.gpus_per_actor, pool.cpus_per_actor, cfg.features.preprocess_cpus)
+    endpoint = cfg.storage.s3_endpoint_url
+    # A preprocessing task holds one shard's float32 pixels (handed to Arrow without a copy). Reserving
+    # that memory is also what keeps Ray Data from fusing this stage into the tower actors, which would
+    # serialise decoding behind the tower; each result row reports whether that happened.
+    shard_pixel_bytes = cfg.features.shard_size * 3 * spec.image_size**2 * 4  # float32 [n, 3, S, S]
+    ds = ray.data.from_items([{"shard": i, "keys": keys} for i, keys in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        load_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.features.preprocess_cpus,
+        memory=shard_pixel_bytes + 512 * 2**20,
+        fn_kwargs={"image_root": image_root, "spec": spec, "max_pixels": cfg.features.max_pixels,
+                   "s3_endpoint_url": endpoint},
+    )
+    ds = ds.map_batches(
+        EncodeShard, batch_size=1, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool.num_actors, max_tasks_in_flight_per_actor=2),
+        num_gpus=pool.gpus_per_actor or None, num_cpus=pool.cpus_per_actor,
+        fn_constructor_kwargs={"vision": cfg.model.vision, "output": out, "fp_id": fp_id,
+                               "batch_size": cfg.features.batch_size, "threads": pool.threads,
+                               "s3_endpoint_url": endpoint},
+    )
+    results = []
+    for row in ds.iter_rows():
+        log.debug("shard %05d: %d features, %d quarantined", row["shard"], row["rows"], row["quarantined"])
+        results.append(row)
+    if any(r["fused"] for r in results):
+        log.warning("Ray Data ran preprocessing inside the tower actors (operators fused): CPU decoding did not "
+                    "overlap the tower; check features.preprocess_cpus / actor_cpus")
+    return results, pool

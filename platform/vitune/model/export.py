@@ -1,0 +1,265 @@
+"""Export a vitune model to the llava-hf layout that transformers, vLLM, SGLang and lmms-eval load.
+
+`export_llava_hf(model_source, out_uri)` takes a model folder URI, `runs:/<run id>` or
+`models:/NAME/VERSION` and writes, to a local folder or `s3://` prefix, what
+`LlavaForConditionalGeneration.from_pretrained(OUT)` and `AutoProcessor.from_pretrained(OUT)` read with no
+vitune installed:
+
+    config.json               LlavaConfig: the LM's text_config, the tower as a CLIPVisionConfig,
+                              vision_feature_layer / vision_feature_select_strategy from the fingerprint
+    model.safetensors         weights (sharded with model.safetensors.index.json when large)
+    tokenizer.json, tokenizer_config.json   the tokenizer, `<image>` included
+    chat_template.jinja       renders vitune's prompt for the model's conversation template
+    processor_config.json     LlavaProcessor + its image processor (pad-to-square or crop, per fingerprint)
+    preprocessor_config.json  the image processor alone (what older loaders read)
+    generation_config.json    BOS, pad and the stop tokens vitune's engine stops on
+    vitune_export.json        what vitune needs to import the folder back bit for bit (fingerprint, config)
+
+`vitune_export.json` also names the config overrides vLLM needs (`vllm_hf_overrides`: the `linear`
+projector's identity activation has another name there). The mapping itself lives in
+`vitune.model.llava_hf`. transformers picks its torchvision image backend
+when torchvision is installed; its bicubic resize differs from PIL's by up to one intensity level. vitune
+resizes with PIL, so `AutoProcessor.from_pretrained(OUT, backend="pil")` gives vitune's pixels exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from vitune import IMAGE_TOKEN, __version__, storage
+from vitune.config import MODELS_SCHEME, VisionConfig
+from vitune.data.chat_jinja import chat_template_jinja
+from vitune.features.store import fingerprint_diffs
+from vitune.model import llava_hf
+from vitune.model.folder import load_model_folder
+from vitune.model.vision import VisionTower, load_vision_tower
+from vitune.model.vlm import VisionLanguageModel
+from vitune.tracking import resolve_model_source, run_model_folder
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("llava-hf",)
+EXPORT_META = "vitune_export.json"
+EXPORT_FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# What vLLM's Llava loader reads from a model folder (besides the weights): the config, the tokenizer, the
+# processor configs, the chat template and the generation defaults.
+VLLM_READS = ("config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json",
+              "preprocessor_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def resolve_model_folder(model_source: str, download_dir: str, tracking_uri: str | None = None) -> str:
+    """A model-folder URI for a folder URI, `runs:/<run id>` or `models:/NAME/VERSION` (downloaded)."""
+    if model_source.startswith(MODELS_SCHEME):
+        return resolve_model_source(model_source, download_dir, tracking_uri)
+    return run_model_folder(model_source, tracking_uri)
+
+
+def _tower_for(meta: dict[str, Any]) -> VisionTower:
+    """The folder's tower, checked to give the features the model was trained on."""
+    tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]))
+    if not meta.get("fingerprint"):
+        raise ValueError("the model folder records no feature fingerprint; cannot tell which features it needs")
+    diffs = fingerprint_diffs(meta["fingerprint"], tower.fingerprint())
+    if diffs:
+        detail = "; ".join(f"{field}: trained on {want!r}, tower gives {have!r}" for field, want, have in diffs)
+        raise ValueError(f"the model was trained on other features than its tower gives: {detail}")
+    return tower
+
+
+def llava_config(model: VisionLanguageModel, tower: VisionTower, meta: dict[str, Any], act: str,
+                 dtype: torch.dtype) -> dict[str, Any]:
+    """The `config.json` of the export (validated by building transformers' `LlavaConfig`)."""
+    from transformers import CLIPVisionConfig, LlavaConfig  # deferred: only exporting needs them
+
+    fingerprint = meta["fingerprint"]
+    text_config = copy.deepcopy(model.lm.config)
+    text_config.architectures = [type(model.lm).__name__]  # vLLM builds the LM from this name
+    text_config.dtype = dtype
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**llava_hf.clip_vision_config(tower.visual)),
+        text_config=text_config,
+        image_token_index=meta["image_token_id"],
+        image_seq_length=fingerprint["num_patches"],
+        projector_hidden_act=act,
+        multimodal_projector_bias=True,
+        vision_feature_layer=fingerprint["feature_layer"],
+        vision_feature_select_strategy=llava_hf.SELECT_STRATEGY[fingerprint["select"]],
+        tie_word_embeddings=bool(getattr(model.lm.config, "tie_word_embeddings", False)),
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.dtype = dtype
+    out = config.to_diff_dict()  # what save_pretrained writes: the values that differ from the defaults
+    for part in (out, out.get("text_config", {}), out.get("vision_config", {})):
+        part.pop("_name_or_path", None)  # where the LM was read from this time; not a fact of the model
+    # spelled out even where they equal LlavaConfig's defaults: other loaders may default differently
+    for key in ("image_token_index", "projector_hidden_act", "multimodal_projector_bias", "vision_feature_layer",
+                "vision_feature_select_strategy"):
+        out[key] = getattr(config, key)
+    return out
+
+
+def llava_tensors(model: VisionLanguageModel, tower: VisionTower, projector_name: str,
+                  dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]]:
+    """`(projector_hidden_act, all weights under llava-hf names)` in `dtype`, each tensor its own storage."""
+    width = model.lm.get_input_embeddings().embedding_dim
+    act, projector = llava_hf.projector_tensors(model.projector, projector_name, width, dtype)
+    parts = {**llava_hf.lm_tensors(model.lm), **llava_hf.tower_tensors(tower.visual), **projector}
+    out, seen = {}, set()
+    for name in sorted(parts):
+        tensor = parts[name].detach().to(device="cpu", dtype=dtype).contiguous()
+        storage_ptr = tensor.untyped_storage().data_ptr()
+        if storage_ptr in seen:  # q/k/v are views of one in-projection; safetensors wants separate storage
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return act, out
+
+
+def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
+    """Write `tensors` as one safetensors file, or shards + an index when over `max_shard_bytes`."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS_FILE), metadata=metadata)
+        return [WEIGHTS_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, str(folder / name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [*names, WEIGHTS_INDEX]
+
+
+def _write_processor(folder: Path, tokenizer: Any, tower: VisionTower, meta: dict[str, Any], jinja: str) -> None:
+    """Tokenizer, chat template, processor and image processor configs."""
+    from transformers import LlavaProcessor  # deferred: only exporting needs them
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = jinja
+    image_processor = LlavaImageProcessorPil(
+        **llava_hf.image_processor_kwargs(meta["fingerprint"], tower.mean, tower.std))
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=tower.patch_size,
+        vision_feature_select_strategy=llava_hf.SELECT_STRATEGY[meta["fingerprint"]["select"]],
+        num_additional_image_tokens=1,  # the CLS token: HF counts it, then drops it under "default"
+        chat_template=jinja,
+        image_token=IMAGE_TOKEN,
+    )
+    processor.save_pretrained(str(folder))
+    image_processor.save_pretrained(str(folder))
+
+
+def _write_generation_config(folder: Path, tokenizer: Any, meta: dict[str, Any]) -> None:
+    from transformers import GenerationConfig  # deferred: only exporting needs it
+
+    stops = list(meta["stop_token_ids"])
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stops[0] if len(stops) == 1 else stops,
+        pad_token_id=meta["pad_token_id"],
+    ).save_pretrained(str(folder))
+
+
+def vllm_hf_overrides(act: str) -> dict[str, Any]:
+    """Config overrides vLLM needs for this export (its `hf_overrides`).
+
+    vLLM's activation registry has no `linear` (transformers' identity); recent vLLM maps the dotted name of
+    torch's `nn.Identity` to the identity, so a `linear` projector serves with this override.
+    """
+    return {"projector_hidden_act": "torch.nn.modules.linear.Identity"} if act == "linear" else {}
+
+
+def export_meta(meta: dict[str, Any], tokenizer: Any, act: str) -> dict[str, Any]:
+    """`vitune_export.json`: the vitune facts an export cannot carry in transformers' files."""
+    return {
+        "vllm_hf_overrides": vllm_hf_overrides(act),
+        "format": "llava-hf",
+        "format_version": EXPORT_FORMAT_VERSION,
+        "vitune_version": __version__,
+        "model": meta["model"],
+        "fingerprint": meta["fingerprint"],
+        "projector": meta["projector"]["name"],
+        "image_token_id": meta["image_token_id"],
+        "pad_token_id": meta["pad_token_id"],
+        "stop_token_ids": list(meta["stop_token_ids"]),
+        # the exported tokenizer carries the Jinja template; the model's own one comes back on import
+        "tokenizer_chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+    }
+
+
+def write_llava_hf(
+    model: VisionLanguageModel,
+    tokenizer: Any,
+    meta: dict[str, Any],
+    tower: VisionTower,
+    folder: Path,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[str]:
+    """Write the llava-hf files of a loaded model into the local `folder`; returns the weight files."""
+    dtype = dtype or model.dtype
+    projector_name = meta["projector"]["name"]
+    jinja = chat_template_jinja(meta["model"]["template"], tokenizer)
+    act, tensors = llava_tensors(model, tower, projector_name, dtype)
+    config = llava_config(model, tower, meta, act, dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    files = write_weights(tensors, folder, max_shard_bytes)
+    _write_processor(folder, tokenizer, tower, meta, jinja)
+    _write_generation_config(folder, tokenizer, meta)
+    (folder / EXPORT_META).write_text(json.dumps(export_meta(meta, tokenizer, act), indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def export_llava_hf(
+    model_source: str,
+    out_uri: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    tracking_uri: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> str:
+    """Export the model at `model_source` (folder URI, `runs:/...`, `models:/...`) to `out_uri`; returns it.
+
+    `dtype` (e.g. "bfloat16") casts every weight; by default the folder's own dtype is kept, which makes
+    the export compute what vitune computes. Raises `llava_hf.NotRepresentable` (a `ValueError`) naming
+    the reason for a model the layout cannot hold exactly (e.g. `mlp3x_gelu`, a non-CLIP tower).
+    """
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with tempfile.TemporaryDirectory(prefix="vitune-export-") as tmp:
+        folder = resolve_model_folder(model_source, str(Path(tmp) / "source"), tracking_uri)
+        model, tokenizer, meta = load_model_folder(folder, dtype=torch_dtype)
+        tower = _tower_for(meta)
+        local = storage.local_path(out_uri)
+        target = Path(local) if local is not None else Path(tmp) / "out"
+        files = write_llava_hf(model, tokenizer, meta, tower, target, torch_dtype, max_shard_bytes)
+        if local is None:
+            storage.upload_dir(target, out_uri)
+    logger.info("exported %s to %s (llava-hf, projector %s, template %s, %s, %d weight file(s))", model_source,
+                out_uri, meta["projector"]["name"], meta["model"]["template"], model.dtype, len(files))
+    return out_uri
