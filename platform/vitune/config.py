@@ -309,7 +309,8 @@ class JudgeConfig(EndpointConfig):
 
 
 class EvalConfig(Section):
-    benchmark: Literal["scienceqa", "llava_bench", "synthetic"] = "scienceqa"
+    benchmark: Literal["scienceqa", "llava_bench", "synthetic",
+                       "pope", "mme", "textvqa", "gqa", "mmbench"] = "scienceqa"
     model_folder: str | None = None  # model folder URI, runs:/<training run id>, or a stage name (its model folder)
     model_run_id: str | None = None  # the training run to link; default: from runs:/ or the model folder
     data: str | None = None  # benchmark root URI (synthetic: the eval.json URI)
@@ -322,11 +323,13 @@ class EvalConfig(Section):
     split: str = "test"
     prompt_format: Literal["CQM-A", "QCM-LEA"] = "CQM-A"  # v1.5's single-letter prompt | the paper's model
     ensemble: bool = False  # ask the judge text-only; where it disagrees with us, let it decide given both
+    extraction: Literal["official", "lenient"] = "official"  # answer letters: eval_science_qa.py's rule | vitune's
+    judge_prompt: Literal["official", "vitune"] = "official"  # LLaVA-Bench: LLaVA's prompt + rule.json | our own
     # LLaVA-Bench: file names under `data` (None = the layout's official names)
     layout: Literal["in_the_wild", "coco"] = "in_the_wild"
-    questions: str | None = None
+    questions: str | None = None  # also: the LLaVA question file (POPE, MME, TextVQA, GQA) or the MMBench TSV
     context: str | None = None
-    references: str | None = None
+    references: str | None = None  # also: ground truth (POPE coco/, MME folder, TextVQA val JSON, GQA questions)
     # generation
     template: str | None = None  # conversation template; default: the model folder's
     max_new_tokens: int = Field(1024, gt=0)

@@ -132,3 +132,9 @@ def judge_cache(judge: JudgeConfig, root: str) -> str | None:
 def mlflow_db(root: str) -> str:
     """The embedded MLflow SQLite file: under a local root, else under ``./runs`` (SQLite needs a local disk)."""
     return os.path.join(storage.local_path(root) or os.path.abspath("./runs"), "mlflow.db")
+
+
+def imported_models(root: str) -> str:
+    """Where ``train.init_from`` checkpoints of other layouts (llava-hf, official LLaVA, mm_projector.bin) are
+    converted to model folders, one sub-folder per source."""
+    return storage.join(root, "imported")

@@ -86,9 +86,11 @@ def run_step(step: str, cfg: Any, parent_run_id: str | None) -> tuple[dict[str, 
         out = run_features(cfg, parent_run_id=parent_run_id)
         return out, out["computed_shards"] == 0
     if step == "eval":
+        # deferred: each step loads only its own stack (Ray Train + DeepSpeed, or the eval actors)
         from vitune.evaluation.run import run_evaluation
 
         return run_evaluation(cfg, parent_run_id=parent_run_id), False
+    # deferred: each step loads only its own stack (Ray Train + DeepSpeed, or the eval actors)
     from vitune.train.driver import run_training
 
     done = _train_done(cfg)

@@ -146,6 +146,7 @@ class RayLimiter:
     @classmethod
     def create(cls, max_concurrency: int, requests_per_second: float | None, burst: float = 1.0,
                lease_ttl_s: float = 600.0) -> RayLimiter:
+        # deferred: these helpers also run where Ray is not started or installed
         import ray
 
         actor_cls = ray.remote(num_cpus=0, max_concurrency=10_000)(_LimiterActor)
@@ -157,6 +158,7 @@ class RayLimiter:
                           lease_ttl_s=endpoint.timeout_s + LEASE_MARGIN_S)
 
     def acquire(self) -> str:
+        # deferred: these helpers also run where Ray is not started or installed
         import ray
 
         return ray.get(self._actor.acquire.remote())
@@ -165,11 +167,13 @@ class RayLimiter:
         self._actor.release.remote(lease)  # fire and forget; a lost release expires with its lease
 
     def stats(self) -> dict[str, int]:
+        # deferred: these helpers also run where Ray is not started or installed
         import ray
 
         return ray.get(self._actor.stats.remote())
 
     def shutdown(self) -> None:
+        # deferred: these helpers also run where Ray is not started or installed
         import ray
 
         ray.kill(self._actor)

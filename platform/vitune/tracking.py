@@ -63,6 +63,7 @@ class Tracker:
         if not self.enabled:
             return
         try:
+            # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
             import mlflow
             from mlflow.tracking import MlflowClient
 
@@ -97,6 +98,7 @@ class Tracker:
         if not self.active:
             return
         try:
+            # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
             from mlflow.entities import Param
 
             flat = _flatten(params)
@@ -110,6 +112,7 @@ class Tracker:
         if not self.active:
             return
         try:
+            # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
             from mlflow.entities import Metric
 
             ts = int(time.time() * 1000)
@@ -151,6 +154,26 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
+    def register_model(self, name: str, artifact_path: str = "model") -> str | None:
+        """Register this run's ``artifact_path`` folder as a new version of ``name``; returns the version."""
+        if not self.active:
+            return None
+        from mlflow.exceptions import MlflowException  # deferred like every mlflow import here (import cost)
+
+        try:
+            try:
+                self._client.create_registered_model(name)
+            except MlflowException:
+                pass  # already registered
+            run = self._client.get_run(self.run_id)
+            mv = self._client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}",
+                                                   run_id=self.run_id)
+        except Exception as exc:  # noqa: BLE001 - the trained model is saved either way
+            log.warning("could not register model %s: %s", name, exc)
+            return None
+        log.info("registered model %s version %s", name, mv.version)
+        return str(mv.version)
+
     def finish(self, status: str = "FINISHED") -> None:
         if not self.active:
             return
@@ -175,6 +198,7 @@ def run_model_folder(ref: str, tracking_uri: str | None = None) -> str:
     run_id = run_id_of(ref)
     if run_id is None:
         return storage.absolute(ref)
+    # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
     from mlflow.tracking import MlflowClient
 
     folder = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(MODEL_FOLDER_TAG)
@@ -191,6 +215,7 @@ def _registry_download_uri(uri: str, tracking_uri: str | None) -> str:
 
     Resolved with an explicit client: mlflow's own `models:/` download ignores a passed registry URI.
     """
+    # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -216,6 +241,7 @@ def resolve_model_source(uri: str, dest: str, tracking_uri: str | None = None) -
 
     if not uri.startswith(MODELS_SCHEME):
         return uri
+    # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
     import mlflow.artifacts
 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import boto3
 
-from tests.unit.test_foundation import _roundtrip
+from tests.unit.test_storage import _roundtrip
 from vitune import storage
 from vitune.data import synthetic
 

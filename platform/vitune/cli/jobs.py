@@ -62,8 +62,9 @@ JOBS: dict[str, Job] = {
 }
 
 
-def parse_args(job: str, description: str | None, argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"jobs/{job}.py", description=description,
+def parse_args(job: str, description: str | None, argv: Sequence[str] | None,
+               prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog or f"jobs/{job}.py", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a preset name (tiny, llava-v1.5-7b, ...) or a YAML path/URI")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides" + (
@@ -71,11 +72,12 @@ def parse_args(job: str, description: str | None, argv: Sequence[str] | None) ->
     return p.parse_args(argv)
 
 
-def main(job: str, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+def main(job: str, argv: Sequence[str] | None = None, description: str | None = None,
+         prog: str | None = None) -> int:
     """Run job ``job`` with command-line ``argv``; prints its summary as one JSON line, returns the exit code."""
     if job not in JOBS:
         raise ValueError(f"unknown job {job!r}; valid jobs: {', '.join(JOBS)}")
-    args = parse_args(job, description, argv)
+    args = parse_args(job, description, argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     spec = JOBS[job]

@@ -55,6 +55,22 @@ def _cmd_jobs(args: argparse.Namespace, rest: list[str]) -> int:
     return cluster.main_jobs(rest)
 
 
+# `vitune features|train|evaluate|generate|pipeline` run the jobs of jobs/*.py here (same parsing, same summary)
+LOCAL_JOBS = {"features": ("extract_features", "images → the fingerprinted feature store (Ray Data)"),
+              "train": ("train", "train one stage (stage=align|finetune) with Ray Train × DeepSpeed"),
+              "evaluate": ("evaluate", "evaluate a model folder (eval.benchmark=...)"),
+              "generate": ("generate_instructions", "generate instruction data through an OpenAI-compatible LLM"),
+              "pipeline": ("pipeline", "features → align → finetune → eval, skipping finished steps")}
+
+
+def _cmd_job(args: argparse.Namespace, rest: list[str]) -> int:
+    from vitune.cli import jobs
+
+    job, help_ = LOCAL_JOBS[args.command]
+    return jobs.main(job, rest, f"vitune {args.command}: {help_}.\n\nexample: vitune {args.command} --config tiny"
+                     + (" stage=align" if args.command == "train" else ""), prog=f"vitune {args.command}")
+
+
 def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     from vitune.cli import export
 
@@ -86,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.set_defaults(func=func, passthrough=True)
+    for name, (_, help_) in LOCAL_JOBS.items():
+        sp = sub.add_parser(name, help=help_ + " (locally; `vitune submit` sends it to a cluster)", add_help=False)
+        sp.set_defaults(func=_cmd_job, passthrough=True)
     return p
 
 

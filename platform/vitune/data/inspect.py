@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from vitune import IGNORE_INDEX
 from vitune.data.records import read_records_with_errors
 from vitune.data.templates import TEMPLATES, MaskError, TokenizedSample, tokenize_record
+from vitune.data.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -41,8 +42,6 @@ def inspect_records(
     uri: str, template: str, tokenizer_name: str = "tiny", max_length: int = 2048, show: int = 3
 ) -> dict[str, Any]:
     """Validate and tokenize every record at ``uri``; return stats and ``show`` marked samples."""
-    from vitune.data.tokenizer import load_tokenizer
-
     if template not in TEMPLATES:
         raise ValueError(f"unknown conversation template {template!r}; valid: {', '.join(TEMPLATES)}")
     tokenizer = load_tokenizer(tokenizer_name)

@@ -1,5 +1,7 @@
 """Conversation templates and label masks: the one definition of how turns become text, ids and labels.
 
+(Over 400 lines on purpose: the segments and the masks built from them are one definition, read together.)
+
 A template is data (``ConversationTemplate``: system prompt, role names, separator style, separators).
 Every style renders a conversation as alternating *segments*: prompt text (never trained) and assistant
 text (trained: the reply and the separator that ends it). The same segments give
@@ -184,14 +186,24 @@ def _plain_segments(turns: Sequence[Turn], tpl: ConversationTemplate, generation
     return segments
 
 
-def _two_segments(turns: Sequence[Turn], tpl: ConversationTemplate) -> list[Segment]:
+# TWO and MPT differ only in how a round is written: (the user's turn up to the assistant cue, the reply + end)
+_ROUND_FORMATS = {
+    SepStyle.TWO: ("{user}: {text}{sep}{assistant}:", " {text}{sep2}"),
+    SepStyle.MPT: ("{user}{text}{sep}{assistant}", "{text}{sep}"),
+}
+
+
+def _round_segments(turns: Sequence[Turn], tpl: ConversationTemplate) -> list[Segment]:
+    """Rounds of TWO (Vicuna/LLaVA-v1) and MPT (ChatML) templates: the system prompt opens the first round."""
+    ask, reply = _ROUND_FORMATS[tpl.style]
     user, assistant = tpl.roles
     segments, prefix = [], tpl.system + tpl.sep
     for k in range(0, len(turns), 2):
-        segments.append(Segment(f"{prefix}{user}: {turns[k].value}{tpl.sep}{assistant}:", False))
+        asked = ask.format(user=user, text=turns[k].value, sep=tpl.sep, assistant=assistant)
+        segments.append(Segment(prefix + asked, False))
         prefix = ""
         if k + 1 < len(turns):
-            segments.append(Segment(f" {turns[k + 1].value}{tpl.sep2}", True))
+            segments.append(Segment(reply.format(text=turns[k + 1].value, sep=tpl.sep, sep2=tpl.sep2), True))
     return segments
 
 
@@ -205,17 +217,6 @@ def _llama_2_segments(turns: Sequence[Turn], tpl: ConversationTemplate) -> list[
         segments.append(Segment(f"{tpl.sep if k else ''}[INST] {message} [/INST]", False))
         if k + 1 < len(turns):
             segments.append(Segment(f" {turns[k + 1].value} {tpl.sep2}", True))
-    return segments
-
-
-def _mpt_segments(turns: Sequence[Turn], tpl: ConversationTemplate) -> list[Segment]:
-    user, assistant = tpl.roles
-    segments, prefix = [], tpl.system + tpl.sep
-    for k in range(0, len(turns), 2):
-        segments.append(Segment(f"{prefix}{user}{turns[k].value}{tpl.sep}{assistant}", False))
-        prefix = ""
-        if k + 1 < len(turns):
-            segments.append(Segment(turns[k + 1].value + tpl.sep, True))
     return segments
 
 
@@ -288,12 +289,10 @@ def build_segments(
     _check_turns(turns, generation)
     if tpl.style is SepStyle.PLAIN:
         segments = _plain_segments(turns, tpl, generation)
-    elif tpl.style is SepStyle.TWO:
-        segments = _two_segments(turns, tpl)
+    elif tpl.style in _ROUND_FORMATS:
+        segments = _round_segments(turns, tpl)
     elif tpl.style is SepStyle.LLAMA_2:
         segments = _llama_2_segments(turns, tpl)
-    elif tpl.style is SepStyle.MPT:
-        segments = _mpt_segments(turns, tpl)
     else:
         segments = _chat_template_segments(turns, tpl, tokenizer, generation)
     if any(s.trained and IMAGE_TOKEN in s.text for s in segments):

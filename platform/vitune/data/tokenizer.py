@@ -84,6 +84,7 @@ def load_tokenizer(name_or_path: str = "tiny") -> PreTrainedTokenizerBase:
 
     The result always has ``<image>`` as a special token and a pad token.
     """
+    # deferred: transformers is slow to import and not every caller needs it
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if name_or_path == "tiny":

@@ -26,6 +26,7 @@ from vitune.evaluation.tables import fmt, metric_name, numbers, table
 log = logging.getLogger(__name__)
 
 QUESTIONS_FILE = "llava_gqa_testdev_balanced.jsonl"
+FOLDER = "GQA folder (llava_gqa_testdev_balanced.jsonl, data/testdev_balanced_questions.json, data/images/)"
 TRUTH_FILE = "data/testdev_balanced_questions.json"
 IMAGES_DIR = "data/images"
 
@@ -71,17 +72,12 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str,
 def run_gqa(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn) -> dict[str, Any]:
     """Questions and GQA's ground truth from ``eval.data`` → answers → accuracy."""
     ev = cfg.eval
-    if not ev.data:
-        raise ValueError("eval.data: the GQA folder (llava_gqa_testdev_balanced.jsonl, "
-                         "data/testdev_balanced_questions.json, data/images/) is required")
-    questions = fmt_io.read_questions(fmt_io.resolve(ev.data, ev.questions, QUESTIONS_FILE), ev.limit)
+    questions = fmt_io.read_benchmark_questions(ev, QUESTIONS_FILE, FOLDER)
     truth = storage.read_json(fmt_io.resolve(ev.data, ev.references, TRUTH_FILE))
     images = ev.images or storage.join(ev.data, IMAGES_DIR)
-    answers, inference = fmt_io.collect_answers(cfg, questions, images, out, answer_fn)
-    result, rows = score(questions, answers, truth)
-    fmt_io.write_results(out, rows)
-    log.info("GQA: accuracy %s over %d questions", result["accuracy"], result["n"])
-    return {"result": result, "inference": inference}
+    report = fmt_io.answer_and_score(cfg, out, answer_fn, questions, images, lambda q, a: score(q, a, truth))
+    log.info("GQA: accuracy %s over %d questions", report["result"]["accuracy"], report["result"]["n"])
+    return report
 
 
 def markdown(result: Mapping[str, Any]) -> str:

@@ -24,7 +24,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,11 @@ class GenerationSettings:
     batch_size: int = 8
     num_actors: int | None = None  # None = one per GPU on a cluster, up to 2 on CPUs
     use_gpu: bool | None = None  # None = when the cluster has GPUs
+
+    @classmethod
+    def of(cls, section: Any) -> GenerationSettings:
+        """The settings named alike in a config section (``eval``): one conversion, config → settings."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -91,10 +96,7 @@ def read_answers(output_uri: str) -> dict[str, dict[str, Any]]:
         return {}
     out: dict[str, dict[str, Any]] = {}
     for uri in sorted(storage.list_files(folder, suffix=".jsonl")):
-        for line in storage.read_text(uri).splitlines():
-            if line.strip():
-                row = json.loads(line)
-                out[str(row["id"])] = row
+        out.update({str(row["id"]): row for row in storage.read_jsonl(uri)})
     return out
 
 
@@ -110,13 +112,13 @@ def _image_tokens(conversations: Sequence[Mapping[str, Any]]) -> int:
 class AnswerBatch:
     """``map_batches`` callable: model folder + tower loaded once; a batch of requests → answers + a shard."""
 
-    def __init__(self, model_folder: str, output_uri: str, settings: dict[str, Any]) -> None:
+    def __init__(self, model_folder: str, output_uri: str, settings: GenerationSettings) -> None:
         # deferred: the driver imports this module without torch; only the actors load the model
         import torch
 
         from vitune.model.folder import load_for_inference
 
-        self.settings = GenerationSettings(**settings)
+        self.settings = settings
         self.output_uri = output_uri
         use_gpu = bool(self.settings.use_gpu) and torch.cuda.is_available()
         loaded = load_for_inference(model_folder, device="cuda" if use_gpu else "cpu")
@@ -125,11 +127,13 @@ class AnswerBatch:
         self.stop_ids = meta.get("stop_token_ids")
 
     def _load_image(self, uri: str):
+        # deferred: runs in the Ray actor; the driver imports this module without torch
         from vitune.model.image import decode_image
 
         return decode_image(storage.read_bytes(uri))
 
     def _prepare(self, rid: str, image: str | None, conversations: list[dict]) -> tuple[list[int], Any]:
+        # deferred: runs in the Ray actor; the driver imports this module without torch
         from vitune.data.templates import tokenize_generation_prompt
 
         expected = 1 if image else 0
@@ -140,6 +144,7 @@ class AnswerBatch:
         return ids, self._load_image(image) if image else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        # deferred: runs in the Ray actor; the driver imports this module without torch
         from vitune.model.vision import encode_images
 
         ids = [str(x) for x in batch["id"].tolist()]
@@ -176,13 +181,13 @@ class AnswerBatch:
                 rows[i]["text"] = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
                 rows[i]["new_tokens"] = len(toks)
         seconds = time.perf_counter() - t0
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        storage.write_text(storage.join(answers_uri(self.output_uri), _shard_name(ids)), text)
+        storage.write_jsonl(storage.join(answers_uri(self.output_uri), _shard_name(ids)), rows)
         return {"id": ids, "new_tokens": [r["new_tokens"] for r in rows],
                 "error": [r["error"] or "" for r in rows], "seconds": [seconds / len(rows)] * len(rows)}
 
 
 def _pool_size(settings: GenerationSettings, num_batches: int) -> tuple[int, bool]:
+    # deferred: these helpers also run where Ray is not started or installed
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -239,7 +244,10 @@ def run_batch_inference(
         log.info("resuming: %d of %d requests already answered under %s", result.resumed, len(reqs), output_uri)
     t0 = time.perf_counter()
     if todo:
+        # deferred: these helpers also run where Ray is not started or installed
         import ray
+
+        # deferred: these helpers also run where Ray is not started or installed
         import ray.data
 
         if not ray.is_initialized():
@@ -252,7 +260,7 @@ def run_batch_inference(
         ds = ray.data.from_items(items, override_num_blocks=min(num_batches, 256)).map_batches(
             AnswerBatch,
             fn_constructor_kwargs={"model_folder": model_folder, "output_uri": output_uri,
-                                   "settings": {**asdict(settings), "use_gpu": use_gpu}},
+                                   "settings": replace(settings, use_gpu=use_gpu)},
             batch_size=settings.batch_size,
             compute=ray.data.ActorPoolStrategy(size=size),
             num_gpus=1 if use_gpu else 0,

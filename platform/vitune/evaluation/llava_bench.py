@@ -14,10 +14,11 @@ Questions are ``{question_id, image, text, category}``; contexts are keyed by ``
 normalised to 0..1); references are ``{question_id, text}``.
 
 Per question the judge sees the context, the question, the reference as assistant 1 and our answer as
-assistant 2, and a rule for the category (our wording), and states two scores 1..10 on its first line.
-Relative score = mean(ours) / mean(reference) × 100, per category and pooled over all questions
-(LLaVA's ``summarize_gpt_review``). A verdict whose first line is not two scores is counted as
-unparseable and left out of the means (LLaVA would average in its ``-1`` placeholders). Beyond the
+assistant 2, and a rule for the category, and states two scores 1..10 on its first line. By default the
+system prompt and rules are LLaVA's own texts (``llava_bench_official``, so scores compare with published
+ones) and an unparseable verdict counts as [-1, -1] in the means, as LLaVA's ``summarize_gpt_review`` does;
+``eval.judge_prompt=vitune`` uses our wording and leaves unparseable verdicts out. Either way they are
+counted. Relative score = mean(ours) / mean(reference) × 100, per category and pooled over all questions. Beyond the
 paper: ``repeats`` judges each question several times → mean and sample std of the score;
 ``swap_order`` adds a pass with the answers swapped and reports the judge's position bias.
 """
@@ -33,6 +34,7 @@ from typing import Any
 
 from vitune import storage
 from vitune.evaluation.inference import single_turn
+from vitune.evaluation.llava_bench_official import JudgeStyle, official_style
 
 log = logging.getLogger(__name__)
 
@@ -170,18 +172,30 @@ def relative_scores(verdicts: Sequence[tuple[str, float, float]]) -> dict[str, d
 AskMany = Callable[[list[list[dict[str, str]]], int], list[str | None]]
 
 
+def judge_style(prompt: str, layout: str) -> JudgeStyle:
+    """``official``: LLaVA's system prompt and rule.json texts (unparseable verdicts count as [-1, -1], as its
+    summary does); ``vitune``: our own wording (unparseable verdicts left out of the means)."""
+    if prompt == "official":
+        return official_style(layout)
+    if prompt == "vitune":
+        return JudgeStyle("vitune", review_messages, parse_scores, None)
+    raise ValueError(f"unknown LLaVA-Bench judge prompt {prompt!r}; valid: official, vitune")
+
+
 def _judge_pass(items: Sequence[BenchItem], answers: Mapping[str, str], ask_many: AskMany, swapped: bool,
-                repeat: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """One judging pass → verdict rows and the relative scores of its parseable verdicts."""
-    msgs = [review_messages(it, answers[it.question_id], it.reference) if swapped
-            else review_messages(it, it.reference, answers[it.question_id]) for it in items]
+                repeat: int, style: JudgeStyle) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """One judging pass → verdict rows and the relative scores of its verdicts (unparseable ones as the
+    style says)."""
+    msgs = [style.messages(it, answers[it.question_id], it.reference) if swapped
+            else style.messages(it, it.reference, answers[it.question_id]) for it in items]
     replies = ask_many(msgs, repeat)
     rows, scored = [], []
     for it, reply in zip(items, replies, strict=True):
-        pair = parse_scores(reply)
+        pair = style.parse(reply)
+        counted = pair if pair is not None else (style.unparseable_as if reply is not None else None)
         ref = ours = None
-        if pair is not None:
-            ours, ref = pair if swapped else pair[::-1]
+        if counted is not None:
+            ours, ref = counted if swapped else counted[::-1]
             scored.append((it.category, ref, ours))
         rows.append({"question_id": it.question_id, "category": it.category, "order": "swapped" if swapped else
                      "reference_first", "repeat": repeat, "scores": list(pair) if pair else None,
@@ -190,12 +204,15 @@ def _judge_pass(items: Sequence[BenchItem], answers: Mapping[str, str], ask_many
 
 
 def judge_bench(items: Sequence[BenchItem], answers: Mapping[str, str], ask_many: AskMany, repeats: int = 1,
-                swap_order: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Judge every item ``repeats`` times (plus once swapped); returns the report and all verdict rows."""
+                swap_order: bool = False,
+                style: JudgeStyle | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Judge every item ``repeats`` times (plus once swapped) in ``style`` (default: the official prompt for
+    In-the-Wild); returns the report and all verdict rows."""
+    style = style or judge_style("official", "in_the_wild")
     rows: list[dict[str, Any]] = []
     per_repeat = []
     for r in range(repeats):
-        pass_rows, scores = _judge_pass(items, answers, ask_many, swapped=False, repeat=r)
+        pass_rows, scores = _judge_pass(items, answers, ask_many, swapped=False, repeat=r, style=style)
         rows += pass_rows
         per_repeat.append(scores)
     keys = (*CATEGORIES, "all")
@@ -214,9 +231,11 @@ def judge_bench(items: Sequence[BenchItem], answers: Mapping[str, str], ask_many
         "repeats": repeats,
         "unparseable": sum(1 for row in rows if row["scores"] is None and not row["error"]),
         "judge_errors": sum(1 for row in rows if row["error"]),
+        "judge_prompt": style.name,
+        "unparseable_counted_as": list(style.unparseable_as) if style.unparseable_as else None,
     }
     if swap_order:
-        swap_rows, swap_scores = _judge_pass(items, answers, ask_many, swapped=True, repeat=0)
+        swap_rows, swap_scores = _judge_pass(items, answers, ask_many, swapped=True, repeat=0, style=style)
         rows += swap_rows
         report["swapped"] = _position_bias(rows[: len(items)], swap_rows, swap_scores)
     log.info("LLaVA-Bench: relative score %s (unparseable %d, errors %d)", relative, report["unparseable"],

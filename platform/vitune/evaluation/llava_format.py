@@ -134,6 +134,25 @@ def collect_answers(cfg: EvalJobConfig, questions: Sequence[Mapping[str, Any]], 
     return rows, inference
 
 
+def read_benchmark_questions(ev: Any, questions_file: str, folder: str) -> list[dict[str, Any]]:
+    """``eval.data`` (required: ``folder`` says what it holds) → its question file (``eval.questions`` or
+    ``questions_file``), the first ``eval.limit`` questions."""
+    if not ev.data:
+        raise ValueError(f"eval.data: the {folder} is required")
+    return read_questions(resolve(ev.data, ev.questions, questions_file), ev.limit)
+
+
+def answer_and_score(cfg: EvalJobConfig, out: str, answer_fn: AnswerFn, questions: Sequence[Mapping[str, Any]],
+                     images_root: str | None, score: Callable[..., tuple[dict[str, Any], list[dict[str, Any]]]]
+                     ) -> dict[str, Any]:
+    """The tail every suite benchmark shares: answers (generated or ``eval.predictions``) → ``score(questions,
+    answers)`` → ``results.jsonl`` under ``out``; returns ``{"result", "inference"}``."""
+    answers, inference = collect_answers(cfg, questions, images_root, out, answer_fn)
+    result, rows = score(questions, answers)
+    write_results(out, rows)
+    return {"result": result, "inference": inference}
+
+
 def write_results(out: str, rows: Sequence[Mapping[str, Any]]) -> None:
     storage.write_jsonl(storage.join(out, RESULTS_FILE), rows)
 

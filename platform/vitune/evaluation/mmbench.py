@@ -163,12 +163,11 @@ def run_mmbench(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn) -> dic
     if not ev.predictions:
         write_images(questions, images)
     slim = [{k: v for k, v in q.items() if k != "image_b64"} for q in questions]
-    answers, inference = fmt_io.collect_answers(cfg, slim, images, out, answer_fn)
-    result, rows = score(slim, answers)
-    fmt_io.write_results(out, rows)
+    report = fmt_io.answer_and_score(cfg, out, answer_fn, slim, images, score)
+    result = report["result"]
     log.info("MMBench: circular accuracy %s over %d questions (%d rows)", result["circular_accuracy"],
              result["n_questions"], result["n_rows"])
-    return {"result": result, "inference": inference}
+    return report
 
 
 def markdown(result: Mapping[str, Any]) -> str:

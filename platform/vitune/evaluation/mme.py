@@ -34,6 +34,7 @@ PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity",
               "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 QUESTIONS_FILE = "llava_mme.jsonl"
+FOLDER = "MME folder (llava_mme.jsonl, MME_Benchmark_release_version/)"
 RELEASE_DIR = "MME_Benchmark_release_version"
 YES_NO_SUFFIX = " Please answer yes or no."
 _READERS = 16  # ground-truth files are small and many; read them concurrently (S3 round trips)
@@ -126,16 +127,12 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str,
 def run_mme(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn) -> dict[str, Any]:
     """Questions from ``eval.data``, ground truth from the MME release → answers → scores."""
     ev = cfg.eval
-    if not ev.data:
-        raise ValueError("eval.data: the MME folder (llava_mme.jsonl, MME_Benchmark_release_version/) is required")
+    questions = fmt_io.read_benchmark_questions(ev, QUESTIONS_FILE, FOLDER)
     release = fmt_io.resolve(ev.data, ev.references, RELEASE_DIR)
-    questions = fmt_io.read_questions(fmt_io.resolve(ev.data, ev.questions, QUESTIONS_FILE), ev.limit)
     questions = attach_truth(questions, release)
-    answers, inference = fmt_io.collect_answers(cfg, questions, ev.images or release, out, answer_fn)
-    result, rows = score(questions, answers)
-    fmt_io.write_results(out, rows)
-    log.info("MME: perception %.1f, cognition %.1f", result["perception"], result["cognition"])
-    return {"result": result, "inference": inference}
+    report = fmt_io.answer_and_score(cfg, out, answer_fn, questions, ev.images or release, score)
+    log.info("MME: perception %.1f, cognition %.1f", report["result"]["perception"], report["result"]["cognition"])
+    return report
 
 
 def markdown(result: Mapping[str, Any]) -> str:

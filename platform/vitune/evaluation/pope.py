@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("random", "popular", "adversarial")
 QUESTIONS_FILE = "llava_pope_test.jsonl"
+FOLDER = "POPE folder (llava_pope_test.jsonl, coco/, val2014/)"
 LABELS_DIR = "coco"
 IMAGES_DIR = "val2014"
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
@@ -111,16 +112,12 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str,
 def run_pope(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn) -> dict[str, Any]:
     """Questions and labels from ``eval.data`` → answers (generated or ``eval.predictions``) → metrics."""
     ev = cfg.eval
-    if not ev.data:
-        raise ValueError("eval.data: the POPE folder (llava_pope_test.jsonl, coco/, val2014/) is required")
-    questions = fmt_io.read_questions(fmt_io.resolve(ev.data, ev.questions, QUESTIONS_FILE), ev.limit)
+    questions = fmt_io.read_benchmark_questions(ev, QUESTIONS_FILE, FOLDER)
     questions = attach_labels(questions, fmt_io.resolve(ev.data, ev.references, LABELS_DIR))
     images = ev.images or storage.join(ev.data, IMAGES_DIR)
-    answers, inference = fmt_io.collect_answers(cfg, questions, images, out, answer_fn)
-    result, rows = score(questions, answers)
-    fmt_io.write_results(out, rows)
-    log.info("POPE: average F1 %s over splits %s", result["average"]["f1"], list(result["splits"]))
-    return {"result": result, "inference": inference}
+    report = fmt_io.answer_and_score(cfg, out, answer_fn, questions, images, score)
+    log.info("POPE: average F1 %s over splits %s", report["result"]["average"]["f1"], list(report["result"]["splits"]))
+    return report
 
 
 def markdown(result: Mapping[str, Any]) -> str:

@@ -5,17 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vitune.evaluation import llava_bench, scienceqa
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+from vitune.evaluation import llava_bench, scienceqa, suite
+from vitune.evaluation.tables import fmt, table
 
 
 def scienceqa_markdown(report: Mapping[str, Any]) -> str:
@@ -24,45 +15,50 @@ def scienceqa_markdown(report: Mapping[str, Any]) -> str:
     for name in ("ours", "judge", "ensemble"):
         part = report.get(name)
         if part:
-            cats = [_fmt(part["by_category"][c]["accuracy"]) for c in scienceqa.CATEGORIES]
-            rows.append([name, *cats, _fmt(part["accuracy"]), str(part["n"]), str(part["failed_extraction"])])
-    title = f"ScienceQA ({report['split']}, {report['prompt_format']}) accuracy, %"
-    return f"## {title}\n\n{_table(header, rows)}\n"
+            cats = [fmt(part["by_category"][c]["accuracy"]) for c in scienceqa.CATEGORIES]
+            rows.append([name, *cats, fmt(part["accuracy"]), str(part["n"]), str(part["failed_extraction"])])
+    title = (f"ScienceQA ({report['split']}, {report['prompt_format']}, "
+             f"{report.get('extraction', 'official')} answer extraction) accuracy, %")
+    return f"## {title}\n\n{table(header, rows)}\n"
 
 
 def llava_bench_markdown(report: Mapping[str, Any]) -> str:
     keys = (*llava_bench.CATEGORIES, "all")
     header = ["", "Conversation", "Detail", "Complex", "All"]
     rel, std = report["relative_score"], report["relative_score_std"]
-    rows = [["relative score", *[_fmt(rel[k], 1) for k in keys]]]
+    rows = [["relative score", *[fmt(rel[k], 1) for k in keys]]]
     if report["repeats"] > 1:
-        rows.append([f"std over {report['repeats']} repeats", *[_fmt(std[k], 1) for k in keys]])
+        rows.append([f"std over {report['repeats']} repeats", *[fmt(std[k], 1) for k in keys]])
     scores = report["scores"]
-    rows.append(["mean score: reference", *[_fmt(scores[k]["reference"]) for k in keys]])
-    rows.append(["mean score: ours", *[_fmt(scores[k]["ours"]) for k in keys]])
+    rows.append(["mean score: reference", *[fmt(scores[k]["reference"]) for k in keys]])
+    rows.append(["mean score: ours", *[fmt(scores[k]["ours"]) for k in keys]])
     rows.append(["verdicts scored", *[str(scores[k]["n"]) for k in keys]])
     swapped = report.get("swapped")
     if swapped:
-        rows.append(["relative score, answers swapped", *[_fmt(swapped["relative_score"][k], 1) for k in keys]])
-    notes = [f"{report['n']} questions; {report['unparseable']} unparseable verdicts, "
-             f"{report['judge_errors']} failed judge requests (both left out of the means)."]
+        rows.append(["relative score, answers swapped", *[fmt(swapped["relative_score"][k], 1) for k in keys]])
+    counted = report.get("unparseable_counted_as")
+    handled = f"counted as {counted} in the means, as LLaVA's summary does" if counted else "left out of the means"
+    notes = [f"{report['n']} questions; judge prompt: {report.get('judge_prompt', 'vitune')}; "
+             f"{report['unparseable']} unparseable verdicts ({handled}); {report['judge_errors']} failed judge "
+             "requests (left out of the means)."]
     if swapped:
-        notes.append(f"Position-1 advantage: {_fmt(swapped['position1_advantage'])} points "
+        notes.append(f"Position-1 advantage: {fmt(swapped['position1_advantage'])} points "
                      f"over {swapped['n_both_parseable']} questions scored in both orders.")
-    return f"## LLaVA-Bench ({report['layout']}) relative score, %\n\n{_table(header, rows)}\n\n" + \
+    return f"## LLaVA-Bench ({report['layout']}) relative score, %\n\n{table(header, rows)}\n\n" + \
         "\n".join(notes) + "\n"
 
 
 def synthetic_markdown(report: Mapping[str, Any]) -> str:
     kinds = list(report["per_kind"])
     header = ["", *kinds, "overall"]
-    rows = [["accuracy", *[_fmt(report["per_kind"][k], 3) for k in kinds], _fmt(report["accuracy"], 3)],
-            ["chance", *[_fmt(report["chance"].get(k), 3) for k in kinds], _fmt(report["chance"]["overall"], 3)],
+    rows = [["accuracy", *[fmt(report["per_kind"][k], 3) for k in kinds], fmt(report["accuracy"], 3)],
+            ["chance", *[fmt(report["chance"].get(k), 3) for k in kinds], fmt(report["chance"]["overall"], 3)],
             ["n", *[str(report["n_per_kind"][k]) for k in kinds], str(report["n"])]]
-    return f"## Synthetic held-out exact match\n\n{_table(header, rows)}\n"
+    return f"## Synthetic held-out exact match\n\n{table(header, rows)}\n"
 
 
-MARKDOWN = {"scienceqa": scienceqa_markdown, "llava_bench": llava_bench_markdown, "synthetic": synthetic_markdown}
+MARKDOWN = {"scienceqa": scienceqa_markdown, "llava_bench": llava_bench_markdown, "synthetic": synthetic_markdown,
+            **{name: b.markdown for name, b in suite.BENCHMARKS.items()}}
 
 
 def markdown(report: Mapping[str, Any]) -> str:
@@ -89,6 +85,8 @@ def metrics(report: Mapping[str, Any]) -> dict[str, float]:
         if res.get("swapped"):
             out.update({f"swapped.relative.{k}": v for k, v in res["swapped"]["relative_score"].items()})
             out["position1_advantage"] = res["swapped"]["position1_advantage"]
+    elif bench in suite.BENCHMARKS:
+        out.update(suite.BENCHMARKS[bench].metrics(res))
     else:
         out["accuracy"] = res["accuracy"]
         out.update({f"accuracy.{k}": v for k, v in res["per_kind"].items()})

@@ -15,7 +15,7 @@ from typing import Any
 
 from vitune import layout, storage
 from vitune.config import EvalConfig, EvalJobConfig, connect, dump_config, ray_init_kwargs
-from vitune.evaluation import llava_bench, scienceqa
+from vitune.evaluation import llava_bench, llava_format, scienceqa, suite
 from vitune.evaluation import report as report_lib
 from vitune.evaluation.inference import GenerationSettings, run_batch_inference
 from vitune.evaluation.judge import Judge
@@ -51,12 +51,6 @@ def resolve_model(cfg: EvalJobConfig) -> tuple[str | None, str | None]:
     return folder, run_id
 
 
-def settings_of(ev: EvalConfig) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
-                              seed=ev.seed, template=ev.template, batch_size=ev.batch_size,
-                              num_actors=ev.num_actors, use_gpu=ev.use_gpu)
-
-
 def _ray_kwargs(cfg: EvalJobConfig) -> dict[str, Any]:
     return ray_init_kwargs(cfg.ray)
 
@@ -72,7 +66,7 @@ def get_answers(cfg: EvalJobConfig, requests: list[dict[str, Any]], folder: str 
         return texts, None
     if not folder:
         raise ValueError("eval.model_folder: give a model folder URI (or runs:/<run id>), or eval.predictions")
-    result = run_batch_inference(requests, folder, out, settings_of(ev), _ray_kwargs(cfg))
+    result = run_batch_inference(requests, folder, out, GenerationSettings.of(ev), _ray_kwargs(cfg))
     return {k: v["text"] for k, v in result.answers.items()}, result.summary()
 
 
@@ -89,10 +83,11 @@ def evaluate_scienceqa(cfg: EvalJobConfig, folder: str | None, out: str, judge: 
     images = ev.images or storage.join(root, "images", ev.split)
     requests = scienceqa.build_requests(problems, ev.prompt_format, images)
     texts, inference = get_answers(cfg, requests, folder, out)
-    ours, rows = scienceqa.score(problems, texts)
-    result: dict[str, Any] = {"split": ev.split, "prompt_format": ev.prompt_format, "ours": ours}
+    ours, rows = scienceqa.score(problems, texts, ev.extraction)
+    result: dict[str, Any] = {"split": ev.split, "prompt_format": ev.prompt_format, "extraction": ev.extraction,
+                              "ours": ours}
     if judge is not None:
-        ens = scienceqa.ensemble(problems, texts, lambda msgs: judge.ask_many(msgs))
+        ens = scienceqa.ensemble(problems, texts, lambda msgs: judge.ask_many(msgs), ev.extraction)
         by_pid = {r["pid"]: r for r in ens.pop("rows")}
         for row in rows:
             row.update({k: by_pid[row["pid"]][k] for k in ("judge", "final", "judge_text")})
@@ -114,7 +109,8 @@ def evaluate_llava_bench(cfg: EvalJobConfig, folder: str | None, out: str, judge
     if missing:
         log.warning("%d questions have no answer (scored as empty answers), e.g. %s", len(missing), missing[:3])
     answers = {it.question_id: texts.get(it.question_id, "") for it in items}
-    result, rows = llava_bench.judge_bench(items, answers, judge.ask_many, cfg.judge.repeats, cfg.judge.swap_order)
+    result, rows = llava_bench.judge_bench(items, answers, judge.ask_many, cfg.judge.repeats, cfg.judge.swap_order,
+                                           style=llava_bench.judge_style(ev.judge_prompt, ev.layout))
     result["layout"] = ev.layout
     storage.write_jsonl(storage.join(out, REVIEWS), rows)
     return {"result": result, "inference": inference}
@@ -126,12 +122,17 @@ def evaluate_synthetic_set(cfg: EvalJobConfig, folder: str | None, out: str, jud
     if not folder:
         raise ValueError("eval.model_folder: the synthetic eval generates answers; give a model folder")
     images = ev.images or data.rstrip("/").rsplit("/", 1)[0]
-    result = evaluate_synthetic(folder, data, images, out, settings_of(ev), _ray_kwargs(cfg))
+    result = evaluate_synthetic(folder, data, images, out, GenerationSettings.of(ev), _ray_kwargs(cfg))
     return {"result": result, "inference": result.pop("inference")}
 
 
+def evaluate_suite(cfg: EvalJobConfig, folder: str | None, out: str, judge: Judge | None) -> dict[str, Any]:
+    """POPE, MME, TextVQA, GQA or MMBench: LLaVA's question files → answers → the benchmark's scorer."""
+    return suite.get(cfg.eval.benchmark).run(cfg, out, lambda reqs: get_answers(cfg, reqs, folder, out))
+
+
 BENCHMARKS = {"scienceqa": evaluate_scienceqa, "llava_bench": evaluate_llava_bench,
-              "synthetic": evaluate_synthetic_set}
+              "synthetic": evaluate_synthetic_set, **{name: evaluate_suite for name in suite.BENCHMARKS}}
 
 
 def write_report(out: str, report: dict[str, Any], tracker: Tracker, cfg: EvalJobConfig) -> None:
@@ -142,7 +143,7 @@ def write_report(out: str, report: dict[str, Any], tracker: Tracker, cfg: EvalJo
         storage.write_text(storage.join(out, name), text)
     tracker.log_metrics(report_lib.metrics(report))
     with tempfile.TemporaryDirectory(prefix="vitune-eval-") as tmp:
-        for name in (*files, RESULTS, REVIEWS):
+        for name in (*files, RESULTS, REVIEWS, llava_format.ANSWERS_FILE):
             uri = storage.join(out, name)
             if storage.exists(uri):
                 path = os.path.join(tmp, name)

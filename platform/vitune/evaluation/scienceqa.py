@@ -30,6 +30,7 @@ from typing import Any
 
 from vitune import storage
 from vitune.evaluation.inference import single_turn
+from vitune.evaluation.scienceqa_official import extract_answer_official
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,17 @@ def _tally(problems: Sequence[Problem], letters: Mapping[str, str | None]) -> di
     }
 
 
-def score(problems: Sequence[Problem], predictions: Mapping[str, str]) -> tuple[dict[str, Any], list[dict]]:
-    """Score predicted texts by pid (a missing pid counts as failed); returns the tally and per-problem rows."""
-    letters = {p.pid: extract_answer(predictions.get(p.pid), len(p.choices)) for p in problems}
+EXTRACTIONS = {"official": extract_answer_official, "lenient": extract_answer}
+
+
+def score(problems: Sequence[Problem], predictions: Mapping[str, str],
+          extraction: str = "official") -> tuple[dict[str, Any], list[dict]]:
+    """Score predicted texts by pid (a missing pid counts as failed) with the named extraction rule
+    (``official``: LLaVA's ``eval_science_qa.py``; ``lenient``: vitune's); returns the tally and per-problem rows."""
+    if extraction not in EXTRACTIONS:
+        raise ValueError(f"unknown ScienceQA extraction {extraction!r}; valid: {', '.join(EXTRACTIONS)}")
+    extract = EXTRACTIONS[extraction]
+    letters = {p.pid: extract(predictions.get(p.pid), len(p.choices)) for p in problems}
     rows = [{"pid": p.pid, "truth": p.letter, "parsed": letters[p.pid], "correct": letters[p.pid] == p.letter,
              "categories": p.categories(), "text": predictions.get(p.pid)} for p in problems]
     tally = _tally(problems, letters)
@@ -221,10 +230,12 @@ def decide_messages(problem: Problem, ours: str, judge: str) -> list[dict[str, s
 AskMany = Callable[[list[list[dict[str, str]]]], list[str | None]]
 
 
-def ensemble(problems: Sequence[Problem], predictions: Mapping[str, str], ask_many: AskMany) -> dict[str, Any]:
+def ensemble(problems: Sequence[Problem], predictions: Mapping[str, str], ask_many: AskMany,
+             extraction: str = "official") -> dict[str, Any]:
     """The judge alone and the judge-decides ensemble; ``ask_many`` maps message lists to reply texts
-    (None where the request failed)."""
-    ours = {p.pid: extract_answer(predictions.get(p.pid), len(p.choices)) for p in problems}
+    (None where the request failed). Our answers are read with ``extraction``; the judge's replies, which
+    follow our own instruction, with the lenient rule."""
+    ours = {p.pid: EXTRACTIONS[extraction](predictions.get(p.pid), len(p.choices)) for p in problems}
     judge_texts = dict(zip([p.pid for p in problems], ask_many([judge_messages(p) for p in problems]),
                            strict=True))
     judge = {p.pid: extract_answer(judge_texts[p.pid], len(p.choices)) for p in problems}

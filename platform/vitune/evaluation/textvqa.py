@@ -29,6 +29,7 @@ from vitune.evaluation.vqa_normalize import normalize_vqa_answer, vqa_accuracy
 log = logging.getLogger(__name__)
 
 QUESTIONS_FILE = "llava_textvqa_val_v051_ocr.jsonl"
+FOLDER = "TextVQA folder (llava_textvqa_val_v051_ocr.jsonl, TextVQA_0.5.1_val.json, train_images/)"
 ANNOTATIONS_FILE = "TextVQA_0.5.1_val.json"
 IMAGES_DIR = "train_images"
 OCR_LINE = "Reference OCR token: "
@@ -85,17 +86,13 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str,
 def run_textvqa(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn) -> dict[str, Any]:
     """Questions (with OCR tokens) and annotations from ``eval.data`` → answers → VQA accuracy."""
     ev = cfg.eval
-    if not ev.data:
-        raise ValueError("eval.data: the TextVQA folder (llava_textvqa_val_v051_ocr.jsonl, "
-                         "TextVQA_0.5.1_val.json, train_images/) is required")
-    questions = fmt_io.read_questions(fmt_io.resolve(ev.data, ev.questions, QUESTIONS_FILE), ev.limit)
+    questions = fmt_io.read_benchmark_questions(ev, QUESTIONS_FILE, FOLDER)
     annotations = read_annotations(fmt_io.resolve(ev.data, ev.references, ANNOTATIONS_FILE))
     images = ev.images or storage.join(ev.data, IMAGES_DIR)
-    answers, inference = fmt_io.collect_answers(cfg, questions, images, out, answer_fn)
-    result, rows = score(questions, answers, annotations)
-    fmt_io.write_results(out, rows)
-    log.info("TextVQA: accuracy %s over %d questions", result["accuracy"], result["n"])
-    return {"result": result, "inference": inference}
+    report = fmt_io.answer_and_score(cfg, out, answer_fn, questions, images,
+                                     lambda q, a: score(q, a, annotations))
+    log.info("TextVQA: accuracy %s over %d questions", report["result"]["accuracy"], report["result"]["n"])
+    return report
 
 
 def markdown(result: Mapping[str, Any]) -> str:

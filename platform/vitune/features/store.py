@@ -85,9 +85,9 @@ def config_fingerprint(vision: Any) -> dict[str, Any]:
     # deferred: open_clip and the model package import torch; readers of a store need neither
     import open_clip
 
-    from vitune.model.vision import _register_asset_configs  # registers the configs vitune ships (tiny tower)
+    from vitune.model.vision import register_asset_configs  # registers the configs vitune ships (tiny tower)
 
-    _register_asset_configs()
+    register_asset_configs()
     model_cfg = open_clip.get_model_config(vision.name)
     if not model_cfg or "image_size" not in model_cfg.get("vision_cfg", {}):
         raise ValueError(f"unknown vision tower {vision.name!r}; valid open_clip names: "

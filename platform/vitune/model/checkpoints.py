@@ -222,11 +222,11 @@ def tower_identity(mm_vision_tower: str) -> tuple[str, str | None]:
     """`(open_clip name, pretrained tag)` of an official LLaVA `mm_vision_tower` value."""
     import open_clip  # deferred: open_clip is heavy to import
 
-    from vitune.model.vision import _register_asset_configs
+    from vitune.model.vision import register_asset_configs
 
     if mm_vision_tower in HF_TOWERS:
         return HF_TOWERS[mm_vision_tower]
-    _register_asset_configs()
+    register_asset_configs()
     if mm_vision_tower in open_clip.list_models():
         return mm_vision_tower, None
     raise ValueError(f"mm_vision_tower {mm_vision_tower!r} has no known open_clip equivalent "

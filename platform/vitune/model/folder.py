@@ -116,6 +116,7 @@ def read_meta(uri: str) -> dict[str, Any]:
 
 
 def _load_from(folder: Path, meta: dict[str, Any], device: str | torch.device, dtype: torch.dtype | None):
+    # deferred: transformers is slow to import and not every caller needs it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))

@@ -36,8 +36,9 @@ _INIT_SEED = 0
 FINGERPRINT_ID_KEYS = ("tower", "pretrained", "feature_layer", "select", "image_size", "image_mode")
 
 
-def _register_asset_configs() -> None:
+def register_asset_configs() -> None:
     """Add vitune's shipped open_clip model configs to open_clip's registry (idempotent)."""
+    # deferred: open_clip pulls in torch and timm; readers of a fingerprint need neither
     import open_clip
 
     known = set(open_clip.list_models())
@@ -62,6 +63,7 @@ class VisionTower(nn.Module):
 
     def __init__(self, visual: nn.Module, cfg: Any, open_clip_version: str) -> None:
         super().__init__()
+        # deferred: open_clip pulls in torch and timm; readers of a fingerprint need neither
         from open_clip.transformer import VisionTransformer
 
         if not isinstance(visual, VisionTransformer):
@@ -174,9 +176,10 @@ def load_vision_tower(cfg: Any, device: str | torch.device = "cpu", dtype: torch
     With `pretrained=None` the weights are a seeded random init, identical on every load. The
     activation follows the pretrained tag (OpenAI weights need QuickGELU; open_clip only warns).
     """
+    # deferred: open_clip pulls in torch and timm; readers of a fingerprint need neither
     import open_clip
 
-    _register_asset_configs()
+    register_asset_configs()
     if cfg.name not in open_clip.list_models():
         raise ValueError(
             f"unknown vision tower {cfg.name!r}; valid open_clip names: {', '.join(open_clip.list_models())}"

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitune import IGNORE_INDEX, IMAGE_TOKEN
+from vitune.config import STAGES
 from vitune.data import tokenizer as tokenizer_lib
 from vitune.model.decoding import GenerationStep, decode_stream
 from vitune.model.projector import build_projector
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("align", "finetune")
 TINY_LM = "tiny"
 _INIT_SEED = 0
 
@@ -266,6 +266,7 @@ class VisionLanguageModel(nn.Module):
 
 def build_tiny_lm(tokenizer: Any) -> nn.Module:
     """A tiny random Llama (hidden 64, 2 layers) sized to `tokenizer`; the same weights every time."""
+    # deferred: transformers is slow to import and not every caller needs it
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -291,6 +292,7 @@ def load_lm(path: str, tokenizer: Any, dtype: torch.dtype | None = None) -> nn.M
     if path == TINY_LM:
         lm = build_tiny_lm(tokenizer)
         return lm.to(dtype) if dtype is not None else lm
+    # deferred: transformers is slow to import and not every caller needs it
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype} if dtype is not None else {}

@@ -31,9 +31,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vitune import IMAGE_TOKEN
+from vitune import HUMAN, IMAGE_TOKEN
 from vitune.config import ServeConfig
-from vitune.data.records import HUMAN
 from vitune.data.templates import TemplateError, tokenize_generation_prompt, with_system
 from vitune.model.decoding import DecodeBatch, DecodeRow, seeded_generator
 from vitune.model.folder import load_for_inference

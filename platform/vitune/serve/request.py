@@ -15,9 +15,8 @@ from urllib.parse import urlparse
 
 from PIL import Image
 
-from vitune import IMAGE_TOKEN
+from vitune import GPT, HUMAN, IMAGE_TOKEN, storage
 from vitune.config import ServeConfig
-from vitune.data.records import GPT, HUMAN
 from vitune.model.image import ImageError, decode_image
 from vitune.serve.openai import APIError, ChatCompletionRequest
 
@@ -78,10 +77,9 @@ async def _fetch(url: str, cfg: ServeConfig, param: str) -> bytes:
         raise APIError(400, f"image host {host!r} is not in this server's allow-list", param, "image_url_not_allowed")
     limit = cfg.max_image_bytes
     if parsed.scheme == "s3":
-        from vitune import storage
-
         data = await asyncio.to_thread(storage.read_bytes, url)
     else:
+        # deferred: only remote image URLs need an HTTP client
         import httpx
 
         # no redirects: a redirect could lead off the allow-list

@@ -28,6 +28,7 @@ from vitune import layout, storage
 from vitune.config import TrainJobConfig, connect, dump_config, init_ray
 from vitune.data.tokenizer import load_tokenizer
 from vitune.features.store import FeatureStore
+from vitune.model.checkpoints import ensure_model_folder
 from vitune.model.folder import TOKENIZER_DIR
 from vitune.tracking import MODEL_FOLDER_TAG, Tracker, resolve_tracking_uri, run_model_folder
 from vitune.train.data import (
@@ -148,6 +149,9 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     connect(cfg)
     if cfg.train.init_from:  # workers get a plain folder URI (runs:/ resolved here, against our tracking)
         folder = run_model_folder(cfg.train.init_from, resolve_tracking_uri(cfg.tracking, cfg.storage.root))
+        # a llava-hf folder, an official LLaVA checkpoint or a stage-1 mm_projector.bin becomes a model folder
+        folder = ensure_model_folder(folder, cfg.model, expected_fingerprint(cfg),
+                                     layout.imported_models(cfg.storage.root))
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": folder})})
     init_ray(cfg.ray)
     world = cfg.train.num_workers
@@ -178,7 +182,7 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     _log_model_folder(tracker, folder)
     version = None
     if cfg.stage == "finetune" and cfg.tracking.registered_model and tracker.active:
-        version = register_model(tracker, cfg.tracking.registered_model)
+        version = tracker.register_model(cfg.tracking.registered_model)
     tracker.finish()
     summary = {"stage": cfg.stage, "model_folder": folder, "run_id": tracker.run_id, "metrics": metrics,
                "data": stats.as_dict(), "total_steps": plan.total_steps, "registered_version": version,
@@ -226,22 +230,3 @@ def _log_model_folder(tracker: Tracker, folder: str) -> None:
     with tempfile.TemporaryDirectory(prefix="vitune-art-") as d:
         storage.download_dir(folder, d)
         tracker.log_artifacts(d, "model")
-
-
-def register_model(tracker: Tracker, name: str) -> str | None:
-    """Register the run's ``model`` artifact folder in the MLflow model registry; returns the version."""
-    try:
-        from mlflow.exceptions import MlflowException
-
-        client = tracker._client
-        try:
-            client.create_registered_model(name)
-        except MlflowException:
-            pass  # already registered
-        run = client.get_run(tracker.run_id)
-        mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=tracker.run_id)
-        log.info("registered model %s version %s", name, mv.version)
-        return str(mv.version)
-    except Exception as exc:  # noqa: BLE001 - the trained model is saved either way
-        log.warning("could not register model %s: %s", name, exc)
-        return None

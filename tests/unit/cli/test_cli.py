@@ -161,3 +161,24 @@ def test_the_installed_command_works_outside_the_repository(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert sub.returncode == 2, sub.stderr
     assert "train.num_workers" in sub.stderr and "repository" not in sub.stderr, sub.stderr
+
+
+@pytest.mark.parametrize("command", ["features", "train", "evaluate", "generate", "pipeline", "export", "demo",
+                                     "submit", "jobs", "data"])
+def test_every_subcommand_has_help_with_an_example_or_usage(command, capsys):
+    from vitune.cli.main import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert f"vitune {command}" in out or f"usage: vitune {command}" in out or "usage:" in out
+    if command in ("features", "train", "evaluate", "generate", "pipeline"):
+        assert f"example: vitune {command} --config tiny" in out
+
+
+def test_a_local_job_subcommand_runs_the_job_and_refuses_a_bad_override(capsys):
+    from vitune.cli.main import main
+
+    with pytest.raises(ConfigError, match="train.lrr"):
+        main(["train", "--config", "tiny", "stage=align", "train.lrr=1"])

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from tests.unit.test_model import DV, N, peaky_model
+from tests.unit.model.test_vlm import DV, N, peaky_model
 from vitune.data.tokenizer import load_tokenizer
 from vitune.model.decoding import DecodeBatch, DecodeRow, sample_next, seeded_generator
 from vitune.model.vlm import VisionLanguageModel

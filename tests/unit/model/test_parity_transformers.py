@@ -1,14 +1,14 @@
 """Parity with transformers' LlavaForConditionalGeneration: same weights, same logits.
 
-A tiny HF Llava is given our weights: the open_clip tower's into its CLIP vision model, our projector
-into its multi-modal projector, our Llama into its language model + lm_head. Our model gets ONE
+A tiny model is exported with `vitune.model.export` (the llava-hf layout) and loaded by transformers:
+the open_clip tower becomes its CLIP vision model, our projector its multi-modal projector, our Llama its
+language model + lm_head. Our model gets ONE
 `<image>` token plus features; HF gets N image tokens plus pixel values. The logits must match at
 every position, which pins the tower's feature layer, CLS handling, projector and splice at once.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import pytest
@@ -18,6 +18,8 @@ from torch import nn
 
 from vitune.config import ModelConfig, VisionConfig
 from vitune.data.tokenizer import load_tokenizer
+from vitune.model.export import export_llava_hf
+from vitune.model.folder import save_model_folder
 from vitune.model.vision import VisionTower, encode_images, load_vision_tower
 from vitune.model.vlm import VisionLanguageModel, build_model
 
@@ -33,70 +35,24 @@ class Pair:
     num_patches: int
 
 
-def _copy_open_clip_to_hf_clip(visual: nn.Module, hf_vision: nn.Module) -> None:
-    emb = hf_vision.embeddings
-    emb.patch_embedding.weight.copy_(visual.conv1.weight)
-    emb.class_embedding.copy_(visual.class_embedding)
-    emb.position_embedding.weight.copy_(visual.positional_embedding)
-    hf_vision.pre_layrnorm.load_state_dict(visual.ln_pre.state_dict())
-    for block, layer in zip(visual.transformer.resblocks, hf_vision.encoder.layers, strict=True):
-        attn = layer.self_attn
-        for proj, weight, bias in zip(
-            (attn.q_proj, attn.k_proj, attn.v_proj),
-            block.attn.in_proj_weight.chunk(3),
-            block.attn.in_proj_bias.chunk(3),
-            strict=True,
-        ):
-            proj.weight.copy_(weight)
-            proj.bias.copy_(bias)
-        attn.out_proj.load_state_dict(block.attn.out_proj.state_dict())
-        layer.layer_norm1.load_state_dict(block.ln_1.state_dict())
-        layer.layer_norm2.load_state_dict(block.ln_2.state_dict())
-        layer.mlp.fc1.load_state_dict(block.mlp.c_fc.state_dict())
-        layer.mlp.fc2.load_state_dict(block.mlp.c_proj.state_dict())
-
-
 @pytest.fixture(scope="module")
-def pair() -> Pair:
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
+    from transformers import LlavaForConditionalGeneration
 
     tokenizer = load_tokenizer("tiny")
     tower = load_vision_tower(VisionConfig())
-    ours = build_model(ModelConfig(projector="mlp2x_gelu"), tokenizer, tower.hidden_size).eval()
+    model_cfg = ModelConfig(projector="mlp2x_gelu")
+    ours = build_model(model_cfg, tokenizer, tower.hidden_size).eval()
     # Larger random weights than the 0.02 init, so that any misplaced feature moves the logits.
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in ours.parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.2, generator=gen)
-
-    visual = tower.visual
-    vision_config = CLIPVisionConfig(
-        hidden_size=tower.hidden_size,
-        intermediate_size=visual.transformer.resblocks[0].mlp.c_fc.out_features,
-        num_hidden_layers=tower.num_layers,
-        num_attention_heads=visual.transformer.resblocks[0].attn.num_heads,
-        image_size=tower.image_size,
-        patch_size=tower.patch_size,
-        hidden_act="gelu",  # the tiny open_clip tower uses exact GELU
-        layer_norm_eps=1e-5,
-    )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=copy.deepcopy(ours.lm.config),
-        image_token_index=ours.image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    hf = LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        _copy_open_clip_to_hf_clip(visual, hf.model.vision_tower)
-        projector = hf.model.multi_modal_projector
-        projector.linear_1.load_state_dict(ours.projector[0].state_dict())
-        projector.linear_2.load_state_dict(ours.projector[2].state_dict())
-        hf.model.language_model.load_state_dict(ours.lm.model.state_dict())
-        hf.lm_head.load_state_dict(ours.lm.lm_head.state_dict())
+    # the product's own mapping: model folder → `vitune export --format llava-hf` → transformers
+    tmp = tmp_path_factory.mktemp("parity")
+    save_model_folder(ours, tokenizer, model_cfg, tower.fingerprint(), str(tmp / "vitune"))
+    hf = LlavaForConditionalGeneration.from_pretrained(export_llava_hf(str(tmp / "vitune"), str(tmp / "hf"))).eval()
     return Pair(ours, hf, tower, ours.image_token_id, tower.num_patches)
 
 

@@ -18,7 +18,7 @@ from vitune.cli import submit
 from vitune.cli.jobs import JOBS
 from vitune.config import ConfigError, SyntheticJobConfig, TrainJobConfig, load_config, resolve_preset
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 YAMLS = sorted(CLUSTER.rglob("*.yaml"))
