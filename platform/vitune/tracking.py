@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 RUNS_SCHEME = "runs:/"
 MODEL_FOLDER_TAG = "vitune.model.folder"  # set on a training run: the model folder it wrote
+LLAVA_HF_TAG = "vitune.llava_hf"  # on a finetune run and its registered version: runs:/<id>/llava-hf (the export)
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, storage_root: str) -> str:
@@ -64,11 +65,11 @@ class Tracker:
             return
         try:
             # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
-            import mlflow
             from mlflow.tracking import MlflowClient
 
-            mlflow.set_tracking_uri(self.uri)
-            client = MlflowClient(self.uri)
+            # an explicit client, never mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in os.environ,
+            # so every later job of the process (and its children) would track to this run's store
+            client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
             exp = client.get_experiment_by_name(cfg.experiment)
             self.experiment_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
             if run_id:
@@ -154,8 +155,10 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
-    def register_model(self, name: str, artifact_path: str = "model") -> str | None:
-        """Register this run's ``artifact_path`` folder as a new version of ``name``; returns the version."""
+    def register_model(self, name: str, artifact_path: str = "model",
+                       tags: dict[str, str] | None = None) -> str | None:
+        """Register this run's ``artifact_path`` folder as a new version of ``name`` (with ``tags``); returns
+        the version."""
         if not self.active:
             return None
         from mlflow.exceptions import MlflowException  # deferred like every mlflow import here (import cost)
@@ -167,7 +170,7 @@ class Tracker:
                 pass  # already registered
             run = self._client.get_run(self.run_id)
             mv = self._client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}",
-                                                   run_id=self.run_id)
+                                                   run_id=self.run_id, tags=tags)
         except Exception as exc:  # noqa: BLE001 - the trained model is saved either way
             log.warning("could not register model %s: %s", name, exc)
             return None

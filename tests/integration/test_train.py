@@ -116,6 +116,13 @@ def test_mlflow_holds_runs_metrics_and_registered_model(trained, mlflow_server):
         assert "model/vitune_model.json" in arts
     versions = client.search_model_versions("name='vitune-train-test'")
     assert [v.run_id for v in versions] == [fine["run_id"]]
+    # the registered version carries the llava-hf export (an artifact of the finetune run), transformers-loadable
+    export_uri = f"runs:/{fine['run_id']}/llava-hf"
+    assert versions[0].tags["vitune.llava_hf"] == export_uri
+    assert client.get_run(fine["run_id"]).data.tags["vitune.llava_hf"] == export_uri
+    exported = {a.path for a in client.list_artifacts(fine["run_id"], "llava-hf")}
+    assert {"llava-hf/config.json", "llava-hf/chat_template.jinja", "llava-hf/tokenizer.json"} <= exported
+    assert not any(a.path.startswith("llava-hf") for a in client.list_artifacts(align["run_id"]))
 
 
 def test_resume_after_worker_failure(feature_setup, mlflow_server):

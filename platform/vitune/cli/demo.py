@@ -27,6 +27,7 @@ from vitune.config import SyntheticJobConfig, init_ray, load_config
 from vitune.data import synthetic
 from vitune.pipeline import run_pipeline
 from vitune.serve.app import build_app
+from vitune.tracking import RUNS_SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,9 @@ def _print_summary(summary: dict, results: dict, url: str, seconds: float, keep_
          f"{results['features']['quarantined']} quarantined)")
     _out(f"  align       {align['model_folder']}  (MLflow run {align['run_id']}, {align['total_steps']} steps)")
     _out(f"  finetune    {fine['model_folder']}  (MLflow run {fine['run_id']}, {fine['total_steps']} steps)")
+    registered = (f"; registered version {fine['registered_version']} carries it as {RUNS_SCHEME}{fine['run_id']}"
+                  "/llava-hf" if fine.get("registered_version") else "")
+    _out(f"  export      vitune export {fine['model_folder']} ./llava-hf --format llava-hf{registered}")
     _out(f"  eval        accuracy {ev['accuracy']:.3f} vs chance {ev['chance']['overall']:.3f} on {ev['n']} "
          f"held-out questions → {results['eval']['output']}")
     _out(f"  MLflow      {tracking}  (parent run {results['mlflow_parent_run_id']})")

@@ -29,8 +29,17 @@ from vitune.config import TrainJobConfig, connect, dump_config, init_ray
 from vitune.data.tokenizer import load_tokenizer
 from vitune.features.store import FeatureStore
 from vitune.model.checkpoints import ensure_model_folder
+from vitune.model.export import export_llava_hf
 from vitune.model.folder import TOKENIZER_DIR
-from vitune.tracking import MODEL_FOLDER_TAG, Tracker, resolve_tracking_uri, run_model_folder
+from vitune.model.llava_hf import NotRepresentable
+from vitune.tracking import (
+    LLAVA_HF_TAG,
+    MODEL_FOLDER_TAG,
+    RUNS_SCHEME,
+    Tracker,
+    resolve_tracking_uri,
+    run_model_folder,
+)
 from vitune.train.data import (
     DataStats,
     TokenizedRow,
@@ -181,8 +190,11 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     tracker.set_tags({MODEL_FOLDER_TAG: folder})
     _log_model_folder(tracker, folder)
     version = None
-    if cfg.stage == "finetune" and cfg.tracking.registered_model and tracker.active:
-        version = tracker.register_model(cfg.tracking.registered_model)
+    if cfg.stage == "finetune" and tracker.active:
+        llava_hf = _log_llava_hf_export(tracker, folder)
+        if cfg.tracking.registered_model:
+            version = tracker.register_model(cfg.tracking.registered_model,
+                                             tags={LLAVA_HF_TAG: llava_hf} if llava_hf else None)
     tracker.finish()
     summary = {"stage": cfg.stage, "model_folder": folder, "run_id": tracker.run_id, "metrics": metrics,
                "data": stats.as_dict(), "total_steps": plan.total_steps, "registered_version": version,
@@ -222,6 +234,22 @@ def _trainer(cfg: TrainJobConfig, ds: Dataset, store: FeatureStore, plan: Plan, 
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
         datasets={"train": ds},
     )
+
+
+def _log_llava_hf_export(tracker: Tracker, folder: str) -> str | None:
+    """The finetuned model in the llava-hf layout as the run's ``llava-hf`` artifact (transformers, vLLM, SGLang
+    load it); returns its ``runs:/`` URI, or None (with the reason logged and tagged) when it cannot be exported."""
+    with tempfile.TemporaryDirectory(prefix="vitune-hf-") as d:
+        try:
+            export_llava_hf(folder, d)
+        except NotRepresentable as exc:
+            log.warning("the model cannot be exported to llava-hf: %s", exc)
+            tracker.set_tags({LLAVA_HF_TAG: f"not exportable: {exc}"})
+            return None
+        tracker.log_artifacts(d, "llava-hf")
+    uri = f"{RUNS_SCHEME}{tracker.run_id}/llava-hf"
+    tracker.set_tags({LLAVA_HF_TAG: uri})
+    return uri
 
 
 def _log_model_folder(tracker: Tracker, folder: str) -> None:
