@@ -40,7 +40,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+import torch
 import yaml
 from PIL import Image, ImageDraw
 
@@ -76,8 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def missing_prerequisites(vllm_python: str) -> list[str]:
     """What this machine lacks for the comparison: a CUDA GPU, an interpreter that imports vLLM."""
-    import torch  # deferred: --help and the argument checks should not wait for it
-
     missing = []
     if not torch.cuda.is_available():
         missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
@@ -166,16 +166,16 @@ def vllm_serve_config(export: Path, dtype: str, port: int) -> dict[str, Any]:
 @contextlib.contextmanager
 def served(python: str, config: dict[str, Any], timeout_s: float) -> Iterator[str]:
     """`serve run` of ``config`` under ``python`` until /v1/models answers; yields the base URL, then stops it."""
-    import httpx
-
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f, sort_keys=False)
     env = {k: v for k, v in os.environ.items() if k != "VITUNE_API_KEY"}  # both engines without auth
     env.update(RAY_AUTH_MODE="token", PYTHONPATH=config["applications"][0]["runtime_env"]["env_vars"]["PYTHONPATH"])
-    proc = subprocess.Popen([python, "-m", "ray.serve.scripts", "run", f.name], cwd=ROOT, env=env,
-                            start_new_session=True)
     base = f"http://127.0.0.1:{config['http_options']['port']}"
+    proc = None
     try:
+        # its own session: stopping it reaches the local Ray it starts, and nothing else
+        proc = subprocess.Popen([python, "-m", "ray.serve.scripts", "run", f.name], cwd=ROOT, env=env,
+                                start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
@@ -188,7 +188,7 @@ def served(python: str, config: dict[str, Any], timeout_s: float) -> Iterator[st
             time.sleep(5)
         yield base
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve and its local Ray down on Ctrl-C
             try:
                 proc.wait(timeout=120)
@@ -222,8 +222,6 @@ async def one_request(http: Any, payload: dict[str, Any]) -> dict[str, Any]:
 
 async def run_level(base: str, requests: list[dict[str, Any]], concurrency: int) -> tuple[dict, list[str]]:
     """Closed loop: ``concurrency`` clients send ``requests`` back to back; the summary and the texts in order."""
-    import httpx
-
     results: list[dict[str, Any] | None] = [None] * len(requests)
 
     async def client(worker: int, http: Any) -> None:
