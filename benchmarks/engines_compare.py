@@ -51,6 +51,10 @@ from vitune.config import ServeConfig
 from vitune.model.export import EXPORT_META, export_llava_hf, resolve_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks.serve_load` importable
+    sys.path.insert(0, str(ROOT))
+from benchmarks.serve_load import one_request  # noqa: E402 - after the path above; the same HTTP client
+
 logger = logging.getLogger("engines_compare")
 MODEL_ID = "bench"
 PROMPTS = [
@@ -196,28 +200,6 @@ def served(python: str, config: dict[str, Any], timeout_s: float) -> Iterator[st
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         os.unlink(f.name)
-
-
-async def one_request(http: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """Stream one completion: latency, time to first content, output tokens and the text."""
-    start = time.perf_counter()
-    first, tokens, text = None, 0, []
-    async with http.stream("POST", "/v1/chat/completions", json=payload) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                if content := choice["delta"].get("content"):
-                    first = first if first is not None else time.perf_counter() - start
-                    text.append(content)
-    latency = time.perf_counter() - start
-    return {"latency": latency, "ttft": first if first is not None else latency, "tokens": tokens,
-            "text": "".join(text)}
 
 
 async def run_level(base: str, requests: list[dict[str, Any]], concurrency: int) -> tuple[dict, list[str]]:

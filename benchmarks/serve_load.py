@@ -69,11 +69,10 @@ def image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def one_request(http: Any, payload: dict[str, Any]) -> tuple[float, float, int]:
-    """Stream one completion; returns (latency s, time to first content s, output tokens)."""
+async def one_request(http: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """Stream one completion: latency and time to first content (s), output tokens and the text."""
     start = time.perf_counter()
-    first = None
-    tokens = 0
+    first, tokens, text = None, 0, []
     async with http.stream("POST", "/v1/chat/completions", json=payload) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -84,10 +83,12 @@ async def one_request(http: Any, payload: dict[str, Any]) -> tuple[float, float,
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):
-                if first is None and choice["delta"].get("content"):
-                    first = time.perf_counter() - start
+                if content := choice["delta"].get("content"):
+                    first = first if first is not None else time.perf_counter() - start
+                    text.append(content)
     latency = time.perf_counter() - start
-    return latency, first if first is not None else latency, tokens
+    return {"latency": latency, "ttft": first if first is not None else latency, "tokens": tokens,
+            "text": "".join(text)}
 
 
 async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, Any]:
@@ -111,9 +112,9 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> di
         start = time.perf_counter()
         await asyncio.gather(*[client(w, http) for w in range(concurrency)])
         wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
-    ttfts = sorted(r[1] for r in results)
-    tokens = sum(r[2] for r in results)
+    latencies = sorted(r["latency"] for r in results)
+    ttfts = sorted(r["ttft"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
 
     def pct(values: list[float], q: float) -> float:
         return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
