@@ -213,8 +213,8 @@ def run_model_folder(ref: str, tracking_uri: str | None = None) -> str:
 # --- registered models: models:/NAME/VERSION → a model folder ---
 
 
-def _registry_download_uri(uri: str, tracking_uri: str | None) -> str:
-    """Where the artifacts of `models:/NAME/VERSION` (or `NAME@ALIAS`, `NAME/latest`) live.
+def _registry_version(uri: str, tracking_uri: str | None) -> tuple[Any, str, str]:
+    """``(client, name, version)`` of `models:/NAME/VERSION` (or `NAME@ALIAS`, `NAME/latest`).
 
     Resolved with an explicit client: mlflow's own `models:/` download ignores a passed registry URI.
     """
@@ -225,17 +225,35 @@ def _registry_download_uri(uri: str, tracking_uri: str | None) -> str:
     ref = uri[len(MODELS_SCHEME) :].strip("/")
     if "@" in ref:
         name, alias = ref.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias).version
-    else:
-        name, _, version = ref.partition("/")
-        if not name or not version:
-            raise ValueError(f"model URI {uri!r} must be models:/NAME/VERSION or models:/NAME@ALIAS")
-        if version == "latest":
-            found = client.search_model_versions(f"name='{name}'")
-            if not found:
-                raise ValueError(f"registered model {name!r} has no versions")
-            version = str(max(int(v.version) for v in found))
+        return client, name, str(client.get_model_version_by_alias(name, alias).version)
+    name, _, version = ref.partition("/")
+    if not name or not version:
+        raise ValueError(f"model URI {uri!r} must be models:/NAME/VERSION or models:/NAME@ALIAS")
+    if version == "latest":
+        found = client.search_model_versions(f"name='{name}'")
+        if not found:
+            raise ValueError(f"registered model {name!r} has no versions")
+        version = str(max(int(v.version) for v in found))
+    return client, name, version
+
+
+def _registry_download_uri(uri: str, tracking_uri: str | None) -> str:
+    """Where the artifacts (the vitune model folder) of a registered version live."""
+    client, name, version = _registry_version(uri, tracking_uri)
     return client.get_model_version_download_uri(name, version)
+
+
+def llava_hf_export_uri(uri: str, tracking_uri: str | None = None) -> str:
+    """The storage URI of the llava-hf export a registered finetune carries (``LLAVA_HF_TAG``): what vLLM's
+    Ray Serve LLM path serves for `models:/NAME/VERSION`."""
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    client, name, version = _registry_version(uri, tracking_uri)
+    ref = client.get_model_version(name, version).tags.get(LLAVA_HF_TAG, "")
+    if not ref.startswith(RUNS_SCHEME):
+        raise ValueError(f"version {version} of {name!r} carries no llava-hf export (tag {LLAVA_HF_TAG}: {ref!r}); "
+                         "export it with `vitune export`")
+    run_id, _, path = ref[len(RUNS_SCHEME):].partition("/")
+    return f"{client.get_run(run_id).info.artifact_uri}/{path}"
 
 
 def resolve_model_source(uri: str, dest: str, tracking_uri: str | None = None) -> str:

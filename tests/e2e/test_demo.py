@@ -46,7 +46,7 @@ def test_demo_answers_over_http_and_prints_summary(demo):
     m = re.search(r"POST (http://127\.0\.0\.1:\d+)/v1/chat/completions → '(.*)' \(expected '(\w+)'\)", out)
     assert m, out
     assert m.group(2).strip(), "the served model returned an empty answer"
-    for needle in ("features ", "align ", "finetune ", "MLflow ", "mlflow ui", "curl "):
+    for needle in ("features ", "align ", "finetune ", "export      vitune export ", "MLflow ", "mlflow ui", "curl "):
         assert needle in out
 
 

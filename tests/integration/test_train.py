@@ -14,6 +14,7 @@ from vitune import storage
 from vitune.config import FeaturesJobConfig, TrainJobConfig, load_config
 from vitune.data import synthetic
 from vitune.model.folder import load_model_folder
+from vitune.tracking import llava_hf_export_uri
 
 pytestmark = pytest.mark.integration
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -123,6 +124,10 @@ def test_mlflow_holds_runs_metrics_and_registered_model(trained, mlflow_server):
     exported = {a.path for a in client.list_artifacts(fine["run_id"], "llava-hf")}
     assert {"llava-hf/config.json", "llava-hf/chat_template.jinja", "llava-hf/tokenizer.json"} <= exported
     assert not any(a.path.startswith("llava-hf") for a in client.list_artifacts(align["run_id"]))
+    # what the vLLM path serves for models:/NAME/VERSION: the export's artifact URI (this server proxies its S3
+    # store, so here it is mlflow-artifacts:/...; a server with an s3:// artifact root gives an s3:// URI)
+    served = llava_hf_export_uri(f"models:/vitune-train-test/{versions[0].version}", mlflow_server)
+    assert served == f"{client.get_run(fine['run_id']).info.artifact_uri}/llava-hf"
 
 
 def test_resume_after_worker_failure(feature_setup, mlflow_server):

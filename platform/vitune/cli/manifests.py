@@ -31,6 +31,8 @@ from typing import Any
 import yaml
 
 from vitune.cli.repo import RepositoryNotFound, find_repo_root
+from vitune.config import MODELS_SCHEME
+from vitune.tracking import llava_hf_export_uri
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vllm", action="store_true", help=f"only {VLLM_RAYSERVICE} (from {VLLM_SERVE_CONFIG}); with "
                                                        "--model, its variant serving that exported folder")
     p.add_argument("--model", help="the model to serve: a model folder URI or models:/NAME/VERSION (with --vllm: "
-                                   "an exported llava-hf folder, local or s3://)")
+                                   "an exported llava-hf folder, local or s3://, or models:/NAME/VERSION: the "
+                                   "export its finetune run carries)")
+    p.add_argument("--tracking-uri", help="MLflow for --vllm --model models:/... (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--engine-gpus", type=float, help=f"GPUs per {ENGINE} replica (ray_actor_options.num_gpus)")
     p.add_argument("--output", "-o", help=f"where to write (default: {RAYSERVICE} and {VLLM_RAYSERVICE} in place; "
                                           "'-' or with --model/--engine-gpus: stdout)")
@@ -159,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RepositoryNotFound as exc:
         log.error("%s", exc)
         return 2
+    if args.vllm and args.model and args.model.startswith(MODELS_SCHEME):
+        args.model = llava_hf_export_uri(args.model, args.tracking_uri)
+        log.info("serving the llava-hf export %s", args.model)
     variant = args.model is not None or args.engine_gpus is not None
     names = ["vllm"] if args.vllm else (["vitune"] if variant or args.output else list(PAIRS))
     if args.check:
