@@ -250,7 +250,10 @@ def bench_run(bench_root, model_folder, ray_local, tmp_path_factory):
         fake.responder = _bench_responder()
         args = [*_base(tmp, "bench"), *_judge(fake), "eval.benchmark=llava_bench", f"eval.data={bench_root}",
                 f"eval.model_folder={model_folder}", "judge.repeats=2", "judge.swap_order=true",
-                "tracking.enabled=true", "eval.model_run_id=train-run-123"]
+                "tracking.enabled=true", "eval.model_run_id=train-run-123",
+                # vitune's own judge wording (the scripted judge reads it; unparseable verdicts left out of the
+                # means); the official prompt, the default, is checked below with the serving app as the judge
+                "eval.judge_prompt=vitune"]
         first = run_job(*args)
         sent_first = fake.count()
         second = run_job(*args)
@@ -314,7 +317,8 @@ def test_llava_bench_report_files_and_mlflow_link(bench_run):
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "serving", "app.py")),
                     reason="serving/app.py does not exist yet: no vitune endpoint to judge with")
 def test_llava_bench_judged_by_the_serving_app(bench_run, bench_root, model_folder, serve_http, tmp_path):
-    """vitune's own serving app as the judge: its (tiny, random) verdicts are unparseable, counted, not fatal."""
+    """vitune's own serving app as the judge, with LLaVA's official prompt: its (tiny, random) verdicts are
+    unparseable, counted as [-1, -1], not fatal."""
     import shutil
 
     from ray import serve
@@ -335,8 +339,10 @@ def test_llava_bench_judged_by_the_serving_app(bench_run, bench_root, model_fold
     res = report["result"]
     assert report["inference"]["generated"] == 0
     assert report["judge"]["requests_sent"] >= 6 and report["judge"]["failures"] == 0
-    # a random tiny model does not write "s1 s2" lines: every verdict is counted as unparseable
+    # a random tiny model does not write "s1 s2" lines: every verdict is counted as unparseable and, with the
+    # official prompt (the default), averaged in as [-1, -1] as LLaVA's summary does: -1 / -1 → 100
     assert res["unparseable"] == 6 and res["judge_errors"] == 0
-    assert res["relative_score"]["all"] is None
+    assert res["judge_prompt"] == "official" and res["unparseable_counted_as"] == [-1.0, -1.0]
+    assert res["relative_score"]["all"] == pytest.approx(100.0) and res["scores"]["all"]["n"] == 6
     reviews = [json.loads(line) for line in (tmp_path / "served" / "reviews.jsonl").read_text().splitlines()]
     assert len(reviews) == 6 and all(isinstance(r["content"], str) for r in reviews)
