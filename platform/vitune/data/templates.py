@@ -10,7 +10,10 @@ text (trained: the reply and the separator that ends it). The same segments give
   ``preprocess_multimodal`` (``plain``: LLaVA's ``preprocess_plain`` string),
 - ``render_generation_prompt``: the conversation so far plus the assistant cue,
 - ``tokenize_conversation``: ids + labels, built by tokenizing segment by segment (see below),
-- ``tokenize_generation_prompt``: the serving-time ids, a prefix of the training ids by construction.
+- ``tokenize_generation_prompt``: the serving-time ids, a prefix of the training ids by construction,
+- ``stop_strings`` / ``stop_token_ids``: where generation ends for templates whose turn end is not the
+  tokenizer's EOS (``plain``: its newline separator; ``chatml_direct``: ``<|im_end|>``), as LLaVA's eval
+  scripts stop on ``conv.sep``.
 
 ``with_system`` gives a template with a caller's system prompt (serving's system messages), or a
 ``TemplateError`` when the template has none.
@@ -330,6 +333,7 @@ class TokenizedSample:
     labels: list[int]
     truncated: bool
     num_trained: int
+    num_cut: int = 0  # tokens truncation removed
 
 
 def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -396,7 +400,8 @@ def tokenize_conversation(
     except TemplateError as e:
         raise MaskError(f"{e.problem} (template {tpl.name!r})", e.kind, record_id) from e
 
-    truncated = len(input_ids) > max_length
+    num_cut = max(len(input_ids) - max_length, 0)
+    truncated = num_cut > 0
     if truncated:
         n_images = sum(s.text.count(IMAGE_TOKEN) for s in segments)
         input_ids, labels = input_ids[:max_length], labels[:max_length]
@@ -407,7 +412,8 @@ def tokenize_conversation(
     num_trained = sum(label != IGNORE_INDEX for label in labels)
     if not num_trained:
         raise MaskError(f"no trained token survives truncation to {max_length} tokens", "no_trained_tokens", record_id)
-    return TokenizedSample(input_ids=input_ids, labels=labels, truncated=truncated, num_trained=num_trained)
+    return TokenizedSample(input_ids=input_ids, labels=labels, truncated=truncated, num_trained=num_trained,
+                           num_cut=num_cut)
 
 
 def tokenize_record(
@@ -429,3 +435,34 @@ def tokenize_generation_prompt(
     for seg in segments:
         ids += _encode(seg.text, tokenizer)
     return ids
+
+
+def stop_strings(template: str | ConversationTemplate) -> tuple[str, ...]:
+    """Text that ends a reply besides the tokenizer's EOS: the turn end of ``plain`` and ChatML templates.
+
+    LLaVA's eval scripts stop on ``conv.sep`` for these (``plain`` is trained on caption + ``"\\n"``; ChatML
+    replies end with ``<|im_end|>``). The ``two`` / ``llama_2`` styles end with ``</s>``, which is the EOS the
+    model's stop ids already hold; a chat template ends on the tokenizer's own end-of-turn token.
+    """
+    tpl = get_template(template)
+    return (tpl.sep,) if tpl.style in (SepStyle.PLAIN, SepStyle.MPT) and tpl.sep else ()
+
+
+def stop_token_ids(template: str | ConversationTemplate, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids of the template's stop strings that are one token when they follow text (``"\\n"``,
+    ``<|im_end|>``); a stop string spread over several tokens is caught as text by the caller instead."""
+    probe = "a"
+    base = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    ids = []
+    for text in stop_strings(template):
+        full = tokenizer(probe + text, add_special_tokens=False)["input_ids"]
+        tail = full[len(base):]
+        if full[: len(base)] == base and len(tail) == 1:
+            ids.append(int(tail[0]))
+    return ids
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first stop string (as LLaVA's keyword stopping criteria end a reply there)."""
+    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return text[: min(cuts)] if cuts else text

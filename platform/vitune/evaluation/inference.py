@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from vitune import IMAGE_TOKEN, storage
+from vitune import IMAGE_TOKEN, progress, storage
+from vitune.data.templates import cut_at_stop, stop_strings, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,10 @@ class AnswerBatch:
         loaded = load_for_inference(model_folder, device="cuda" if use_gpu else "cpu")
         self.model, self.tokenizer, self.tower, meta = loaded.model, loaded.tokenizer, loaded.tower, loaded.meta
         self.template = self.settings.template or meta["model"]["template"]
-        self.stop_ids = meta.get("stop_token_ids")
+        # the template's own turn end (plain: "\n", ChatML: <|im_end|>) stops a reply too, as in LLaVA's eval
+        self.stop_strings = stop_strings(self.template)
+        self.stop_ids = [*meta.get("stop_token_ids", self.model.eos_token_ids),
+                         *stop_token_ids(self.template, self.tokenizer)]
 
     def _load_image(self, uri: str):
         # deferred: runs in the Ray actor; the driver imports this module without torch
@@ -178,7 +182,8 @@ class AnswerBatch:
                                       temperature=s.temperature, top_p=s.top_p, stop_token_ids=self.stop_ids,
                                       seed=s.seed)
             for i, toks in zip(slots, out, strict=True):
-                rows[i]["text"] = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                text = cut_at_stop(self.tokenizer.decode(toks, skip_special_tokens=True), self.stop_strings)
+                rows[i]["text"] = text.strip()
                 rows[i]["new_tokens"] = len(toks)
         seconds = time.perf_counter() - t0
         storage.write_jsonl(storage.join(answers_uri(self.output_uri), _shard_name(ids)), rows)
@@ -251,7 +256,10 @@ def run_batch_inference(
         import ray.data
 
         if not ray.is_initialized():
-            ray.init(**(ray_init_kwargs or {}))
+            quiet = {"log_to_driver": False} if progress.ray_log_file() else {}  # Ray's logs to files (vitune.progress)
+            progress.route_ray_logs()
+            ray.init(**{**quiet, **(ray_init_kwargs or {})})
+            progress.route_ray_logs()
         num_batches = -(-len(todo) // settings.batch_size)
         size, use_gpu = _pool_size(settings, num_batches)
         items = [{"id": str(r["id"]), "image": r.get("image") or "",
@@ -266,7 +274,11 @@ def run_batch_inference(
             num_gpus=1 if use_gpu else 0,
             num_cpus=1,
         )
-        rows = ds.take_all()
+        with progress.Progress("answers", len(todo), "answers") as bar:
+            rows = []
+            for row in ds.iter_rows():
+                rows.append(row)
+                bar.update()
         result.num_actors = size
         result.generated = len(rows)
         result.new_tokens = int(sum(r["new_tokens"] for r in rows))

@@ -4,15 +4,19 @@ Every record is read and validated once (``vitune.data.records``), tokenized onc
 and becomes one ``TokenizedRow``: ``TOKEN_DTYPE`` arrays of ids and labels and, when it cannot be trained,
 the reason why. A reason is the ``kind`` of the record's validation or mask error (``bad_type``,
 ``template_mismatch``, ``image_truncated``, ... — the vocabulary ``vitune data inspect`` reports), or
-``text_only`` / ``no_features`` for a record this feature-store pipeline cannot join. ``DataStats`` counts
-the rows: rows in = rows trained + rows skipped, per reason. Token ids stay int32 until ``collate`` turns
+``no_features`` for an image the feature store lacks. ``DataStats`` counts the rows: rows in = rows trained +
+rows skipped, per reason. ``model_max_length`` counts the image's N positions, as LLaVA truncates after the
+``<image>`` expansion; the tokens truncation cuts are counted too. Token ids stay int32 until ``collate`` turns
 them into the int64 tensors the model takes.
 
+Text-only records (LLaVA-1.5's ShareGPT share) train too: they have no features to join, so they never enter
+the feature stream; each rank takes its share of them from the object store and ``interleave`` mixes them
+into its stream of joined image rows. ``collate`` batches image and text-only rows together (the model splices
+features into the rows that hold ``<image>`` only), and ``vitune.train.sampler`` orders them.
+
 The records are small and the features big, so the join runs where the features are read: the trainable
-rows cross Ray once, into the object store, and each feature shard's block is matched against them; feature
-bytes never cross the cluster in a shuffle. The epoch shuffle is a per-epoch file order plus a local buffer,
-then length-grouped micro-batches (LLaVA's ``group_by_modality_length`` idea) keep padding small. Everything
-here but the join task runs without Ray.
+image rows cross Ray once, into the object store, and each feature shard's block is matched against them;
+feature bytes never cross the cluster in a shuffle. Everything here but the join task runs without Ray.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOKEN_DTYPE = np.int32  # ids and labels in rows, the object store and Arrow; int64 only in collated tensors
-TEXT_ONLY = "text_only"  # no image: the feature-store pipeline does not train text-only records yet
 NO_FEATURES = "no_features"  # the record's image has no row in the feature store
 
 
@@ -51,6 +54,11 @@ class TokenizedRow:
     labels: np.ndarray  # [T] TOKEN_DTYPE, IGNORE_INDEX outside the trained spans
     truncated: bool = False
     skip: str | None = None
+    cut: int = 0  # tokens truncation removed
+
+    @property
+    def has_image(self) -> bool:
+        return bool(self.image_key)
 
     @property
     def trainable(self) -> bool:
@@ -60,21 +68,31 @@ class TokenizedRow:
 _NO_TOKENS = np.zeros(0, dtype=TOKEN_DTYPE)
 
 
-def tokenize_row(record: Record, template: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TokenizedRow:
-    """A validated record → its ``TokenizedRow``; one whose labels cannot be built carries its mask error's kind."""
+def tokenize_row(record: Record, template: str, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                 image_positions: int = 1) -> TokenizedRow:
+    """A validated record → its ``TokenizedRow``; one whose labels cannot be built carries its mask error's kind.
+
+    ``max_length`` counts the ``image_positions`` the ``<image>`` token expands to (LLaVA's ``model_max_length``
+    applies after the expansion), so a record with an image keeps ``max_length - (N - 1)`` token ids at most.
+    """
     record = normalize_image_token(record)
     image_key = record.image or ""
+    limit = max_length - (image_positions - 1) if image_key else max_length
+    if limit < 2:  # not even <image> and one trained token fit
+        log.warning("skipping record %s: %d image positions leave no room in %d", record.id, image_positions,
+                    max_length)
+        return TokenizedRow(record.id, image_key, _NO_TOKENS, _NO_TOKENS, skip="image_truncated")
     try:
-        sample = tokenize_record(record, template, tokenizer, max_length)
+        sample = tokenize_record(record, template, tokenizer, limit)
     except MaskError as err:
         log.warning("skipping record: %s", err)
         return TokenizedRow(record.id, image_key, _NO_TOKENS, _NO_TOKENS, skip=err.kind)
     return TokenizedRow(record.id, image_key, np.asarray(sample.input_ids, dtype=TOKEN_DTYPE),
-                        np.asarray(sample.labels, dtype=TOKEN_DTYPE), truncated=sample.truncated)
+                        np.asarray(sample.labels, dtype=TOKEN_DTYPE), truncated=sample.truncated, cut=sample.num_cut)
 
 
 def tokenize_records(uris: Sequence[str], template: str, tokenizer: PreTrainedTokenizerBase,
-                     max_length: int) -> list[TokenizedRow]:
+                     max_length: int, image_positions: int = 1) -> list[TokenizedRow]:
     """One row per input record of every file: invalid records carry their validation error's kind."""
     rows: list[TokenizedRow] = []
     for uri in uris:
@@ -82,17 +100,15 @@ def tokenize_records(uris: Sequence[str], template: str, tokenizer: PreTrainedTo
         for err in errors:
             log.warning("skipping invalid record: %s", err)
             rows.append(TokenizedRow(err.record_id or "", "", _NO_TOKENS, _NO_TOKENS, skip=err.kind))
-        rows.extend(tokenize_row(r, template, tokenizer, max_length) for r in records)
+        rows.extend(tokenize_row(r, template, tokenizer, max_length, image_positions) for r in records)
     return rows
 
 
 def check_features(rows: Iterable[TokenizedRow], feature_keys: Collection[str]) -> list[TokenizedRow]:
-    """Mark the trainable rows the feature store cannot feed: ``text_only``, or ``no_features`` for their image."""
+    """Mark the trainable image rows the feature store cannot feed as ``no_features``; text-only rows train."""
     out = []
     for row in rows:
-        if row.trainable and not row.image_key:
-            row = replace(row, skip=TEXT_ONLY)
-        elif row.trainable and row.image_key not in feature_keys:
+        if row.trainable and row.has_image and row.image_key not in feature_keys:
             row = replace(row, skip=NO_FEATURES)
         out.append(row)
     return out
@@ -105,7 +121,9 @@ class DataStats:
     records: int = 0
     samples: int = 0
     skipped: Counter = field(default_factory=Counter)
-    truncated: int = 0
+    truncated: int = 0  # trained rows that truncation shortened
+    truncated_tokens: int = 0  # the tokens it cut from them
+    text_only: int = 0  # trained rows without an image
 
     @classmethod
     def of(cls, rows: Iterable[TokenizedRow]) -> DataStats:
@@ -115,6 +133,8 @@ class DataStats:
             if row.trainable:
                 stats.samples += 1
                 stats.truncated += row.truncated
+                stats.truncated_tokens += row.cut
+                stats.text_only += not row.has_image
             else:
                 stats.skipped[row.skip] += 1
         if stats.skipped:
@@ -125,25 +145,58 @@ class DataStats:
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
 
+    @property
+    def with_image(self) -> int:
+        return self.samples - self.text_only
+
     def as_dict(self) -> dict[str, Any]:
         return {"records": self.records, "samples": self.samples, "skipped": dict(self.skipped),
-                "skipped_total": self.skipped_total, "truncated": self.truncated}
+                "skipped_total": self.skipped_total, "truncated": self.truncated,
+                "truncated_tokens": self.truncated_tokens, "text_only": self.text_only}
 
     def metrics(self) -> dict[str, float]:
-        """The MLflow form: ``records_in``, ``samples``, ``truncated``, ``skipped_total`` and ``skipped_<reason>``."""
-        out = {"records_in": self.records, "samples": self.samples, "truncated": self.truncated,
+        """The MLflow form: ``records_in``, ``samples``, ``samples_text_only``, ``truncated``, ``truncated_tokens``,
+        ``skipped_total`` and ``skipped_<reason>``."""
+        out = {"records_in": self.records, "samples": self.samples, "samples_text_only": self.text_only,
+               "truncated": self.truncated, "truncated_tokens": self.truncated_tokens,
                "skipped_total": self.skipped_total}
         out.update({f"skipped_{reason}": n for reason, n in sorted(self.skipped.items())})
         return out
 
 
 def by_image_key(rows: Iterable[TokenizedRow]) -> dict[str, list[TokenizedRow]]:
-    """The trainable rows grouped by image key: the table each join task looks feature rows up in."""
+    """The trainable image rows grouped by image key: the table each join task looks feature rows up in."""
     out: dict[str, list[TokenizedRow]] = defaultdict(list)
     for row in rows:
-        if row.trainable:
+        if row.trainable and row.has_image:
             out[row.image_key].append(row)
     return dict(out)
+
+
+def text_only_rows(rows: Iterable[TokenizedRow]) -> list[dict[str, Any]]:
+    """The trainable text-only rows as training rows (no features): what ranks mix into the feature stream."""
+    return [training_row(row, None) for row in rows if row.trainable and not row.has_image]
+
+
+def interleave(stream: Iterable[dict], extra: Sequence[dict], stream_len: int, seed: int) -> Iterator[dict]:
+    """``stream`` (about ``stream_len`` rows) with the ``extra`` rows mixed in at random places, all of both.
+
+    Each next row is drawn from either side in proportion to the rows that side has left, so the text-only
+    rows spread over the whole epoch instead of bunching at one end.
+    """
+    rng = random.Random(seed)
+    extra = list(extra)
+    rng.shuffle(extra)
+    left = max(stream_len, 0)
+    it = iter(stream)
+    k = 0
+    for row in it:
+        while k < len(extra) and rng.random() * (left + len(extra) - k) < len(extra) - k:
+            yield extra[k]
+            k += 1
+        yield row
+        left = max(left - 1, 0)
+    yield from extra[k:]
 
 
 def training_row(sample: TokenizedRow, feats: np.ndarray | None) -> dict[str, Any]:
@@ -177,28 +230,6 @@ def join_with_features(batch: dict[str, np.ndarray], by_key_ref: list) -> dict[s
             for name, value in training_row(sample, feats).items():
                 cols[name].append(value)
     return dict(cols)
-
-
-def length_grouped(rows: Iterable[dict], micro_batch_size: int, megabatch: int, seed: int) -> Iterator[list[dict]]:
-    """Micro-batches of similar length: buffer ``megabatch`` micro-batches of rows, sort by (modality,
-    length), cut, shuffle the cut order. Leftover rows that do not fill a micro-batch are dropped."""
-    rng = random.Random(seed)
-    buf: list[dict] = []
-    size = micro_batch_size * megabatch
-
-    def flush(rows: list[dict]) -> Iterator[list[dict]]:
-        rows.sort(key=lambda r: (r["has_image"], r["length"]))
-        chunks = [rows[i:i + micro_batch_size] for i in range(0, len(rows) - micro_batch_size + 1, micro_batch_size)]
-        rng.shuffle(chunks)
-        yield from chunks
-
-    for row in rows:
-        buf.append(row)
-        if len(buf) == size:
-            yield from flush(buf)
-            buf = []
-    if buf:
-        yield from flush(buf)
 
 
 def collate_tokens(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor | int]:
