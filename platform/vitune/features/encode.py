@@ -33,6 +33,7 @@ from vitune.config import FeaturesJobConfig, VisionConfig
 from vitune.features.store import errors_name, shard_name, shard_table, write_shard
 from vitune.model import image as image_lib
 from vitune.model.vision import fingerprint_id, load_vision_tower
+from vitune.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,12 @@ def _binary_column(buffers: list[pa.Buffer]) -> pa.LargeBinaryArray:
 def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixels: int,
                s3_endpoint_url: str | None = None) -> pa.Table:
     """CPU task: one row per shard → its preprocessed pixels ``[n, 3, S, S]`` + quarantined images."""
-    if s3_endpoint_url:
-        storage.configure_s3(s3_endpoint_url)
+    # for this call only: the pooled worker process runs other jobs' tasks afterwards
+    with storage.s3_endpoint(s3_endpoint_url):
+        return _load_shard(batch, image_root, spec, max_pixels)
+
+
+def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixels: int) -> pa.Table:
     fs, base = storage.resolve(image_root)
     out: dict[str, list] = {k: [] for k in ("shard", "keys", "pixels", "errors", "bytes_read", "load_s", "pid")}
     for shard, keys in zip(batch.column("shard").to_pylist(), batch.column("keys").to_pylist(), strict=True):
@@ -235,9 +240,11 @@ def run_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], out: s
                                "s3_endpoint_url": endpoint},
     )
     results = []
-    for row in ds.iter_rows():
-        log.debug("shard %05d: %d features, %d quarantined", row["shard"], row["rows"], row["quarantined"])
-        results.append(row)
+    with Progress("features", sum(len(keys) for _, keys in todo), "images") as progress:
+        for row in ds.iter_rows():
+            log.debug("shard %05d: %d features, %d quarantined", row["shard"], row["rows"], row["quarantined"])
+            results.append(row)
+            progress.update(row["rows"] + row["quarantined"])
     if any(r["fused"] for r in results):
         log.warning("Ray Data ran preprocessing inside the tower actors (operators fused): CPU decoding did not "
                     "overlap the tower; check features.preprocess_cpus / actor_cpus")

@@ -9,8 +9,11 @@
     manifest (driver)   written last (``vitune.features.store.write_manifest``), from the shard footers:
                         counts, shard list, schema, timings
 
-A shard is done iff its file exists, so a re-run after a kill computes only the missing shards (no
-duplicates, finished shards untouched) and a run over a complete store computes and writes nothing. The
+A shard is done iff its file exists and its footer checks out against the plan (rows, keys, tower; its
+size against the manifest), so a re-run after a kill computes only the missing or damaged shards (no
+duplicates, finished shards untouched) and a run over a complete store computes and writes nothing. One
+run at a time writes a store: it holds the store's lease (``vitune.features.lease``) from the plan to the
+manifest; a concurrent run waits, then finds the store complete. The
 store's URI is ``vitune.layout.features_output``: ``<storage.root>/features/<fingerprint id>`` by default.
 """
 
@@ -29,6 +32,7 @@ from vitune import layout, storage
 from vitune.config import FeaturesJobConfig, connect, init_ray
 from vitune.data.records import read_records_with_errors
 from vitune.features.encode import PreprocessSpec, run_shards
+from vitune.features.lease import StoreLease
 from vitune.features.store import (
     ERRORS_DIR,
     FORMAT_VERSION,
@@ -36,6 +40,7 @@ from vitune.features.store import (
     PLAN,
     fingerprint_diffs,
     shard_name,
+    shard_problem,
     write_manifest,
 )
 from vitune.model.vision import fingerprint_id, load_vision_tower
@@ -84,12 +89,14 @@ def key_set_hash(keys: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _check_plan(out: str, plan: dict[str, Any]) -> None:
-    """Write ``plan.json`` on the first run; later runs must have the same tower, images and shard settings."""
+def _check_plan(out: str, plan: dict[str, Any], write: bool) -> bool:
+    """Compare with the store's ``plan.json``: same tower, images and shard settings, or refuse. With
+    ``write`` (under the lease), a missing plan is written; returns whether a plan was there."""
     uri = storage.join(out, PLAN)
     if not storage.exists(uri):
-        storage.write_json(uri, plan)
-        return
+        if write:
+            storage.write_json(uri, plan)
+        return False
     have = storage.read_json(uri)
     diffs = fingerprint_diffs(plan["fingerprint"], have.get("fingerprint", {}))
     if diffs:
@@ -101,6 +108,57 @@ def _check_plan(out: str, plan: dict[str, Any]) -> None:
                 f"{out} was started with other images or settings ({field}: this run has {plan[field]!r}, "
                 f"the store has {have.get(field)!r}); set features.output elsewhere or delete the store"
             )
+    return True
+
+
+def complete_manifest(out: str, shards: Sequence[Sequence[str]]) -> dict[str, Any] | None:
+    """The store's manifest when the store is complete for this plan: every planned shard listed and its
+    file on storage with the manifest's size (one listing, no shard read); else None."""
+    manifest_uri = storage.join(out, MANIFEST)
+    if not storage.exists(manifest_uri):
+        return None
+    manifest = storage.read_json(manifest_uri)
+    sizes = {posixpath.basename(u): n for u, n in storage.file_sizes(out, ".parquet", recursive=False).items()}
+    entries = manifest.get("shards", [])
+    if [e.get("file") for e in entries] != [shard_name(i) for i in range(len(shards))]:
+        return None
+    bad = [e["file"] for e in entries if sizes.get(e["file"]) != e.get("bytes")]
+    if bad:
+        log.warning("feature store %s: %d shard file(s) differ from the manifest (missing or another size, "
+                    "e.g. %s): recomputing them", out, len(bad), bad[0])
+        return None
+    return manifest
+
+
+def reusable_shards(out: str, shards: Sequence[Sequence[str]], fp_id: str) -> dict[int, dict[str, Any]]:
+    """``{shard: footer info}`` of the shard files a run can keep; each other file is logged and recomputed."""
+    manifest_uri = storage.join(out, MANIFEST)
+    recorded = {}
+    if storage.exists(manifest_uri):
+        recorded = {e["file"]: e["bytes"] for e in storage.read_json(manifest_uri).get("shards", [])}
+    existing = {posixpath.basename(u) for u in storage.list_files(out, suffix=".parquet", recursive=False)}
+    keep: dict[int, dict[str, Any]] = {}
+    for i, keys in enumerate(shards):
+        name = shard_name(i)
+        if name not in existing:
+            continue
+        problem, info = shard_problem(storage.join(out, name), keys, fp_id, recorded.get(name))
+        if problem:
+            log.warning("feature store %s: %s is not a finished shard (%s): recomputing it", out, name, problem)
+        else:
+            keep[i] = {**info, "shard": i}
+    return keep
+
+
+def _check_written(out: str, shards: Sequence[Sequence[str]], infos: Sequence[dict[str, Any]]) -> None:
+    """Every planned shard is on storage with the size its writer reported, before the manifest names it
+    (a store that lost objects, e.g. to a server restart, fails here, and a re-run recomputes them)."""
+    sizes = {posixpath.basename(u): n for u, n in storage.file_sizes(out, ".parquet", recursive=False).items()}
+    by_shard = {r["shard"]: r["bytes"] for r in infos}
+    bad = [shard_name(i) for i in range(len(shards)) if sizes.get(shard_name(i)) != by_shard.get(i)]
+    if bad:
+        raise RuntimeError(f"feature store {out}: {len(bad)} shard file(s) missing or of another size after "
+                           f"writing (e.g. {bad[0]}); no manifest written. Re-run to recompute them")
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -119,13 +177,16 @@ def _cleanup_temp_files(out: str) -> None:
     for folder in (local, os.path.join(local, ERRORS_DIR)):
         if os.path.isdir(folder):
             for name in os.listdir(folder):
-                if ".tmp-" in name:
+                if storage.TEMP_MARK in name:
                     os.remove(os.path.join(folder, name))
 
 
-def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = None) -> dict[str, Any]:
+def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = None,
+                     lease_wait_s: float | None = None) -> dict[str, Any]:
     """Build (or finish) the feature store for ``cfg``; returns the run summary. See the module docstring.
 
+    One run at a time writes a store (``vitune.features.lease``): another waits up to ``lease_wait_s``
+    (default: env ``VITUNE_STORE_LEASE_WAIT_S``, else 15 min), then finds the store complete or finishes it.
     ``fail_after_shards`` (or env ``VITUNE_FAIL_AFTER_SHARDS``) is a test hook: compute only that many of
     the missing shards, then raise ``SimulatedInterruption`` before the manifest is written.
     """
@@ -146,42 +207,50 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
     if not cfg.data.image_root:
         log.info("data.image_root not set: images are read relative to %s", image_root)
     shards = plan_shards(keys, cfg.features.shard_size)
-    _check_plan(out, {"format_version": FORMAT_VERSION, "fingerprint": fp, "fingerprint_id": fp_id,
-                      "shard_size": cfg.features.shard_size, "max_pixels": cfg.features.max_pixels,
-                      "num_images": len(keys), "num_shards": len(shards),
-                      "keys_sha256": key_set_hash(keys)})
-    existing = {posixpath.basename(u) for u in storage.list_files(out, suffix=".parquet", recursive=False)}
-    todo = [(i, s) for i, s in enumerate(shards) if shard_name(i) not in existing]
-    manifest_uri = storage.join(out, MANIFEST)
-    if not todo and storage.exists(manifest_uri):
-        manifest = storage.read_json(manifest_uri)
+    plan = {"format_version": FORMAT_VERSION, "fingerprint": fp, "fingerprint_id": fp_id,
+            "shard_size": cfg.features.shard_size, "max_pixels": cfg.features.max_pixels,
+            "num_images": len(keys), "num_shards": len(shards), "keys_sha256": key_set_hash(keys)}
+    # a complete store is answered without the lease or any write
+    if _check_plan(out, plan, write=False) and (manifest := complete_manifest(out, shards)):
         log.info("feature store %s is complete (%d shards): nothing to do", out, len(shards))
         return _summary(manifest, out, computed=0, wall_s=time.perf_counter() - t_start)
-    log.info("feature store %s: %d images in %d shards of %d; %d done, %d to compute (fingerprint %s)",
-             out, len(keys), len(shards), cfg.features.shard_size, len(shards) - len(todo), len(todo), fp_id)
-
-    interrupted = fail_after_shards is not None and fail_after_shards < len(todo)
-    if interrupted:
-        todo = todo[:fail_after_shards]
-    computed: list[dict[str, Any]] = []
-    pool = None
-    t_pipe, t_pipe_wall = time.perf_counter(), time.time()
-    if todo:
-        init_ray(cfg.ray)
-        computed, pool = run_shards(cfg, todo, out, fp_id, spec, image_root)
-    if interrupted:
-        raise SimulatedInterruption(f"{FAIL_AFTER_ENV}: stopped after {len(computed)} shards, before the manifest")
-    last_run = {
-        "computed_shards": len(computed),
-        "reused_shards": len(shards) - len(computed),
-        "pool": asdict(pool) if pool else None,
-        "preprocessed_in_actor": sum(bool(r["fused"]) for r in computed),
-        "timings": _timings(computed, time.perf_counter() - t_pipe, t_pipe_wall),
-    }
-    manifest = write_manifest(out, shards, fp, (n_patches, dim), computed, {
-        "shard_size": cfg.features.shard_size, "config": cfg.model_dump(mode="json"), "image_root": image_root,
-        "record_counts": record_stats, "last_run": last_run})
-    _cleanup_temp_files(out)
+    with StoreLease(out, wait_s=lease_wait_s) as lease:
+        _check_plan(out, plan, write=True)  # again: the run we may have waited for wrote it
+        manifest = complete_manifest(out, shards)
+        if manifest:
+            log.info("feature store %s was completed by another run while this one waited", out)
+            return _summary(manifest, out, computed=0, wall_s=time.perf_counter() - t_start)
+        _cleanup_temp_files(out)  # under the lease: no other writer's temp files can be here
+        reused = reusable_shards(out, shards, fp_id)
+        todo = [(i, s) for i, s in enumerate(shards) if i not in reused]
+        log.info("feature store %s: %d images in %d shards of %d; %d done, %d to compute (fingerprint %s)",
+                 out, len(keys), len(shards), cfg.features.shard_size, len(reused), len(todo), fp_id)
+        interrupted = fail_after_shards is not None and fail_after_shards < len(todo)
+        if interrupted:
+            todo = todo[:fail_after_shards]
+        computed: list[dict[str, Any]] = []
+        pool = None
+        t_pipe, t_pipe_wall = time.perf_counter(), time.time()
+        if todo:
+            init_ray(cfg.ray)
+            computed, pool = run_shards(cfg, todo, out, fp_id, spec, image_root)
+        if interrupted:
+            raise SimulatedInterruption(f"{FAIL_AFTER_ENV}: stopped after {len(computed)} shards, before the manifest")
+        last_run = {
+            "computed_shards": len(computed),
+            "reused_shards": len(shards) - len(computed),
+            "pool": asdict(pool) if pool else None,
+            "preprocessed_in_actor": sum(bool(r["fused"]) for r in computed),
+            "timings": _timings(computed, time.perf_counter() - t_pipe, t_pipe_wall),
+            "lease_waited_s": lease.waited_s,
+        }
+        infos = [*computed, *reused.values()]
+        _check_written(out, shards, infos)
+        lease.check()  # the manifest is the commit: only the lease's holder may write it
+        manifest = write_manifest(out, shards, fp, (n_patches, dim), infos, {
+            "shard_size": cfg.features.shard_size, "config": cfg.model_dump(mode="json"), "image_root": image_root,
+            "record_counts": record_stats, "last_run": last_run})
+        _cleanup_temp_files(out)
     return _summary(manifest, out, computed=len(computed), wall_s=time.perf_counter() - t_start,
                     timings=last_run["timings"])
 

@@ -6,9 +6,12 @@ Layout of a store at ``<uri>`` (local folder or ``s3://``)::
     shard-00000.parquet ...    rows ``image_key`` (string) and ``features`` (fixed-shape tensor [N, D] float16)
     errors/shard-00000.jsonl   quarantined images of that shard: ``{image_key, uri, reason, shard}``
     manifest.json              written last: fingerprint, config, counts, shard list, schema, timings
+    lease.json / .lease.lock   while a run writes the store: its lease (S3) or file lock (local), see ``lease``
 
-A shard file exists only complete (local temp + rename, or one S3 PUT), so "shard done" is "its file
-exists". ``features`` is Arrow's canonical ``arrow.fixed_shape_tensor`` extension type, which plain
+A shard file exists only complete (local temp + fsync + rename, or one MD5-checked S3 PUT / an aborted
+multipart upload), and a run reuses a shard file only after ``shard_problem`` finds its footer, row count,
+key range, tower and (against a manifest) size right; anything else is recomputed.
+``features`` is Arrow's canonical ``arrow.fixed_shape_tensor`` extension type, which plain
 pyarrow and Ray Data both read back as ``[rows, N, D]``; a store whose tensor column arrives flat (a flat
 or fixed-size list, or Ray's own tensor extension when Ray is not imported) is reshaped from the
 manifest's schema. This module is the reader used by training and tests, plus the shard and manifest
@@ -131,13 +134,46 @@ def write_shard(uri: str, table: pa.Table) -> int:
 
 
 def read_shard_footer(uri: str) -> dict[str, Any]:
-    """Rows, byte size and the writer's metadata of a shard, from its Parquet footer only."""
+    """Rows, byte size, key range (from the column statistics) and the writer's metadata of a shard, from
+    its Parquet footer only."""
     fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as f:
         size = f.size()
         pf = pq.ParquetFile(f)
         meta = (pf.schema_arrow.metadata or {}).get(SHARD_METADATA_KEY)
-        return {"rows": pf.metadata.num_rows, "bytes": size, **(json.loads(meta) if meta else {})}
+        key_col = pf.schema_arrow.get_field_index(KEY_COLUMN)
+        lows, highs = [], []
+        for g in range(pf.metadata.num_row_groups):
+            stats = pf.metadata.row_group(g).column(key_col).statistics
+            if stats is not None and stats.has_min_max:
+                lows.append(stats.min)
+                highs.append(stats.max)
+        key_range = [min(lows), max(highs)] if lows else None
+        return {"rows": pf.metadata.num_rows, "bytes": size, "key_stats": key_range,
+                **(json.loads(meta) if meta else {})}
+
+
+def shard_problem(uri: str, keys: Sequence[str], fp_id: str, size: int | None = None) -> tuple[str | None, dict]:
+    """``(why the shard file at uri cannot be reused for its planned keys, or None; its footer info)``.
+
+    Reused only when the footer parses (a truncated file has none), rows + quarantined equal the plan, its
+    keys lie in the plan, it was written by this tower, and its size equals ``size`` (the manifest's) when
+    given.
+    """
+    try:
+        info = read_shard_footer(uri)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is simply not a finished shard
+        return f"unreadable ({type(exc).__name__}: {exc})", {}
+    if size is not None and info["bytes"] != size:
+        return f"{info['bytes']} bytes, the manifest says {size}", info
+    if info.get("fingerprint_id", fp_id) != fp_id:
+        return f"written by tower {info['fingerprint_id']}, not {fp_id}", info
+    if info["rows"] + info.get("quarantined", 0) != len(keys):
+        return f"{info['rows']} rows + {info.get('quarantined', 0)} quarantined != {len(keys)} planned", info
+    planned = set(keys)
+    if info.get("key_stats") and not all(k in planned for k in info["key_stats"]):
+        return f"keys {info['key_stats']} are not this shard's", info
+    return None, info
 
 
 def write_manifest(out: str, shards: Sequence[Sequence[str]], fp: dict[str, Any], shape: tuple[int, int],

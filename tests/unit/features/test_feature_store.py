@@ -16,6 +16,7 @@ from vitune.features.store import (
     FingerprintMismatch,
     features_to_numpy,
     shard_name,
+    shard_problem,
     shard_table,
     write_manifest,
     write_shard,
@@ -154,3 +155,30 @@ def test_pool_that_starves_preprocessing_is_refused():
     cfg = build_config(FeaturesJobConfig, {}, ["features.num_actors=4"])
     with pytest.raises(ValueError, match="preprocessing could never run"):
         pool_size(cfg, {"CPU": 4}, 100)
+
+
+def test_shard_reused_only_when_footer_rows_keys_and_size_match(tmp_path):
+    from vitune.features.extract import reusable_shards
+    from vitune.model.vision import fingerprint_id
+
+    out = str(tmp_path / "store")
+    fp_id = fingerprint_id(FP)
+    shards = [["a", "b", "c"], ["d", "e"], ["f", "g"], ["h"]]
+    sizes = [write_shard(storage.join(out, shard_name(i)), shard_table(
+        keys, np.stack([feats_for(k) for k in keys]), {"shard": i, "fingerprint_id": fp_id, "quarantined": 0}))
+        for i, keys in enumerate(shards)]
+    good = storage.read_bytes(storage.join(out, shard_name(0)))
+    storage.write_bytes(storage.join(out, shard_name(1)), good[: len(good) // 2])  # a truncated upload
+    storage.write_bytes(storage.join(out, shard_name(2)), good)  # another shard's rows
+    storage.delete(storage.join(out, shard_name(3)))
+    keep = reusable_shards(out, shards, fp_id)
+    assert sorted(keep) == [0] and keep[0]["rows"] == 3 and keep[0]["bytes"] == sizes[0]
+    problem, _ = shard_problem(storage.join(out, shard_name(1)), shards[1], fp_id)
+    assert problem.startswith("unreadable")
+    problem, _ = shard_problem(storage.join(out, shard_name(2)), shards[2], fp_id)
+    assert "3 rows + 0 quarantined != 2 planned" in problem
+    problem, _ = shard_problem(storage.join(out, shard_name(0)), shards[0], fp_id, size=sizes[0] + 1)
+    assert "bytes, the manifest says" in problem
+    problem, _ = shard_problem(storage.join(out, shard_name(0)), ["x", "y", "z"], fp_id)
+    assert "are not this shard's" in problem
+    assert shard_problem(storage.join(out, shard_name(0)), shards[0], "other-tower")[0].startswith("written by")
