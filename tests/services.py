@@ -88,8 +88,8 @@ def create_bucket(endpoint: str, bucket: str) -> None:
         pass
 
 
-def start_mlflow(workdir: Path, s3_endpoint: str, artifact_bucket: str) -> Service:
-    port = free_port()
+def start_mlflow(workdir: Path, s3_endpoint: str, artifact_bucket: str, port: int | None = None) -> Service:
+    port = port or free_port()  # a given port: a restart of the same server (the same store under workdir)
     log_path = workdir / "mlflow.log"
     env = dict(os.environ, **S3_ENV, MLFLOW_S3_ENDPOINT_URL=s3_endpoint, AWS_ENDPOINT_URL=s3_endpoint,
                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")

@@ -8,12 +8,18 @@ vLLM, or vitune's own serving app).
   request does not block the others.
 - **Retries.** 429, 408, 5xx, timeouts, connection errors and unreadable 200 bodies are retried with
   exponential backoff and jitter; ``Retry-After`` (seconds or HTTP date, or ``retry-after-ms``) wins when
-  the server sends it. Other 4xx fail at once. Giving up raises ``LLMError`` naming the attempts and the
-  last error.
+  the server sends it, capped at ``max_retry_after_s`` (a server asking for an hour does not park a worker
+  for an hour). Other 4xx fail at once. Giving up raises ``LLMError`` naming the attempts and the last error.
+- **The key.** ``Authorization`` goes only to the configured ``base_url``'s scheme, host and port: redirects
+  are not followed (a 3xx is an error naming where it pointed), and a request to any other origin is refused
+  before it is sent.
+- **Budget.** A limiter may carry a token/cost budget (``vitune.rate_limit.Budget``): once it is spent no
+  request is sent and ``chat`` raises ``BudgetExhausted``; what each answer cost is charged to it.
 - **Cache.** ``ResponseCache`` keeps one JSON file per request key under a storage URI (local or s3://):
   each file is written whole (atomic rename locally, a single PUT on S3), so many Ray tasks can share it
-  and a crash loses only requests in flight. The key hashes the model, the messages, the sampling
-  parameters and an optional extra key (e.g. the image).
+  and a crash loses only requests in flight. The key hashes the endpoint (``base_url``), the model, the
+  messages, the sampling parameters and an optional extra key (e.g. the image): one cache can serve several
+  endpoints, and an answer from one is never taken for another's.
 """
 
 from __future__ import annotations
@@ -83,9 +89,18 @@ class ClientStats:
 # cache
 
 
-def request_key(model: str, messages: Sequence[dict], params: dict | None = None, extra: str | None = None) -> str:
-    """sha256 over the canonical JSON of what determines a completion (plus an optional extra key)."""
-    canon = json.dumps({"model": model, "messages": list(messages), "params": params or {}, "extra": extra},
+def endpoint_origin(base_url: str) -> str:
+    """``scheme://host:port`` of a URL, lower-cased, the port explicit: what a request must go to."""
+    url = httpx.URL(base_url)
+    return f"{url.scheme.lower()}://{(url.host or '').lower()}:{url.port or {'http': 80, 'https': 443}.get(url.scheme)}"
+
+
+def request_key(model: str, messages: Sequence[dict], params: dict | None = None, extra: str | None = None,
+                endpoint: str = "") -> str:
+    """sha256 over the canonical JSON of what determines a completion: the endpoint (its ``base_url``), the model,
+    the messages, the parameters and an optional extra key."""
+    canon = json.dumps({"endpoint": endpoint.rstrip("/").lower(), "model": model, "messages": list(messages),
+                        "params": params or {}, "extra": extra},
                        sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
@@ -174,8 +189,11 @@ class LLMClient:
         if api_key is None and endpoint.api_key_env:
             api_key = os.environ.get(endpoint.api_key_env) or None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._origin = endpoint_origin(endpoint.base_url)
+        # the key goes to base_url's origin only: no redirects, and any other origin is refused before sending
         self._http = httpx.Client(base_url=endpoint.base_url.rstrip("/"), headers=headers,
-                                  timeout=httpx.Timeout(endpoint.timeout_s), transport=transport)
+                                  timeout=httpx.Timeout(endpoint.timeout_s), transport=transport,
+                                  follow_redirects=False, event_hooks={"request": [self._same_origin]})
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
@@ -196,16 +214,25 @@ class LLMClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _same_origin(self, request: httpx.Request) -> None:
+        if endpoint_origin(str(request.url)) != self._origin:
+            raise LLMError(f"refused to send a request to {request.url.scheme}://{request.url.host}: the endpoint "
+                           f"is {self.endpoint.base_url} (its key goes nowhere else)")
+
     def _count(self, **deltas: int) -> None:
         with self._lock:
             for name, delta in deltas.items():
                 setattr(self.stats, name, getattr(self.stats, name) + delta)
 
     def backoff(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds before retry number ``attempt + 1``: the server's ``Retry-After``, else capped 2^n with jitter."""
+        """Seconds before retry number ``attempt + 1``: the server's ``Retry-After`` (at most
+        ``max_retry_after_s``), else capped 2^n with jitter."""
         ep = self.endpoint
         if retry_after is not None:
-            return retry_after
+            if retry_after > ep.max_retry_after_s:
+                log.info("%s asked to wait %.0f s; waiting %.0f s (endpoint.max_retry_after_s)", ep.base_url,
+                         retry_after, ep.max_retry_after_s)
+            return min(retry_after, ep.max_retry_after_s)
         base = min(ep.backoff_max_s, ep.backoff_initial_s * (2 ** attempt))
         return base * (0.5 + 0.5 * self._rng.random())  # jitter in [base/2, base): spreads synchronized retries
 
@@ -218,11 +245,12 @@ class LLMClient:
         max_tokens: int | None = None,
         **body: Any,
     ) -> ChatResult:
-        """One chat completion (``messages`` in OpenAI form); cached, limited and retried. Raises ``LLMError``."""
+        """One chat completion (``messages`` in OpenAI form); cached, limited and retried. Raises ``LLMError``,
+        or ``BudgetExhausted`` once the limiter's budget is spent (nothing more is sent)."""
         ep = self.endpoint
         params = {"temperature": ep.temperature if temperature is None else temperature,
                   "max_tokens": ep.max_tokens if max_tokens is None else max_tokens, **body}
-        key = request_key(ep.model, messages, params, cache_extra) if self.cache else None
+        key = request_key(ep.model, messages, params, cache_extra, ep.base_url) if self.cache else None
         if key is not None:
             hit = self.cache.get(key)
             if hit is not None and isinstance(hit.get("content"), str):
@@ -263,13 +291,20 @@ class LLMClient:
         try:
             self._count(requests_sent=1)
             resp = self._http.post("/chat/completions", json=payload)
+            # read (and charged to a budget) before the slot is freed: a waiting request sees this answer's cost
+            return self._read(resp, payload)
         except httpx.TimeoutException as exc:
             return _Attempt(error=f"timeout ({type(exc).__name__})", retryable=True)
         except httpx.TransportError as exc:
             return _Attempt(error=f"connection error ({type(exc).__name__}: {exc})", retryable=True)
         finally:
             self.limiter.release(lease)
+
+    def _read(self, resp: httpx.Response, payload: dict) -> _Attempt:
         status = resp.status_code
+        if resp.is_redirect:
+            return _Attempt(error=f"HTTP {status} redirect to {resp.headers.get('location')!r}, not followed: set "
+                                  f"endpoint.base_url to where the API is", status=status)
         if status != 200:
             retryable = status in RETRY_STATUS or status >= 500
             return _Attempt(error=f"HTTP {status}: {resp.text[:300]}", status=status, retryable=retryable,
@@ -285,6 +320,9 @@ class LLMClient:
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         completion_tokens = int(usage.get("completion_tokens") or 0)
         self._count(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        spend = getattr(self.limiter, "spend", None)  # a limiter with a budget charges what the answer cost
+        if spend is not None:
+            spend(prompt_tokens, completion_tokens)
         result = ChatResult(content=content, finish_reason=choice.get("finish_reason"), prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens, model=data.get("model") or payload["model"])
         return _Attempt(result=result, status=status,

@@ -1,9 +1,14 @@
-"""Request caps for LLM endpoints: requests in flight and requests per second, per process or job-wide.
+"""Request caps for LLM endpoints: requests in flight and requests per second, per process or job-wide, and an
+optional token/cost budget.
 
-``LimiterCore`` is the state (leases that expire + a token bucket); ``LocalLimiter`` waits on it for the
-threads of one process; ``RayLimiter`` is a handle to one small async Ray actor that every Ray task asks for
-a lease, so the caps hold across a whole job however Ray Data spreads the work. Leases expire (request
+``LimiterCore`` is the state (leases that expire + a token bucket + the budget); ``LocalLimiter`` waits on it
+for the threads of one process; ``RayLimiter`` is a handle to one small async Ray actor that every Ray task asks
+for a lease, so the caps hold across a whole job however Ray Data spreads the work. Leases expire (request
 timeout + ``LEASE_MARGIN_S``), so a worker that dies mid-request cannot leak a slot.
+
+``Budget``: tokens (prompt + completion) and/or cost (from per-1K prices) the job may spend. Each answer is
+charged (``spend``); once the budget is reached no lease is granted and ``acquire`` raises ``BudgetExhausted``.
+Requests already in flight still finish, so a job overshoots by at most ``max_concurrency`` answers.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vitune.config import EndpointConfig
@@ -29,6 +35,37 @@ class Limiter(Protocol):
     def release(self, lease: str) -> None: ...
 
 
+class BudgetExhausted(RuntimeError):
+    """The job's token/cost budget is spent: no further request is sent."""
+
+
+@dataclass
+class Budget:
+    """What a job may spend on an endpoint: ``max_tokens`` (prompt + completion) and/or ``max_cost``."""
+
+    max_tokens: int | None = None
+    max_cost: float | None = None
+    price_per_1k_prompt: float = 0.0
+    price_per_1k_completion: float = 0.0
+    tokens: int = 0  # spent so far
+    cost: float = 0.0
+
+    def spend(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.tokens += prompt_tokens + completion_tokens
+        self.cost += (prompt_tokens * self.price_per_1k_prompt
+                      + completion_tokens * self.price_per_1k_completion) / 1000
+
+    @property
+    def exhausted(self) -> bool:
+        return ((self.max_tokens is not None and self.tokens >= self.max_tokens)
+                or (self.max_cost is not None and self.cost >= self.max_cost))
+
+    def describe(self) -> str:
+        limits = [f"{self.tokens} of {self.max_tokens} tokens" if self.max_tokens is not None else "",
+                  f"{self.cost:.4f} of {self.max_cost} cost" if self.max_cost is not None else ""]
+        return "budget spent: " + ", ".join(x for x in limits if x)
+
+
 class LimiterCore:
     """Concurrency slots (leases that expire) plus a token bucket; pure state, the callers do the waiting.
 
@@ -36,7 +73,7 @@ class LimiterCore:
     """
 
     def __init__(self, max_concurrency: int, requests_per_second: float | None, burst: float = 1.0,
-                 lease_ttl_s: float = 600.0):
+                 lease_ttl_s: float = 600.0, budget: Budget | None = None):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if requests_per_second is not None and requests_per_second <= 0:
@@ -49,6 +86,7 @@ class LimiterCore:
         self._stamp: float | None = None
         self._leases: dict[str, float] = {}  # lease id -> expiry time
         self.expired = 0  # leases reclaimed because their holder never released them
+        self.budget = budget
 
     def _refill(self, now: float) -> None:
         if self.rate is None:
@@ -65,7 +103,10 @@ class LimiterCore:
                 log.warning("limiter lease %s expired without release; slot reclaimed", lease)
 
     def try_acquire(self, now: float) -> tuple[str | None, float]:
-        """``(lease, 0)`` when granted, else ``(None, seconds worth waiting before trying again)``."""
+        """``(lease, 0)`` when granted, else ``(None, seconds worth waiting before trying again)``; raises
+        ``BudgetExhausted`` once the budget is spent."""
+        if self.budget is not None and self.budget.exhausted:
+            raise BudgetExhausted(self.budget.describe())
         self._expire(now)
         self._refill(now)
         if len(self._leases) >= self.max_concurrency:
@@ -81,6 +122,10 @@ class LimiterCore:
     def release(self, lease: str) -> None:
         self._leases.pop(lease, None)
 
+    def spend(self, prompt_tokens: int, completion_tokens: int) -> None:
+        if self.budget is not None:
+            self.budget.spend(prompt_tokens, completion_tokens)
+
     @property
     def in_flight(self) -> int:
         return len(self._leases)
@@ -90,8 +135,8 @@ class LocalLimiter:
     """The limits for the threads of one process."""
 
     def __init__(self, max_concurrency: int, requests_per_second: float | None, burst: float = 1.0,
-                 lease_ttl_s: float = 600.0):
-        self._core = LimiterCore(max_concurrency, requests_per_second, burst, lease_ttl_s)
+                 lease_ttl_s: float = 600.0, budget: Budget | None = None):
+        self._core = LimiterCore(max_concurrency, requests_per_second, burst, lease_ttl_s, budget)
         self._cond = threading.Condition()
 
     def acquire(self) -> str:
@@ -107,19 +152,28 @@ class LocalLimiter:
             self._core.release(lease)
             self._cond.notify_all()
 
+    def spend(self, prompt_tokens: int, completion_tokens: int) -> None:
+        with self._cond:
+            self._core.spend(prompt_tokens, completion_tokens)
+
 
 class _LimiterActor:
     """The body of the Ray actor behind ``RayLimiter`` (async: thousands of waiters cost nothing)."""
 
-    def __init__(self, max_concurrency: int, requests_per_second: float | None, burst: float, lease_ttl_s: float):
-        self._core = LimiterCore(max_concurrency, requests_per_second, burst, lease_ttl_s)
+    def __init__(self, max_concurrency: int, requests_per_second: float | None, burst: float, lease_ttl_s: float,
+                 budget: Budget | None = None):
+        self._core = LimiterCore(max_concurrency, requests_per_second, burst, lease_ttl_s, budget)
         self._cond = asyncio.Condition()
         self._granted = 0
 
-    async def acquire(self) -> str:
+    async def acquire(self) -> str | None:
+        """A lease, or None once the budget is spent (the handle raises ``BudgetExhausted`` in the caller)."""
         async with self._cond:
             while True:
-                lease, wait = self._core.try_acquire(time.monotonic())
+                try:
+                    lease, wait = self._core.try_acquire(time.monotonic())
+                except BudgetExhausted:
+                    return None
                 if lease is not None:
                     self._granted += 1
                     return lease
@@ -133,8 +187,17 @@ class _LimiterActor:
             self._core.release(lease)
             self._cond.notify_all()
 
-    async def stats(self) -> dict[str, int]:
-        return {"granted": self._granted, "in_flight": self._core.in_flight, "expired": self._core.expired}
+    async def spend(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self._core.spend(prompt_tokens, completion_tokens)
+
+    async def budget(self) -> str:
+        return self._core.budget.describe() if self._core.budget else ""
+
+    async def stats(self) -> dict[str, Any]:
+        budget = self._core.budget
+        return {"granted": self._granted, "in_flight": self._core.in_flight, "expired": self._core.expired,
+                **({"tokens_spent": budget.tokens, "cost_spent": round(budget.cost, 6),
+                    "budget_exhausted": budget.exhausted} if budget else {})}
 
 
 class RayLimiter:
@@ -145,28 +208,38 @@ class RayLimiter:
 
     @classmethod
     def create(cls, max_concurrency: int, requests_per_second: float | None, burst: float = 1.0,
-               lease_ttl_s: float = 600.0) -> RayLimiter:
+               lease_ttl_s: float = 600.0, budget: Budget | None = None) -> RayLimiter:
         # deferred: these helpers also run where Ray is not started or installed
         import ray
 
         actor_cls = ray.remote(num_cpus=0, max_concurrency=10_000)(_LimiterActor)
-        return cls(actor_cls.remote(max_concurrency, requests_per_second, burst, lease_ttl_s))
+        return cls(actor_cls.remote(max_concurrency, requests_per_second, burst, lease_ttl_s, budget))
 
     @classmethod
-    def for_endpoint(cls, endpoint: EndpointConfig) -> RayLimiter:
+    def for_endpoint(cls, endpoint: EndpointConfig, budget: Budget | None = None) -> RayLimiter:
         return cls.create(endpoint.max_concurrency, endpoint.requests_per_second,
-                          lease_ttl_s=endpoint.timeout_s + LEASE_MARGIN_S)
+                          lease_ttl_s=endpoint.timeout_s + LEASE_MARGIN_S, budget=budget)
 
     def acquire(self) -> str:
         # deferred: these helpers also run where Ray is not started or installed
         import ray
 
-        return ray.get(self._actor.acquire.remote())
+        lease = ray.get(self._actor.acquire.remote())
+        if lease is None:
+            raise BudgetExhausted(ray.get(self._actor.budget.remote()))
+        return lease
+
+    def spend(self, prompt_tokens: int, completion_tokens: int) -> None:
+        # deferred: these helpers also run where Ray is not started or installed
+        import ray
+
+        # waited on: the next acquire, from any task, must see this answer's cost
+        ray.get(self._actor.spend.remote(prompt_tokens, completion_tokens))
 
     def release(self, lease: str) -> None:
         self._actor.release.remote(lease)  # fire and forget; a lost release expires with its lease
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         # deferred: these helpers also run where Ray is not started or installed
         import ray
 

@@ -154,3 +154,35 @@ def test_generate_end_to_end_and_cached_rerun(ray_local, fake_openai, s3_bucket,
     assert s2["quarantined_by_reason"] == s["quarantined_by_reason"]
     assert [r.to_json() for r in read_records(s2["record_files"]["complex"])] == \
         [r.to_json() for r in by_kind["complex"]]
+
+
+def test_a_budget_stops_the_job_cleanly_and_a_rerun_continues(ray_local, fake_openai, s3_bucket, tmp_path):
+    fake_openai.responder = make_responder()
+    root = f"{s3_bucket}/generate-budget-{uuid.uuid4().hex[:8]}"
+    settings = {
+        "storage": {"root": root},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "t-generate-budget"},
+        "generate": {
+            "input": _write_coco(tmp_path), "format": "coco", "image_prefix": "train2017/",
+            "endpoint": {"base_url": fake_openai.base_url, "model": "fake", "api_key_env": None,
+                         "max_retries": 3, "backoff_initial_s": 0.01, "requests_per_second": 100,
+                         "max_concurrency": 2, "timeout_s": 10},
+            "workers": 2, "threads_per_worker": 3, "batch_size": 4, "seed": 3,
+            "price_per_1k_prompt": 0.5, "price_per_1k_completion": 1.5, "budget_cost": 0.0001,
+        },
+    }
+    s = run_generate(build_config(GenerateJobConfig, settings))
+    answered = fake_openai.count(200)
+    # the first answer spends the budget; answers already in flight (at most max_concurrency) still land
+    assert 1 <= answered <= 2 and s["requests_sent"] == fake_openai.count()
+    assert not s["complete"] and s["not_run"] == 18 - answered
+    assert s["tasks"] == 18 == s["records"] + s["quarantined"] + s["not_run"]
+    assert storage.read_json(storage.join(s["output"], "summary.json"))["complete"] is False
+    assert not any(e.get("reason") == "request_failed" for e in storage.read_jsonl(s["errors_file"]))
+
+    # the rerun with no budget continues: what was paid for comes from the cache, only the rest is asked
+    settings["generate"].pop("budget_cost")
+    s2 = run_generate(build_config(GenerateJobConfig, settings))
+    assert s2["complete"] and s2["not_run"] == 0 and s2["cache_hits"] == answered
+    assert fake_openai.count(200) == 18  # every task answered once over both runs, none paid twice
+    assert s2["records_per_kind"] == {"conversation": 4, "detail": 4, "complex": 4}

@@ -39,7 +39,9 @@ TINY = "tiny"
 BIN = Path(sys.executable).parent
 NODE_CPUS = 3  # two workers of 2 CPUs cannot share a node; 1 CPU per node is left for Ray Data and the tower
 CLEAN_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
-             *submit.FORWARD_ENV)
+             *submit.FORWARD_ENV, *submit.CREDENTIAL_ENV)
+# the submitting shell holds AWS credentials; a job gets them only when asked (--forward-aws-credentials)
+SHELL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIATWONODE", "AWS_SECRET_ACCESS_KEY": "two-node-secret"}
 
 
 class TwoNodeCluster:
@@ -151,7 +153,7 @@ def cluster():
 
 
 def vitune(cluster: TwoNodeCluster, *argv: str, token_path: Path | None | bool = True, timeout: float = 600,
-           home: Path | None = None) -> subprocess.CompletedProcess:
+           home: Path | None = None, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The CLI as a user runs it: its own process, outside the repository (the installed checkout is found),
     the token from RAY_AUTH_TOKEN_PATH, no RAY_AUTH_MODE."""
     env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
@@ -159,6 +161,7 @@ def vitune(cluster: TwoNodeCluster, *argv: str, token_path: Path | None | bool =
         env["RAY_AUTH_TOKEN_PATH"] = str(cluster.token_path if token_path is True else token_path)
     if home is not None:
         env["HOME"] = str(home)
+    env.update(extra_env or {})
     return subprocess.run([str(BIN / "vitune"), *argv], cwd=cluster.base, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -172,7 +175,7 @@ def trained(cluster):
                  f"storage.root={store}", "features.num_actors=1", "tracking.enabled=false",
                  "train.num_workers=2", "train.cpus_per_worker=2", "train.epochs=1",
                  "train.global_batch_size=8", "train.micro_batch_size=4",
-                 "--env", "VITUNE_TWO_NODE=1", "--address", cluster.url)
+                 "--env", "VITUNE_TWO_NODE=1", "--address", cluster.url, extra_env=SHELL_CREDENTIALS)
     logging.getLogger(__name__).info("pipeline job: %.0fs", time.perf_counter() - t0)
     assert run.returncode == 0, f"submit failed:\n{run.stdout[-5000:]}\n{run.stderr[-5000:]}"
     job_id = run.stdout.splitlines()[0].strip()
@@ -190,6 +193,9 @@ def test_training_workers_ran_on_both_nodes(cluster, trained):
     client = cluster_cli.connect(cluster.url, {"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)})
     info = client.get_job_info(trained["job_id"])
     assert info.runtime_env["env_vars"]["VITUNE_TWO_NODE"] == "1"
+    # the shell's credentials stayed in the shell: the job's info (what the dashboard shows) holds none
+    assert not set(SHELL_CREDENTIALS) & set(info.runtime_env["env_vars"])
+    assert "two-node-secret" not in json.dumps(info.runtime_env)
     workers = cluster.state("actors", class_name="RayTrainWorker", job_id=info.job_id)
     assert len(workers) == 2, [(w["class_name"], w["state"]) for w in workers]
     nodes = {n["node_id"]: n for n in cluster.state("nodes")}

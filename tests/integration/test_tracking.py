@@ -33,7 +33,7 @@ def test_unreachable_server_warns_once_and_goes_on(tmp_path, caplog, monkeypatch
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with caplog.at_level(logging.WARNING):
-        t = Tracker(TrackingConfig(uri="http://127.0.0.1:9"), str(tmp_path), run_name="r")
+        t = Tracker(TrackingConfig(uri="http://127.0.0.1:9", retry_s=1), str(tmp_path), run_name="r")
         t.log_metrics({"loss": 1.0}, step=1)
         t.finish()
     assert not t.active

@@ -12,7 +12,7 @@ from tests.fake_openai import FakeOpenAI, Reply, fake_openai_fixture  # noqa: F4
 from tests.services import free_port
 from vitune.config import EndpointConfig
 from vitune.llm_client import LLMClient, LLMError, ResponseCache, parse_retry_after
-from vitune.rate_limit import LimiterCore
+from vitune.rate_limit import Budget, BudgetExhausted, LimiterCore, LocalLimiter
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say hi please"}]
 
@@ -169,3 +169,65 @@ def test_limiter_leases_expire_and_tokens_refill():
     # its holder dies without releasing: the slot comes back once the lease expires
     assert core.try_acquire(now=105.0)[0] is None
     assert core.try_acquire(now=110.7)[0] is not None and core.expired == 1
+
+
+def test_retry_after_is_capped(fake_openai):
+    fake_openai.fail_next(1, status=429, retry_after=3600)  # "come back in an hour"
+    sleeps = Sleeps()
+    with LLMClient(endpoint(fake_openai, max_retry_after_s=0.05), sleep=sleeps) as client:
+        assert client.chat(MESSAGES).content == "OK."
+    assert sleeps == [0.05]
+    date = email.utils.formatdate(time.time() + 7200, usegmt=True)
+    fake_openai.queue(Reply(status=503, headers={"Retry-After": date}))
+    with LLMClient(endpoint(fake_openai, max_retry_after_s=0.05), sleep=sleeps) as client:
+        assert client.chat(MESSAGES).content == "OK."
+    assert sleeps == [0.05, 0.05]
+
+
+def test_the_cache_is_keyed_by_endpoint_and_model(fake_openai, tmp_path):
+    cache = ResponseCache(str(tmp_path / "cache"))
+    fake_openai.responder = lambda req: f"from A as {req.body['model']}"
+    with FakeOpenAI(default_content="from B") as other:
+        with LLMClient(endpoint(fake_openai), cache=cache) as a, LLMClient(endpoint(other), cache=cache) as b:
+            assert a.chat(MESSAGES).content == "from A as fake"
+            answer = b.chat(MESSAGES)  # same model and messages, another endpoint: asked, not served A's answer
+            assert answer.content == "from B" and not answer.cached
+        with LLMClient(endpoint(fake_openai, model="bigger"), cache=cache) as a2:
+            assert a2.chat(MESSAGES).content == "from A as bigger"  # same endpoint, another model: a miss
+        # a trailing slash or the host's case is the same endpoint
+        with LLMClient(endpoint(fake_openai, base_url=fake_openai.base_url.upper().replace("HTTP", "http") + "/"),
+                       cache=cache) as same:
+            assert same.chat(MESSAGES).cached
+    assert fake_openai.count() == 2 and other.count() == 1
+
+
+def test_the_key_never_follows_a_redirect_to_another_host(fake_openai, monkeypatch):
+    monkeypatch.setenv("VITUNE_TEST_KEY", "sk-secret-1")
+    with FakeOpenAI() as elsewhere:
+        fake_openai.queue(Reply(status=307, headers={"Location": elsewhere.base_url + "/chat/completions"}))
+        with LLMClient(endpoint(fake_openai, api_key_env="VITUNE_TEST_KEY")) as client:
+            with pytest.raises(LLMError, match="redirect .* not followed") as err:
+                client.chat(MESSAGES)
+            # a request built for another origin (however it came to be) is refused before it is sent
+            with pytest.raises(LLMError, match="refused to send"):
+                client._http.post(elsewhere.base_url + "/chat/completions", json={})
+        assert elsewhere.count() == 0 and err.value.attempts == 1
+    assert fake_openai.chat_requests[0].headers.get("Authorization") == "Bearer sk-secret-1"
+
+
+def test_a_spent_budget_stops_requests_but_not_cache_hits(fake_openai, tmp_path):
+    budget = Budget(max_tokens=10)
+    limiter = LocalLimiter(4, None, budget=budget)
+    cache = ResponseCache(str(tmp_path))
+    with LLMClient(endpoint(fake_openai), cache=cache, limiter=limiter) as client:
+        first = client.chat(MESSAGES)  # 5 prompt + 1 completion word: 6 of 10
+        client.chat(MESSAGES, cache_extra="b")  # 12 of 10: spent
+        with pytest.raises(BudgetExhausted, match="12 of 10 tokens"):
+            client.chat(MESSAGES, cache_extra="c")
+        assert client.chat(MESSAGES).content == first.content  # what was paid for is still there, free
+    assert fake_openai.count() == 2 and budget.tokens == 12
+    cost = Budget(max_cost=0.01, price_per_1k_prompt=1.0, price_per_1k_completion=2.0)
+    cost.spend(5, 1)
+    assert not cost.exhausted and round(cost.cost, 6) == 0.007
+    cost.spend(5, 1)
+    assert cost.exhausted

@@ -9,9 +9,12 @@ runs; a YAML path is sent relative to the working dir (it must lie inside it), a
 env ships the repository (found by cli/repo.py) as its working dir (without .venv, runs, caches, .git) and
 ``platform/vitune`` as a py_module, so the driver and every Ray worker run the submitted code and presets even
 where the cluster image holds an older install; the storage and tracking variables of this shell
-(``FORWARD_ENV``) and ``--env K=V`` become the job's env vars. A submitted job joins the cluster it runs on, so
-``ray.address=null ray.num_cpus=null`` go before the user's overrides (a preset's local-Ray sizing would make
-``ray.init`` refuse to connect). Connecting, the token and following the logs: cli/cluster.py.
+(``FORWARD_ENV``) and ``--env K=V`` become the job's env vars. AWS credentials are not among them unless
+``--forward-aws-credentials`` asks (``CREDENTIAL_ENV``): a job's env is readable from the cluster's job list.
+The upload leaves out ``.env`` files and ``*.pem`` / ``*.key`` files (``EXCLUDES``). A submitted job joins
+the cluster it runs on, so ``ray.address=null ray.num_cpus=null`` go before the user's overrides (a
+preset's local-Ray sizing would make ``ray.init`` refuse to connect). Connecting, the token and following
+the logs: cli/cluster.py.
 """
 
 from __future__ import annotations
@@ -35,21 +38,29 @@ from vitune.pipeline import split_steps, step_configs
 
 log = logging.getLogger(__name__)
 
-# variables of the submitting shell that a job needs to reach the same storage and tracking
+# variables of the submitting shell that a job needs to reach the same storage and tracking (no secrets)
 FORWARD_ENV = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_S3_ENDPOINT_URL",
     "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+)
+# this shell's AWS credentials: forwarded only with --forward-aws-credentials. A job's env vars are part of its
+# runtime env, which the dashboard and `ray job` show to whoever can reach the cluster; the nodes should get
+# their own (an instance role, IRSA on EKS, or a Kubernetes Secret in the pod env). The key id goes with the
+# secret or not at all: botocore refuses a key id without its secret.
+CREDENTIAL_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
 )
 
-# never uploaded with the working dir (Ray also honours .gitignore; these hold even without one)
+# never uploaded with the working dir (Ray also honours .gitignore; these hold even without one): build and run
+# outputs, and files that commonly hold secrets (dotenv files, private keys and certificates)
 EXCLUDES = [
     ".git", ".venv", "venv", "runs", "demo-output", "mlruns", "mlflow.db", "__pycache__", "*.pyc",
     ".pytest_cache", ".ruff_cache", ".mypy_cache", "*.egg-info", "node_modules",
+    ".env", ".env.*", "*.pem", "*.key",
 ]
 
 # a submitted job joins the cluster it runs on (RAY_ADDRESS, set by Ray): a preset's local-Ray settings would
@@ -141,9 +152,18 @@ def parse_env(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def job_env(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    """The forwarded variables that are set here, then ``--env`` pairs (which win)."""
-    env = {k: environ[k] for k in FORWARD_ENV if environ.get(k)}
+def job_env(environ: Mapping[str, str], extra: Mapping[str, str], forward_credentials: bool = False) -> dict[str, str]:
+    """The forwarded variables that are set here (credentials only when asked), then ``--env`` pairs (which win)."""
+    names = FORWARD_ENV + CREDENTIAL_ENV if forward_credentials else FORWARD_ENV
+    env = {k: environ[k] for k in names if environ.get(k)}
+    held = [k for k in CREDENTIAL_ENV if environ.get(k) and k not in extra]
+    if held and not forward_credentials:
+        log.info("this shell's %s are not sent with the job: the cluster's nodes use their own credentials (instance "
+                 "role, IRSA, a Kubernetes Secret); --forward-aws-credentials sends them", ", ".join(held))
+    shown = sorted(k for k in env if k in CREDENTIAL_ENV)
+    if shown:
+        log.warning("the job's env carries %s: anyone who can read the cluster's job list (dashboard, `ray job`) "
+                    "can read them", ", ".join(shown))
     env.update(extra)
     return env
 
@@ -171,6 +191,9 @@ def submit_parser() -> argparse.ArgumentParser:
                                                    "the repository, or an s3:// URI")
     p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="an env var of the job")
+    p.add_argument("--forward-aws-credentials", action="store_true",
+                   help="send this shell's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN as job env "
+                        "vars (visible in the job's info); default: the nodes use their own (instance role, IRSA)")
     p.add_argument("--pip", action="append", default=[], metavar="PKG", help="a pip requirement for the job")
     p.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
     p.add_argument("--submission-id", help="the job's id (default: generated by Ray)")
@@ -192,7 +215,8 @@ def main_submit(argv: Sequence[str] | None = None) -> int:
         cfgs = validate_job(name, config.local, overrides)
         warn_local_storage(cfgs)
         entrypoint = build_entrypoint(script, config.remote, overrides)
-        runtime_env = build_runtime_env(root, job_env(os.environ, parse_env(args.env)), args.pip)
+        env = job_env(os.environ, parse_env(args.env), args.forward_aws_credentials)
+        runtime_env = build_runtime_env(root, env, args.pip)
         client = connect(args.address)
         job_id = client.submit_job(
             entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id,
