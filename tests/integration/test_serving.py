@@ -29,6 +29,12 @@ def png_bytes(size: tuple[int, int] = (48, 36), color: tuple[int, int, int] = (2
     return buf.getvalue()
 
 
+def tiff_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "TIFF")
+    return buf.getvalue()
+
+
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
@@ -230,6 +236,14 @@ def _bad_inputs() -> list[tuple[str, object, int, str | None]]:
          "messages[0].content[1].image_url"),
         ("stream over context", body(stream=True, max_tokens=1000), 400, "max_tokens"),
         ("body over the size limit", body(messages=[{"role": "user", "content": "x" * 1_400_000}]), 413, None),
+        ("text over the text limit", body(messages=[{"role": "user", "content": "x" * 200_001}]), 413, "messages"),
+        ("seed beyond 64 bits", body(seed=2**70, temperature=1.0), 400, "seed"),
+        ("seed as a string", body(seed="7"), 400, "seed"),
+        ("max_tokens as a float", body(max_tokens=8.0), 400, "max_tokens"),
+        ("NaN temperature", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None),
+        ("stop string too long", body(stop=["s" * 300]), 400, "stop"),
+        ("image as TIFF", body(messages=[image_message(url=data_url(tiff_bytes()))]), 400,
+         "messages[0].content[1].image_url"),
     ]
 
 
@@ -250,6 +264,23 @@ def test_bad_input_gets_4xx_in_openai_shape(chat_app, case, payload, status, par
     assert isinstance(error["message"], str) and len(error["message"]) > 10
     if param is not None:
         assert (error["param"] or "").startswith(param), error
+
+
+def test_body_must_be_json_and_within_the_limit_while_read(chat_app):
+    url = f"{chat_app}/v1/chat/completions"
+    raw = json.dumps(body()).encode()
+    for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {}):
+        r = httpx.post(url, content=raw, headers=headers, timeout=60)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+
+    def chunks():  # chunked transfer: no Content-Length to refuse up front
+        for _ in range(40):
+            yield b" " * 65_536
+
+    r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # refused while reading (tests/unit/serve counts the chunks read), so the size read in full is never named
+    assert "is over the limit" in r.json()["error"]["message"], r.text
 
 
 def test_unknown_route_and_method_in_openai_shape(chat_app):
@@ -471,8 +502,12 @@ def test_remote_image_urls_follow_the_allow_list(s3_bucket):
     base = f"http://127.0.0.1:{server.server_address[1]}"
     storage.write_bytes(f"{s3_bucket}/images/red.png", png_bytes())
     bucket = s3_bucket.removeprefix("s3://")
+    port = server.server_address[1]
+    # the listener is on loopback, which is refused unless allowed (with its port): see tests/unit/serve
     allowed = ServeConfig(model="unused", max_image_bytes=200_000,
-                          remote_images=RemoteImagesConfig(enabled=True, allowed_hosts=["127.0.0.1", bucket]))
+                          remote_images=RemoteImagesConfig(enabled=True, allowed_hosts=["127.0.0.1"],
+                                                           allowed_buckets=[bucket], allowed_ports=[port],
+                                                           allow_private_addresses=True))
 
     def code(url: str, cfg: ServeConfig) -> str:
         try:
@@ -486,6 +521,8 @@ def test_remote_image_urls_follow_the_allow_list(s3_bucket):
         assert code(f"{base}/red.png", ServeConfig(model="unused")) == "image_url_not_allowed"  # off by default
         assert code(f"{base}/red.png", allowed) == "ok"
         assert code(f"{s3_bucket}/images/red.png", allowed) == "ok"
+        storage.write_bytes(f"{s3_bucket}/images/big.png", b"\0" * 300_000)
+        assert code(f"{s3_bucket}/images/big.png", allowed) == "image_too_large"  # by its size, before reading
         assert code(f"http://localhost:{server.server_address[1]}/red.png", allowed) == "image_url_not_allowed"
         assert code("s3://another-bucket/red.png", allowed) == "image_url_not_allowed"
         assert code(f"{base}/big.png", allowed) == "image_too_large"
@@ -514,8 +551,14 @@ def test_shipped_serve_config_is_valid():
     names = {d.name for d in application.deployments}
     assert names == {"ChatAPI", "VLMEngine"}
     engine = next(d for d in application.deployments if d.name == "VLMEngine")
-    assert engine.autoscaling_config["min_replicas"] >= 1 and engine.max_ongoing_requests >= 2 * \
-        application.args["max_batch_size"]
+    assert engine.autoscaling_config["min_replicas"] >= 1
+    # the queue limits are the ones build_app derives, so YAML and Python deployments behave alike
+    from vitune.serve.app import queue_options
+
+    engine_queue, api_queue = queue_options(ServeConfig.model_validate(application.args))
+    api = next(d for d in application.deployments if d.name == "ChatAPI")
+    assert {k: getattr(engine, k) for k in engine_queue} == engine_queue
+    assert {k: getattr(api, k) for k in api_queue} == api_queue
 
 
 def test_text_stream_holds_back_partial_stops_and_characters():

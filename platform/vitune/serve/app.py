@@ -11,6 +11,12 @@ It lives in the package so that Serve's replicas import it from the installed `v
 (`serving/app.py` re-exports it for the deploy configs' `import_path`). `ServeConfig`'s defaults are the
 application's defaults: `build_app({"model": ...})` is a complete configuration.
 
+Robustness: the body limit is enforced while reading; a request must be JSON; overload and timeouts answer
+503/429 with `Retry-After` (the queue limits come from `ServeConfig`, from YAML and `build_app` alike); a
+request whose engine replica dies is retried on another; `/healthz` answers 503 when no engine replica can
+answer; a 500 carries a request id and no exception text. Binding beyond loopback needs `VITUNE_API_KEY` in
+the replicas' environment unless `allow_unauthenticated: true`.
+
 Run: `serve run serving/config.yaml` (see the config's header), or from Python
 `serve.run(build_app({"model": "<model folder URI or models:/NAME/VERSION>"}))` (`make_app` also takes
 deployment options).
@@ -18,32 +24,77 @@ deployment options).
 
 # No `from __future__ import annotations`: Serve pickles the ingress class by value, and FastAPI must see
 # real annotation objects (a string "Request" would not resolve in the replica and become a query param).
+import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vitune.config import ServeConfig
+from vitune.config import API_KEY_ENV, MODELS_SCHEME, ServeConfig
 from vitune.serve import openai as oai
-from vitune.serve.engine import ServingEngine
+from vitune.serve.adapters import engine_for, load_engines
 from vitune.serve.openai import APIError
 from vitune.serve.request import ChatRequest, chat_request_from_openai
 
 logger = logging.getLogger(__name__)
 
-_UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
+_UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RayActorError,
+                ActorUnavailableError)
+_REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)  # worth one more try elsewhere
+_RETRIES = 2
+JSON_TYPES = ("application/json",)
+API_MIN_PENDING = 1024  # requests the proxy holds for the ingress at least (see `queue_options`)
+
+
+def _overloaded(exc: BaseException) -> APIError:
+    return APIError(503, f"the model is overloaded or unavailable ({type(exc).__name__}); retry shortly",
+                    code="overloaded")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _http_host() -> str | None:
+    """The host Serve's HTTP proxies bind (None when it cannot be told)."""
+    try:
+        # deferred: a private module of Serve; the controller client knows the http_options in force
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - unknown is treated as beyond loopback
+        logger.warning("could not read Serve's HTTP host", exc_info=True)
+        return None
+
+
+def check_auth_setup(cfg: ServeConfig, host: str | None) -> None:
+    """Refuse to serve beyond loopback without a key, unless the config allows it explicitly."""
+    if cfg.resolved_api_key() or cfg.allow_unauthenticated or (host is not None and _is_loopback(host)):
+        return
+    raise RuntimeError(f"Serve's HTTP proxy binds {host or 'an unknown host'} (beyond loopback) and no API key is "
+                       f"set: set the {API_KEY_ENV} env var of the replicas (e.g. from a Kubernetes Secret), or "
+                       "set allow_unauthenticated: true in the app's args to serve without auth")
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
@@ -51,36 +102,85 @@ class VLMEngine:
     """One model replica: the engine's worker thread batches every request this replica holds."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        self.engine = ServingEngine.from_config(ServeConfig.model_validate(cfg))
+        # one engine per served name: the model, plus LoRA adapters over its base when `adapters` names some
+        self.engines = load_engines(ServeConfig.model_validate(cfg))
+        self.engine = next(iter(self.engines.values()))
 
     def info(self) -> dict[str, Any]:
         return self.engine.info()
 
     def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
+        # the replica's actor name too: which replica answered (fault-injection tests kill one by it)
+        return {**self.engine.stats(), "actor": ray.get_runtime_context().get_actor_name()}
 
     async def complete(self, chat: ChatRequest) -> dict[str, Any]:
-        return await self.engine.complete(chat)
+        return await engine_for(self.engines, chat.model).complete(chat)
+
+    def health(self) -> str | None:
+        """Why this replica cannot answer (any of its engines), or None."""
+        return next((f"{name}: {reason}" for name, e in self.engines.items() if (reason := e.health())), None)
 
     async def stream(self, chat: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        async for event in self.engine.generate(chat):
+        async for event in engine_for(self.engines, chat.model).generate(chat):
             yield event
 
     def check_health(self) -> None:
-        if not self.engine.stats()["alive"]:
-            raise RuntimeError("the engine's worker thread has stopped")
+        reason = self.health()
+        if reason:  # Serve stops routing here and replaces the replica
+            raise RuntimeError(reason)
 
     def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
+        for engine in getattr(self, "engines", {}).values():
             engine.close()
 
 
-def _error_response(err: APIError) -> JSONResponse:
+def _error_response(err: APIError, request_id: str | None = None) -> JSONResponse:
     headers = {"Retry-After": "1"} if err.status in (429, 503) else {}
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if request_id:
+        headers["X-Request-Id"] = request_id
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def _request_id(request: Request) -> str:
+    """The id a client sees (header `X-Request-Id`, and in 500 messages) and the log carries."""
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = request.state.request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    return rid
+
+
+async def read_json_body(request: Request, max_body: int) -> bytes:
+    """The body, refused (415/413) unless it is JSON and within `max_body`, counted as it arrives (chunked too)."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media not in JSON_TYPES:
+        raise APIError(415, f"the request body must be JSON (Content-Type: application/json), got "
+                       f"{media or 'no Content-Type'}", code="unsupported_media_type")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body:
+        raise APIError(413, f"the request body is {declared} bytes, over the limit of {max_body}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:  # stop reading: a chunked body announces no length
+            raise APIError(413, f"the request body is over the limit of {max_body} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _bounded(response: DeploymentResponse, timeout_s: float) -> Any:
+    """A handle call's result within `timeout_s`, else 503 (the call is cancelled)."""
+    async def wait() -> Any:
+        return await response
+
+    try:
+        return await asyncio.wait_for(wait(), timeout_s)
+    except TimeoutError:
+        response.cancel()
+        raise APIError(503, f"the model did not answer within {timeout_s:.0f} s; retry shortly",
+                       code="timeout") from None
 
 
 def _sse(body: dict[str, Any]) -> str:
@@ -97,9 +197,13 @@ class ChatAPI:
         self.cfg = ServeConfig.model_validate(cfg)
         self.model_name = self.cfg.model_name()
         self.api_key = self.cfg.resolved_api_key()
+        check_auth_setup(self.cfg, _http_host())
         self.created = int(time.time())
-        # an image as base64 plus generous room for the conversation text
-        self.max_body = self.cfg.max_image_bytes * 4 // 3 + 1_000_000
+        self.lineage = served_lineage(self.cfg)  # what /v1/models says is served: the folder or registry version
+        # an image as base64, the text (up to 6 bytes a character as a JSON escape) and room for the structure
+        self.max_body = self.cfg.max_image_bytes * 4 // 3 + 6 * self.cfg.max_text_chars + 65_536
+        self.geometry: dict[str, Any] | None = None  # the tower's input, asked of the engine once
+        self.health_cache: tuple[float, str | None] = (0.0, None)
         self.page = resources.files("vitune").joinpath("static/chat.html").read_text(encoding="utf-8")
         logger.info("chat API for %s (auth %s)", self.model_name, "on" if self.api_key else "off")
 
@@ -107,37 +211,47 @@ class ChatAPI:
         app = FastAPI(title="vitune", docs_url=None, redoc_url=None, openapi_url=None)
 
         @app.exception_handler(APIError)
-        async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-            return _error_response(exc)
+        async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+            return _error_response(exc, _request_id(request))
 
         @app.exception_handler(RequestValidationError)
-        async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
             first = exc.errors()[0] if exc.errors() else {}
             where = ".".join(str(p) for p in first.get("loc", ()))
-            return _error_response(APIError(400, f"{where}: {first.get('msg', 'invalid request')}", where or None))
+            return _error_response(APIError(400, f"{where}: {first.get('msg', 'invalid request')}", where or None),
+                                   _request_id(request))
 
         @app.exception_handler(StarletteHTTPException)
-        async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
             code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-            return _error_response(APIError(exc.status_code, str(exc.detail), code=code))
+            return _error_response(APIError(exc.status_code, str(exc.detail), code=code), _request_id(request))
 
         @app.exception_handler(Exception)
-        async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-            logger.exception("unhandled error")
-            return _error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+        async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+            rid = _request_id(request)
+            logger.exception("unhandled error in request %s", rid)
+            return _error_response(APIError(500, f"internal error (request id {rid}); the cause is in the server "
+                                            "log", code="internal_error"), rid)
 
         @app.get("/", include_in_schema=False)
         async def page() -> HTMLResponse:
             return HTMLResponse(self.page)
 
         @app.get("/healthz")
-        async def healthz() -> dict[str, str]:
-            return {"status": "ok", "model": self.model_name}
+        async def healthz() -> JSONResponse:
+            problem = await self._engine_problem()
+            if problem:
+                return JSONResponse({"status": "unavailable", "model": self.model_name, "reason": problem},
+                                    status_code=503, headers={"Retry-After": "5"})
+            return JSONResponse({"status": "ok", "model": self.model_name})
 
         @app.get("/v1/models")
         async def models(request: Request) -> dict[str, Any]:
             self._check_auth(request)
-            return oai.models_body(self.model_name, self.created)
+            body = oai.models_body(self.model_name, self.created)
+            body["data"][0]["vitune"] = self.lineage
+            body["data"] += [oai.models_body(name, self.created)["data"][0] for name in self.cfg.adapters]
+            return body
 
         @app.get("/v1/models/{model_id:path}")
         async def model(model_id: str, request: Request) -> dict[str, Any]:
@@ -145,41 +259,67 @@ class ChatAPI:
             if model_id != self.model_name:
                 raise APIError(404, f"the model {model_id!r} does not exist; this server serves "
                                f"{self.model_name!r}", "model", "model_not_found")
-            return oai.models_body(self.model_name, self.created)["data"][0]
+            return {**oai.models_body(self.model_name, self.created)["data"][0], "vitune": self.lineage}
 
         @app.post("/v1/chat/completions")
         async def chat_completions(request: Request) -> Any:
             self._check_auth(request)
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_body:
-                raise APIError(413, f"the request body is {declared} bytes, over the limit of {self.max_body}",
-                               code="request_too_large")
-            raw = await request.body()
-            if len(raw) > self.max_body:
-                raise APIError(413, f"the request body is {len(raw)} bytes, over the limit of {self.max_body}",
-                               code="request_too_large")
-            try:
-                payload = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+            payload = oai.parse_json(await read_json_body(request, self.max_body))
             req = oai.parse_request(payload)
-            if req.model is not None and req.model != self.model_name:
+            if req.model is not None and req.model not in self.cfg.model_names():
                 raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
-                               f"{self.model_name!r}", "model", "model_not_found")
-            chat = await chat_request_from_openai(req, self.cfg)
+                               f"{', '.join(map(repr, self.cfg.model_names()))}", "model", "model_not_found")
+            chat = await chat_request_from_openai(req, self.cfg, await self._geometry())
+            chat.model = req.model
+            request.state.request_id = chat.request_id
             if req.stream:
                 return await self._stream(chat, req.include_usage)
-            try:
-                result = await self.engine.complete.remote(chat)
-            except _UNAVAILABLE as exc:
-                raise APIError(503, f"the model is overloaded or unavailable ({type(exc).__name__}); retry shortly",
-                               code="overloaded") from None
+            result = await self._complete(chat)
             if result["type"] == "error":
                 raise APIError.from_body(result["status"], result)
-            return oai.completion_body(chat.request_id, int(time.time()), self.model_name, result["text"],
+            return oai.completion_body(chat.request_id, int(time.time()), chat.model or self.model_name, result["text"],
                                        result["finish_reason"], result["prompt_tokens"], result["completion_tokens"])
 
         return app
+
+    async def _geometry(self) -> dict[str, Any] | None:
+        if self.geometry is None:
+            try:
+                self.geometry = await _bounded(self.engine.info.remote(), self.cfg.request_timeout_s)
+            except _UNAVAILABLE as exc:
+                raise _overloaded(exc) from None
+        return self.geometry
+
+    async def _complete(self, chat: ChatRequest) -> dict[str, Any]:
+        """The engine's answer; a replica lost mid-request (killed, crashed) is retried on another."""
+        for attempt in range(_RETRIES + 1):
+            try:
+                return await _bounded(self.engine.complete.remote(chat), self.cfg.request_timeout_s)
+            except _REPLICA_LOST as exc:
+                if attempt == _RETRIES:
+                    raise _overloaded(exc) from None
+                logger.warning("request %s: engine replica lost (%s); retrying", chat.request_id,
+                               type(exc).__name__)
+            except _UNAVAILABLE as exc:
+                raise _overloaded(exc) from None
+        raise AssertionError("unreachable")
+
+    async def _engine_problem(self) -> str | None:
+        """Why no engine replica can answer (from the controller, which health-checks them), or None."""
+        checked, problem = self.health_cache
+        if time.monotonic() - checked < 1.0:
+            return problem
+        try:
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications[serve.get_replica_context().app_name]
+            states = app.deployments[self.engine.deployment_name].replica_states
+            running = sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
+            problem = None if running else "no model replica is running"
+        except Exception as exc:  # noqa: BLE001 - the controller cannot say: report unavailable
+            logger.warning("health: could not read the engine's status: %r", exc)
+            problem = "the engine's status is unavailable"
+        self.health_cache = (time.monotonic(), problem)
+        return problem
 
     def _check_auth(self, request: Request) -> None:
         if not self.api_key:
@@ -191,16 +331,25 @@ class ChatAPI:
 
     async def _stream(self, chat: ChatRequest, include_usage: bool) -> StreamingResponse:
         """SSE in OpenAI's chunk format; errors found before the first token are still plain 4xx replies."""
-        events = self.engine.options(stream=True).stream.remote(chat)
-        try:
-            first = await events.__anext__()
-        except _UNAVAILABLE as exc:
-            raise APIError(503, f"the model is overloaded or unavailable ({type(exc).__name__}); retry shortly",
-                           code="overloaded") from None
+        for attempt in range(_RETRIES + 1):
+            events = self.engine.options(stream=True).stream.remote(chat)
+            try:
+                first = await asyncio.wait_for(events.__anext__(), self.cfg.request_timeout_s)
+                break
+            except TimeoutError:
+                events.cancel()
+                raise APIError(503, f"the model did not answer within {self.cfg.request_timeout_s:.0f} s; retry "
+                               "shortly", code="timeout") from None
+            except _REPLICA_LOST as exc:
+                if attempt == _RETRIES:
+                    raise _overloaded(exc) from None
+                logger.warning("stream %s: engine replica lost (%s); retrying", chat.request_id, type(exc).__name__)
+            except _UNAVAILABLE as exc:
+                raise _overloaded(exc) from None
         if first["type"] == "error":
             raise APIError.from_body(first["status"], first)
         prompt_tokens = first["prompt_tokens"]
-        rid, created, model = chat.request_id, int(time.time()), self.model_name
+        rid, created, model = chat.request_id, int(time.time()), chat.model or self.model_name
 
         async def body() -> AsyncIterator[str]:
             # One write per engine event: the role chunk rides with the first text, [DONE] with the finish.
@@ -223,17 +372,32 @@ class ChatAPI:
                     yield head + tail + "data: [DONE]\n\n"
                     return
                 raise RuntimeError("the engine stream ended without a finish event")
-            except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
+            except Exception:  # noqa: BLE001 - the status line is sent; report in-band
                 logger.exception("stream %s failed", rid)
                 finished = True
-                err = APIError(500, f"generation failed: {type(exc).__name__}", code="internal_error")
+                err = APIError(500, f"generation failed (request id {rid}); the cause is in the server log",
+                               code="internal_error")
                 yield head + _sse(err.body()) + "data: [DONE]\n\n"
             finally:
                 if not finished:  # the caller went away: stop generating for it
                     events.cancel()
 
         return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid})
+
+
+def served_lineage(cfg: ServeConfig) -> dict[str, Any]:
+    """The served model's source; for ``models:/`` also the registered version it resolved to and its run."""
+    if not cfg.model.startswith(MODELS_SCHEME):
+        return {"source": cfg.model}
+    from vitune.tracking import registry_lineage  # deferred: mlflow is slow to import, and a folder needs none
+
+    try:
+        info = registry_lineage(cfg.model, cfg.tracking_uri)
+    except Exception as exc:  # noqa: BLE001 - the engine loads (or fails on) the model itself; this is a label
+        logger.warning("could not look up %s in the registry: %s", cfg.model, exc)
+        return {"source": cfg.model}
+    return {k: info[k] for k in ("source", "registered_model", "version", "uri", "run_id")}
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -241,12 +405,26 @@ def build_app(args: dict[str, Any]) -> Application:
     return make_app(args)
 
 
+def queue_options(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The deployments' queue limits implied by `cfg`, one set end to end: an engine replica holds a full batch
+    plus `max_queued` waiting (so its own 429 is the last guard, never reached first); beyond that each caller
+    holds `max_pending_requests`, then answers 503 with Retry-After."""
+    engine = {"max_ongoing_requests": cfg.max_batch_size + cfg.max_queued,
+              "max_queued_requests": cfg.max_pending_requests}
+    # the proxy's own refusal has no Retry-After and no OpenAI shape: its queue in front of the (cheap) ingress is
+    # kept well above the engine's, so overload is answered by the ingress, as a 503 with Retry-After
+    api = {"max_queued_requests": max(4 * cfg.max_pending_requests, API_MIN_PENDING)}
+    return engine, api
+
+
 def make_app(args: dict[str, Any], engine_options: dict[str, Any] | None = None,
              api_options: dict[str, Any] | None = None) -> Application:
     """`build_app` with deployment options from Python (tests, benchmarks); a config file's
-    `deployments:` section does the same for `serve run` / `serve deploy`."""
+    `deployments:` section overrides them for `serve run` / `serve deploy`. Queue limits default to
+    `queue_options(cfg)`."""
     cfg = ServeConfig.model_validate(args)
     raw = cfg.model_dump(mode="json")
-    engine = VLMEngine.options(**engine_options) if engine_options else VLMEngine
-    api = ChatAPI.options(**api_options) if api_options else ChatAPI
+    engine_queue, api_queue = queue_options(cfg)
+    engine = VLMEngine.options(**{**engine_queue, **(engine_options or {})})
+    api = ChatAPI.options(**{**api_queue, **(api_options or {})})
     return api.bind(engine.bind(raw), raw)

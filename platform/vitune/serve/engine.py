@@ -16,6 +16,12 @@ samples with its own temperature and top_p; a request with a `seed` draws from i
 tokens do not depend on its neighbours' draws. Prefill, cache, positions and sampling are the decode loop's,
 the same `model.generate` runs, and a test checks the API's greedy answer equals `model.generate`. At most
 `max_batch_size` rows decode at once and `max_queued` requests wait per replica; more are refused with 429.
+
+Isolation: a failure tied to one request (its parameters, its prompt's tokenisation, its image, its prefill,
+its detokenisation) fails that request alone; the others keep decoding. Only a failure of the shared step
+fails the running batch, and `health()` turns bad after `unhealthy_after_failures` of those in a row or a step
+running longer than `stuck_after_s`, so Serve replaces the replica. Error events carry no exception text
+(it is logged with the request id, which the client sees). Tokenisation runs off the event loop.
 """
 
 from __future__ import annotations
@@ -33,11 +39,17 @@ from PIL import Image
 
 from vitune import HUMAN, IMAGE_TOKEN
 from vitune.config import ServeConfig
-from vitune.data.templates import TemplateError, tokenize_generation_prompt, with_system
+from vitune.data.templates import (
+    TemplateError,
+    stop_strings,
+    stop_token_ids,
+    tokenize_generation_prompt,
+    with_system,
+)
 from vitune.model.decoding import DecodeBatch, DecodeRow, seeded_generator
 from vitune.model.folder import load_for_inference
 from vitune.model.vision import encode_images
-from vitune.serve.openai import APIError
+from vitune.serve.openai import SEED_MAX, SEED_MIN, APIError
 from vitune.serve.request import MAX_IMAGES, ChatRequest
 from vitune.serve.stream import TextStream, coalesce_deltas
 
@@ -65,6 +77,12 @@ def _error_event(err: APIError) -> dict[str, Any]:
     return {"type": "error", "status": err.status, **err.body()}
 
 
+def _internal_error(request_id: str) -> dict[str, Any]:
+    """The 500 a client sees when generation fails on our side: the request id to quote, no internals."""
+    return _error_event(APIError(500, f"generation failed on the server (request id {request_id}); the cause "
+                                 "is in the server log", code="internal_error"))
+
+
 class ServingEngine:
     """A loaded model + tower + tokenizer with a continuous-batching worker thread (see the module docstring)."""
 
@@ -80,13 +98,18 @@ class ServingEngine:
         limit = cfg.context_length or int(meta["model"].get("max_length") or 2048)
         lm_limit = getattr(model.lm.config, "max_position_embeddings", None)
         self.context_length = min(limit, lm_limit) if lm_limit else limit
-        self._stops = set(model.eos_token_ids)
+        # EOS, and the template's own turn end where that is not EOS (plain: "\n", ChatML: <|im_end|>)
+        self._stops = set(model.eos_token_ids) | set(stop_token_ids(self.template_name, tokenizer))
+        self._template_stops = list(stop_strings(self.template_name))
         self._generator = seeded_generator(model.device)  # shared by the requests without a seed
         self._queue: list[_Job] = []
         self._cond = threading.Condition()
         self._closed = False
         self._stats = {"steps": 0, "row_steps": 0, "max_batch": 0, "admissions": 0, "sequences": 0, "tokens": 0,
-                       "busy_s": 0.0}
+                       "busy_s": 0.0, "request_failures": 0, "batch_failures": 0}
+        self._failures_in_a_row = 0  # failed shared steps since the last good one
+        self._running_rows = 0  # rows in the running batch after the last step
+        self._step_started: float | None = None  # when the step now running began (None: idle)
         self._worker = threading.Thread(target=self._work, name="vitune-engine", daemon=True)
         self._worker.start()
 
@@ -110,12 +133,28 @@ class ServingEngine:
             "image_positions": self.num_image_positions,
             "max_images": MAX_IMAGES,
             "max_batch_size": self.cfg.max_batch_size,
+            # the tower's input geometry: the API replica fits images to it (`vitune.serve.request.fit_to_tower`)
+            "image_size": self.tower.image_size,
+            "image_mean": list(self.tower.mean),
+            "image_mode": self.tower.image_mode,
         }
 
     def stats(self) -> dict[str, Any]:
         """Counters since start: decode steps, rows over all steps (÷ steps = mean batch), seconds busy, ..."""
         with self._cond:
             return {**self._stats, "queued": len(self._queue), "alive": self._worker.is_alive()}
+
+    def health(self) -> str | None:
+        """Why this engine cannot answer (worker stopped, shared steps failing, a step stuck), or None."""
+        if not self._worker.is_alive() and not self._closed:
+            return "the engine's worker thread has stopped"
+        with self._cond:
+            failures, started = self._failures_in_a_row, self._step_started
+        if failures >= self.cfg.unhealthy_after_failures:
+            return f"the last {failures} decode steps failed (prefill or decode, with no success since)"
+        if started is not None and time.monotonic() - started > self.cfg.stuck_after_s:
+            return f"a decode step has run for {time.monotonic() - started:.0f} s"
+        return None
 
     def warmup(self) -> None:
         """Run the tower and two decoding steps once, outside any request."""
@@ -132,9 +171,17 @@ class ServingEngine:
         except TemplateError as exc:
             raise APIError(400, f"the messages do not fit this model's {self.template_name!r} conversation "
                            f"template: {exc}", "messages") from None
+        except Exception:  # noqa: BLE001 - a tokenizer failure on this request's text fails this request only
+            logger.exception("tokenising the prompt failed")
+            raise APIError(400, "the messages could not be tokenised for this model", "messages",
+                           "invalid_prompt") from None
 
     def prepare(self, chat: ChatRequest, loop: asyncio.AbstractEventLoop | None = None) -> _Job:
         """Tokenise with the model's template and check the context budget; `APIError` 400 otherwise."""
+        if chat.seed is not None and not SEED_MIN <= chat.seed <= SEED_MAX:
+            raise APIError(400, f"seed must be a 64-bit integer, got {chat.seed}", "seed", "invalid_value")
+        if chat.max_tokens is not None and chat.max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {chat.max_tokens}", "max_tokens")
         ids = self._prompt_ids(chat.turns, chat.system)
         n_images = ids.count(self.model.image_token_id)
         if n_images != (chat.image is not None):
@@ -164,23 +211,31 @@ class ServingEngine:
             image=chat.image,
             prompt_tokens=prompt_tokens,
             seed=chat.seed,
-            text=TextStream(self.tokenizer, chat.stop),
+            text=TextStream(self.tokenizer, [*chat.stop, *self._template_stops]),
             loop=loop or asyncio.get_running_loop(),
             events=asyncio.Queue(),
         )
 
     async def generate(self, chat: ChatRequest) -> AsyncIterator[dict[str, Any]]:
         """Events for one request: `start` (prompt_tokens), `delta`s (text), then `finish`; or one `error`."""
-        try:
-            job = self.prepare(chat)
+        loop = asyncio.get_running_loop()
+        try:  # tokenising a long prompt takes a while: not on the loop that serves every other request
+            job = await asyncio.to_thread(self.prepare, chat, loop)
         except APIError as err:
             yield _error_event(err)
+            return
+        except Exception:  # noqa: BLE001 - this request fails alone; the cause goes to the log
+            logger.exception("preparing request %s failed", chat.request_id)
+            yield _internal_error(chat.request_id)
             return
         with self._cond:
             if self._closed:
                 yield _error_event(APIError(503, "the model replica is shutting down", code="overloaded"))
                 return
-            if len(self._queue) >= self.cfg.max_queued:
+            # a full batch plus `max_queued` waiting, counting the batch's free rows as room: rows that just
+            # finished leave the batch before the waiting ones are admitted at the next step
+            free_rows = max(0, self.cfg.max_batch_size - self._running_rows)
+            if len(self._queue) >= self.cfg.max_queued + free_rows:
                 yield _error_event(APIError(429, f"this replica already has {len(self._queue)} requests waiting; "
                                             "retry shortly", code="rate_limit_exceeded"))
                 return
@@ -267,11 +322,14 @@ class ServingEngine:
     def _work(self) -> None:
         batch = DecodeBatch(self.model, self._generator)
         while True:
+            admitted: list[_Job] | None = None
             try:
                 admitted = self._admit(batch)
                 if admitted is None:
                     return
                 started = time.perf_counter()
+                with self._cond:
+                    self._step_started = time.monotonic()
                 with torch.inference_mode():
                     if admitted:
                         self._join(batch, admitted)
@@ -279,29 +337,88 @@ class ServingEngine:
                         self._step(batch)
                 with self._cond:
                     self._stats["busy_s"] += time.perf_counter() - started
-            except Exception as exc:  # noqa: BLE001 - fail the batch's requests, keep serving
-                logger.exception("generation failed for a batch of %d requests", len(batch.rows))
-                err = _error_event(APIError(500, f"generation failed: {type(exc).__name__}: {exc}",
-                                            code="internal_error"))
+                    self._step_started = None
+                    self._running_rows = len(batch.rows)
+            except Exception:  # noqa: BLE001 - a shared step failed: fail the batch's requests, keep serving
                 running = [row.payload for row in batch.rows]
                 failed = running + [j for j in (admitted or []) if j not in running]
-                self._deliver([(j, err) for j in failed if not j.done])
+                logger.exception("decode step failed for requests %s", ", ".join(j.request_id for j in failed))
+                self._deliver([(j, _internal_error(j.request_id)) for j in failed if not j.done])
                 for job in failed:
                     job.done = True
+                with self._cond:
+                    self._step_started = None
+                    self._running_rows = 0
+                    self._failures_in_a_row += 1
+                    self._stats["batch_failures"] += 1
                 batch = DecodeBatch(self.model, self._generator)
 
+    def _fail(self, job: _Job, what: str) -> None:
+        """Fail one request (logged with its id), leaving the others to run."""
+        logger.exception("%s failed for request %s", what, job.request_id)
+        job.done = True
+        self._deliver([(job, _internal_error(job.request_id))])
+        with self._cond:
+            self._stats["request_failures"] += 1
+
+    def _encode(self, jobs: list[_Job]) -> dict[int, torch.Tensor]:
+        """Tower features by job index: one call for all images, and image by image when that fails."""
+        with_image = [i for i, j in enumerate(jobs) if j.image is not None]
+        if not with_image:
+            return {}
+        try:
+            encoded = encode_images(self.tower, [jobs[i].image for i in with_image])  # M x [N, Dv]
+            return dict(zip(with_image, encoded, strict=True))
+        except Exception:  # noqa: BLE001 - find the image at fault and fail its request only
+            logger.warning("encoding %d images together failed; encoding them one by one", len(with_image))
+        features = {}
+        for i in with_image:
+            try:
+                features[i] = encode_images(self.tower, [jobs[i].image])[0]
+            except Exception:  # noqa: BLE001
+                self._fail(jobs[i], "encoding the image")
+        return features
+
     def _join(self, batch: DecodeBatch, jobs: list[_Job]) -> None:
-        """Encode the newcomers' images in one tower call and prefill them into the batch."""
-        images = [j.image for j in jobs if j.image is not None]
-        encoded = iter(encode_images(self.tower, images)) if images else iter(())  # M x [N, Dv]
-        for job in jobs:
-            job.row.payload = job
-            job.row.features = next(encoded) if job.image is not None else None
-            if job.seed is not None and job.row.temperature > 0:  # its own draws, whoever its neighbours are
-                job.row.generator = seeded_generator(self.model.device, job.seed)
-        batch.join([job.row for job in jobs])
+        """Encode the newcomers' images in one tower call and prefill them into the batch; a newcomer whose
+        image, seed or prefill fails is failed alone."""
+        features = self._encode(jobs)
+        ready: list[_Job] = []
+        for i, job in enumerate(jobs):
+            if job.done:
+                continue
+            try:
+                job.row.payload = job
+                job.row.features = features[i] if job.image is not None else None
+                if job.seed is not None and job.row.temperature > 0:  # its own draws, whoever its neighbours are
+                    job.row.generator = seeded_generator(self.model.device, job.seed)
+            except Exception:  # noqa: BLE001
+                self._fail(job, "setting up sampling")
+                continue
+            ready.append(job)
+        if not ready:
+            return
+        joined = True
+        try:
+            batch.join([job.row for job in ready])
+        except Exception:  # noqa: BLE001 - prefill them one at a time to find the request at fault
+            joined = False
+            if len(ready) == 1:
+                self._fail(ready[0], "prefill")
+            else:
+                logger.warning("prefilling %d requests together failed; prefilling them one by one", len(ready))
+                for job in ready:
+                    try:
+                        batch.join([job.row])
+                        joined = True
+                    except Exception:  # noqa: BLE001
+                        self._fail(job, "prefill")
+        if batch.mask is not None and batch.mask.shape[0] != len(batch.rows):
+            raise RuntimeError("a failed prefill left the batch inconsistent")
         with self._cond:
             self._stats["admissions"] += 1
+            # one request's bad prefill is followed by others' good ones; a broken model fails them all
+            self._failures_in_a_row = 0 if joined else self._failures_in_a_row + 1
 
     def _step(self, batch: DecodeBatch) -> None:
         """Sample one token per row, send each row's text, drop finished rows, run the survivors one step."""
@@ -314,13 +431,18 @@ class ServingEngine:
                 row.finish_reason = "cancelled"
                 job.done = True
                 continue
-            new = row.accept(tok, self._stops)
-            emitted += len(new)
-            delta, stopped = job.text.push(new)
-            if stopped:
-                row.finish_reason = "stop"
-            elif row.finish_reason is not None:
-                delta += job.text.flush()
+            try:
+                new = row.accept(tok, self._stops)
+                emitted += len(new)
+                delta, stopped = job.text.push(new)
+                if stopped:
+                    row.finish_reason = "stop"
+                elif row.finish_reason is not None:
+                    delta += job.text.flush()
+            except Exception:  # noqa: BLE001 - this row's detokenisation failed: drop it, keep the rest
+                row.finish_reason = "error"
+                self._fail(job, "detokenising")
+                continue
             if delta:
                 out.append((job, {"type": "delta", "text": delta}))
             if row.finish_reason is not None:
@@ -338,6 +460,8 @@ class ServingEngine:
         batch.keep(keep)
         if batch.rows:
             batch.step()
+        with self._cond:
+            self._failures_in_a_row = 0
 
     @staticmethod
     def _deliver(items: list[tuple[_Job, dict[str, Any]]]) -> None:

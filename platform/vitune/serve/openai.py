@@ -2,17 +2,23 @@
 
 Only what the server honours is modelled. Unknown request fields are ignored (clients send many), except
 those whose silent dropping would change the answer (`n` other than 1, `logprobs`, `tools`), which are
-refused. Every client mistake becomes an `APIError`, rendered as OpenAI's error object:
-`{"error": {"message", "type", "param", "code"}}`.
+refused. Parsing is as strict as OpenAI's: no type coercion (`"1"` is not a number, `1` not a boolean), every
+number within the range its consumer accepts (a `seed` fits in 64 bits), stop strings bounded. Every client
+mistake becomes an `APIError`, rendered as OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256  # per stop string: the text stream rescans this much at every token
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's int64 range; torch's generator takes it
+MAX_TOKENS_LIMIT = 2**31 - 1  # beyond any context; the engine checks the real budget
+_STRICT = ConfigDict(extra="ignore", strict=True)
 
 
 class APIError(Exception):
@@ -49,19 +55,19 @@ def _default_type(status: int) -> str:
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     type: Literal["text"] = "text"
     text: str
 
 
 class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     url: str
-    detail: str | None = None  # accepted and ignored: the tower has one resolution
+    detail: Literal["auto", "low", "high"] | None = None  # accepted and ignored: the tower has one resolution
 
 
 class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     type: Literal["image_url"] = "image_url"
     image_url: ImageURL
 
@@ -79,16 +85,18 @@ def _parse_part(index: int, part: Any) -> ContentPart:
         return TextPart(text=part["text"])
     if kind == "image_url":
         image_url = part.get("image_url")
-        if isinstance(image_url, str):  # some clients send the URL itself
-            image_url = {"url": image_url}
         if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
             raise ValueError(f"content part {index} (image_url) needs 'image_url': {{'url': '...'}}")
-        return ImagePart(image_url=ImageURL(**image_url))
+        detail = image_url.get("detail")
+        if detail is not None and detail not in ("auto", "low", "high"):
+            raise ValueError(f"content part {index} (image_url) has detail {_short(detail)}; expected 'auto', "
+                             "'low' or 'high'")
+        return ImagePart(image_url=ImageURL(url=image_url["url"], detail=detail))
     raise ValueError(f"content part {index} has unsupported type {kind!r}; supported types: text, image_url")
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
@@ -115,33 +123,33 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
     """`POST /v1/chat/completions` body. `temperature` defaults to 1 as in OpenAI's API."""
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", strict=True, protected_namespaces=())
 
     model: str | None = None  # None = the one served model
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's newer name; wins
+    temperature: float | None = Field(1.0, ge=0, le=2)  # null = the default, as OpenAI takes it
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    n: int | None = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
     tools: list[Any] | None = None
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
             raise ValueError(f"only n=1 is supported, got {value}")
         return value
 
@@ -153,7 +161,15 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters long")
         return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> ChatCompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     @field_validator("logprobs")
     @classmethod
@@ -168,6 +184,16 @@ class ChatCompletionRequest(BaseModel):
         if value:
             raise ValueError("tools are not supported by this model")
         return value
+
+    @property
+    def sampling(self) -> tuple[float, float]:
+        """(temperature, top_p) with OpenAI's defaults for null."""
+        return (1.0 if self.temperature is None else self.temperature, 1.0 if self.top_p is None else self.top_p)
+
+    @property
+    def text_chars(self) -> int:
+        """All message text of the request together (what `max_text_chars` bounds)."""
+        return sum(len(t) for m in self.messages for t in m.text_parts())
 
     @property
     def stop_list(self) -> list[str]:
@@ -207,6 +233,21 @@ def validation_error(exc: ValidationError) -> APIError:
         lines.append(f"... and {len(errors) - 5} more")
     param = (_loc(errors[0]["loc"]) or None) if errors else None
     return APIError(400, "; ".join(lines) or "invalid request", param=param, code="invalid_value")
+
+
+def parse_json(raw: bytes) -> Any:
+    """JSON as OpenAI takes it: NaN/Infinity, invalid UTF-8, absurd nesting or numbers are a 400."""
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=refuse)
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
+                       f"{exc.colno}", code="invalid_json") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, NaN, an int of 5,000 digits, deep nesting
+        reason = str(exc) if isinstance(exc, ValueError) and "JSON" in str(exc) else type(exc).__name__
+        raise APIError(400, f"the request body is not valid JSON ({reason})", code="invalid_json") from None
 
 
 def parse_request(payload: Any) -> ChatCompletionRequest:

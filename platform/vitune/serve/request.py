@@ -1,6 +1,9 @@
-"""An OpenAI chat request → a checked vitune conversation (`ChatRequest`), its image fetched and decoded.
+"""An OpenAI chat request → a checked vitune conversation (`ChatRequest`), its image fetched, decoded and fitted.
 
-Runs in the API replica: every client mistake here is an `APIError` 4xx naming the field.
+Runs in the API replica: every client mistake here is an `APIError` 4xx naming the field. Images are decoded
+only from common formats and fitted to the tower's input here, so a model replica never handles a large one.
+Remote image URLs (off by default) are checked before any connection: allow-listed host or bucket, default
+port, every resolved address public; the connection is pinned to the checked address, under one deadline.
 """
 
 from __future__ import annotations
@@ -8,19 +11,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
+import ipaddress
+import logging
+import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
+from typing import Any
+from urllib.parse import ParseResult, urlparse
 
-from PIL import Image
+import httpx
+from PIL import Image, UnidentifiedImageError
 
 from vitune import GPT, HUMAN, IMAGE_TOKEN, storage
-from vitune.config import ServeConfig
-from vitune.model.image import ImageError, decode_image
+from vitune.config import RemoteImagesConfig, ServeConfig
+from vitune.model.image import ImageError, decode_image, fit_to_square
 from vitune.serve.openai import APIError, ChatCompletionRequest
 
+logger = logging.getLogger(__name__)
+
 MAX_IMAGES = 1  # the model splices one <image> per sample
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what clients send; PIL's rarer decoders stay shut
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass
@@ -36,6 +49,7 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    model: str | None = None  # the served name asked for (a LoRA adapter's, see vitune.serve.adapters); None = default
 
 
 def _host_allowed(host: str, allowed: Sequence[str]) -> bool:
@@ -47,6 +61,22 @@ def _host_allowed(host: str, allowed: Sequence[str]) -> bool:
         if host == entry:
             return True
     return False
+
+
+def refused_address(address: str) -> str | None:
+    """Why an image may not be fetched from `address` (loopback, private, link-local, ...), or None when public."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for reason, hit in (("a loopback", ip.is_loopback), ("a link-local (cloud metadata)", ip.is_link_local),
+                        ("an unspecified", ip.is_unspecified), ("a multicast", ip.is_multicast),
+                        ("a private or unique-local", ip.is_private), ("a reserved", ip.is_reserved),
+                        ("a site-local", isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local)):
+        if hit:
+            return f"{reason} address"
+    if not ip.is_global:  # shared address space (100.64/10, where some clouds put their metadata), ...
+        return "a non-public address"
+    return None
 
 
 def _decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
@@ -62,45 +92,119 @@ def _decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
                        param, "image_too_large")
     try:
         return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise APIError(400, f"the image data: URL is not valid base64: {exc}", param, "invalid_base64") from None
+    except (binascii.Error, ValueError):
+        raise APIError(400, "the image data: URL is not valid base64", param, "invalid_base64") from None
+
+
+def _not_allowed(message: str, param: str) -> APIError:
+    return APIError(400, message, param, "image_url_not_allowed")
+
+
+async def _pinned_address(parsed: ParseResult, policy: RemoteImagesConfig, param: str) -> tuple[str, int]:
+    """Check an http(s) URL's host, port and every address it resolves to; the one address to connect to."""
+    host = (parsed.hostname or "").rstrip(".")
+    if parsed.username is not None or parsed.password is not None:
+        raise _not_allowed("image URLs must not carry credentials", param)
+    if not host or not _host_allowed(host, policy.allowed_hosts):
+        raise _not_allowed(f"image host {host!r} is not in this server's allow-list", param)
+    try:
+        port = parsed.port or _DEFAULT_PORTS[parsed.scheme]
+    except ValueError:
+        raise APIError(400, "the image URL's port is not a number", param, "invalid_image_url") from None
+    if port != _DEFAULT_PORTS[parsed.scheme] and port not in policy.allowed_ports:
+        raise _not_allowed(f"image URLs on port {port} are not accepted (only {_DEFAULT_PORTS[parsed.scheme]} "
+                           f"for {parsed.scheme})", param)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise APIError(400, f"image host {host!r} does not resolve", param, "image_fetch_failed") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    if not policy.allow_private_addresses:
+        for address in addresses:  # every one: a name may resolve to a public and a private address
+            reason = refused_address(address)
+            if reason:
+                raise _not_allowed(f"image host {host!r} resolves to {reason}", param)
+    return addresses[0], port
+
+
+async def _fetch_http(url: str, cfg: ServeConfig, param: str) -> bytes:
+    parsed = urlparse(url)
+    address, port = await _pinned_address(parsed, cfg.remote_images, param)
+    # connect to the address just checked (no second lookup that could answer differently); the Host header
+    # and TLS name stay the URL's
+    literal = f"[{address}]" if ":" in address else address
+    pinned = parsed._replace(netloc=f"{literal}:{port}").geturl()
+    headers = {"Host": parsed.netloc.rsplit("@", 1)[-1]}
+    extensions = {"sni_hostname": parsed.hostname} if parsed.scheme == "https" else {}
+    limit = cfg.max_image_bytes
+    # no redirects: a redirect could lead off the allow-list
+    async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+        async with client.stream("GET", pinned, headers=headers, extensions=extensions) as resp:
+            if resp.status_code != 200:
+                raise APIError(400, f"fetching the image returned HTTP {resp.status_code}", param,
+                               "image_fetch_failed")
+            declared = resp.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise APIError(400, f"the image is {declared} bytes, over the limit of {limit}", param,
+                               "image_too_large")
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > limit:  # stop reading: the size is all the error needs
+                    raise APIError(400, f"the image is over the limit of {limit} bytes", param, "image_too_large")
+                chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_s3(url: str, limit: int, param: str) -> bytes:
+    fs, path = storage.resolve(url)
+    size = fs.get_file_info(path).size
+    if size is None:
+        raise APIError(400, "the image object does not exist", param, "image_fetch_failed")
+    if size > limit:  # checked before reading a byte of it
+        raise APIError(400, f"the image is {size} bytes, over the limit of {limit}", param, "image_too_large")
+    return storage.read_bytes(url)
 
 
 async def _fetch(url: str, cfg: ServeConfig, param: str) -> bytes:
     parsed = urlparse(url)
     policy = cfg.remote_images
     if not policy.enabled:
-        raise APIError(400, "image URLs are not accepted by this server; send the image inline as a "
-                       "data:image/...;base64 URL", param, "image_url_not_allowed")
-    host = parsed.netloc.rsplit("@", 1)[-1].split(":")[0]
-    if not host or not _host_allowed(host, policy.allowed_hosts):
-        raise APIError(400, f"image host {host!r} is not in this server's allow-list", param, "image_url_not_allowed")
-    limit = cfg.max_image_bytes
-    if parsed.scheme == "s3":
-        data = await asyncio.to_thread(storage.read_bytes, url)
-    else:
-        # deferred: only remote image URLs need an HTTP client
-        import httpx
-
-        # no redirects: a redirect could lead off the allow-list
-        async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False) as client:
-            async with client.stream("GET", url) as resp:
-                if resp.status_code != 200:
-                    raise APIError(400, f"fetching the image returned HTTP {resp.status_code}", param,
-                                   "image_fetch_failed")
-                chunks, size = [], 0
-                async for chunk in resp.aiter_bytes():
-                    size += len(chunk)
-                    if size > limit:  # stop reading: the size is all the error needs
-                        raise APIError(400, f"the image is over the limit of {limit} bytes", param,
-                                       "image_too_large")
-                    chunks.append(chunk)
-                data = b"".join(chunks)
-    return data
+        raise _not_allowed("image URLs are not accepted by this server; send the image inline as a "
+                           "data:image/...;base64 URL", param)
+    async with asyncio.timeout(policy.timeout_s):  # one deadline for resolution, connection, headers and body
+        if parsed.scheme == "s3":
+            bucket = parsed.netloc
+            if not bucket or bucket not in policy.allowed_buckets:
+                raise _not_allowed(f"image bucket {bucket!r} is not in this server's allow-list", param)
+            return await asyncio.to_thread(_read_s3, url, cfg.max_image_bytes, param)
+        return await _fetch_http(url, cfg, param)
 
 
-async def load_image(url: str, cfg: ServeConfig, param: str = "messages") -> Image.Image:
-    """An `image_url` → decoded RGB image, or `APIError` 400 naming why (scheme, host, size, not an image)."""
+def _decode(data: bytes, max_pixels: int) -> Image.Image:
+    try:  # the header only: refuse formats beyond the common ones before any decoder runs
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS):
+            pass
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ImageError(f"not an image in one of the accepted formats ({', '.join(IMAGE_FORMATS)})") from None
+    except Image.DecompressionBombError:
+        raise ImageError("image too large to decode safely") from None
+    return decode_image(data, max_pixels)
+
+
+def fit_to_tower(image: Image.Image, geometry: dict[str, Any] | None) -> Image.Image:
+    """The image as the tower will take it (`size`×`size`), so the model replica never handles a large one.
+
+    `fit_to_square` is idempotent on its own output, so the engine's preprocessing leaves it unchanged.
+    """
+    if not geometry:
+        return image
+    return fit_to_square(image, geometry["image_size"], geometry["image_mean"], geometry["image_mode"])
+
+
+async def load_image(url: str, cfg: ServeConfig, param: str = "messages",
+                     geometry: dict[str, Any] | None = None) -> Image.Image:
+    """An `image_url` → decoded RGB image (fitted to the tower when `geometry` is given), or `APIError` 400."""
     scheme = urlparse(url).scheme.lower()
     if scheme == "data":
         data = _decode_data_url(url, cfg.max_image_bytes, param)
@@ -109,27 +213,42 @@ async def load_image(url: str, cfg: ServeConfig, param: str = "messages") -> Ima
             data = await _fetch(url, cfg, param)
         except APIError:
             raise
+        except TimeoutError:
+            raise APIError(400, f"fetching the image took over {cfg.remote_images.timeout_s} s", param,
+                           "image_fetch_failed") from None
         except Exception as exc:  # noqa: BLE001 - any fetch failure is the URL's problem
-            raise APIError(400, f"could not fetch the image: {exc}", param, "image_fetch_failed") from None
+            logger.warning("fetching image %s failed: %r", url[:200], exc)
+            raise APIError(400, f"could not fetch the image ({type(exc).__name__})", param,
+                           "image_fetch_failed") from None
     else:
         raise APIError(400, f"unsupported image URL scheme {scheme!r}; use a data: URL", param, "invalid_image_url")
     if len(data) > cfg.max_image_bytes:
         raise APIError(400, f"the image is {len(data)} bytes, over the limit of {cfg.max_image_bytes}", param,
                        "image_too_large")
     try:
-        return await asyncio.to_thread(decode_image, data, cfg.max_image_pixels)
+        image = await asyncio.to_thread(_decode, data, cfg.max_image_pixels)
+        return await asyncio.to_thread(fit_to_tower, image, geometry)
     except ImageError as exc:
         code = "image_too_large" if "over the limit" in str(exc) else "invalid_image"
-        raise APIError(400, f"the image cannot be used: {exc}", param, code) from None
+        # the reason in our words; a decoder's own exception text stays in the log
+        reason = "cannot decode the image data" if exc.__cause__ is not None else str(exc)
+        if exc.__cause__ is not None:
+            logger.info("image decode failed: %r", exc.__cause__)
+        raise APIError(400, f"the image cannot be used: {reason}", param, code) from None
 
 
-async def chat_request_from_openai(req: ChatCompletionRequest, cfg: ServeConfig) -> ChatRequest:
-    """Check an OpenAI request's messages and turn them into a `ChatRequest` (image decoded).
+async def chat_request_from_openai(req: ChatCompletionRequest, cfg: ServeConfig,
+                                   geometry: dict[str, Any] | None = None) -> ChatRequest:
+    """Check an OpenAI request's messages and turn them into a `ChatRequest` (image decoded, fitted to the
+    tower's input when `geometry` (`ServingEngine.info()`) is given).
 
     System (or developer) messages may only open the conversation; then user and assistant alternate,
     starting and ending with user. One image per request, in a user message; its turn gets the
     `<image>` token in front, as in LLaVA's training data.
     """
+    if req.text_chars > cfg.max_text_chars:
+        raise APIError(413, f"the messages hold {req.text_chars} characters of text, over the limit of "
+                       f"{cfg.max_text_chars}", "messages", "request_too_large")
     system: list[str] = []
     turns: list[dict[str, str]] = []
     image_part: tuple[str, str] | None = None  # (url, param)
@@ -165,14 +284,15 @@ async def chat_request_from_openai(req: ChatCompletionRequest, cfg: ServeConfig)
         raise APIError(400, "messages hold no user message", "messages")
     if len(turns) % 2 == 0:
         raise APIError(400, "the last message must be from the user", f"messages[{len(req.messages) - 1}].role")
-    image = await load_image(image_part[0], cfg, image_part[1]) if image_part else None
+    image = await load_image(image_part[0], cfg, image_part[1], geometry) if image_part else None
+    temperature, top_p = req.sampling
     return ChatRequest(
         turns=turns,
         system="\n".join(system) if system else None,
         image=image,
         max_tokens=req.token_limit,
-        temperature=req.temperature,
-        top_p=req.top_p,
+        temperature=temperature,
+        top_p=top_p,
         stop=req.stop_list,
         seed=req.seed,
     )
