@@ -13,7 +13,7 @@ $(PY):
 # torch + torchvision first: pip takes them from the local wheel cache on our machines (no multi-GB download).
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,qlora]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,6 +8,12 @@ no Ray, so this runs on a GPU machine that has none (``train.use_gpu=true``); th
 variant and the single-process harness are benchmark code and live here.
 
     python benchmarks/train_step.py [--images 256] [--tower ViT-B-32] [key=value ...]
+
+``--lora`` instead compares a LoRA finetune (``train.lora.*``, from the overrides or ``--lora-args``) with a full
+finetune of the same model on the same rows: trainable parameters, the optimizer's state (Adam's two moments)
+and checkpoint bytes, and samples/s, each as a LoRA / full ratio.
+
+    python benchmarks/train_step.py --lora [--lora-args "train.lora.r=16 train.lr=2e-2"] [key=value ...]
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +39,8 @@ from vitune.data.records import read_records
 from vitune.data.tokenizer import load_tokenizer
 from vitune.model.image import decode_image
 from vitune.model.vision import VisionTower, encode_images, load_vision_tower
-from vitune.train.data import collate, collate_tokens, length_grouped, tokenize_row, training_row
+from vitune.train.data import collate, collate_tokens, tokenize_row, training_row
+from vitune.train.sampler import grouped_micro_batches
 from vitune.train.worker import Plan, Worker, gradient_accumulation, run_loop
 
 
@@ -44,10 +52,12 @@ class TowerInLoopWorker(Worker):
         self.tower = tower
 
     def collate(self, rows: list[dict]) -> dict:
-        return {**collate_tokens(rows, self.model.pad_token_id), "images": [r["image_bytes"] for r in rows]}
+        return {**collate_tokens(rows, self.model.pad_token_id),
+                "images": [r["image_bytes"] for r in rows if r["image_bytes"] is not None]}
 
     def micro_step(self, batch: dict) -> float:
-        feats = encode_images(self.tower, [decode_image(b) for b in batch["images"]])  # [B, N, Dv]
+        images = [decode_image(b) for b in batch["images"]]  # text-only rows have none
+        feats = encode_images(self.tower, images) if images else None  # [M, N, Dv]
         return super().micro_step({**batch, "image_features": feats})
 
 
@@ -93,6 +103,40 @@ def timed(cfg: TrainJobConfig, rows: list[dict], tower: VisionTower,
     }
 
 
+def _adam_state_bytes(worker: Worker) -> int:
+    """Bytes of the optimizer's per-parameter state (Adam's moments; under ZeRO, of this rank's partition)."""
+    opt = worker.engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO optimizer wraps the torch one
+    return sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+
+
+def _checkpoint_bytes(worker: Worker) -> int:
+    with tempfile.TemporaryDirectory(prefix="vitune-bench-ckpt-") as d:
+        worker.save_checkpoint(Path(d))
+        return sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+
+
+def lora_vs_full(cfg: TrainJobConfig, lora_cfg: TrainJobConfig, rows: list[dict], tower: VisionTower) -> dict:
+    """The same rows through a full finetune and a LoRA finetune: sizes and throughput, with LoRA / full ratios."""
+    out: dict = {}
+    for name, c in (("full", cfg), ("lora", lora_cfg)):
+        made: list[Worker] = []
+
+        def make(*args, _made=made) -> Worker:
+            _made.append(Worker(*args))
+            return _made[-1]
+
+        result = timed(c, rows, tower, make)
+        worker = made[0]
+        out[name] = {**result, "trainable_params": worker.trainable["trainable_params"],
+                     "trainable_share": worker.trainable["trainable_share"],
+                     "optimizer_state_bytes": _adam_state_bytes(worker), "checkpoint_bytes": _checkpoint_bytes(worker)}
+    for key in ("trainable_params", "optimizer_state_bytes", "checkpoint_bytes", "samples_per_s"):
+        out[f"{key}_ratio_lora_vs_full"] = out["lora"][key] / out["full"][key]
+    return out
+
+
 def padding_share(batches: list[dict]) -> float:
     return 1 - sum(b["num_tokens"] for b in batches) / sum(b["num_positions"] for b in batches)
 
@@ -102,6 +146,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--tower", default="vitune-tiny-vit", help="open_clip model name (random init)")
     p.add_argument("--epochs", type=float, default=2)
+    p.add_argument("--lora", action="store_true", help="compare a LoRA finetune with a full finetune instead")
+    p.add_argument("--lora-args", default="train.lora.r=16 train.lora.alpha=32 train.lr=2.0e-2 "
+                   "train.mm_projector_lr=2.0e-3", help="overrides of the LoRA run (train.lora.enabled=true added)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -117,27 +164,39 @@ def main() -> None:
     tower = load_vision_tower(cfg.model.vision, device=device)
     tok = load_tokenizer("tiny")
     records = read_records(data["records"]["instruct"])
-    image_bytes = {r.image: storage.read_bytes(storage.join(data["root"], r.image)) for r in records}
+    image_bytes = {r.image: storage.read_bytes(storage.join(data["root"], r.image)) for r in records if r.image}
 
     t0 = time.perf_counter()
     feats = {k: encode_images(tower, [decode_image(b)])[0].half().cpu().numpy() for k, b in image_bytes.items()}
+    feats[None] = None  # text-only records train without features
     feature_job_s = time.perf_counter() - t0
     rows_store, rows_raw = [], []
     for r in records:
-        sample = tokenize_row(r, cfg.model.template, tok, cfg.model.max_length)
+        sample = tokenize_row(r, cfg.model.template, tok, cfg.model.max_length, tower.num_patches)
         if not sample.trainable:
             raise ValueError(f"synthetic record {r.id} cannot be trained: {sample.skip}")
         rows_store.append(training_row(sample, feats[r.image]))
         # the same row (length counts the N image positions) with the image's bytes in place of its features
-        rows_raw.append({**training_row(sample, feats[r.image]), "features": None, "image_bytes": image_bytes[r.image]})
+        rows_raw.append({**training_row(sample, feats[r.image]), "features": None,
+                         "image_bytes": image_bytes.get(r.image)})
 
+    if args.lora:
+        lora_cfg = load_config(TrainJobConfig, "tiny", [
+            "stage=finetune", f"storage.root={tmp}", "train.num_workers=1", "train.init_from=null",
+            f"train.epochs={args.epochs}", f"model.vision.name={args.tower}", "train.checkpoint_every=100000",
+            "train.log_every=1", *args.overrides, "train.lora.enabled=true", *args.lora_args.split()])
+        print(json.dumps({
+            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "lm": cfg.model.lm, "samples": len(rows_store), "lora_config": lora_cfg.train.lora.model_dump(),
+            **lora_vs_full(cfg, lora_cfg, rows_store, tower)}, indent=2))
+        return
     store = timed(cfg, rows_store, tower)
     on_the_fly = timed(cfg, rows_raw, tower, lambda *a: TowerInLoopWorker(*a, tower=tower))
 
     mb = cfg.train.micro_batch_size
     rows = list(rows_store)
     random.Random(0).shuffle(rows)
-    grouped = [collate(g, tok.pad_token_id) for g in length_grouped(rows, mb, megabatch=8, seed=0)]
+    grouped = [collate(g, tok.pad_token_id) for g in grouped_micro_batches(rows, mb, chunks=1, seed=0, window=8)]
     random_cut = [collate(rows[i:i + mb], tok.pad_token_id) for i in range(0, len(rows) - mb + 1, mb)]
 
     print(json.dumps({

@@ -40,6 +40,7 @@ from vitune.data.chat_jinja import chat_template_jinja
 from vitune.features.store import fingerprint_diffs
 from vitune.model import llava_hf
 from vitune.model.folder import load_model_folder
+from vitune.model.lora import merge_lora
 from vitune.model.vision import VisionTower, load_vision_tower
 from vitune.model.vlm import VisionLanguageModel
 from vitune.tracking import resolve_model_source, run_model_folder
@@ -254,6 +255,7 @@ def export_llava_hf(
     with tempfile.TemporaryDirectory(prefix="vitune-export-") as tmp:
         folder = resolve_model_folder(model_source, str(Path(tmp) / "source"), tracking_uri)
         model, tokenizer, meta = load_model_folder(folder, dtype=torch_dtype)
+        merge_lora(model)  # a LoRA folder exports merged: llava-hf holds full weights
         tower = _tower_for(meta)
         local = storage.local_path(out_uri)
         target = Path(local) if local is not None else Path(tmp) / "out"

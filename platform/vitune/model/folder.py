@@ -1,11 +1,14 @@
 """Model folder: a self-contained, versioned save of the VLM that loads without any training code.
 
 Layout under a local path or s3:// prefix:
-    vitune_model.json      format version, model config, feature fingerprint, token ids, extra
+    vitune_model.json      format version, model config, feature fingerprint, token ids, extra, and every other
+                           file with its size: the completion marker, published last (`_publish`)
     projector.safetensors  projector weights
     lm/                    the language model (HF `save_pretrained`), absent when `include_lm=False`
                            (align stage: the LM is frozen, so the folder names the LM path to reload)
     tokenizer/             the tokenizer, `<image>` included
+    adapter/               a LoRA finetune's adapter in peft's format (`vitune.model.lora`); the LM is then the
+                           base named in the meta (`lm.source`), and `lm.base_digest` fingerprints its weights
 
 `load_for_inference` is the one way evaluation and serving load a model to answer with: a folder URI or
 `models:/NAME/VERSION`, the model plus its vision tower (fingerprint checked against the features the model
@@ -17,6 +20,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ from torch import nn
 from vitune import __version__, storage
 from vitune.config import VisionConfig
 from vitune.features.store import FingerprintMismatch, check_fingerprint
+from vitune.model import lora
 from vitune.model.projector import build_projector
 from vitune.model.vision import VisionTower, load_vision_tower
 from vitune.model.vlm import VisionLanguageModel, load_lm
@@ -55,11 +61,17 @@ def _write_folder(
     fingerprint: dict[str, Any],
     include_lm: bool,
     extra: dict[str, Any] | None,
+    adapter: tuple[Callable[[Path], None], dict[str, Any]] | None = None,
 ) -> None:
     state = {name: t.detach().contiguous().cpu() for name, t in model.projector.state_dict().items()}
     save_file(state, str(folder / PROJECTOR_FILE))
     if include_lm:
         model.lm.save_pretrained(str(folder / LM_DIR))
+    lm_meta: dict[str, Any] = {"included": include_lm, "source": LM_DIR if include_lm else model_cfg.lm}
+    if adapter is not None:
+        write_adapter, adapter_meta = adapter
+        write_adapter(folder / lora.ADAPTER_DIR)
+        lm_meta.update(adapter_meta, adapter=lora.ADAPTER_DIR)
     tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
     meta = {
         "format_version": FORMAT_VERSION,
@@ -74,7 +86,7 @@ def _write_folder(
             "in_dim": _projector_in_dim(model),
             "out_dim": model.lm.get_input_embeddings().embedding_dim,
         },
-        "lm": {"included": include_lm, "source": LM_DIR if include_lm else model_cfg.lm},
+        "lm": lm_meta,
         "dtype": str(model.dtype).removeprefix("torch."),
         "extra": extra or {},
     }
@@ -89,18 +101,70 @@ def save_model_folder(
     uri: str,
     include_lm: bool = True,
     extra: dict[str, Any] | None = None,
+    adapter: tuple[Callable[[Path], None], dict[str, Any]] | None = None,
 ) -> str:
-    """Write the model folder to `uri` (local path or s3://); returns `uri`."""
+    """Write the model folder to `uri` (local path or s3://); returns `uri`.
+
+    `adapter`: a LoRA folder's `(write(adapter_dir), meta)`: the writer puts the peft adapter there, the meta
+    (base digest, quantization) joins the folder's `lm` entry.
+    """
     local = storage.local_path(uri)
-    if local is not None:
-        Path(local).mkdir(parents=True, exist_ok=True)
-        _write_folder(Path(local), model, tokenizer, model_cfg, fingerprint, include_lm, extra)
-    else:
-        with tempfile.TemporaryDirectory(prefix="vitune-model-") as tmp:
-            _write_folder(Path(tmp), model, tokenizer, model_cfg, fingerprint, include_lm, extra)
-            storage.upload_dir(tmp, uri)
+    # written whole in a staging folder first, then published (see `_publish`): a reader never sees a part
+    staging_parent = Path(local).parent if local is not None else None
+    if staging_parent is not None:
+        staging_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{Path(uri).name}.staging-", dir=staging_parent) as tmp:
+        _write_folder(Path(tmp), model, tokenizer, model_cfg, fingerprint, include_lm, extra, adapter)
+        _publish(Path(tmp), uri)
     logger.info("saved model folder %s (LM %s)", uri, "included" if include_lm else f"by path {model_cfg.lm!r}")
     return uri
+
+
+def _publish(staging: Path, uri: str) -> None:
+    """Publish a complete staged folder at `uri`; `vitune_model.json`, which lists every file with its size,
+    is the completion marker: written last, removed first when a folder is replaced, required by loaders.
+
+    Local: one rename of the staged folder into place (an existing folder is renamed aside first and then
+    deleted). S3 has no rename: the old marker is deleted, then the old objects, the new files are uploaded,
+    and the marker goes last.
+    """
+    meta_path = staging / META_FILE
+    meta = storage.read_json(str(meta_path))
+    meta["files"] = {p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*"))
+                     if p.is_file() and p != meta_path}
+    storage.write_json(str(meta_path), meta)
+    local = storage.local_path(uri)
+    if local is not None:
+        target = Path(local)
+        aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the folder from a replica running as another user
+        if target.exists():
+            target.rename(aside)
+        staging.rename(target)
+        staging.mkdir()  # TemporaryDirectory cleans up the (now empty) staging name
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    if storage.exists(storage.join(uri, META_FILE)):
+        storage.delete(storage.join(uri, META_FILE))  # unpublish first: from here on loaders refuse the folder
+    storage.delete(uri)
+    for path in sorted(staging.rglob("*")):
+        if path.is_file() and path != meta_path:
+            storage.write_bytes(storage.join(uri, path.relative_to(staging).as_posix()), path.read_bytes())
+    storage.write_bytes(storage.join(uri, META_FILE), meta_path.read_bytes())
+
+
+def check_complete(folder: Path, meta: dict[str, Any], uri: str) -> None:
+    """Refuse a folder whose files differ from the list in its marker (a folder being written or replaced)."""
+    files = meta.get("files")
+    if files is None:
+        logger.warning("model folder %s predates file lists in %s: its completeness is not checked", uri, META_FILE)
+        return
+    for rel, size in files.items():
+        path = folder / rel
+        have = path.stat().st_size if path.is_file() else None
+        if have != size:
+            raise RuntimeError(f"model folder {uri} is incomplete ({rel}: {'missing' if have is None else have} "
+                               f"bytes, its {META_FILE} lists {size}): it is being written or replaced; retry")
 
 
 def read_meta(uri: str) -> dict[str, Any]:
@@ -126,6 +190,8 @@ def _load_from(folder: Path, meta: dict[str, Any], device: str | torch.device, d
         lm = AutoModelForCausalLM.from_pretrained(str(folder / LM_DIR), **kwargs)
     else:
         lm = load_lm(lm_info["source"], tokenizer, dtype)
+    if lm_info.get("adapter"):
+        lm = _with_adapter(lm, folder / lm_info["adapter"], lm_info)
     proj = meta["projector"]
     projector = build_projector(proj["name"], proj["in_dim"], proj["out_dim"])
     projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
@@ -137,6 +203,19 @@ def _load_from(folder: Path, meta: dict[str, Any], device: str | torch.device, d
     return model.to(device).eval(), tokenizer
 
 
+def _with_adapter(lm: Any, adapter_dir: Path, lm_info: dict[str, Any]) -> Any:
+    """The base LM with the folder's LoRA adapter; warns when the base is not the one it was trained over."""
+    want = lm_info.get("base_digest")
+    if want:
+        dtype = getattr(torch, lm_info.get("base_dtype", "float32"))
+        have = lora.base_digest((name, p.to(dtype)) for name, p in lora.base_parameters(lm))
+        if have != want:
+            logger.warning("the LoRA adapter in %s was trained over other base weights than %r gives now "
+                           "(digest %s…, trained over %s…); its answers may be off", adapter_dir,
+                           lm_info["source"], have[:12], want[:12])
+    return lora.load_adapter(lm, adapter_dir)
+
+
 def load_model_folder(
     uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[VisionLanguageModel, Any, dict[str, Any]]:
@@ -144,11 +223,14 @@ def load_model_folder(
     meta = read_meta(uri)
     local = storage.local_path(uri)
     if local is not None:
+        check_complete(Path(local), meta, uri)
         model, tokenizer = _load_from(Path(local), meta, device, dtype)
     else:
         tmp = tempfile.mkdtemp(prefix="vitune-model-")
         try:
             storage.download_dir(uri, tmp)
+            meta = read_meta(tmp)  # the copy's own marker: the one that lists the files just downloaded
+            check_complete(Path(tmp), meta, uri)
             model, tokenizer = _load_from(Path(tmp), meta, device, dtype)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
