@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vitune import storage
+from vitune import progress, storage
 from vitune.config_tree import ConfigError, resolve_tree, validation_message
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ class TrackingConfig(Section):
     uri: str | None = None  # MLflow tracking URI; None = sqlite under the storage root (or MLFLOW_TRACKING_URI)
     experiment: str = "vitune"
     registered_model: str | None = None  # model registry name written at the end of finetune
+    # how long a call the run needs (opening it, end-of-run tags/artifacts, registration) is retried while the
+    # server does not answer; metrics logged meanwhile are held and sent once it does (vitune.backoff)
+    retry_s: float = Field(120.0, ge=0)
 
 
 class RayConfig(Section):
@@ -112,6 +115,18 @@ class FeaturesConfig(Section):
     _paths = field_validator("output")(_absolute_paths)
 
 
+class LoraConfig(Section):
+    """LoRA over the LM in the finetune stage (peft); the projector still trains fully (``train.mm_projector_lr``)."""
+
+    enabled: bool = False
+    r: int = Field(64, gt=0)  # rank
+    alpha: float = Field(16, gt=0)  # scaling = alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None = every nn.Linear of the LM but its head (LLaVA's default)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    quantization: Literal["none", "nf4"] = "none"  # nf4 = QLoRA: 4-bit NF4 base, double quantisation, bf16 compute
+
+
 class TrainConfig(Section):
     output: str | None = None  # default: layout's <storage.root>/train/<stage>
     init_from: str | None = None  # model-folder URI, runs:/<run id>, or a stage name (its model folder); None = new
@@ -119,6 +134,7 @@ class TrainConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
     lr: float = Field(2e-3, gt=0)
+    mm_projector_lr: float | None = Field(None, gt=0)  # the projector's own learning rate; None = train.lr
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, le=1)
@@ -129,6 +145,8 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     grad_clip: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
+    tf32: bool = False  # TF32 matmuls (LLaVA's --tf32 True); applied only on GPUs of compute capability >= 8.0
+    group_by_modality_length: bool = False  # LLaVA-1.5's megabatch sampler (vitune.train.sampler); off = random
     offload: bool = False
     checkpoint_every: int = Field(50, gt=0)
     log_every: int = Field(1, gt=0)
@@ -136,6 +154,7 @@ class TrainConfig(Section):
     seed: int = 0
     materialize_below_mb: float = Field(256, ge=0)  # keep the joined data in the object store when smaller
     fail_at_step: int | None = None  # testing: the last rank raises once at this step (not after a resume)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     _paths = field_validator("output")(_absolute_paths)
     _init = field_validator("init_from")(_absolute_or_stage)
@@ -165,7 +184,24 @@ class TrainJobConfig(JobConfig):
     @model_validator(mode="after")
     def _resolve_stage(self) -> TrainJobConfig:
         self.train.init_from = _stage_model(self.storage.root, self.train.init_from)
+        if self.train.lora.enabled:
+            _check_lora(self)
         return self
+
+
+def _check_lora(cfg: TrainJobConfig) -> None:
+    """LoRA is a finetune-stage option; QLoRA's 4-bit base needs bitsandbytes and a CUDA GPU."""
+    if cfg.stage != "finetune":
+        raise ValueError(f"train.lora.enabled=true needs stage=finetune (stage {cfg.stage!r} trains no LM weights)")
+    if cfg.train.lora.quantization != "none":
+        from vitune.model.lora import quantization_unavailable  # deferred: imports torch
+
+        reason = quantization_unavailable()
+        if cfg.train.zero_stage == 3:
+            reason = "ZeRO-3 partitions parameters and cannot shard a 4-bit base; use train.zero_stage=2"
+        if reason:
+            raise ValueError(f"train.lora.quantization={cfg.train.lora.quantization!r} (QLoRA) cannot run here: "
+                             f"{reason}; set train.lora.quantization=none for LoRA over the full-precision base")
 
 
 class SyntheticConfig(Section):
@@ -260,6 +296,7 @@ class EndpointConfig(Section):
     max_retries: int = Field(5, ge=0)  # retries after the first try, on 429 / 5xx / timeouts / connection errors
     backoff_initial_s: float = Field(1.0, ge=0)
     backoff_max_s: float = Field(60.0, ge=0)
+    max_retry_after_s: float = Field(120.0, ge=0)  # the longest a server's Retry-After is waited before a retry
 
 
 class GenerateTargets(Section):
@@ -288,6 +325,10 @@ class GenerateConfig(Section):
     coord_decimals: int = Field(3, ge=1, le=4)
     price_per_1k_prompt: float = Field(0.0, ge=0)  # currency units per 1K prompt tokens, for the cost estimate
     price_per_1k_completion: float = Field(0.0, ge=0)
+    # what the job may spend (answers in this run; cache hits are free): reached, it sends nothing more, writes
+    # what it has with summary.complete=false, and a rerun continues (its answers so far come from the cache)
+    budget_tokens: int | None = Field(None, gt=0)  # prompt + completion tokens
+    budget_cost: float | None = Field(None, gt=0)  # in the prices' currency (price_per_1k_*)
     seed: int = 0
 
 
@@ -357,12 +398,20 @@ API_KEY_ENV = "VITUNE_API_KEY"
 
 
 class RemoteImagesConfig(BaseModel):
-    """Image URLs other than `data:`; off by default, and then limited to `allowed_hosts`."""
+    """Image URLs other than `data:`; off by default, and then limited to `allowed_hosts` / `allowed_buckets`.
+
+    An http(s) host is resolved once and the connection pinned to that address; loopback, private, link-local,
+    unique-local and metadata addresses are refused unless `allow_private_addresses`, and ports other than
+    the scheme's default unless listed in `allowed_ports`. `timeout_s` bounds the whole fetch.
+    """
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = False
     allowed_hosts: list[str] = Field(default_factory=list)  # "example.com", or ".example.com" for subdomains too
-    timeout_s: float = Field(10.0, gt=0)
+    allowed_buckets: list[str] = Field(default_factory=list)  # s3:// buckets images may come from
+    allowed_ports: list[int] = Field(default_factory=list)  # beyond 80 (http) and 443 (https)
+    allow_private_addresses: bool = False  # loopback/private/link-local hosts (tests, a trusted internal store)
+    timeout_s: float = Field(10.0, gt=0)  # the whole fetch: resolution, connection, headers and body
 
 
 class ServeConfig(BaseModel):
@@ -371,19 +420,31 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str  # model folder URI (local or s3://) or models:/NAME/VERSION from the MLflow registry
     served_model_name: str | None = None  # default: NAME of models:/NAME/VERSION, else the folder's name
+    # more served names → LoRA model folders over the same base as `model` (itself a LoRA folder), all on one
+    # replica; a request's `model` picks one (vitune.serve.adapters)
+    adapters: dict[str, str] = Field(default_factory=dict)
     tracking_uri: str | None = None  # for models:/ (else MLFLOW_TRACKING_URI)
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto = the folder's dtype on GPU, fp32 on CPU
     max_batch_size: int = Field(32, ge=1)  # rows decoded together on one replica
     batch_wait_timeout_s: float = Field(0.01, ge=0)  # newcomers join after waiting this long (or a quiet gap this long)
     max_batch_wait_s: float = Field(0.1, ge=0)  # an idle replica waits at most this long for a first batch to fill
-    max_queued: int = Field(256, ge=1)  # requests waiting to join on one replica; more get 429
+    max_queued: int = Field(32, ge=1)  # requests waiting to join on one replica; more get 429
+    # requests a caller (the ingress for VLMEngine, the proxy for ChatAPI) holds while every replica is full;
+    # more are answered 503 with Retry-After (Serve's max_queued_requests on both deployments)
+    max_pending_requests: int = Field(256, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)  # a request not answered by then gets 503 with Retry-After
+    max_text_chars: int = Field(200_000, ge=1)  # all message text of one request together
     default_max_tokens: int = Field(256, ge=1)  # when a request names none (capped by the context left)
     context_length: int | None = Field(None, ge=2)  # default: the model's training max_length
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)  # encoded size
     max_image_pixels: int = Field(16_000_000, ge=1)  # decoded width x height
     remote_images: RemoteImagesConfig = Field(default_factory=RemoteImagesConfig)
-    api_key: str | None = None  # else the VITUNE_API_KEY env of the replica; unset = no auth
+    # the key comes from the replica's VITUNE_API_KEY env only (a Kubernetes Secret), never from args, which the
+    # Serve config and dashboard show; without it, binding beyond loopback refuses to start unless this is true
+    allow_unauthenticated: bool = False
+    unhealthy_after_failures: int = Field(3, ge=1)  # consecutive failed engine steps before the replica is unhealthy
+    stuck_after_s: float = Field(300.0, gt=0)  # one engine step running this long marks the replica unhealthy
     stream_interval_s: float = Field(0.05, ge=0)  # streamed text is sent at most this often (first token at once)
     warmup: bool = True  # one short generation at load so the first request does not pay for it
 
@@ -394,8 +455,20 @@ class ServeConfig(BaseModel):
             return self.model[len(MODELS_SCHEME) :].split("/")[0].split("@")[0]
         return Path(self.model.rstrip("/")).name or "vitune"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_in_args(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError(f"api_key is not accepted in the Serve args (the Serve config and dashboard show "
+                             f"them); set the {API_KEY_ENV} env var of the replicas, e.g. from a Kubernetes Secret")
+        return data
+
+    def model_names(self) -> list[str]:
+        """Every name a request may give as `model`: the served model's, then its adapters'."""
+        return [self.model_name(), *self.adapters]
+
     def resolved_api_key(self) -> str | None:
-        return self.api_key or os.environ.get(API_KEY_ENV) or None
+        return os.environ.get(API_KEY_ENV) or None
 
 
 # --- connecting the same way in every job: the config's S3 endpoint; Ray joined where a job runs, else started ---
@@ -414,8 +487,12 @@ def init_ray(cfg: RayConfig, **kwargs: Any) -> None:
     if ray.is_initialized():
         return
     args = {**ray_init_kwargs(cfg), **kwargs}
+    if progress.ray_log_file():  # the command line's default verbosity: Ray's logs go to files, not the terminal
+        args.setdefault("log_to_driver", False)
+        progress.route_ray_logs()
     log.info("starting Ray: %s", {k: v for k, v in args.items() if v is not None} or "local")
     ray.init(**args)
+    progress.route_ray_logs()
 
 
 def connect(cfg: JobConfig, start_ray: bool = False) -> None:

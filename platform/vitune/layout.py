@@ -3,7 +3,8 @@
 Under ``storage.root`` (a local folder or ``s3://bucket/prefix``)::
 
     data/                        the synthetic set (``vitune demo``): images + captions/instruct/eval.json
-    features/<fingerprint id>/   a feature store (``vitune.features.store`` describes its inside)
+    features/<fingerprint id>/   a feature store (``vitune.features.store`` describes its inside; one writer at
+                                 a time holds its lease, ``vitune.features.lease``)
     train/<stage>/               config.yaml, summary.json, ray/ (Ray Train checkpoints), model/ (the model folder)
     eval/<benchmark>/<name>/     answers, results, report (``vitune.evaluation.run``)
     generate/                    records/<kind>.json, errors/errors.jsonl, summary.json
@@ -132,6 +133,12 @@ def judge_cache(judge: JudgeConfig, root: str) -> str | None:
 def mlflow_db(root: str) -> str:
     """The embedded MLflow SQLite file: under a local root, else under ``./runs`` (SQLite needs a local disk)."""
     return os.path.join(storage.local_path(root) or os.path.abspath("./runs"), "mlflow.db")
+
+
+def mlflow_artifacts(root: str) -> str:
+    """The artifacts of runs tracked in the embedded store (a tracking server keeps its own)."""
+    local = storage.local_path(root)
+    return os.path.join(local, "mlflow-artifacts") if local else storage.join(root, "mlflow-artifacts")
 
 
 def imported_models(root: str) -> str:

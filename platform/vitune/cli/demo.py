@@ -23,15 +23,17 @@ import httpx
 from ray import serve
 
 from vitune import layout, storage
-from vitune.config import SyntheticJobConfig, init_ray, load_config
+from vitune.cli import serve as serve_cli
+from vitune.config import API_KEY_ENV, SyntheticJobConfig, init_ray, load_config
 from vitune.data import synthetic
+from vitune.evaluation.report import CHART_FILE
 from vitune.pipeline import run_pipeline
-from vitune.serve.app import build_app
-from vitune.tracking import RUNS_SCHEME
+from vitune.progress import ray_log_file, ray_session_logs
+from vitune.tracking import RUNS_SCHEME, ui_links
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "vitune"  # the Serve application's name, as in serving/config.yaml
+APP_NAME = serve_cli.APP_NAME  # the Serve application's name, as in serving/config.yaml
 
 
 def _out(line: str = "") -> None:
@@ -41,14 +43,12 @@ def _out(line: str = "") -> None:
 
 def serve_model(model_folder: str, model_name: str, port: int, host: str = "127.0.0.1") -> str:
     """Deploy the packaged Serve application for ``model_folder``, served as ``model_name``; its URL."""
-    app = build_app({"model": model_folder, "served_model_name": model_name})
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    return f"http://{host}:{port}"
+    return serve_cli.serve_model({"model": model_folder, "served_model_name": model_name}, port, host)
 
 
 def ask(url: str, model_name: str, image_png: bytes, question: str, api_key: str | None = None) -> dict[str, Any]:
-    """One OpenAI-format chat request with an image, over HTTP."""
+    """One OpenAI-format chat request with an image, over HTTP; with the VITUNE_API_KEY key when one is set."""
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
     data_url = "data:image/png;base64," + base64.b64encode(image_png).decode()
     body = {"model": model_name, "max_tokens": 8, "temperature": 0,
             "messages": [{"role": "user", "content": [
@@ -90,8 +90,7 @@ def run_demo(config: str, overrides: list[str], port: int = 8000, keep_serving: 
          + ", ".join(data["records"].values()))
 
     # "local": a fresh local Ray, never one that an earlier `ray start` left behind on this machine
-    init_ray(cfg.ray.model_copy(update={"address": cfg.ray.address or "local"}), include_dashboard=False,
-             log_to_driver=False)
+    init_ray(cfg.ray.model_copy(update={"address": cfg.ray.address or "local"}), include_dashboard=False)
     steps = iter(["[2/6] feature store", "[3/6] align (stage 1)", "[4/6] finetune (stage 2)",
                   "[5/6] evaluation on held-out images"])
     _out(next(steps) + " ...")
@@ -113,6 +112,7 @@ def run_demo(config: str, overrides: list[str], port: int = 8000, keep_serving: 
     summary.update(request=request, url=url, model_name=model_name)
     _out(f"      POST {url}/v1/chat/completions → {request['answer']!r} (expected {request['expected']!r})")
 
+    summary["ray_logs"] = ray_session_logs()
     _print_summary(summary, results, url, time.time() - t0, keep_serving)
     if keep_serving:
         _out("serving until Ctrl-C ...")
@@ -142,15 +142,25 @@ def _print_summary(summary: dict, results: dict, url: str, seconds: float, keep_
     _out(f"  eval        accuracy {ev['accuracy']:.3f} vs chance {ev['chance']['overall']:.3f} on {ev['n']} "
          f"held-out questions → {results['eval']['output']}")
     _out(f"  MLflow      {tracking}  (parent run {results['mlflow_parent_run_id']})")
-    _out(f"              loss curves: mlflow ui --backend-store-uri {tracking}")
+    links = ui_links(tracking, fine.get("experiment_id") or _experiment_of(tracking, fine["run_id"]), fine["run_id"])
+    if links["start"]:
+        _out(f"              open the UI: {links['start']}  (then {links['ui']})")
+    _out(f"              loss curves: {links['loss_curves'] or links['ui']}")
+    chart = storage.join(results["eval"]["output"], CHART_FILE)
+    if storage.exists(chart):
+        _out(f"              eval chart:  {chart}")
     req = summary["request"]
     _out(f"  served      {url}  answered {req['answer']!r} to {req['question']!r}")
     curl_body = json.dumps({"model": summary["model_name"], "messages": [{"role": "user", "content": "Hello"}],
                             "max_tokens": 8})
     state = "up until Ctrl-C" if keep_serving else "stopped now; `vitune demo --keep-serving` keeps it up"
     _out(f"  try it      ({state})")
-    _out(f"              curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{curl_body}'")
+    auth = f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if os.environ.get(API_KEY_ENV) else ""
+    _out(f"              curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{curl_body}'")
     _out(f"              chat page: {url}/")
+    ray_log = ray_log_file()
+    _out(f"  logs        {'Ray (driver): ' + ray_log + '; ' if ray_log else ''}Ray's workers, raylet, Ray Data: "
+         f"{summary.get('ray_logs') or ray_session_logs()}; `vitune -v demo` shows them here")
     _out("=" * 78)
 
 
@@ -172,7 +182,17 @@ def main(argv: list[str]) -> int:
         os.environ.setdefault("AWS_ENDPOINT_URL", args.s3_endpoint)
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
-    for name in ("ray", "ray.data", "ray.train", "ray.serve"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     run_demo(args.config, overrides, port=args.port, keep_serving=args.keep_serving)
     return 0
+
+
+def _experiment_of(tracking_uri: str, run_id: str | None) -> str | None:
+    """The experiment id of ``run_id`` (for its UI page); None when the store cannot say."""
+    if not run_id:
+        return None
+    from mlflow.tracking import MlflowClient  # deferred: mlflow is slow to import
+
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a link less in the summary, nothing more
+        return None

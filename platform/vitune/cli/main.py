@@ -7,16 +7,14 @@ It works from any directory: the demo runs from the installed package (presets, 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from vitune import progress
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """vitune's lines and progress on the terminal; Ray's own logs to a file unless ``-v`` (vitune.progress)."""
+    progress.setup_console(verbose)
 
 
 # Each command imports its module when it runs (deferred on purpose): they pull in Ray, torch or pyarrow,
@@ -71,15 +69,34 @@ def _cmd_job(args: argparse.Namespace, rest: list[str]) -> int:
                      + (" stage=align" if args.command == "train" else ""), prog=f"vitune {args.command}")
 
 
+def _cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
+    from vitune.cli import serve
+
+    return serve.main(rest)
+
+
+def _cmd_models(args: argparse.Namespace, rest: list[str]) -> int:
+    from vitune.cli import models
+
+    return models.main(rest)
+
+
 def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     from vitune.cli import export
 
     return export.main(rest)
 
 
+def _cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
+    from vitune.cli import merge
+
+    return merge.main(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitune", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's own logs on the terminal too (by default they go to files)")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
@@ -99,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("submit", _cmd_submit, "submit a job entrypoint to a Ray cluster"),
         ("jobs", _cmd_jobs, "list, follow or stop submitted jobs"),
         ("export", _cmd_export, "write a model folder in the llava-hf layout (transformers, vLLM, SGLang)"),
+        ("serve", _cmd_serve, "serve a model folder or models:/NAME/VERSION (OpenAI API + chat page) on local Ray"),
+        ("models", _cmd_models, "list registered models and versions with their evaluation scores"),
+        ("merge", _cmd_merge, "fold a LoRA folder's adapter into full weights (e.g. vitune merge LORA_FOLDER OUT)"),
     ):
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.set_defaults(func=func, passthrough=True)
@@ -112,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    _setup_logging(args.verbose)
+    if getattr(args, "passthrough", False) and {"-v", "--verbose"} & set(rest):  # `vitune demo -v` works too
+        args.verbose, rest = True, [a for a in rest if a not in ("-v", "--verbose")]
+    if not {"-h", "--help"} & set(argv):  # help only prints: no logging set up (nor Ray's log file chosen)
+        _setup_logging(args.verbose)
     if getattr(args, "passthrough", False):
         return int(args.func(args, rest) or 0)
     if rest:

@@ -20,6 +20,7 @@ from vitune.evaluation import report as report_lib
 from vitune.evaluation.inference import GenerationSettings, run_batch_inference
 from vitune.evaluation.judge import Judge
 from vitune.evaluation.synthetic import evaluate_synthetic
+from vitune.lineage import log_evaluation_lineage
 from vitune.tracking import (
     MODEL_FOLDER_TAG,
     RUNS_SCHEME,
@@ -137,13 +138,17 @@ BENCHMARKS = {"scienceqa": evaluate_scienceqa, "llava_bench": evaluate_llava_ben
 
 def write_report(out: str, report: dict[str, Any], tracker: Tracker, cfg: EvalJobConfig) -> None:
     md = report_lib.markdown(report)
+    chart = report_lib.chart_png(report)
+    if chart:  # the per-category chart, next to the Markdown that shows it
+        storage.write_bytes(storage.join(out, report_lib.CHART_FILE), chart)
+        md += f"\n![per-category scores]({report_lib.CHART_FILE})\n"
     files = {"report.json": json.dumps(report, indent=2, ensure_ascii=False) + "\n", "report.md": md,
              "config.yaml": dump_config(cfg)}
     for name, text in files.items():
         storage.write_text(storage.join(out, name), text)
     tracker.log_metrics(report_lib.metrics(report))
     with tempfile.TemporaryDirectory(prefix="vitune-eval-") as tmp:
-        for name in (*files, RESULTS, REVIEWS, llava_format.ANSWERS_FILE):
+        for name in (*files, report_lib.CHART_FILE, RESULTS, REVIEWS, llava_format.ANSWERS_FILE):
             uri = storage.join(out, name)
             if storage.exists(uri):
                 path = os.path.join(tmp, name)
@@ -173,6 +178,9 @@ def run_evaluation(cfg: EvalJobConfig, parent_run_id: str | None = None) -> dict
                   **BENCHMARKS[ev.benchmark](cfg, folder, out, judge)}
         if judge is not None:
             report["judge"] = judge.stats()
+        # the data and the model as the run's inputs; the scores onto the registered version it evaluated
+        report["model_versions"] = log_evaluation_lineage(tracker, ev.data, folder, run_id, ev.benchmark,
+                                                          report_lib.metrics(report))
         write_report(out, report, tracker, cfg)
     except Exception:
         tracker.finish("FAILED")

@@ -15,6 +15,7 @@ from vitune import storage
 from vitune.config import FeaturesJobConfig, dump_config
 from vitune.features.extract import extract_features
 from vitune.features.store import MANIFEST
+from vitune.lineage import log_features_inputs
 from vitune.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ def run_features(cfg: FeaturesJobConfig, parent_run_id: str | None = None) -> di
                       tags={"vitune.job": RUN_NAME})
     tracker.log_params(cfg.model_dump(mode="json"))
     tracker.log_text(dump_config(cfg), "config/resolved.yaml")
+    log_features_inputs(tracker, cfg.data.records)  # the records files (with digests) as MLflow inputs
     try:
         summary = extract_features(cfg)
     except BaseException:

@@ -15,8 +15,13 @@
 4. write ``<output>/records/<kind>.json``, ``<output>/errors/errors.jsonl`` and ``<output>/summary.json``
    and log the summary, the resolved config and the prompt hashes to MLflow.
 
-Accounting: tasks = records + quarantined, per kind and in total. Tokens and cost count only requests sent
-in this run (cache hits are free); ``requests_sent`` includes retries.
+Accounting: tasks = records + quarantined + not run, per kind and in total. Tokens and cost count only
+requests sent in this run (cache hits are free); ``requests_sent`` includes retries.
+
+Budget (``generate.budget_tokens`` / ``budget_cost``): the job-wide limiter charges every answer; once the
+budget is spent no request is sent, the tasks left are counted ``not_run`` (neither records nor quarantined),
+the outputs are written with ``complete: false`` and the job ends normally. A rerun continues: every answer
+already received comes from the cache, free, so only the tasks not run cost anything.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from vitune.data.records import Record, RecordError, validate_record, write_reco
 from vitune.instruct.inputs import ImageContext, read_inputs
 from vitune.instruct.parse import ParseError, build_record, fingerprint
 from vitune.instruct.prompts import KINDS, PromptSpec, load_prompts
+from vitune.lineage import records_inputs
 from vitune.llm_client import LLMClient, LLMError
-from vitune.rate_limit import Limiter, RayLimiter
-from vitune.tracking import Tracker
+from vitune.progress import Progress
+from vitune.rate_limit import Budget, BudgetExhausted, Limiter, RayLimiter
+from vitune.tracking import Tracker, log_inputs
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,8 @@ def process_task(client: LLMClient, spec: PromptSpec, task: dict[str, Any]) -> d
                            "cached": False, "attempts": 0, "prompt_tokens": 0, "completion_tokens": 0}
     try:
         res = client.chat(spec.messages(task["context"]), cache_extra=f"{task['kind']}:{task['image']}")
+    except BudgetExhausted as exc:  # not a failure of this task: a rerun with budget left does it
+        return {**row, "status": "not_run", "reason": "budget", "detail": str(exc)}
     except LLMError as exc:
         return {**row, "status": "quarantined", "reason": "request_failed", "detail": str(exc), "raw": None,
                 "attempts": exc.attempts}
@@ -106,11 +115,11 @@ def generate_batch(batch: dict[str, Any], endpoint: dict, prompts: dict[str, dic
 
 def run_tasks(tasks: list[dict[str, Any]], prompts: dict[str, PromptSpec], endpoint: EndpointConfig,
               cache_uri: str | None, workers: int = 2, threads_per_worker: int = 8,
-              batch_size: int = 16) -> list[dict[str, Any]]:
-    """Run the tasks on Ray Data under one job-wide ``RayLimiter``; result rows in task order."""
+              batch_size: int = 16, budget: Budget | None = None) -> list[dict[str, Any]]:
+    """Run the tasks on Ray Data under one job-wide ``RayLimiter`` (with ``budget``); result rows in task order."""
     if not tasks:
         return []
-    limiter = RayLimiter.for_endpoint(endpoint)
+    limiter = RayLimiter.for_endpoint(endpoint, budget)
     try:
         ds = ray.data.from_items([{"task": json.dumps(t, ensure_ascii=False)} for t in tasks])
         ds = ds.map_batches(
@@ -121,7 +130,11 @@ def run_tasks(tasks: list[dict[str, Any]], prompts: dict[str, PromptSpec], endpo
             compute=ray.data.TaskPoolStrategy(size=max(1, workers)),
             num_cpus=0.25,  # I/O bound: the tasks wait on the endpoint, not the CPU
         )
-        rows = [json.loads(r["result"]) for r in ds.iter_rows()]
+        with Progress("generate", len(tasks), "tasks") as bar:
+            rows = []
+            for r in ds.iter_rows():
+                rows.append(json.loads(r["result"]))
+                bar.update()
         log.info("limiter: %s", limiter.stats())
     finally:
         limiter.shutdown()
@@ -135,6 +148,8 @@ def collect(rows: list[dict[str, Any]]) -> tuple[dict[str, list[Record]], list[d
     errors: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
     for row in rows:
+        if row["status"] == "not_run":
+            continue
         if row["status"] == "ok":
             fp = fingerprint(row["record"])
             if fp in seen:
@@ -170,6 +185,9 @@ def summarize(cfg: GenerateJobConfig, prompts: dict[str, PromptSpec], n_images: 
         "quarantined": len(errors),
         "quarantined_by_reason": dict(Counter(e["reason"] for e in errors)),
         "quarantined_per_kind": dict(Counter(e["kind"] for e in errors)),
+        "not_run": sum(1 for r in rows if r["status"] == "not_run"),
+        "complete": not any(r["status"] == "not_run" for r in rows),
+        "budget": {"tokens": g.budget_tokens, "cost": g.budget_cost},
         "requests_sent": sent,
         "retries": sum(max(0, r["attempts"] - 1) for r in rows),
         "cache_hits": sum(1 for r in rows if r["cached"]),
@@ -194,6 +212,8 @@ def run_generate(cfg: GenerateJobConfig, parent_run_id: str | None = None) -> di
     tracker.log_params({"config": cfg.model_dump(mode="json"),
                         "prompt_hash": {k: p.hash for k, p in prompts.items()}})
     tracker.log_text(dump_config(cfg), "config/resolved.yaml")
+    # the caption/box files it generates from, with their digests, as the run's MLflow inputs (vitune.lineage)
+    log_inputs(tracker, records_inputs([g.input] if isinstance(g.input, str) else list(g.input), "generation"))
     t0 = time.monotonic()
     status = "FAILED"
     try:
@@ -204,11 +224,15 @@ def run_generate(cfg: GenerateJobConfig, parent_run_id: str | None = None) -> di
                  g.endpoint.base_url)
         if tasks:
             init_ray(cfg.ray)
-        rows = run_tasks(tasks, prompts, g.endpoint, cache_uri, g.workers, g.threads_per_worker, g.batch_size)
+        budget = None
+        if g.budget_tokens is not None or g.budget_cost is not None:
+            budget = Budget(g.budget_tokens, g.budget_cost, g.price_per_1k_prompt, g.price_per_1k_completion)
+        rows = run_tasks(tasks, prompts, g.endpoint, cache_uri, g.workers, g.threads_per_worker, g.batch_size,
+                         budget)
         records, errors = collect(rows)
         summary = summarize(cfg, prompts, len(images), input_errors, tasks, rows, records, errors,
                             time.monotonic() - t0)
-        if summary["records"] + summary["quarantined"] != summary["tasks"]:  # guards the accounting itself
+        if summary["records"] + summary["quarantined"] + summary["not_run"] != summary["tasks"]:  # the accounting
             raise RuntimeError(f"accounting mismatch: {summary}")
         files = {kind: layout.generate_records(out, kind) for kind in records}
         for kind, recs in records.items():
@@ -218,7 +242,11 @@ def run_generate(cfg: GenerateJobConfig, parent_run_id: str | None = None) -> di
         summary.update(output=out, record_files=files, errors_file=errors_uri, cache=cache_uri,
                        mlflow_run_id=tracker.run_id)
         storage.write_json(layout.generate_summary(out), summary)
-        tracker.log_metrics({k: summary[k] for k in ("images", "tasks", "records", "quarantined", "requests_sent",
+        if not summary["complete"]:
+            log.warning("generate: budget spent (%s); %d of %d tasks not run. Rerun to continue: the answers so far "
+                        "come from the cache at no cost", summary["budget"], summary["not_run"], summary["tasks"])
+        tracker.log_metrics({k: summary[k] for k in ("images", "tasks", "records", "quarantined", "not_run",
+                                                     "requests_sent",
                                                      "retries", "cache_hits", "prompt_tokens", "completion_tokens",
                                                      "estimated_cost", "wall_s", "tasks_per_s")})
         tracker.log_metrics({f"records.{k}": v for k, v in summary["records_per_kind"].items()})

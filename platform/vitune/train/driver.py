@@ -9,6 +9,7 @@ finetune registers the model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,22 +22,25 @@ from typing import Any
 import ray
 import ray.train
 from ray.data import Dataset, FileShuffleConfig
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConsistencyMode, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from vitune import layout, storage
 from vitune.config import TrainJobConfig, connect, dump_config, init_ray
 from vitune.data.tokenizer import load_tokenizer
 from vitune.features.store import FeatureStore
+from vitune.lineage import log_training_inputs
 from vitune.model.checkpoints import ensure_model_folder
 from vitune.model.export import export_llava_hf
 from vitune.model.folder import TOKENIZER_DIR
 from vitune.model.llava_hf import NotRepresentable
+from vitune.progress import RemoteProgress
 from vitune.tracking import (
     LLAVA_HF_TAG,
     MODEL_FOLDER_TAG,
     RUNS_SCHEME,
     Tracker,
+    mlflow_http_env,
     resolve_tracking_uri,
     run_model_folder,
 )
@@ -45,7 +49,9 @@ from vitune.train.data import (
     TokenizedRow,
     by_image_key,
     check_features,
+    interleave,
     join_with_features,
+    text_only_rows,
     tokenize_records,
 )
 from vitune.train.worker import (
@@ -57,6 +63,8 @@ from vitune.train.worker import (
 )
 
 log = logging.getLogger(__name__)
+ADAPTER_TAG = "vitune.adapter"  # on a registered version: "lora" when it holds an adapter, not full weights
+BASE_LM_TAG = "vitune.base_lm"  # ... and the base LM that adapter goes over
 
 
 def expected_fingerprint(cfg: TrainJobConfig) -> dict[str, Any]:
@@ -70,7 +78,9 @@ def training_rows(cfg: TrainJobConfig, store: FeatureStore) -> list[TokenizedRow
     """One row per input record, tokenized with the model's tokenizer; a row that cannot train says why."""
     with tempfile.TemporaryDirectory(prefix="vitune-tok-") as tmp:
         tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_source(cfg, tmp))
-    rows = tokenize_records(cfg.data.records, cfg.model.template, tokenizer, cfg.model.max_length)
+    # max_length counts the image's N positions, as LLaVA truncates after expanding <image>
+    rows = tokenize_records(cfg.data.records, cfg.model.template, tokenizer, cfg.model.max_length,
+                            image_positions=store.num_patches)
     return check_features(rows, set(store.keys()))
 
 
@@ -86,7 +96,8 @@ def _tokenizer_source(cfg: TrainJobConfig, tmp: str) -> str:
 
 
 def build_dataset(cfg: TrainJobConfig, store: FeatureStore, rows: list[TokenizedRow], samples: int) -> Dataset:
-    """The feature shards streamed and joined to the trainable ``rows`` (which cross Ray once, here)."""
+    """The feature shards streamed and joined to the trainable image ``rows`` (which cross Ray once, here);
+    ``samples`` counts those rows (text-only rows reach the workers apart, see ``_ray_train_loop``)."""
     # a new file order every epoch (reseeded per execution); rows then shuffle in a local buffer
     ds = store.to_ray_dataset(shuffle=FileShuffleConfig(seed=cfg.train.seed))
     # light tasks (half a CPU): they must fit beside the training workers, whose CPUs Ray Data excludes
@@ -116,24 +127,84 @@ def _ray_train_loop(config: dict) -> None:
             for i in range(n):
                 yield {k: batch[k][i] for k in ("input_ids", "labels", "features", "has_image", "length")}
 
+    # text-only rows have no features to join: each rank takes an equal share and mixes it into its stream
+    text = ray.get(config["text_rows"][0]) if config.get("text_rows") else []
+    my_text = text[rank::world][: len(text) // world]
+
+    def mixed_rows(epoch: int) -> Iterator[dict]:
+        return interleave(epoch_rows(epoch), my_text, config.get("image_rows_per_rank", 0),
+                          seed=cfg.train.seed + 97 * epoch + rank)
+
     tracker = None
     if rank == 0 and config.get("run_id"):
         tracker = Tracker(cfg.tracking, cfg.storage.root, run_id=config["run_id"])
 
+    digest = config_digest(config["cfg"])
+
     def report(metrics: dict, ckpt_dir: Path | None) -> None:
+        if ckpt_dir:
+            (ckpt_dir / CONFIG_DIGEST_FILE).write_text(digest)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
+        if ckpt_dir:
+            wait_until_committed()
+
+    board = config.get("progress")  # the driver's progress display (vitune.progress.RemoteProgress)
 
     def on_metrics(metrics: dict) -> None:
         if tracker:
             tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("step",)}, step=int(metrics["step"]))
+        if board is not None:
+            board.post.remote(int(metrics["step"]), {k: metrics.get(k) for k in ("loss", "samples_per_s")})
         log.info("step %d: %s", metrics["step"], {k: round(v, 4) for k, v in metrics.items()})
 
-    restore = _restored_checkpoint()
+    restore = _restored_checkpoint(digest)
     worker = Worker(cfg, Plan(**config["plan"]), rank, world, config["feature_dim"])
-    run_loop(worker, epoch_rows, report, restore, config["fingerprint"], on_metrics)
+    if tracker:  # what trains: count and share (LoRA: adapters + projector); the same values on a restart
+        tracker.log_params(worker.trainable)
+    run_loop(worker, mixed_rows, report, restore, config["fingerprint"], on_metrics)
+    if tracker:  # metrics held while MLflow was not answering go out before this worker ends
+        tracker.flush()
 
 
-def _restored_checkpoint() -> Path | None:
+def wait_until_committed() -> None:
+    """Block until the controller has registered the checkpoint this worker just reported.
+
+    ``ray.train.report`` returns once this rank's upload is done; Ray Train 2.60 registers the checkpoint (what
+    ``get_checkpoint()`` hands a restarted worker group) only when its controller has polled the report of
+    every rank, and a failure it sees first discards the partial round, so a worker dying right after its
+    report restarted the run from the previous checkpoint, or from zero. Past this call, a failure at any
+    moment resumes from this checkpoint or a later one.
+    """
+    ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+
+
+CONFIG_DIGEST_FILE = "config_digest.txt"
+# train fields that may differ between a run and its resume: how it is run, not what it computes
+RESUME_FREE_TRAIN_FIELDS = ("max_failures", "fail_at_step", "log_every", "checkpoint_every", "materialize_below_mb")
+
+
+def config_digest(cfg_json: dict[str, Any]) -> str:
+    """A digest of what a run computes (stage, model, data, training recipe), written into every checkpoint."""
+    train = {k: v for k, v in cfg_json.get("train", {}).items() if k not in RESUME_FREE_TRAIN_FIELDS}
+    what = {"stage": cfg_json.get("stage"), "model": cfg_json.get("model"), "data": cfg_json.get("data"),
+            "train": train}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_checkpoint_config(folder: Path, digest: str) -> None:
+    """Refuse to resume from a checkpoint written by a run of another config (its ``config_digest.txt``)."""
+    path = folder / CONFIG_DIGEST_FILE
+    if not path.is_file():
+        log.warning("checkpoint %s records no config digest (written by an older vitune): resuming unchecked", folder)
+        return
+    have = path.read_text().strip()
+    if have != digest:
+        raise ValueError(f"refusing to resume from a checkpoint written by another config (digest {have}, this "
+                         f"config {digest}): the stage's output already holds another run's checkpoints; set "
+                         "train.output elsewhere or delete its ray/ folder")
+
+
+def _restored_checkpoint(digest: str) -> Path | None:
     """A local copy of the checkpoint Ray Train restarts this run from (None on a fresh start)."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
@@ -141,6 +212,7 @@ def _restored_checkpoint() -> Path | None:
     local = Path(tempfile.mkdtemp(prefix="vitune-restore-"))
     with ckpt.as_directory() as d:
         shutil.copytree(d, local, dirs_exist_ok=True)
+    check_checkpoint_config(local, digest)
     return local
 
 
@@ -169,10 +241,14 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     stats = DataStats.of(rows)
     if not stats.samples:
         raise ValueError(f"no trainable records in data.records={cfg.data.records}: skipped {dict(stats.skipped)}")
-    ds = build_dataset(cfg, store, rows, stats.samples)
+    ds = build_dataset(cfg, store, rows, stats.with_image)
+    # held here for the whole run: the workers fetch them by this reference
+    text_rows = [ray.put(text_only_rows(rows))] if stats.text_only else None
     del rows  # the trainable ones live in the object store now
     accum = gradient_accumulation(cfg, world)
-    plan = Plan(stats.samples, world, cfg.train.micro_batch_size, accum, cfg.train.epochs, cfg.train.max_steps)
+    # every rank gets an equal share of each modality (Ray Data's equal split; the text rows' slices)
+    per_rank = stats.with_image // world + stats.text_only // world
+    plan = Plan(per_rank * world, world, cfg.train.micro_batch_size, accum, cfg.train.epochs, cfg.train.max_steps)
     if plan.total_steps < 1:
         raise ValueError(
             f"{stats.samples} samples give no full optimizer step with global batch {cfg.train.global_batch_size}")
@@ -180,21 +256,34 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
              cfg.stage, stats.samples, stats.as_dict(), world, accum, plan.steps_per_epoch, plan.total_steps)
 
     tracker = _start_run(cfg, stats, plan, parent_run_id)
+    # the records, the feature store and the starting model as the run's MLflow inputs (vitune.lineage)
+    lineage_tags = log_training_inputs(tracker, cfg.data.records, layout.features_input(cfg), cfg.train.init_from)
     try:
-        result = _trainer(cfg, ds, store, plan, tracker.run_id).fit()
+        with RemoteProgress(cfg.stage, plan.total_steps, "steps") as board:
+            result = _trainer(cfg, ds, store, plan, tracker.run_id, board,
+                              data={"text_rows": text_rows, "image_rows_per_rank": stats.with_image // world}).fit()
     except Exception:
         tracker.finish("FAILED")
         raise
     folder = layout.model_folder(cfg)
     metrics = dict(result.metrics or {})
     tracker.set_tags({MODEL_FOLDER_TAG: folder})
+    if cfg.train.lora.enabled:  # the run's artifact "model" is the LoRA folder: adapter/ + projector, no LM
+        tracker.set_tags({ADAPTER_TAG: f"{RUNS_SCHEME}{tracker.run_id}/model/adapter", BASE_LM_TAG: cfg.model.lm})
     _log_model_folder(tracker, folder)
     version = None
+    if cfg.stage == "finetune" and cfg.tracking.enabled and cfg.tracking.registered_model and not tracker.active:
+        log.warning("model %s not registered: MLflow at %s never opened this run (the model folder is %s)",
+                    cfg.tracking.registered_model, tracker.uri, folder)
     if cfg.stage == "finetune" and tracker.active:
         llava_hf = _log_llava_hf_export(tracker, folder)
         if cfg.tracking.registered_model:
-            version = tracker.register_model(cfg.tracking.registered_model,
-                                             tags={LLAVA_HF_TAG: llava_hf} if llava_hf else None)
+            tags = {**lineage_tags, "vitune.finetune_run": tracker.run_id}
+            if llava_hf:
+                tags[LLAVA_HF_TAG] = llava_hf
+            if cfg.train.lora.enabled:  # the version is an adapter (+ projector) over a base it names
+                tags.update({ADAPTER_TAG: "lora", BASE_LM_TAG: cfg.model.lm})
+            version = tracker.register_model(cfg.tracking.registered_model, tags=tags or None)
     tracker.finish()
     summary = {"stage": cfg.stage, "model_folder": folder, "run_id": tracker.run_id, "metrics": metrics,
                "data": stats.as_dict(), "total_steps": plan.total_steps, "registered_version": version,
@@ -216,7 +305,8 @@ def _start_run(cfg: TrainJobConfig, stats: DataStats, plan: Plan, parent_run_id:
     return tracker
 
 
-def _trainer(cfg: TrainJobConfig, ds: Dataset, store: FeatureStore, plan: Plan, run_id: str | None) -> TorchTrainer:
+def _trainer(cfg: TrainJobConfig, ds: Dataset, store: FeatureStore, plan: Plan, run_id: str | None,
+             board: Any = None, data: dict | None = None) -> TorchTrainer:
     path, fs = _ray_storage(cfg)
     return TorchTrainer(
         _ray_train_loop,
@@ -226,12 +316,16 @@ def _trainer(cfg: TrainJobConfig, ds: Dataset, store: FeatureStore, plan: Plan, 
             "run_id": run_id,
             "feature_dim": store.feature_dim,
             "fingerprint": store.fingerprint,
+            "progress": board,
+            **(data or {}),  # the text-only rows' reference and the image rows each rank streams
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(name=f"vitune-{cfg.stage}", storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             # rank 0 tracks with this process's MLflow HTTP settings (retries, timeout)
+                             worker_runtime_env={"env_vars": mlflow_http_env()}),
         datasets={"train": ds},
     )
 

@@ -25,10 +25,13 @@ from transformers import AutoModelForCausalLM
 from vitune import layout
 from vitune.config import TrainJobConfig
 from vitune.data.tokenizer import load_tokenizer
+from vitune.model import lora
 from vitune.model.folder import load_model_folder, save_model_folder
-from vitune.model.vlm import build_model
+from vitune.model.projector import build_projector
+from vitune.model.vlm import VisionLanguageModel, build_model
 from vitune.tracking import run_model_folder
-from vitune.train.data import collate, length_grouped
+from vitune.train.data import collate
+from vitune.train.sampler import grouped_micro_batches, in_order_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,16 @@ def deepspeed_config(cfg: TrainJobConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def enable_tf32(wanted: bool) -> bool:
+    """TF32 matmuls and convolutions (LLaVA's ``--tf32 True``) when wanted and the GPU has them (Ampere+)."""
+    on = wanted and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    if on:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        log.info("TF32 matmuls enabled (compute capability %s)", torch.cuda.get_device_capability())
+    return on
 
 
 def gradient_accumulation(cfg: TrainJobConfig, world_size: int) -> int:
@@ -115,10 +128,22 @@ class Plan:
 
 
 def model_flops_per_token(model: torch.nn.Module, stage: str) -> float:
-    """6·N per token for trained weights, 4·N for the frozen LM in align (forward + input grads)."""
-    n_lm = sum(p.numel() for p in model.lm.parameters())
-    n_proj = sum(p.numel() for p in model.projector.parameters())
-    return (6 if stage == "finetune" else 4) * n_lm + 6 * n_proj
+    """6·N per token for trained weights, 4·N for frozen ones (forward + input grads: the LM in align, the
+    base under LoRA). ``stage`` is implied by what ``requires_grad``; kept for callers."""
+    summary = lora.trainable_summary(model)
+    trainable = summary["trainable_params"]
+    return 6 * trainable + 4 * (summary["total_params"] - trainable)
+
+
+def param_groups(model: VisionLanguageModel, lr: float, projector_lr: float | None) -> list[dict[str, Any]]:
+    """The optimizer's groups: the trainable LM weights (or adapters) at ``lr``, the projector at its own rate."""
+    projector = [p for p in model.projector.parameters() if p.requires_grad]
+    mine = {id(p) for p in projector}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
+    groups = [{"params": rest, "lr": lr}] if rest else []
+    if projector:
+        groups.append({"params": projector, "lr": projector_lr or lr})
+    return groups
 
 
 def peak_flops() -> float | None:
@@ -138,12 +163,19 @@ class Worker:
         self.feature_dim = feature_dim
         torch.manual_seed(cfg.train.seed)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.train.use_gpu else torch.device("cpu")
+        enable_tf32(cfg.train.tf32)
         self.tokenizer, self.model, self.init_meta = self._build()
-        self.trainable = self.model.freeze_for_stage(cfg.stage)
+        self.lora = cfg.train.lora.enabled
+        if self.lora:
+            self._wrap_lora()
+        else:
+            self.model.freeze_for_stage(cfg.stage)
+        self.trainable = lora.trainable_summary(self.model)
         if cfg.train.gradient_checkpointing:
             self.model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.train.lr, cfg.train.mm_projector_lr),
+                                      lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(plan.total_steps, cfg.train.warmup_ratio, cfg.train.lr_schedule))
         self.ds_config = deepspeed_config(cfg, world_size)
@@ -160,19 +192,38 @@ class Worker:
         if cfg.train.init_from:
             model, tokenizer, meta = load_model_folder(run_model_folder(cfg.train.init_from))
             log.info("initialised from %s (stage %s)", cfg.train.init_from, meta.get("extra", {}).get("stage"))
+            if lora.is_lora(model.lm):  # a LoRA folder: train on from its merged weights, which no path names
+                lora.merge_lora(model)
+                meta = {**meta, "lm": {**meta["lm"], "included": True}}
             return tokenizer, model.to(self.device).train(), meta
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.lm)
         return tokenizer, build_model(cfg.model, tokenizer, self.feature_dim).to(self.device).train(), None
 
+    def _wrap_lora(self) -> None:
+        """LoRA (``train.lora``): the projector trains, the LM's own weights freeze, adapters wrap its linears."""
+        settings = self.cfg.train.lora
+        if self._lm_not_rebuildable():
+            raise ValueError(f"train.lora.enabled: the base LM of train.init_from={self.cfg.train.init_from} is "
+                             "stored in that folder, not named by a path; a LoRA folder names its base, so export "
+                             "the LM (or start from a folder whose LM is a path) first")
+        self.model.projector.requires_grad_(True)
+        self.model.lm.requires_grad_(False)  # the adapters added below are the LM's only trainable weights
+        lm = self.model.lm
+        if settings.quantization == "nf4":
+            lm = lora.quantize_lm(lm, self.device)
+        self.model.lm = lora.apply_lora(lm, settings, base_name=self.cfg.model.lm)
+
     # --- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, folder: Path) -> None:
         state = {"step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch}
-        self.engine.save_checkpoint(str(folder), tag=DS_TAG, client_state=state)
+        # LoRA: the frozen base is rebuilt from its source on a restart, so the checkpoint holds the adapter,
+        # the projector and their optimizer state only
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG, client_state=state, exclude_frozen_parameters=self.lora)
         if self.rank == 0:
             (folder / STATE_FILE).write_text(json.dumps(state))
 
     def load_checkpoint(self, folder: Path) -> None:
-        _, client = self.engine.load_checkpoint(str(folder), tag=DS_TAG)
+        _, client = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=not self.lora)
         state = client or json.loads((folder / STATE_FILE).read_text())
         self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
         if self.micro_in_epoch >= self.plan.steps_per_epoch * self.plan.accum:
@@ -185,9 +236,15 @@ class Worker:
         return collate(rows, self.model.pad_token_id)
 
     def micro_batches(self, rows: Iterable[dict]) -> Iterator[dict]:
+        """This rank's micro-batches: LLaVA's modality/length megabatches when ``group_by_modality_length``
+        (one optimizer step = one megabatch of one modality), else the rows' own (shuffled) order."""
         t = self.cfg.train
-        seed = t.seed * 1000 + self.epoch * 10 + self.rank
-        for group in length_grouped(rows, t.micro_batch_size, megabatch=max(4, self.plan.accum), seed=seed):
+        if t.group_by_modality_length:
+            seed = t.seed * 1000 + self.epoch * 10 + self.rank
+            groups = grouped_micro_batches(rows, t.micro_batch_size, self.plan.accum, seed)
+        else:
+            groups = in_order_micro_batches(rows, t.micro_batch_size)
+        for group in groups:
             yield self.collate(group)
 
     def micro_step(self, batch: dict) -> float:
@@ -279,6 +336,9 @@ class Worker:
         return snapshot()
 
     def save_model_folder(self, uri: str, fingerprint: dict) -> None:
+        if self.lora:
+            self._save_lora_folder(uri, fingerprint)
+            return
         state = self.gathered_state()
         if self.rank != 0:
             return
@@ -289,6 +349,43 @@ class Worker:
         save_model_folder(clean.float(), self.tokenizer, self.cfg.model, fingerprint, uri,
                           include_lm=self.cfg.stage == "finetune" or self._lm_not_rebuildable(),
                           extra={"stage": self.cfg.stage, "steps": self.step})
+
+    def _gathered(self, named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """CPU copies of ``named`` on rank 0 (ZeRO-3 gathers one parameter at a time); empty on other ranks."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in named:
+            if self.cfg.train.zero_stage == 3:
+                import deepspeed  # deferred, as in __init__
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    if self.rank == 0:
+                        out[name] = p.detach().cpu().clone()
+            elif self.rank == 0:
+                out[name] = p.detach().cpu().clone()
+        return out
+
+    def _save_lora_folder(self, uri: str, fingerprint: dict) -> None:
+        """A LoRA model folder: the adapter (peft format) + the projector, naming the base and its weights' digest."""
+        settings = self.cfg.train.lora
+        state = self._gathered([(n, p) for n, p in self.model.named_parameters() if p.requires_grad])
+        quantized = settings.quantization != "none"
+        base = [] if quantized else list(lora.base_parameters(self.model.lm))  # 4-bit weights: nothing to compare
+        base_state = self._gathered(base)
+        if self.rank != 0:
+            return
+        lm_width = self.model.lm.get_input_embeddings().embedding_dim
+        projector = build_projector(self.cfg.model.projector, self.feature_dim, lm_width)
+        projector.load_state_dict({k.removeprefix("projector."): v.float() for k, v in state.items()
+                                   if k.startswith("projector.")})
+        lm_state = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
+        meta = {"base_digest": lora.base_digest(base_state.items()) if base_state else None,
+                "base_dtype": str(next(iter(base_state.values())).dtype).removeprefix("torch.") if base_state
+                else None, "quantization": settings.quantization, **self.trainable}
+        clean = VisionLanguageModel(projector, self.model.lm, self.model.image_token_id,
+                                    pad_token_id=self.model.pad_token_id, eos_token_id=list(self.model.eos_token_ids))
+        save_model_folder(clean, self.tokenizer, self.cfg.model, fingerprint, uri, include_lm=False,
+                          extra={"stage": self.cfg.stage, "steps": self.step, "lora": settings.model_dump()},
+                          adapter=(lambda d: lora.save_adapter(self.model.lm, lm_state, d), meta))
 
     def _lm_not_rebuildable(self) -> bool:
         # an LM that came from an earlier folder (not by path) must be carried along

@@ -9,10 +9,12 @@ import logging
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from vitune.cli import cluster as cluster_cli
 from vitune.cli import repo, submit
@@ -123,6 +125,38 @@ def test_job_env_runtime_env_and_entrypoint():
     assert entry == "python jobs/train.py --config tiny 'data.records=[a, b]' stage=align"
 
 
+SHELL = {"AWS_ENDPOINT_URL": "http://s3", "AWS_DEFAULT_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+         "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "tok", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+
+
+def test_aws_credentials_stay_here_unless_asked(caplog):
+    with caplog.at_level(logging.INFO, logger="vitune.cli.submit"):
+        env = submit.job_env(SHELL, {})
+    assert env == {"AWS_ENDPOINT_URL": "http://s3", "AWS_DEFAULT_REGION": "eu-west-1",
+                   "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert "--forward-aws-credentials" in caplog.text and "s3cr3t" not in caplog.text
+    assert submit.job_env(SHELL, {}, forward_credentials=True) == SHELL  # the flag sends all three
+    # an explicit --env pair is also asked for
+    assert submit.job_env(SHELL, {"AWS_SECRET_ACCESS_KEY": "x"})["AWS_SECRET_ACCESS_KEY"] == "x"
+    parsed = submit.submit_parser().parse_intermixed_args(["train", "--config", "tiny", "--forward-aws-credentials"])
+    assert parsed.forward_aws_credentials is True
+    assert submit.submit_parser().parse_intermixed_args(["train", "--config", "tiny"]).forward_aws_credentials is False
+
+
+def test_the_upload_leaves_out_dotenv_files_and_keys(tmp_path):
+    from ray._private.runtime_env.packaging import create_package  # what Ray zips for working_dir / py_modules
+
+    files = ["jobs/train.py", "README.md", ".env", ".env.local", "sub/.env", "server.pem", "deep/er/tls.key",
+             "keys.py", "environment.yaml"]
+    for name in files:
+        (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "repo" / name).write_text("x")
+    zipped = tmp_path / "pkg.zip"
+    create_package(str(tmp_path / "repo"), zipped, include_gitignore=False, excludes=submit.EXCLUDES)
+    sent = {n for n in zipfile.ZipFile(zipped).namelist() if not n.endswith("/")}
+    assert sent == {"jobs/train.py", "README.md", "keys.py", "environment.yaml"}
+
+
 def test_token_is_found_the_way_ray_finds_it(tmp_path):
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
@@ -164,7 +198,7 @@ def test_the_installed_command_works_outside_the_repository(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["features", "train", "evaluate", "generate", "pipeline", "export", "demo",
-                                     "submit", "jobs", "data"])
+                                     "submit", "jobs", "data", "serve", "models"])
 def test_every_subcommand_has_help_with_an_example_or_usage(command, capsys):
     from vitune.cli.main import main
 
@@ -175,9 +209,44 @@ def test_every_subcommand_has_help_with_an_example_or_usage(command, capsys):
     assert f"vitune {command}" in out or f"usage: vitune {command}" in out or "usage:" in out
     if command in ("features", "train", "evaluate", "generate", "pipeline"):
         assert f"example: vitune {command} --config tiny" in out
+    if command in ("serve", "models"):
+        assert f"examples:\n  vitune {command}" in out
 
 
-def test_a_local_job_subcommand_runs_the_job_and_refuses_a_bad_override(capsys):
+@pytest.fixture
+def console_restored(monkeypatch):
+    """main() sets up the console (a root handler, the Ray log file's env var): undone after the test."""
+    from vitune import progress
+
+    handlers = list(logging.getLogger().handlers)
+    monkeypatch.delenv(progress.RAY_LOG_ENV, raising=False)
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", os.environ.get("MLFLOW_LOGGING_LEVEL", "INFO"))
+    yield
+    for h in logging.getLogger().handlers:
+        if h not in handlers:
+            logging.getLogger().removeHandler(h)
+
+
+def test_models_says_when_there_is_no_store(tmp_path, capsys, console_restored):
+    from vitune.cli.main import main
+
+    assert main(["models", "--config", "tiny", f"storage.root={tmp_path}"]) == 1
+    assert "no MLflow store at sqlite:///" in capsys.readouterr().out
+    assert not (tmp_path / "mlflow.db").exists()  # looking creates no store
+
+
+def test_serve_refuses_a_bad_setting_before_starting_ray(tmp_path, console_restored):
+    from vitune.cli import serve as serve_cli
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("applications:\n  - args: {model: elsewhere, served_model_name: x, max_batch_size: 0}\n")
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        serve_cli.main(["./model", "--config", str(config)])
+    args = serve_cli.app_args("models:/m/2", None, "chat", "sqlite:///x.db")
+    assert args == {"model": "models:/m/2", "served_model_name": "chat", "tracking_uri": "sqlite:///x.db"}
+
+
+def test_a_local_job_subcommand_runs_the_job_and_refuses_a_bad_override(capsys, console_restored):
     from vitune.cli.main import main
 
     with pytest.raises(ConfigError, match="train.lrr"):
