@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitune-installed
 
-.PHONY: install demo test lint clean browser
+.PHONY: install demo test test-slow lint clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 
 test: install browser
 	$(PY) -m pytest -q
+
+# the slow tier: fault injection (d)-(f) and the LoRA/QLoRA integration runs (~10 min more on 2 cores)
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 lint: install
 	$(VENV)/bin/ruff check platform jobs serving tests benchmarks

@@ -31,7 +31,7 @@ from vitune.data import synthetic
 from vitune.features.extract import extract_features, plan_shards
 from vitune.features.store import FeatureStore, shard_name, shard_problem
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # `make test-slow`
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]

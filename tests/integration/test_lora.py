@@ -17,7 +17,7 @@ from vitune.data import synthetic
 from vitune.model import lora
 from vitune.model.folder import load_model_folder
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # `make test-slow`
 TINY = "tiny"
 REGISTERED = "vitune-lora-test"
 # Learning check (chance: overall 0.31). The data, align model and 480 finetune steps are the tiny preset's (and

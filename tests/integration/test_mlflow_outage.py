@@ -23,7 +23,7 @@ from vitune import storage
 from vitune.config import FeaturesJobConfig, TrainJobConfig, load_config
 from vitune.data import synthetic
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # `make test-slow`
 OUTAGE_S = 30.0  # how long the server is down (the README's Reliability row (f) states this figure)
 MODEL = "vitune-outage-test"
 

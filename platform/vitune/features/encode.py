@@ -189,12 +189,15 @@ class PoolSize:
     threads: int | None  # torch threads per actor on CPU
 
 
-def pool_size(cfg: FeaturesJobConfig, cluster: dict[str, float], num_shards: int) -> PoolSize:
+def pool_size(cfg: FeaturesJobConfig, cluster: dict[str, float], num_shards: int,
+              free: dict[str, float] | None = None) -> PoolSize:
     """How many tower actors, and what each reserves; never more actors than shards to compute.
 
     With GPUs: one actor per GPU. CPU only: the CPUs left after one preprocessing task, ``actor_cpus``
     each; the actors' torch threads then share out all the CPUs (decoding is light next to the tower, and
-    a core left to it alone would idle most of the time).
+    a core left to it alone would idle most of the time). ``free`` (what the cluster has unreserved now)
+    bounds the default pool: actors sized to CPUs that Serve replicas or another job hold would take every
+    free CPU and leave none for preprocessing, so the job would wait forever.
     """
     feats = cfg.features
     gpus = int(cluster.get("GPU", 0))
@@ -202,7 +205,8 @@ def pool_size(cfg: FeaturesJobConfig, cluster: dict[str, float], num_shards: int
         n = max(1, min(feats.num_actors or gpus, num_shards))
         return PoolSize(n, 1.0, feats.actor_cpus, None)
     cpus = cluster.get("CPU", 1)
-    n = feats.num_actors or max(1, int((cpus - feats.preprocess_cpus) // feats.actor_cpus))
+    usable = min(cpus, free.get("CPU", cpus)) if free is not None else cpus
+    n = feats.num_actors or max(1, int((usable - feats.preprocess_cpus) // feats.actor_cpus))
     n = max(1, min(n, num_shards))
     if n * feats.actor_cpus + feats.preprocess_cpus > cpus:
         raise ValueError(
@@ -216,7 +220,7 @@ def pool_size(cfg: FeaturesJobConfig, cluster: dict[str, float], num_shards: int
 def run_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], out: str, fp_id: str,
                spec: PreprocessSpec, image_root: str) -> tuple[list[dict[str, Any]], PoolSize]:
     """Compute the ``todo`` shards ``[(index, keys)]`` into the store at ``out``; one result row per shard."""
-    pool = pool_size(cfg, ray.cluster_resources(), len(todo))
+    pool = pool_size(cfg, ray.cluster_resources(), len(todo), free=ray.available_resources())
     log.info("computing %d shards: %d tower actor(s) (%s GPU, %s CPU each), preprocessing tasks of %s CPU",
              len(todo), pool.num_actors, pool.gpus_per_actor, pool.cpus_per_actor, cfg.features.preprocess_cpus)
     endpoint = cfg.storage.s3_endpoint_url

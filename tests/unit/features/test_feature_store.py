@@ -151,6 +151,14 @@ def test_pool_size(overrides, cluster, shards, want):
     assert (pool.num_actors, pool.gpus_per_actor, pool.threads) == want
 
 
+def test_pool_is_sized_to_the_cpus_free_now():
+    cfg = build_config(FeaturesJobConfig, {}, [])
+    # 4 CPUs, 3 held by Serve replicas: one actor, leaving the preprocessing task a CPU once one frees up
+    assert pool_size(cfg, {"CPU": 4}, 100, free={"CPU": 1}).num_actors == 1
+    assert pool_size(cfg, {"CPU": 4}, 100, free={"CPU": 3}).num_actors == 2
+    assert pool_size(cfg, {"CPU": 4}, 100, free={"CPU": 4}).num_actors == 3
+
+
 def test_pool_that_starves_preprocessing_is_refused():
     cfg = build_config(FeaturesJobConfig, {}, ["features.num_actors=4"])
     with pytest.raises(ValueError, match="preprocessing could never run"):
