@@ -94,6 +94,14 @@ def wait_for(predicate, timeout_s: float, what: str, every: float = 0.25) -> Non
         time.sleep(every)
 
 
+def run_lengths(values: list[int]) -> list[tuple[int, int]]:
+    """[200, 200, 503, 200] -> [(200, 2), (503, 1), (200, 1)]"""
+    runs: list[tuple[int, int]] = []
+    for v in values:
+        runs[-1:] = [(v, runs[-1][1] + 1)] if runs and runs[-1][0] == v else [*runs[-1:], (v, 1)]
+    return runs
+
+
 def replica_actors(app: str, tries: int = 40) -> set[str]:
     """Names of the engine replicas' actors, as they answer `stats` (the router spreads the calls)."""
     from ray import serve
@@ -172,7 +180,13 @@ def test_healthz_is_503_while_no_engine_replica_can_answer(fault_app):
 
     asker = threading.Thread(target=ask)
     asker.start()
-    wait_for(probe, 90, "/healthz 503 then 200 again", every=0.1)
+    started = time.monotonic()
+    try:
+        wait_for(probe, 90, "/healthz 503 then 200 again", every=0.1)
+    except AssertionError as exc:  # the sequence seen says which half was missed
+        raise AssertionError(f"{exc}; /healthz answered {run_lengths(seen)}") from None
+    log.warning("FIGURES healthz after every engine replica was killed: %s (status, answers) in %.1f s",
+                run_lengths(seen), time.monotonic() - started)
     asker.join(timeout=120)
     assert all(r.status_code == 200 or (r.status_code == 503 and r.headers.get("retry-after")) for r in statuses)
 

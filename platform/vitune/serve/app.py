@@ -59,6 +59,7 @@ _UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailabl
 _REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)  # worth one more try elsewhere
 _RETRIES = 2
 JSON_TYPES = ("application/json",)
+HEALTH_PROBE_S = 2.0  # how long /healthz waits for an engine replica to answer
 API_MIN_PENDING = 1024  # requests the proxy holds for the ingress at least (see `queue_options`)
 
 
@@ -170,13 +171,14 @@ async def read_json_body(request: Request, max_body: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _result(response: DeploymentResponse) -> Any:
+    return await response
+
+
 async def _bounded(response: DeploymentResponse, timeout_s: float) -> Any:
     """A handle call's result within `timeout_s`, else 503 (the call is cancelled)."""
-    async def wait() -> Any:
-        return await response
-
     try:
-        return await asyncio.wait_for(wait(), timeout_s)
+        return await asyncio.wait_for(_result(response), timeout_s)
     except TimeoutError:
         response.cancel()
         raise APIError(503, f"the model did not answer within {timeout_s:.0f} s; retry shortly",
@@ -204,6 +206,7 @@ class ChatAPI:
         self.max_body = self.cfg.max_image_bytes * 4 // 3 + 6 * self.cfg.max_text_chars + 65_536
         self.geometry: dict[str, Any] | None = None  # the tower's input, asked of the engine once
         self.health_cache: tuple[float, str | None] = (0.0, None)
+        self.replica_lost = False  # an engine replica was lost since the engine last answered (see /healthz)
         self.page = resources.files("vitune").joinpath("static/chat.html").read_text(encoding="utf-8")
         logger.info("chat API for %s (auth %s)", self.model_name, "on" if self.api_key else "off")
 
@@ -294,8 +297,11 @@ class ChatAPI:
         """The engine's answer; a replica lost mid-request (killed, crashed) is retried on another."""
         for attempt in range(_RETRIES + 1):
             try:
-                return await _bounded(self.engine.complete.remote(chat), self.cfg.request_timeout_s)
+                result = await _bounded(self.engine.complete.remote(chat), self.cfg.request_timeout_s)
+                self.replica_lost = False
+                return result
             except _REPLICA_LOST as exc:
+                self.replica_lost = True
                 if attempt == _RETRIES:
                     raise _overloaded(exc) from None
                 logger.warning("request %s: engine replica lost (%s); retrying", chat.request_id,
@@ -305,21 +311,47 @@ class ChatAPI:
         raise AssertionError("unreachable")
 
     async def _engine_problem(self) -> str | None:
-        """Why no engine replica can answer (from the controller, which health-checks them), or None."""
+        """Why no engine replica can answer, or None. The controller's count alone lags a killed replica by up to
+        its health-check period (it stays RUNNING until a check fails), so a cheap call to the engine settles it:
+        replicas lost and no answer within `HEALTH_PROBE_S` is unavailable; a full queue (back-pressure, or no
+        answer with no replica lost) is busy, not down — overload is answered per request with 503/429."""
         checked, problem = self.health_cache
         if time.monotonic() - checked < 1.0:
             return problem
-        try:
-            status = await asyncio.to_thread(serve.status)
-            app = status.applications[serve.get_replica_context().app_name]
-            states = app.deployments[self.engine.deployment_name].replica_states
-            running = sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
-            problem = None if running else "no model replica is running"
-        except Exception as exc:  # noqa: BLE001 - the controller cannot say: report unavailable
-            logger.warning("health: could not read the engine's status: %r", exc)
-            problem = "the engine's status is unavailable"
+        problem = await asyncio.to_thread(self._controller_problem)
+        if problem is None:
+            problem = await self._probe_problem()
         self.health_cache = (time.monotonic(), problem)
         return problem
+
+    def _controller_problem(self) -> str | None:
+        try:
+            app = serve.status().applications[serve.get_replica_context().app_name]
+            states = app.deployments[self.engine.deployment_name].replica_states
+        except Exception as exc:  # noqa: BLE001 - the controller cannot say: report unavailable
+            logger.warning("health: could not read the engine's status: %r", exc)
+            return "the engine's status is unavailable"
+        running = sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
+        return None if running else "no model replica is running"
+
+    async def _probe_problem(self) -> str | None:
+        for _ in range(_RETRIES + 1):
+            response = self.engine.info.remote()
+            try:
+                await asyncio.wait_for(_result(response), HEALTH_PROBE_S)
+                self.replica_lost = False
+                return None
+            except _REPLICA_LOST:
+                self.replica_lost = True  # the router drops that replica; the next try goes to another
+            except BackPressureError:
+                return None
+            except TimeoutError:
+                response.cancel()
+                break
+            except _UNAVAILABLE as exc:
+                return f"the engine is unavailable ({type(exc).__name__})"
+        # no answer: down if replicas were lost since the last answer (the router may hold none), else busy
+        return "model replicas were lost; Serve is replacing them" if self.replica_lost else None
 
     def _check_auth(self, request: Request) -> None:
         if not self.api_key:
@@ -341,6 +373,7 @@ class ChatAPI:
                 raise APIError(503, f"the model did not answer within {self.cfg.request_timeout_s:.0f} s; retry "
                                "shortly", code="timeout") from None
             except _REPLICA_LOST as exc:
+                self.replica_lost = True
                 if attempt == _RETRIES:
                     raise _overloaded(exc) from None
                 logger.warning("stream %s: engine replica lost (%s); retrying", chat.request_id, type(exc).__name__)
