@@ -161,6 +161,9 @@ def setup_console(verbose: bool) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
+    # peft imports bitsandbytes when installed; on a CPU with AVX512-BF16 that import tries to fetch an optional
+    # kernel from the Hugging Face hub and warns when it cannot, then uses its own (correct) one: noise on every run
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # mlflow sets up its own INFO console handler on import (its store's schema notices): warnings only
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ[RAY_LOG_ENV] = os.path.join(default_log_dir(), f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
