@@ -13,9 +13,10 @@ application's defaults: `build_app({"model": ...})` is a complete configuration.
 
 Robustness: the body limit is enforced while reading; a request must be JSON; overload and timeouts answer
 503/429 with `Retry-After` (the queue limits come from `ServeConfig`, from YAML and `build_app` alike); a
-request whose engine replica dies is retried on another; `/healthz` answers 503 when no engine replica can
-answer; a 500 carries a request id and no exception text. Binding beyond loopback needs `VITUNE_API_KEY` in
-the replicas' environment unless `allow_unauthenticated: true`.
+request whose engine replica dies is retried on another, and a stream cut mid-answer resumes on another with
+the same draws (`vitune.serve.resume`); `/healthz` answers 503 when no engine replica can answer; a 500
+carries a request id and no exception text. Binding beyond loopback needs `VITUNE_API_KEY` in the replicas'
+environment unless `allow_unauthenticated: true`.
 
 Run: `serve run serving/config.yaml` (see the config's header), or from Python
 `serve.run(build_app({"model": "<model folder URI or models:/NAME/VERSION>"}))` (`make_app` also takes
@@ -51,6 +52,7 @@ from vitune.serve import openai as oai
 from vitune.serve.adapters import engine_for, load_engines
 from vitune.serve.openai import APIError
 from vitune.serve.request import ChatRequest, chat_request_from_openai
+from vitune.serve.resume import Replay, pin_seed
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +208,6 @@ class ChatAPI:
         self.max_body = self.cfg.max_image_bytes * 4 // 3 + 6 * self.cfg.max_text_chars + 65_536
         self.geometry: dict[str, Any] | None = None  # the tower's input, asked of the engine once
         self.health_cache: tuple[float, str | None] = (0.0, None)
-        self.replica_lost = False  # an engine replica was lost since the engine last answered (see /healthz)
         self.page = resources.files("vitune").joinpath("static/chat.html").read_text(encoding="utf-8")
         logger.info("chat API for %s (auth %s)", self.model_name, "on" if self.api_key else "off")
 
@@ -297,11 +298,8 @@ class ChatAPI:
         """The engine's answer; a replica lost mid-request (killed, crashed) is retried on another."""
         for attempt in range(_RETRIES + 1):
             try:
-                result = await _bounded(self.engine.complete.remote(chat), self.cfg.request_timeout_s)
-                self.replica_lost = False
-                return result
+                return await _bounded(self.engine.complete.remote(chat), self.cfg.request_timeout_s)
             except _REPLICA_LOST as exc:
-                self.replica_lost = True
                 if attempt == _RETRIES:
                     raise _overloaded(exc) from None
                 logger.warning("request %s: engine replica lost (%s); retrying", chat.request_id,
@@ -311,10 +309,10 @@ class ChatAPI:
         raise AssertionError("unreachable")
 
     async def _engine_problem(self) -> str | None:
-        """Why no engine replica can answer, or None. The controller's count alone lags a killed replica by up to
-        its health-check period (it stays RUNNING until a check fails), so a cheap call to the engine settles it:
-        replicas lost and no answer within `HEALTH_PROBE_S` is unavailable; a full queue (back-pressure, or no
-        answer with no replica lost) is busy, not down — overload is answered per request with 503/429."""
+        """Why no engine replica can answer, or None. The controller's count alone lags: a killed replica stays
+        RUNNING until its next health check fails, and with two killed, the first's replacement can be RUNNING
+        before the second is noticed: the count never reaches zero, though for seconds no replica can answer. So
+        while the controller counts some, every replica is asked."""
         checked, problem = self.health_cache
         if time.monotonic() - checked < 1.0:
             return problem
@@ -335,23 +333,18 @@ class ChatAPI:
         return None if running else "no model replica is running"
 
     async def _probe_problem(self) -> str | None:
-        for _ in range(_RETRIES + 1):
-            response = self.engine.info.remote()
-            try:
-                await asyncio.wait_for(_result(response), HEALTH_PROBE_S)
-                self.replica_lost = False
-                return None
-            except _REPLICA_LOST:
-                self.replica_lost = True  # the router drops that replica; the next try goes to another
-            except BackPressureError:
-                return None
-            except TimeoutError:
-                response.cancel()
-                break
-            except _UNAVAILABLE as exc:
-                return f"the engine is unavailable ({type(exc).__name__})"
-        # no answer: down if replicas were lost since the last answer (the router may hold none), else busy
-        return "model replicas were lost; Serve is replacing them" if self.replica_lost else None
+        """Asks every engine replica this router knows (Serve's broadcast: past the queues; a dead one fails at
+        once, where a routed call would wait for a live replica and look like overload)."""
+        try:
+            answers = await self.engine.broadcast("info").results_async(timeout_s=HEALTH_PROBE_S,
+                                                                          return_exceptions=True)
+        except TimeoutError:
+            return None  # slow, not gone: a replica whose steps hang fails the controller's health check
+        except DeploymentUnavailableError:
+            return "no model replica is running"
+        if any(not isinstance(answer, BaseException) for answer in answers):
+            return None
+        return "no model replica answers (lost); Serve is replacing them"
 
     def _check_auth(self, request: Request) -> None:
         if not self.api_key:
@@ -363,6 +356,7 @@ class ChatAPI:
 
     async def _stream(self, chat: ChatRequest, include_usage: bool) -> StreamingResponse:
         """SSE in OpenAI's chunk format; errors found before the first token are still plain 4xx replies."""
+        pin_seed(chat)  # a stream cut by a lost replica resumes elsewhere with the same draws
         for attempt in range(_RETRIES + 1):
             events = self.engine.options(stream=True).stream.remote(chat)
             try:
@@ -373,7 +367,6 @@ class ChatAPI:
                 raise APIError(503, f"the model did not answer within {self.cfg.request_timeout_s:.0f} s; retry "
                                "shortly", code="timeout") from None
             except _REPLICA_LOST as exc:
-                self.replica_lost = True
                 if attempt == _RETRIES:
                     raise _overloaded(exc) from None
                 logger.warning("stream %s: engine replica lost (%s); retrying", chat.request_id, type(exc).__name__)
@@ -387,9 +380,9 @@ class ChatAPI:
         async def body() -> AsyncIterator[str]:
             # One write per engine event: the role chunk rides with the first text, [DONE] with the finish.
             head = _sse(oai.chunk_body(rid, created, model, {"role": "assistant", "content": ""}))
-            finished = False
+            answer = self._resumable(chat, events)
             try:
-                async for ev in events:
+                async for ev in answer:
                     if ev["type"] == "delta":
                         yield head + _sse(oai.chunk_body(rid, created, model, {"content": ev["text"]}))
                         head = ""
@@ -401,22 +394,49 @@ class ChatAPI:
                             tail += _sse(oai.chunk_body(rid, created, model, None, usage_=usage))
                     else:
                         tail = _sse({"error": ev["error"]})
-                    finished = True
                     yield head + tail + "data: [DONE]\n\n"
                     return
-                raise RuntimeError("the engine stream ended without a finish event")
             except Exception:  # noqa: BLE001 - the status line is sent; report in-band
                 logger.exception("stream %s failed", rid)
-                finished = True
                 err = APIError(500, f"generation failed (request id {rid}); the cause is in the server log",
                                code="internal_error")
                 yield head + _sse(err.body()) + "data: [DONE]\n\n"
             finally:
-                if not finished:  # the caller went away: stop generating for it
-                    events.cancel()
+                await answer.aclose()  # the caller went away: stop generating for it
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid})
+
+    async def _resumable(self, chat: ChatRequest, events: Any) -> AsyncIterator[dict[str, Any]]:
+        """The engine's events for `chat` after its `start`; a replica lost mid-answer runs it again on another,
+        skipping the text already sent (checked against the replay, `vitune.serve.resume`)."""
+        replay, done = Replay(), False
+        try:
+            for attempt in range(_RETRIES + 1):
+                try:
+                    async for ev in events:
+                        if ev["type"] == "start":
+                            continue
+                        if ev["type"] == "delta":
+                            if text := replay.fresh(ev["text"]):
+                                yield {**ev, "text": text}
+                            continue
+                        if ev["type"] == "finish":
+                            replay.finished()
+                        done = True
+                        yield ev
+                        return
+                    raise RuntimeError("the engine stream ended without a finish event")
+                except _REPLICA_LOST as exc:
+                    if attempt == _RETRIES:
+                        raise
+                    logger.warning("stream %s: engine replica lost after %d characters sent (%s); resuming on "
+                                   "another", chat.request_id, len(replay.sent), type(exc).__name__)
+                    replay.restart()
+                    events = self.engine.options(stream=True).stream.remote(chat)
+        finally:
+            if not done:
+                events.cancel()
 
 
 def served_lineage(cfg: ServeConfig) -> dict[str, Any]:

@@ -142,7 +142,8 @@ class ServingEngine:
     def stats(self) -> dict[str, Any]:
         """Counters since start: decode steps, rows over all steps (÷ steps = mean batch), seconds busy, ..."""
         with self._cond:
-            return {**self._stats, "queued": len(self._queue), "alive": self._worker.is_alive()}
+            return {**self._stats, "queued": len(self._queue), "running": self._running_rows,
+                    "alive": self._worker.is_alive()}
 
     def health(self) -> str | None:
         """Why this engine cannot answer (worker stopped, shared steps failing, a step stuck), or None."""
@@ -189,17 +190,18 @@ class ServingEngine:
                            f"{'has an image' if chat.image is not None else 'has no image'}", "messages")
         prompt_tokens = len(ids) + n_images * (self.num_image_positions - 1)
         room = self.context_length - prompt_tokens
+        of_which = f" (the image {self.num_image_positions})" if n_images else ""
         if chat.max_tokens is None:
             if room < 1:
                 raise APIError(400, f"this model's context length is {self.context_length} tokens and the "
-                               f"prompt takes {prompt_tokens} (the image {self.num_image_positions})",
+                               f"prompt takes {prompt_tokens}{of_which}",
                                "messages", "context_length_exceeded")
             max_tokens = min(self.cfg.default_max_tokens, room)
         else:
             max_tokens = chat.max_tokens
             if max_tokens > room:
                 raise APIError(400, f"this model's context length is {self.context_length} tokens; the prompt "
-                               f"takes {prompt_tokens} (the image {self.num_image_positions}) and max_tokens "
+                               f"takes {prompt_tokens}{of_which} and max_tokens "
                                f"asks for {max_tokens} more", "max_tokens", "context_length_exceeded")
         try:
             row = DecodeRow(ids, max_new_tokens=max_tokens, temperature=chat.temperature, top_p=chat.top_p)

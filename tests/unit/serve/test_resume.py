@@ -1,0 +1,101 @@
+"""Resuming a stream on another replica (`vitune.serve.resume`): the replayed text is checked and skipped, and a
+pinned seed makes a sampled request's replay (among other neighbours, on another engine) give the same tokens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from vitune.config import ModelConfig, ServeConfig
+from vitune.data.tokenizer import load_tokenizer
+from vitune.model.folder import save_model_folder
+from vitune.model.vision import load_vision_tower
+from vitune.model.vlm import build_model
+from vitune.serve.engine import ServingEngine
+from vitune.serve.openai import SEED_MAX
+from vitune.serve.request import ChatRequest
+from vitune.serve.resume import Replay, ReplayDiverged, pin_seed
+
+
+def test_replay_skips_exactly_what_was_sent_across_differently_cut_deltas():
+    replay = Replay()
+    assert [replay.fresh(t) for t in ("Hel", "lo, w")] == ["Hel", "lo, w"]
+    replay.restart()  # the replica was lost: the new try sends the same text in other pieces
+    assert [replay.fresh(t) for t in ("H", "ello", ", wor", "ld")] == ["", "", "or", "ld"]
+    replay.finished()
+    assert replay.sent == "Hello, world"
+
+
+@pytest.mark.parametrize("deltas", [["Help"], ["Hel", "p!"], ["", "X"]])
+def test_a_replay_that_differs_is_refused(deltas):
+    replay = Replay()
+    replay.fresh("Hello")
+    replay.restart()
+    with pytest.raises(ReplayDiverged, match="differs"):
+        for t in deltas:
+            replay.fresh(t)
+
+
+def test_a_replay_that_ends_short_is_refused():
+    replay = Replay()
+    replay.fresh("Hello")
+    replay.restart()
+    replay.fresh("Hell")
+    with pytest.raises(ReplayDiverged, match="1 characters short"):
+        replay.finished()
+
+
+def test_pin_seed_gives_sampled_requests_their_own_seed_only():
+    sampled, greedy, seeded = (ChatRequest(turns=[], temperature=0.7), ChatRequest(turns=[], temperature=0),
+                               ChatRequest(turns=[], temperature=0.7, seed=5))
+    for chat in (sampled, greedy, seeded):
+        pin_seed(chat)
+    assert sampled.seed is not None and 0 <= sampled.seed <= SEED_MAX
+    assert greedy.seed is None and seeded.seed == 5
+
+
+def _engine(folder: str) -> ServingEngine:
+    return ServingEngine.from_config(ServeConfig(model=folder, warmup=False, max_batch_size=8,
+                                                 batch_wait_timeout_s=0.02, max_batch_wait_s=0.05))
+
+
+@pytest.fixture(scope="module")
+def two_engines(tmp_path_factory):
+    """Two engines over one model folder: two replicas, as the resume sees them."""
+    cfg = ModelConfig()
+    tokenizer = load_tokenizer("tiny")
+    tower = load_vision_tower(cfg.vision)
+    model = build_model(cfg, tokenizer, tower.hidden_size)
+    folder = save_model_folder(model, tokenizer, cfg, tower.fingerprint(), str(tmp_path_factory.mktemp("m") / "m"))
+    engines = (_engine(folder), _engine(folder))
+    yield engines
+    for e in engines:
+        e.close()
+
+
+async def _deltas(engine: ServingEngine, chat: ChatRequest) -> list[str]:
+    return [ev["text"] async for ev in engine.generate(chat) if ev["type"] == "delta"]
+
+
+async def _with_neighbours(engine: ServingEngine, chat: ChatRequest) -> list[str]:
+    others = [ChatRequest(turns=[{"from": "human", "value": f"Other {i}?"}], max_tokens=24, temperature=1.0)
+              for i in range(5)]
+    results = await asyncio.gather(_deltas(engine, chat), *[engine.complete(o) for o in others])
+    return results[0]
+
+
+def test_a_pinned_sampled_stream_resumes_on_another_engine_to_the_same_text(two_engines):
+    first, second = two_engines
+    chat = ChatRequest(turns=[{"from": "human", "value": "Tell me about the picture."}], max_tokens=40,
+                       temperature=1.0, top_p=0.95)
+    pin_seed(chat)
+    text = "".join(asyncio.run(_deltas(first, chat)))
+    assert len(text) > 4, text
+    # the client got part of the answer from the first replica, then that replica was lost
+    replay = Replay()
+    sent = replay.fresh(text[: len(text) // 2])
+    replay.restart()
+    rest = "".join(replay.fresh(t) for t in asyncio.run(_with_neighbours(second, chat)))
+    replay.finished()
+    assert sent + rest == text and rest, (sent, rest, text)
