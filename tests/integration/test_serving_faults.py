@@ -161,12 +161,18 @@ def test_a_replica_killed_under_load_loses_at_most_one_percent(fault_app):
     assert len(statuses) == total and len(failed) <= total // 100, sorted(set(failed))
 
 
-def replica_stats(app: str, tries: int = 40) -> dict[str, dict]:
-    """Each engine replica's `stats`, by actor name (the router spreads the calls)."""
+def replica_stats(app: str, expect: int = 2, tries: int = 40) -> dict[str, dict]:
+    """Each engine replica's `stats`, by actor name (the router spreads the calls; stops once `expect` answered)."""
     from ray import serve
 
     handle = serve.get_deployment_handle("VLMEngine", app_name=app)
-    return {s["actor"]: s for s in (handle.stats.remote().result() for _ in range(tries))}
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        stats = handle.stats.remote().result()
+        seen.setdefault(stats["actor"], stats)
+        if len(seen) == expect:
+            break
+    return seen
 
 
 def test_a_stream_cut_by_a_lost_replica_resumes_on_another(fault_app):
@@ -198,14 +204,20 @@ def test_a_stream_cut_by_a_lost_replica_resumes_on_another(fault_app):
             chunk = json.loads(line[6:])
             parts += [c["delta"].get("content") or "" for c in chunk.get("choices", [])]
             if victim is None and "".join(parts):
-                busy = [name for name, st in replica_stats(APP).items() if st["running"]]
-                assert len(busy) == 1, busy
+                stats = replica_stats(APP)
+                busy = [name for name, st in stats.items() if st["running"]]
+                assert len(busy) == 1 and len(stats) == 2, stats
                 victim, cut_at = busy[0], len("".join(parts))
+                survivor, survivor_tokens = next((n, st["tokens"]) for n, st in stats.items() if n != victim)
                 ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     assert victim and lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines), lines[-3:]
     resumed = "".join(parts)
-    log.warning("FIGURES stream whose replica was killed after %d characters sent: %d characters in all, equal "
-                "to the unstreamed answer: %s", cut_at, len(resumed), resumed == expected)
+    # the other replica decoded the whole answer again (its text up to the cut was checked and skipped)
+    redone = replica_stats(APP)[survivor]["tokens"] - survivor_tokens
+    assert redone >= whole["usage"]["completion_tokens"], (redone, whole["usage"])
+    log.warning("FIGURES stream whose replica was killed when the client had read %d characters (more in flight): "
+                "%d characters in all, equal to the unstreamed answer: %s; the other replica decoded %d tokens for it",
+                cut_at, len(resumed), resumed == expected, redone)
     assert resumed == expected
     wait_for(both_answering, 90, "a replacement replica")
 
@@ -269,6 +281,39 @@ def test_overload_answers_503_or_429_with_retry_after_from_build_app_limits(serv
     assert len(refused) >= 16 - (1 + 1 + 2) - 2, statuses  # at most batch + queue + pending held (+ in transit)
     shapes = [(r.status_code, r.headers.get("retry-after"), r.text[:200]) for r in refused]
     assert all(r.headers.get("retry-after") and r.json()["error"]["type"] for r in refused), shapes
+
+
+def test_request_timeout_answers_503_and_stops_the_work(serve_http, tiny_model_folder, fault_app):
+    """`request_timeout_s` live: a long answer not ready in time is a 503 with Retry-After (code `timeout`), its
+    decoding stops on the replica (far fewer tokens than the whole answer), and a short request still succeeds."""
+    from ray import serve
+
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 440,
+            "temperature": 0.8}
+    # the whole answer's length, from the app without the short timeout: the first seed with a long one
+    for seed in range(20):
+        whole = httpx.post(f"{fault_app}/v1/chat/completions", json={**long, "seed": seed}, timeout=120).json()
+        if whole["usage"]["completion_tokens"] >= 200:
+            break
+    full_tokens = whole["usage"]["completion_tokens"]
+    assert full_tokens >= 200, whole["usage"]
+    url = serve_http.deploy("vitune-timeout", "/timeout", {"model": tiny_model_folder, "served_model_name": MODEL,
+                                                           "request_timeout_s": 0.3})
+    try:
+        short = httpx.post(f"{url}/v1/chat/completions", json={**long, "max_tokens": 2}, timeout=120)
+        assert short.status_code == 200, short.text  # in time (and the API replica has the tower's geometry)
+        engine = serve.get_deployment_handle("VLMEngine", app_name="vitune-timeout")
+        before = engine.stats.remote().result()["tokens"]
+        r = httpx.post(f"{url}/v1/chat/completions", json={**long, "seed": seed}, timeout=120)
+        assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+        assert r.json()["error"]["code"] == "timeout", r.text
+        wait_for(lambda: engine.stats.remote().result()["running"] == 0, 30, "the timed-out request dropped")
+        decoded = engine.stats.remote().result()["tokens"] - before
+    finally:
+        serve.delete("vitune-timeout")
+    log.warning("FIGURES request_timeout_s=0.3: 503 timeout; %d of the answer's %d tokens decoded before the "
+                "replica dropped it", decoded, full_tokens)
+    assert 0 < decoded < full_tokens, (decoded, full_tokens)  # it was decoding, and stopped
 
 
 # -- (c) hostile requests, generated, while well-formed ones run --

@@ -8,8 +8,9 @@ every row is done; the serving engine holds a `DecodeBatch` itself and admits an
 - join: the new rows' prompts are left padded and spliced with their image features (`model.splice`), then
   prefilled into a fresh `DynamicCache`; a running batch pads its cache and the newcomers' on the left to
   one length and concatenates them on the batch axis;
-- sample: each row's next token from the last logits, greedy at temperature 0, else nucleus sampling
-  (`sample_next`); rows that share temperature, top_p and generator draw in one call;
+- sample: each row's next token from the last logits, greedy at temperature 0, else nucleus sampling by
+  inverse CDF (`sample_with_uniforms`): rows that share temperature and top_p sample in one call, each with a
+  uniform from its own CPU generator (a seeded request) or the batch's;
 - leave: `keep` drops finished rows from the cache (`batch_select_indices`) and trims cache columns that
   only padding used;
 - step: the sampled tokens go through the LM one position further.
@@ -38,9 +39,10 @@ class GenerationStep:
     finish_reasons: list[str | None]  # "stop" | "length" at the step a sequence ends, else None
 
 
-def seeded_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
-    """A generator on `device` seeded with `seed`, or from fresh entropy when `seed` is None."""
-    generator = torch.Generator(device=device)
+def seeded_generator(seed: int | None = None) -> torch.Generator:
+    """A CPU generator seeded with `seed`, or from fresh entropy when `seed` is None. Sampling draws one uniform
+    per row from it (`sample_with_uniforms`), so its draws are the same on any device and cost one small copy."""
+    generator = torch.Generator()
     if seed is None:
         generator.seed()
     else:
@@ -48,18 +50,28 @@ def seeded_generator(device: torch.device | str, seed: int | None = None) -> tor
     return generator
 
 
+def sample_with_uniforms(logits: torch.Tensor, temperature: float, top_p: float,
+                         uniforms: torch.Tensor) -> torch.Tensor:
+    """`[B, V]` logits → `[B]` next tokens by inverse CDF: row b takes the token where its cumulative
+    (temperature-scaled, top_p-truncated) probability first exceeds `uniforms[b]` (in [0, 1)) of its mass."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already hold top_p; the first always stays
+        probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) > top_p, 0.0)
+    cdf = probs.cumsum(dim=-1)  # [B, V], non-decreasing
+    target = uniforms.to(device=cdf.device, dtype=cdf.dtype).unsqueeze(-1) * cdf[:, -1:]  # [B, 1]
+    index = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)  # [B, 1]
+    return (index if order is None else order.gather(-1, index)).squeeze(-1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """`[B, V]` logits → `[B]` next tokens: argmax at temperature 0, else nucleus sampling."""
+    """`[B, V]` logits → `[B]` next tokens: argmax at temperature 0, else nucleus sampling with one uniform per
+    row from `generator` (a CPU generator, `seeded_generator`)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the tokens ranked above it already hold top_p; the first always stays
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return sample_with_uniforms(logits, temperature, top_p, torch.rand(logits.shape[0], generator=generator))
 
 
 @dataclass(eq=False)
@@ -101,7 +113,7 @@ class DecodeBatch:
 
     def __init__(self, model: Any, generator: torch.Generator | None = None) -> None:
         self.model = model
-        self.generator = generator if generator is not None else seeded_generator(model.device)
+        self.generator = generator if generator is not None else seeded_generator()
         self.rows: list[DecodeRow] = []
         self.cache: Any = None  # transformers DynamicCache
         self.mask: torch.Tensor | None = None  # [B, T] long
@@ -165,18 +177,23 @@ class DecodeBatch:
         self.rows += rows
 
     def sample(self) -> torch.Tensor:
-        """Each row's next token `[B]`: greedy rows by argmax, the others by their temperature/top_p/generator."""
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        """Each row's next token `[B]`: greedy rows by argmax, the others by inverse CDF in one call per
+        (temperature, top_p), each row's uniform drawn from its own generator (or the batch's shared one), so a
+        seeded row draws the same whoever its neighbours are."""
+        groups: dict[tuple[float, float], list[int]] = {}
         for i, row in enumerate(self.rows):
-            key = ("greedy",) if row.temperature == 0 else (row.temperature, row.top_p, id(row.generator))
-            groups.setdefault(key, []).append(i)
+            groups.setdefault((row.temperature, row.top_p), []).append(i)
         device = self.logits.device
         tokens = torch.empty(len(self.rows), dtype=torch.long, device=device)
-        for members in groups.values():
-            row = self.rows[members[0]]
+        for (temperature, top_p), members in groups.items():
             index = torch.tensor(members, device=device)
-            generator = row.generator if row.generator is not None else self.generator
-            tokens[index] = sample_next(self.logits[index], row.temperature, row.top_p, generator)
+            if temperature == 0:
+                tokens[index] = self.logits[index].argmax(dim=-1)
+                continue
+            own = [self.rows[i].generator for i in members]
+            shared = iter(torch.rand(own.count(None), generator=self.generator).tolist())
+            uniforms = torch.tensor([next(shared) if g is None else torch.rand(1, generator=g).item() for g in own])
+            tokens[index] = sample_with_uniforms(self.logits[index], temperature, top_p, uniforms)
         self.tokens = tokens
         return tokens
 
@@ -250,7 +267,7 @@ def decode_stream(
     if not rows or max_new_tokens <= 0:
         return
     stops = set(model.eos_token_ids if stop_token_ids is None else stop_token_ids)
-    batch = DecodeBatch(model, seeded_generator(model.device, seed))
+    batch = DecodeBatch(model, seeded_generator(seed))
     batch.join(rows)
     while True:
         tokens = batch.sample().tolist()

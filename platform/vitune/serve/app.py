@@ -50,9 +50,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vitune.config import API_KEY_ENV, MODELS_SCHEME, ServeConfig
 from vitune.serve import openai as oai
 from vitune.serve.adapters import engine_for, load_engines
+from vitune.serve.health import EngineHealth
 from vitune.serve.openai import APIError
 from vitune.serve.request import ChatRequest, chat_request_from_openai
-from vitune.serve.resume import Replay, pin_seed
+from vitune.serve.resume import ReplayDiverged, pin_seed, resumable
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ _UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailabl
 _REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)  # worth one more try elsewhere
 _RETRIES = 2
 JSON_TYPES = ("application/json",)
-HEALTH_PROBE_S = 2.0  # how long /healthz waits for an engine replica to answer
 API_MIN_PENDING = 1024  # requests the proxy holds for the ingress at least (see `queue_options`)
 
 
@@ -207,7 +207,7 @@ class ChatAPI:
         # an image as base64, the text (up to 6 bytes a character as a JSON escape) and room for the structure
         self.max_body = self.cfg.max_image_bytes * 4 // 3 + 6 * self.cfg.max_text_chars + 65_536
         self.geometry: dict[str, Any] | None = None  # the tower's input, asked of the engine once
-        self.health_cache: tuple[float, str | None] = (0.0, None)
+        self.health = EngineHealth(engine)
         self.page = resources.files("vitune").joinpath("static/chat.html").read_text(encoding="utf-8")
         logger.info("chat API for %s (auth %s)", self.model_name, "on" if self.api_key else "off")
 
@@ -243,7 +243,7 @@ class ChatAPI:
 
         @app.get("/healthz")
         async def healthz() -> JSONResponse:
-            problem = await self._engine_problem()
+            problem = await self.health.problem()
             if problem:
                 return JSONResponse({"status": "unavailable", "model": self.model_name, "reason": problem},
                                     status_code=503, headers={"Retry-After": "5"})
@@ -297,9 +297,11 @@ class ChatAPI:
     async def _complete(self, chat: ChatRequest) -> dict[str, Any]:
         """The engine's answer; a replica lost mid-request (killed, crashed) is retried on another."""
         for attempt in range(_RETRIES + 1):
+            response = self.engine.complete.remote(chat)
             try:
-                return await _bounded(self.engine.complete.remote(chat), self.cfg.request_timeout_s)
+                return await _bounded(response, self.cfg.request_timeout_s)
             except _REPLICA_LOST as exc:
+                response.cancel()  # unavailable is not always dead: no answer for nobody
                 if attempt == _RETRIES:
                     raise _overloaded(exc) from None
                 logger.warning("request %s: engine replica lost (%s); retrying", chat.request_id,
@@ -307,44 +309,6 @@ class ChatAPI:
             except _UNAVAILABLE as exc:
                 raise _overloaded(exc) from None
         raise AssertionError("unreachable")
-
-    async def _engine_problem(self) -> str | None:
-        """Why no engine replica can answer, or None. The controller's count alone lags: a killed replica stays
-        RUNNING until its next health check fails, and with two killed, the first's replacement can be RUNNING
-        before the second is noticed: the count never reaches zero, though for seconds no replica can answer. So
-        while the controller counts some, every replica is asked."""
-        checked, problem = self.health_cache
-        if time.monotonic() - checked < 1.0:
-            return problem
-        problem = await asyncio.to_thread(self._controller_problem)
-        if problem is None:
-            problem = await self._probe_problem()
-        self.health_cache = (time.monotonic(), problem)
-        return problem
-
-    def _controller_problem(self) -> str | None:
-        try:
-            app = serve.status().applications[serve.get_replica_context().app_name]
-            states = app.deployments[self.engine.deployment_name].replica_states
-        except Exception as exc:  # noqa: BLE001 - the controller cannot say: report unavailable
-            logger.warning("health: could not read the engine's status: %r", exc)
-            return "the engine's status is unavailable"
-        running = sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
-        return None if running else "no model replica is running"
-
-    async def _probe_problem(self) -> str | None:
-        """Asks every engine replica this router knows (Serve's broadcast: past the queues; a dead one fails at
-        once, where a routed call would wait for a live replica and look like overload)."""
-        try:
-            answers = await self.engine.broadcast("info").results_async(timeout_s=HEALTH_PROBE_S,
-                                                                          return_exceptions=True)
-        except TimeoutError:
-            return None  # slow, not gone: a replica whose steps hang fails the controller's health check
-        except DeploymentUnavailableError:
-            return "no model replica is running"
-        if any(not isinstance(answer, BaseException) for answer in answers):
-            return None
-        return "no model replica answers (lost); Serve is replacing them"
 
     def _check_auth(self, request: Request) -> None:
         if not self.api_key:
@@ -367,6 +331,7 @@ class ChatAPI:
                 raise APIError(503, f"the model did not answer within {self.cfg.request_timeout_s:.0f} s; retry "
                                "shortly", code="timeout") from None
             except _REPLICA_LOST as exc:
+                events.cancel()
                 if attempt == _RETRIES:
                     raise _overloaded(exc) from None
                 logger.warning("stream %s: engine replica lost (%s); retrying", chat.request_id, type(exc).__name__)
@@ -380,7 +345,8 @@ class ChatAPI:
         async def body() -> AsyncIterator[str]:
             # One write per engine event: the role chunk rides with the first text, [DONE] with the finish.
             head = _sse(oai.chunk_body(rid, created, model, {"role": "assistant", "content": ""}))
-            answer = self._resumable(chat, events)
+            answer = resumable(events, lambda: self.engine.options(stream=True).stream.remote(chat), _REPLICA_LOST,
+                               _RETRIES, self.cfg.request_timeout_s, rid)
             try:
                 async for ev in answer:
                     if ev["type"] == "delta":
@@ -396,6 +362,15 @@ class ChatAPI:
                         tail = _sse({"error": ev["error"]})
                     yield head + tail + "data: [DONE]\n\n"
                     return
+            except TimeoutError:  # resuming on another replica: none answered in time
+                err = APIError(503, f"the model did not answer within {self.cfg.request_timeout_s:.0f} s; retry "
+                               "shortly", code="timeout")
+                yield head + _sse(err.body()) + "data: [DONE]\n\n"
+            except (*_UNAVAILABLE, ReplayDiverged) as exc:  # the replica was lost and the answer not resumed
+                logger.warning("stream %s: not resumed after its replica was lost: %r", rid, exc)
+                err = APIError(503, "the model replica answering was lost and the answer could not be resumed; "
+                               "retry shortly", code="replica_lost")
+                yield head + _sse(err.body()) + "data: [DONE]\n\n"
             except Exception:  # noqa: BLE001 - the status line is sent; report in-band
                 logger.exception("stream %s failed", rid)
                 err = APIError(500, f"generation failed (request id {rid}); the cause is in the server log",
@@ -406,37 +381,6 @@ class ChatAPI:
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid})
-
-    async def _resumable(self, chat: ChatRequest, events: Any) -> AsyncIterator[dict[str, Any]]:
-        """The engine's events for `chat` after its `start`; a replica lost mid-answer runs it again on another,
-        skipping the text already sent (checked against the replay, `vitune.serve.resume`)."""
-        replay, done = Replay(), False
-        try:
-            for attempt in range(_RETRIES + 1):
-                try:
-                    async for ev in events:
-                        if ev["type"] == "start":
-                            continue
-                        if ev["type"] == "delta":
-                            if text := replay.fresh(ev["text"]):
-                                yield {**ev, "text": text}
-                            continue
-                        if ev["type"] == "finish":
-                            replay.finished()
-                        done = True
-                        yield ev
-                        return
-                    raise RuntimeError("the engine stream ended without a finish event")
-                except _REPLICA_LOST as exc:
-                    if attempt == _RETRIES:
-                        raise
-                    logger.warning("stream %s: engine replica lost after %d characters sent (%s); resuming on "
-                                   "another", chat.request_id, len(replay.sent), type(exc).__name__)
-                    replay.restart()
-                    events = self.engine.options(stream=True).stream.remote(chat)
-        finally:
-            if not done:
-                events.cancel()
 
 
 def served_lineage(cfg: ServeConfig) -> dict[str, Any]:

@@ -101,7 +101,7 @@ class ServingEngine:
         # EOS, and the template's own turn end where that is not EOS (plain: "\n", ChatML: <|im_end|>)
         self._stops = set(model.eos_token_ids) | set(stop_token_ids(self.template_name, tokenizer))
         self._template_stops = list(stop_strings(self.template_name))
-        self._generator = seeded_generator(model.device)  # shared by the requests without a seed
+        self._generator = seeded_generator()  # shared by the requests without a seed
         self._queue: list[_Job] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -393,7 +393,7 @@ class ServingEngine:
                 job.row.payload = job
                 job.row.features = features[i] if job.image is not None else None
                 if job.seed is not None and job.row.temperature > 0:  # its own draws, whoever its neighbours are
-                    job.row.generator = seeded_generator(self.model.device, job.seed)
+                    job.row.generator = seeded_generator(job.seed)
             except Exception:  # noqa: BLE001
                 self._fail(job, "setting up sampling")
                 continue

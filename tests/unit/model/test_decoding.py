@@ -10,7 +10,7 @@ import torch
 
 from tests.unit.model.test_vlm import DV, N, peaky_model
 from vitune.data.tokenizer import load_tokenizer
-from vitune.model.decoding import DecodeBatch, DecodeRow, sample_next, seeded_generator
+from vitune.model.decoding import DecodeBatch, DecodeRow, sample_next, sample_with_uniforms, seeded_generator
 from vitune.model.vlm import VisionLanguageModel
 
 
@@ -131,7 +131,7 @@ def test_rows_sample_by_their_own_settings_and_generator(model: VisionLanguageMo
     seeded = [1, 300, 301]
 
     def seeded_row() -> DecodeRow:
-        return DecodeRow(seeded, max_new_tokens=10, temperature=1.0, generator=seeded_generator("cpu", 11),
+        return DecodeRow(seeded, max_new_tokens=10, temperature=1.0, generator=seeded_generator(11),
                          payload="seeded")
 
     alone = _drain(_joined(model, [seeded_row()]))["seeded"]
@@ -148,18 +148,34 @@ def test_rows_sample_by_their_own_settings_and_generator(model: VisionLanguageMo
 
 
 def _joined(model: VisionLanguageModel, rows: list[DecodeRow]) -> DecodeBatch:
-    batch = DecodeBatch(model, seeded_generator("cpu", 0))
+    batch = DecodeBatch(model, seeded_generator(0))
     batch.join(rows)
     return batch
 
 
 def test_sample_next_greedy_and_nucleus() -> None:
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
-    gen = seeded_generator("cpu", 0)
+    gen = seeded_generator(0)
     assert sample_next(logits, 0.0, 1.0, gen).tolist() == [1, 0]
     # top_p just above the top token's mass keeps two tokens: index 1 and 3 only, never 0 or 2
     draws = {tuple(sample_next(logits[:1], 1.0, 0.5, gen).tolist()) for _ in range(200)}
     assert draws == {(1,), (3,)}
+
+
+def test_inverse_cdf_sampling_follows_the_distribution() -> None:
+    """Frequencies over 20,000 draws match softmax(logits / T) within 0.015, top_p's kept tokens renormalised."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = (probs.log() * 0.7).repeat(20_000, 1)  # at temperature 0.7: softmax(logits / 0.7) = probs
+    gen = seeded_generator(3)
+    counts = torch.bincount(sample_next(logits, 0.7, 1.0, gen), minlength=4) / 20_000
+    assert torch.allclose(counts, probs, atol=0.015), counts
+    # top_p 0.75: 0.5 + 0.3 reach it, so only the first two stay, at 0.5/0.8 and 0.3/0.8
+    counts = torch.bincount(sample_next(logits, 0.7, 0.75, gen), minlength=4) / 20_000
+    assert torch.allclose(counts, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015), counts
+    # the edges of [0, 1): the first kept token and the last kept one, never a dropped one
+    edges = torch.tensor([0.0, 1.0 - 2**-24])
+    assert sample_with_uniforms(logits[:2], 0.7, 1.0, edges).tolist() == [0, 3]
+    assert sample_with_uniforms(logits[:2], 0.7, 0.75, edges).tolist() == [0, 1]
 
 
 def test_rows_are_checked(model: VisionLanguageModel) -> None:

@@ -15,7 +15,7 @@ from vitune.model.vlm import build_model
 from vitune.serve.engine import ServingEngine
 from vitune.serve.openai import SEED_MAX
 from vitune.serve.request import ChatRequest
-from vitune.serve.resume import Replay, ReplayDiverged, pin_seed
+from vitune.serve.resume import Replay, ReplayDiverged, pin_seed, resumable
 
 
 def test_replay_skips_exactly_what_was_sent_across_differently_cut_deltas():
@@ -99,3 +99,77 @@ def test_a_pinned_sampled_stream_resumes_on_another_engine_to_the_same_text(two_
     rest = "".join(replay.fresh(t) for t in asyncio.run(_with_neighbours(second, chat)))
     replay.finished()
     assert sent + rest == text and rest, (sent, rest, text)
+
+
+class Lost(Exception):
+    """Stands for the replica-lost errors (RayActorError, ...) the API replica passes to `resumable`."""
+
+
+class Events:
+    """A streamed call's events as Serve's generator gives them: async iteration and `cancel()`."""
+
+    def __init__(self, items: list, hang: bool = False) -> None:
+        self.items, self.hang, self.cancelled = list(items), hang, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        if self.hang:
+            await asyncio.sleep(3600)
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _delta(text: str) -> dict:
+    return {"type": "delta", "text": text}
+
+
+START, FINISH = {"type": "start", "prompt_tokens": 3}, {"type": "finish", "finish_reason": "stop",
+                                                         "completion_tokens": 4}
+
+
+async def _collect(events, again, timeout_s: float = 5.0) -> list[dict]:
+    return [ev async for ev in resumable(events, again, (Lost,), 2, timeout_s, "req-1")]
+
+
+def test_resumable_resumes_on_another_call_and_skips_the_text_sent():
+    first = Events([_delta("Hel"), Lost("replica died")])  # its start was read by the caller already
+    second = Events([START, _delta("Hello"), _delta(" world"), FINISH])
+    out = asyncio.run(_collect(first, lambda: second))
+    assert [ev.get("text") for ev in out] == ["Hel", "lo", " world", None] and out[-1] == FINISH
+    assert not second.cancelled
+
+
+def test_resumable_gives_up_after_its_retries_and_refuses_a_different_replay():
+    calls = iter([Events([START, Lost()]), Events([START, Lost()]), Events([START, _delta("x")])])
+    with pytest.raises(Lost):
+        asyncio.run(_collect(Events([_delta("a"), Lost()]), lambda: next(calls)))
+    with pytest.raises(ReplayDiverged):
+        asyncio.run(_collect(Events([_delta("abc"), Lost()]), lambda: Events([START, _delta("abd"), FINISH])))
+
+
+def test_resumable_bounds_the_resumed_call_and_cancels_it():
+    hanging = Events([], hang=True)
+    with pytest.raises(TimeoutError):
+        asyncio.run(_collect(Events([_delta("a"), Lost()]), lambda: hanging, timeout_s=0.2))
+    assert hanging.cancelled
+
+
+def test_resumable_cancels_the_call_when_the_caller_stops_early():
+    events = Events([_delta("a"), _delta("b"), FINISH])
+
+    async def first_only() -> None:
+        gen = resumable(events, lambda: None, (Lost,), 2, 5.0, "req-1")
+        assert (await gen.__anext__())["text"] == "a"
+        await gen.aclose()
+
+    asyncio.run(first_only())
+    assert events.cancelled
