@@ -166,6 +166,9 @@ def setup_console(verbose: bool) -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # mlflow sets up its own INFO console handler on import (its store's schema notices): warnings only
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # transformers' "Loading weights" bar on every model folder load: vitune logs the load itself (read by
+    # transformers when it is imported, which the commands do later)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ[RAY_LOG_ENV] = os.path.join(default_log_dir(), f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
 
 
