@@ -7,11 +7,7 @@ import asyncio
 
 import pytest
 
-from vitune.config import ModelConfig, ServeConfig
-from vitune.data.tokenizer import load_tokenizer
-from vitune.model.folder import save_model_folder
-from vitune.model.vision import load_vision_tower
-from vitune.model.vlm import build_model
+from vitune.config import ServeConfig
 from vitune.serve.engine import ServingEngine
 from vitune.serve.openai import SEED_MAX
 from vitune.serve.request import ChatRequest
@@ -61,14 +57,9 @@ def _engine(folder: str) -> ServingEngine:
 
 
 @pytest.fixture(scope="module")
-def two_engines(tmp_path_factory):
+def two_engines(tiny_model_folder):
     """Two engines over one model folder: two replicas, as the resume sees them."""
-    cfg = ModelConfig()
-    tokenizer = load_tokenizer("tiny")
-    tower = load_vision_tower(cfg.vision)
-    model = build_model(cfg, tokenizer, tower.hidden_size)
-    folder = save_model_folder(model, tokenizer, cfg, tower.fingerprint(), str(tmp_path_factory.mktemp("m") / "m"))
-    engines = (_engine(folder), _engine(folder))
+    engines = (_engine(tiny_model_folder), _engine(tiny_model_folder))
     yield engines
     for e in engines:
         e.close()
