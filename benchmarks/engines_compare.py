@@ -48,7 +48,8 @@ from PIL import Image, ImageDraw
 
 from vitune.cli import manifests
 from vitune.config import ServeConfig
-from vitune.model.export import EXPORT_META, export_llava_hf, resolve_model_folder
+from vitune.model.export import EXPORT_META, export_llava_hf
+from vitune.references import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks.serve_load` importable
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("engines_compare needs a GPU machine with vLLM; missing: %s", "; ".join(missing))
         return 2
     with tempfile.TemporaryDirectory(prefix="vitune-engines-") as tmp:
-        model = resolve_model_folder(args.model, str(Path(tmp) / "model"), args.tracking_uri)
+        model = resolve_model(args.model, tracking_uri=args.tracking_uri, download_dir=str(Path(tmp) / "model"))
         args.model = model  # both engines read the same folder (a models:/ source is downloaded once)
         export = Path(args.export) if args.export else Path(export_llava_hf(model, str(Path(tmp) / "llava-hf")))
         report = compare(args, export)

@@ -33,8 +33,10 @@ from vitune.config import (
     SyntheticJobConfig,
     TrainJobConfig,
 )
-from vitune.features.store import config_fingerprint
+from vitune.vision_recipe import VisionRecipe
 
+MODEL_META_FILE = "vitune_model.json"  # a model folder's description (``vitune.model.folder`` writes the rest)
+FEATURE_MANIFEST = "manifest.json"  # written last in a feature store (``vitune.features.store`` writes the rest)
 WithFeatures = FeaturesJobConfig | TrainJobConfig  # the jobs that name a feature store
 
 
@@ -52,9 +54,7 @@ def synthetic_data(cfg: SyntheticJobConfig) -> str:
 
 
 def _default_features(cfg: WithFeatures, fp_id: str | None) -> str:
-    from vitune.model.vision import fingerprint_id  # deferred: the model package imports torch
-
-    return storage.join(cfg.storage.root, "features", fp_id or fingerprint_id(config_fingerprint(cfg.model.vision)))
+    return storage.join(cfg.storage.root, "features", fp_id or VisionRecipe.of(cfg.model.vision).fingerprint_id())
 
 
 def features_output(cfg: WithFeatures, fp_id: str | None = None) -> str:

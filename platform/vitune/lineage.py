@@ -1,6 +1,6 @@
 """Lineage in MLflow: the inputs each run logs, and the tags that tie a registered version to what made it.
 
-Each run logs what it read as MLflow dataset inputs (``vitune.tracking.dataset_input``):
+Each run logs what it read as MLflow dataset inputs (``dataset_input``):
 
     features run      the records files (context ``features``; digest = sha256 of the file)
     training run      its records files (``training``), the feature store (``features``; digest = sha256 of
@@ -19,20 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vitune import storage
-from vitune.features.store import MANIFEST
-from vitune.tracking import (
-    MODEL_VERSION_TAG,
-    Tracker,
-    dataset_input,
-    log_inputs,
-    tag_version,
-    training_run_of,
-    versions_of_run,
-)
+from vitune import layout, storage
+from vitune.config import MODELS_SCHEME
+from vitune.references import registry_version
+from vitune.tracking import MODEL_FOLDER_TAG, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +57,7 @@ def records_inputs(uris: Sequence[str], context: str) -> list[Any]:
 
 def feature_store_info(store: str) -> dict[str, Any]:
     """The store's URI, fingerprint id, manifest digest and counts (from its manifest)."""
-    raw = storage.read_bytes(storage.join(store, MANIFEST))
+    raw = storage.read_bytes(storage.join(store, layout.FEATURE_MANIFEST))
     manifest = json.loads(raw)
     return {"store": store, "fingerprint_id": manifest.get("fingerprint_id"), "manifest_digest": digest_bytes(raw),
             "counts": manifest.get("counts", {})}
@@ -76,10 +70,97 @@ def feature_store_input(info: Mapping[str, Any]) -> Any:
 
 def model_input(name: str, source: str, folder: str | None) -> Any:
     """The model a run starts from or evaluates; digest of its folder's metadata file when there is one."""
-    from vitune.model.folder import META_FILE  # deferred: the model package imports torch
-
-    digest = uri_digest(storage.join(folder, META_FILE)) if folder else digest_bytes(source.encode())
+    digest = uri_digest(storage.join(folder, layout.MODEL_META_FILE)) if folder else digest_bytes(source.encode())
     return dataset_input(name, digest, source, "model", tags={"vitune.model.folder": folder or ""})
+
+
+# --------------------------------------------------------------- MLflow dataset inputs and version tags
+
+INPUT_CONTEXT_TAG = "mlflow.data.context"  # MLflow's own tag for the role of a dataset input (training, ...)
+MODEL_VERSION_TAG = "vitune.model_version"  # on an evaluation run: models:/NAME/VERSION it evaluated
+
+
+def dataset_input(name: str, digest: str, source: str, context: str, profile: dict[str, Any] | None = None,
+                  tags: dict[str, str] | None = None) -> Any:
+    """One MLflow dataset input: ``source`` (a URI) under ``name`` with ``digest``, in role ``context``."""
+    # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source_type = "s3" if source.startswith("s3://") else source.split(":/", 1)[0] if ":/" in source else "local"
+    dataset = Dataset(name=name, digest=digest[:36], source_type=source_type,
+                      source=json.dumps({"uri": source}), profile=json.dumps(profile) if profile else None)
+    return DatasetInput(dataset, tags=[InputTag(k, str(v)) for k, v in {INPUT_CONTEXT_TAG: context,
+                                                                         **(tags or {})}.items()])
+
+
+def log_inputs(tracker: Tracker, inputs: list[Any]) -> None:
+    """Log ``inputs`` (``dataset_input``s) on the tracker's run; tracking trouble never stops the job."""
+    if not tracker.active or not inputs:
+        return
+    try:
+        tracker._client.log_inputs(tracker.run_id, datasets=inputs)
+    except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not a failed job
+        log.warning("could not log the run's inputs to MLflow: %s", exc)
+
+
+def run_inputs(tracking_uri: str, run_id: str) -> list[dict[str, Any]]:
+    """A run's dataset inputs as plain dicts: name, digest, uri, context, profile and the input's tags."""
+    from mlflow.tracking import MlflowClient  # deferred: mlflow is slow to import
+
+    out = []
+    for d in MlflowClient(tracking_uri).get_run(run_id).inputs.dataset_inputs:
+        tags = {t.key: t.value for t in d.tags}
+        out.append({"name": d.dataset.name, "digest": d.dataset.digest,
+                    "uri": json.loads(d.dataset.source).get("uri"), "context": tags.get(INPUT_CONTEXT_TAG),
+                    "profile": json.loads(d.dataset.profile) if d.dataset.profile else {}, "tags": tags})
+    return out
+
+
+def training_run_of(tracker: Tracker, folder: str) -> str | None:
+    """The newest training run (``vitune.stage`` tag) of the tracker's experiment that wrote model folder
+    ``folder`` (evaluations of it carry the folder's tag too)."""
+    if not tracker.active or not folder:
+        return None
+    try:
+        runs = tracker._client.search_runs([tracker.experiment_id], max_results=50, order_by=["start_time DESC"],
+                                           filter_string=f"tags.`{MODEL_FOLDER_TAG}` = '{folder}'")
+    except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not a failed job
+        log.warning("could not look up the run that wrote %s: %s", folder, exc)
+        return None
+    return next((r.info.run_id for r in runs if r.data.tags.get("vitune.stage")), None)
+
+
+def versions_of_run(tracker: Tracker, run_id: str | None) -> list[tuple[str, str]]:
+    """``(name, version)`` of every registered version made from run ``run_id``."""
+    if not tracker.active or not run_id:
+        return []
+    try:
+        return [(v.name, str(v.version)) for v in tracker._client.search_model_versions(f"run_id='{run_id}'")]
+    except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not a failed job
+        log.warning("could not look up the registered versions of run %s: %s", run_id, exc)
+        return []
+
+
+def tag_version(tracker: Tracker, name: str, version: str, tags: dict[str, Any]) -> None:
+    if not tracker.active:
+        return
+    try:
+        for k, v in tags.items():
+            tracker._client.set_model_version_tag(name, version, k, str(v))
+    except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not a failed job
+        log.warning("could not tag version %s of %s: %s", version, name, exc)
+
+
+def registry_lineage(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """What a served model is: for ``models:/NAME/VERSION|@ALIAS|/latest`` the version it resolves to, its
+    run and its lineage tags; for a folder just the folder."""
+    if not uri.startswith(MODELS_SCHEME):
+        return {"source": uri}
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    client, name, version = registry_version(uri, tracking_uri)
+    mv = client.get_model_version(name, version)
+    return {"source": uri, "registered_model": name, "version": version, "uri": f"{MODELS_SCHEME}{name}/{version}",
+            "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 
 # ---------------------------------------------------------------------------------------- per job

@@ -22,10 +22,10 @@ from vitune.config import (
     FeaturesJobConfig,
     JobConfig,
     TrainJobConfig,
-    connect,
     dump_config,
     load_config,
 )
+from vitune.runtime import connect
 from vitune.tracking import Tracker
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,11 @@
-"""MLflow for every job, and the one owner of MLflow references.
+"""MLflow for every job: the tracker of a run, its tags, registration, and where the UI shows it.
 
 ``Tracker``: a run with the resolved config, metrics and artifacts. Embedded default: a SQLite store under
 the storage root (or ``MLFLOW_TRACKING_URI``); a tracking server by config. When the server stops answering
 the job goes on and says so once; calls are held or retried with backoff (``vitune.backoff``) until it is back.
 
-References: ``runs:/<run id>`` names the model folder a training run wrote (its ``vitune.model.folder``
-tag; ``run_model_folder``), ``models:/NAME/VERSION`` a registered model (``resolve_model_source``).
+``runs:/`` and ``models:/`` references are resolved by ``vitune.references``; what runs read and what a
+registered version came from is ``vitune.lineage``'s. This module names the tags both read.
 """
 
 from __future__ import annotations
@@ -17,15 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitune import layout, storage
+from vitune import layout
 from vitune.backoff import Backoff
-from vitune.config import MODELS_SCHEME, TrackingConfig
+from vitune.config import TrackingConfig
 
 # mlflow is imported where used: it takes about a second to import, and processes that never track (a
 # Serve replica loading a folder, tracking.enabled=false) should not pay for it.
 log = logging.getLogger(__name__)
 
-RUNS_SCHEME = "runs:/"
 MODEL_FOLDER_TAG = "vitune.model.folder"  # set on a training run: the model folder it wrote
 LLAVA_HF_TAG = "vitune.llava_hf"  # on a finetune run and its registered version: runs:/<id>/llava-hf (the export)
 
@@ -220,188 +219,6 @@ class Tracker:
                          lambda: self._client.set_terminated(self.run_id, status), critical=True)
         if self._retry.held:
             log.warning("%d tracking calls held since MLflow stopped answering were not sent", self._retry.held)
-
-
-# --- training runs: runs:/<run id> → the model folder it wrote ---
-
-
-def run_id_of(ref: str | None) -> str | None:
-    """The run id of ``runs:/<run id>[/path]``; None for anything else."""
-    if not ref or not ref.startswith(RUNS_SCHEME):
-        return None
-    return ref[len(RUNS_SCHEME):].strip("/").split("/")[0]
-
-
-def run_model_folder(ref: str, tracking_uri: str | None = None) -> str:
-    """A model-folder URI as it is, or ``runs:/<run id>`` → the folder that run wrote; local paths absolute."""
-    run_id = run_id_of(ref)
-    if run_id is None:
-        return storage.absolute(ref)
-    # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
-    from mlflow.tracking import MlflowClient
-
-    folder = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(MODEL_FOLDER_TAG)
-    if not folder:
-        raise ValueError(f"MLflow run {ref} has no {MODEL_FOLDER_TAG} tag (is it a vitune training run?)")
-    return storage.absolute(folder)
-
-
-# --- registered models: models:/NAME/VERSION → a model folder ---
-
-
-def _registry_version(uri: str, tracking_uri: str | None) -> tuple[Any, str, str]:
-    """``(client, name, version)`` of `models:/NAME/VERSION` (or `NAME@ALIAS`, `NAME/latest`).
-
-    Resolved with an explicit client: mlflow's own `models:/` download ignores a passed registry URI.
-    """
-    # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    ref = uri[len(MODELS_SCHEME) :].strip("/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return client, name, str(client.get_model_version_by_alias(name, alias).version)
-    name, _, version = ref.partition("/")
-    if not name or not version:
-        raise ValueError(f"model URI {uri!r} must be models:/NAME/VERSION or models:/NAME@ALIAS")
-    if version == "latest":
-        found = client.search_model_versions(f"name='{name}'")
-        if not found:
-            raise ValueError(f"registered model {name!r} has no versions")
-        version = str(max(int(v.version) for v in found))
-    return client, name, version
-
-
-def _registry_download_uri(uri: str, tracking_uri: str | None) -> str:
-    """Where the artifacts (the vitune model folder) of a registered version live."""
-    client, name, version = _registry_version(uri, tracking_uri)
-    return client.get_model_version_download_uri(name, version)
-
-
-def llava_hf_export_uri(uri: str, tracking_uri: str | None = None) -> str:
-    """The storage URI of the llava-hf export a registered finetune carries (``LLAVA_HF_TAG``): what vLLM's
-    Ray Serve LLM path serves for `models:/NAME/VERSION`."""
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    client, name, version = _registry_version(uri, tracking_uri)
-    ref = client.get_model_version(name, version).tags.get(LLAVA_HF_TAG, "")
-    if not ref.startswith(RUNS_SCHEME):
-        raise ValueError(f"version {version} of {name!r} carries no llava-hf export (tag {LLAVA_HF_TAG}: {ref!r}); "
-                         "export it with `vitune export`")
-    run_id, _, path = ref[len(RUNS_SCHEME):].partition("/")
-    return f"{client.get_run(run_id).info.artifact_uri}/{path}"
-
-
-def resolve_model_source(uri: str, dest: str, tracking_uri: str | None = None) -> str:
-    """A model-folder URI for `uri`: `models:/...` is downloaded from the MLflow registry into `dest`."""
-    from vitune.model.folder import META_FILE  # deferred: the model package imports torch
-
-    if not uri.startswith(MODELS_SCHEME):
-        return uri
-    # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
-    import mlflow.artifacts
-
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    source = _registry_download_uri(uri, tracking_uri)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dest, tracking_uri=tracking_uri))
-    for candidate in (local, *sorted(p.parent for p in local.glob(f"*/{META_FILE}"))):
-        if (candidate / META_FILE).exists():
-            log.info("registry model %s (%s) downloaded to %s", uri, source, candidate)
-            return str(candidate)
-    raise FileNotFoundError(f"{uri} holds no vitune model folder ({META_FILE} not found in its artifacts)")
-
-
-# --- lineage: what a run read (MLflow dataset inputs), and what a registered version came from ---
-
-INPUT_CONTEXT_TAG = "mlflow.data.context"  # MLflow's own tag for the role of a dataset input (training, ...)
-MODEL_VERSION_TAG = "vitune.model_version"  # on an evaluation run: models:/NAME/VERSION it evaluated
-
-
-def dataset_input(name: str, digest: str, source: str, context: str, profile: dict[str, Any] | None = None,
-                  tags: dict[str, str] | None = None) -> Any:
-    """One MLflow dataset input: ``source`` (a URI) under ``name`` with ``digest``, in role ``context``."""
-    import json  # deferred with mlflow below: only runs that track get here
-
-    # deferred: mlflow is slow to import; a job that tracks nothing never pays for it
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    source_type = "s3" if source.startswith("s3://") else source.split(":/", 1)[0] if ":/" in source else "local"
-    dataset = Dataset(name=name, digest=digest[:36], source_type=source_type,
-                      source=json.dumps({"uri": source}), profile=json.dumps(profile) if profile else None)
-    return DatasetInput(dataset, tags=[InputTag(k, str(v)) for k, v in {INPUT_CONTEXT_TAG: context,
-                                                                         **(tags or {})}.items()])
-
-
-def log_inputs(tracker: Tracker, inputs: list[Any]) -> None:
-    """Log ``inputs`` (``dataset_input``s) on the tracker's run; tracking trouble never stops the job."""
-    if not tracker.active or not inputs:
-        return
-    try:
-        tracker._client.log_inputs(tracker.run_id, datasets=inputs)
-    except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not a failed job
-        log.warning("could not log the run's inputs to MLflow: %s", exc)
-
-
-def run_inputs(tracking_uri: str, run_id: str) -> list[dict[str, Any]]:
-    """A run's dataset inputs as plain dicts: name, digest, uri, context, profile and the input's tags."""
-    import json  # deferred with mlflow below
-
-    from mlflow.tracking import MlflowClient  # deferred: mlflow is slow to import
-
-    out = []
-    for d in MlflowClient(tracking_uri).get_run(run_id).inputs.dataset_inputs:
-        tags = {t.key: t.value for t in d.tags}
-        out.append({"name": d.dataset.name, "digest": d.dataset.digest,
-                    "uri": json.loads(d.dataset.source).get("uri"), "context": tags.get(INPUT_CONTEXT_TAG),
-                    "profile": json.loads(d.dataset.profile) if d.dataset.profile else {}, "tags": tags})
-    return out
-
-
-def training_run_of(tracker: Tracker, folder: str) -> str | None:
-    """The newest training run (``vitune.stage`` tag) of the tracker's experiment that wrote model folder
-    ``folder`` (evaluations of it carry the folder's tag too)."""
-    if not tracker.active or not folder:
-        return None
-    try:
-        runs = tracker._client.search_runs([tracker.experiment_id], max_results=50, order_by=["start_time DESC"],
-                                           filter_string=f"tags.`{MODEL_FOLDER_TAG}` = '{folder}'")
-    except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not a failed job
-        log.warning("could not look up the run that wrote %s: %s", folder, exc)
-        return None
-    return next((r.info.run_id for r in runs if r.data.tags.get("vitune.stage")), None)
-
-
-def versions_of_run(tracker: Tracker, run_id: str | None) -> list[tuple[str, str]]:
-    """``(name, version)`` of every registered version made from run ``run_id``."""
-    if not tracker.active or not run_id:
-        return []
-    try:
-        return [(v.name, str(v.version)) for v in tracker._client.search_model_versions(f"run_id='{run_id}'")]
-    except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not a failed job
-        log.warning("could not look up the registered versions of run %s: %s", run_id, exc)
-        return []
-
-
-def tag_version(tracker: Tracker, name: str, version: str, tags: dict[str, Any]) -> None:
-    if not tracker.active:
-        return
-    try:
-        for k, v in tags.items():
-            tracker._client.set_model_version_tag(name, version, k, str(v))
-    except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not a failed job
-        log.warning("could not tag version %s of %s: %s", version, name, exc)
-
-
-def registry_lineage(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """What a served model is: for ``models:/NAME/VERSION|@ALIAS|/latest`` the version it resolves to, its
-    run and its lineage tags; for a folder just the folder."""
-    if not uri.startswith(MODELS_SCHEME):
-        return {"source": uri}
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    client, name, version = _registry_version(uri, tracking_uri)
-    mv = client.get_model_version(name, version)
-    return {"source": uri, "registered_model": name, "version": version, "uri": f"{MODELS_SCHEME}{name}/{version}",
-            "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 
 # --- the MLflow UI: where a person looks at a run ---

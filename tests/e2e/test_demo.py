@@ -20,7 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.services import free_port
-from vitune.tracking import MODEL_FOLDER_TAG, MODEL_VERSION_TAG, run_inputs
+from vitune.lineage import MODEL_VERSION_TAG, run_inputs
+from vitune.tracking import MODEL_FOLDER_TAG
 
 pytestmark = pytest.mark.e2e
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

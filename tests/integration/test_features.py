@@ -25,10 +25,11 @@ from vitune.config import FeaturesJobConfig, TrainJobConfig, VisionConfig, load_
 from vitune.data import synthetic
 from vitune.data.records import read_records
 from vitune.features.extract import FAIL_AFTER_ENV, SimulatedInterruption, extract_features
-from vitune.features.store import MANIFEST, FeatureStore, FingerprintMismatch
+from vitune.features.store import MANIFEST, FeatureStore
 from vitune.model.image import decode_image
-from vitune.model.vision import encode_images, fingerprint_id, load_vision_tower
+from vitune.model.vision import encode_images, load_vision_tower
 from vitune.pipeline import run_pipeline
+from vitune.vision_recipe import FingerprintMismatch, fingerprint_id
 
 pytestmark = pytest.mark.integration
 

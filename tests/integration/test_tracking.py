@@ -10,7 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from vitune.config import TrackingConfig
-from vitune.tracking import MODEL_FOLDER_TAG, Tracker, run_id_of, run_model_folder
+from vitune.references import run_id_of, run_model_folder
+from vitune.tracking import MODEL_FOLDER_TAG, Tracker
 
 
 def test_tracker_logs_to_server(mlflow_server, tmp_path):

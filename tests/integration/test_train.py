@@ -14,7 +14,7 @@ from vitune import storage
 from vitune.config import FeaturesJobConfig, TrainJobConfig, load_config
 from vitune.data import synthetic
 from vitune.model.folder import load_model_folder
-from vitune.tracking import llava_hf_export_uri
+from vitune.references import llava_hf_export_uri
 
 pytestmark = pytest.mark.integration
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

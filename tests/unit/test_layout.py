@@ -20,8 +20,9 @@ from vitune.config import (
     preset_names,
     resolve_preset,
 )
-from vitune.features.store import config_fingerprint
-from vitune.model.vision import fingerprint_id, load_vision_tower
+from vitune.model.vision import load_vision_tower
+from vitune.references import resolve_model
+from vitune.vision_recipe import VisionRecipe, fingerprint_id
 
 ROOT = "s3://bucket/runs"
 
@@ -29,9 +30,11 @@ ROOT = "s3://bucket/runs"
 def test_feature_store_path_is_the_fingerprint_id_of_the_tower_the_config_names():
     for vision in (VisionConfig(), VisionConfig(feature_layer=-1, select="cls_patch")):
         # the id from the config alone (no weights loaded) is the id of the tower that computes the features
-        assert fingerprint_id(config_fingerprint(vision)) == fingerprint_id(load_vision_tower(vision).fingerprint())
+        tower = load_vision_tower(vision)
+        assert VisionRecipe.of(vision) == tower.recipe
+        assert VisionRecipe.of(vision).fingerprint_id() == fingerprint_id(tower.fingerprint())
     cfg = build_config(FeaturesJobConfig, {"storage": {"root": ROOT}})
-    fp_id = fingerprint_id(config_fingerprint(cfg.model.vision))
+    fp_id = VisionRecipe.of(cfg.model.vision).fingerprint_id()
     assert layout.features_output(cfg) == f"{ROOT}/features/{fp_id}"
     other = build_config(FeaturesJobConfig, {"storage": {"root": ROOT}, "model": {"vision": {"feature_layer": -1}}})
     assert layout.features_output(other) != layout.features_output(cfg)  # another tower, another store
@@ -58,16 +61,17 @@ def test_training_paths_per_stage_and_override():
     assert layout.model_folder(moved) == "s3://x/ft/model"
 
 
-def test_a_stage_name_is_that_stages_model_folder(tmp_path):
+def test_a_stage_name_is_that_stages_model_folder_once_resolved(tmp_path):
     root = str(tmp_path)
     fine = load_config(TrainJobConfig, "tiny", ["stage=finetune", f"storage.root={root}"])
-    assert fine.train.init_from == os.path.join(root, "train", "align", "model")  # the preset says `align`
+    assert fine.train.init_from == "align"  # the preset says `align`; the config keeps the reference as given
+    assert resolve_model(fine.train.init_from, root=fine.storage.root) == os.path.join(root, "train", "align", "model")
     assert load_config(TrainJobConfig, "tiny", ["stage=finetune", "train.init_from=null"]).train.init_from is None
     assert build_config(TrainJobConfig, {}, ["train.init_from=runs:/abc"]).train.init_from == "runs:/abc"
     ev = load_config(EvalJobConfig, "tiny", [f"storage.root={root}"])
-    assert ev.eval.model_folder == os.path.join(root, "train", "finetune", "model")
-    assert build_config(EvalJobConfig, {"storage": {"root": ROOT}}, ["eval.model_folder=align"]).eval.model_folder \
-        == f"{ROOT}/train/align/model"
+    assert resolve_model(ev.eval.model_folder, root=root) == os.path.join(root, "train", "finetune", "model")
+    aligned = build_config(EvalJobConfig, {"storage": {"root": ROOT}}, ["eval.model_folder=align"])
+    assert resolve_model(aligned.eval.model_folder, root=ROOT) == f"{ROOT}/train/align/model"
 
 
 def test_eval_generate_and_cache_paths():

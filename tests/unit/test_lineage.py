@@ -14,8 +14,9 @@ from mlflow.tracking import MlflowClient
 from vitune import lineage
 from vitune.cli import models as models_cli
 from vitune.config import TrackingConfig
+from vitune.lineage import MODEL_VERSION_TAG, registry_lineage, run_inputs
 from vitune.model.folder import META_FILE
-from vitune.tracking import MODEL_FOLDER_TAG, MODEL_VERSION_TAG, Tracker, registry_lineage, run_inputs, ui_links
+from vitune.tracking import MODEL_FOLDER_TAG, Tracker, ui_links
 
 
 def _sha(path) -> str:

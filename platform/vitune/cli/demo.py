@@ -24,12 +24,13 @@ from ray import serve
 
 from vitune import layout, storage
 from vitune.cli import serve as serve_cli
-from vitune.config import API_KEY_ENV, SyntheticJobConfig, init_ray, load_config
+from vitune.config import API_KEY_ENV, RUNS_SCHEME, SyntheticJobConfig, load_config
 from vitune.data import synthetic
 from vitune.evaluation.report import CHART_FILE
 from vitune.pipeline import run_pipeline
 from vitune.progress import ray_log_file, ray_session_logs
-from vitune.tracking import RUNS_SCHEME, ui_links
+from vitune.runtime import init_ray
+from vitune.tracking import ui_links
 
 log = logging.getLogger(__name__)
 

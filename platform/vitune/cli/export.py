@@ -32,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # deferred: torch and transformers take seconds to import, `vitune export --help` should not wait
     from vitune.model.export import export_llava_hf
+    from vitune.references import model_folder
 
     try:
-        out = export_llava_hf(args.model, args.out, dtype=args.dtype, tracking_uri=args.tracking_uri,
-                              max_shard_bytes=int(args.max_shard_gb * 1024**3))
+        with model_folder(args.model, tracking_uri=args.tracking_uri) as folder:
+            out = export_llava_hf(folder, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     except (ValueError, FileNotFoundError) as exc:  # a model the layout cannot hold, or no model there
         sys.stderr.write(f"vitune export: {exc}\n")
         return 2

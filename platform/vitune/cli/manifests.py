@@ -32,7 +32,7 @@ import yaml
 
 from vitune.cli.repo import RepositoryNotFound, find_repo_root
 from vitune.config import MODELS_SCHEME
-from vitune.tracking import llava_hf_export_uri
+from vitune.references import llava_hf_export_uri
 
 log = logging.getLogger(__name__)
 

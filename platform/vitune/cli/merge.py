@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -24,12 +23,11 @@ def merge_model_folder(source: str, out: str, tracking_uri: str | None = None) -
     adapter is refused (there is nothing to merge)."""
     # deferred: torch, transformers and peft take seconds to import; `vitune merge --help` should not wait
     from vitune.config import ModelConfig
-    from vitune.model.export import resolve_model_folder
     from vitune.model.folder import load_model_folder, read_meta, save_model_folder
     from vitune.model.lora import merge_lora
+    from vitune.references import model_folder
 
-    with tempfile.TemporaryDirectory(prefix="vitune-merge-") as tmp:
-        folder = resolve_model_folder(source, tmp, tracking_uri)
+    with model_folder(source, tracking_uri=tracking_uri) as folder:
         meta = read_meta(folder)
         if not meta["lm"].get("adapter"):
             raise ValueError(f"{source} holds no LoRA adapter; there is nothing to merge")

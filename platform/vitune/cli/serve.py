@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from vitune import progress, storage
-from vitune.config import MODELS_SCHEME, RayConfig, ServeConfig, init_ray
+from vitune.config import MODELS_SCHEME, RayConfig, ServeConfig
+from vitune.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def describe(args: dict[str, Any]) -> str:
     model = args["model"]
     if not model.startswith(MODELS_SCHEME):
         return model
-    from vitune.tracking import registry_lineage  # deferred: mlflow is slow to import
+    from vitune.lineage import registry_lineage
 
     try:
         info = registry_lineage(model, args.get("tracking_uri"))

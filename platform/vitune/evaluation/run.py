@@ -14,21 +14,16 @@ import tempfile
 from typing import Any
 
 from vitune import layout, storage
-from vitune.config import EvalConfig, EvalJobConfig, connect, dump_config, ray_init_kwargs
+from vitune.config import RUNS_SCHEME, EvalConfig, EvalJobConfig, dump_config
 from vitune.evaluation import llava_bench, llava_format, scienceqa, suite
 from vitune.evaluation import report as report_lib
 from vitune.evaluation.inference import GenerationSettings, run_batch_inference
 from vitune.evaluation.judge import Judge
 from vitune.evaluation.synthetic import evaluate_synthetic
 from vitune.lineage import log_evaluation_lineage
-from vitune.tracking import (
-    MODEL_FOLDER_TAG,
-    RUNS_SCHEME,
-    Tracker,
-    resolve_tracking_uri,
-    run_id_of,
-    run_model_folder,
-)
+from vitune.references import resolve_model, run_id_of
+from vitune.runtime import connect, ray_init_kwargs
+from vitune.tracking import MODEL_FOLDER_TAG, Tracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +31,15 @@ RESULTS = "results.jsonl"  # per question (ScienceQA)
 REVIEWS = "reviews.jsonl"  # judge verdicts (LLaVA-Bench)
 
 
-def resolve_model(cfg: EvalJobConfig) -> tuple[str | None, str | None]:
+def model_and_run(cfg: EvalJobConfig) -> tuple[str | None, str | None]:
     """``(model folder URI, training run id)`` from ``eval.model_folder`` (a folder, ``runs:/<id>`` or a stage
     name) and ``eval.model_run_id``; local folders come back absolute (batch-inference actors run elsewhere)."""
     ref = cfg.eval.model_folder
     if not ref:
         return None, cfg.eval.model_run_id
     run_id = cfg.eval.model_run_id or run_id_of(ref)
-    folder = run_model_folder(ref, resolve_tracking_uri(cfg.tracking, cfg.storage.root))
+    tracking_uri = resolve_tracking_uri(cfg.tracking, cfg.storage.root)
+    folder = resolve_model(ref, root=cfg.storage.root, tracking_uri=tracking_uri)
     if not run_id:
         from vitune.model.folder import read_meta  # deferred: the model package imports torch
 
@@ -161,7 +157,7 @@ def run_evaluation(cfg: EvalJobConfig, parent_run_id: str | None = None) -> dict
     """Run ``cfg.eval.benchmark`` end to end; returns the report (also written under its output URI)."""
     ev = cfg.eval
     connect(cfg)  # Ray is joined or started by batch inference, only when answers are generated
-    folder, run_id = resolve_model(cfg)
+    folder, run_id = model_and_run(cfg)
     out = layout.eval_output(cfg, folder)
     wants_judge = ev.benchmark == "llava_bench" or (ev.benchmark == "scienceqa" and ev.ensemble)
     tags = {"vitune.benchmark": ev.benchmark, MODEL_FOLDER_TAG: folder or "", "vitune.eval_output": out}

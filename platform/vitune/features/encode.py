@@ -32,8 +32,9 @@ from vitune import storage
 from vitune.config import FeaturesJobConfig, VisionConfig
 from vitune.features.store import errors_name, shard_name, shard_table, write_shard
 from vitune.model import image as image_lib
-from vitune.model.vision import fingerprint_id, load_vision_tower
+from vitune.model.vision import load_vision_tower
 from vitune.progress import Progress
+from vitune.vision_recipe import fingerprint_id
 
 log = logging.getLogger(__name__)
 

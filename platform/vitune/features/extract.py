@@ -29,7 +29,7 @@ from dataclasses import asdict
 from typing import Any
 
 from vitune import layout, storage
-from vitune.config import FeaturesJobConfig, connect, init_ray
+from vitune.config import FeaturesJobConfig
 from vitune.data.records import read_records_with_errors
 from vitune.features.encode import PreprocessSpec, run_shards
 from vitune.features.lease import StoreLease
@@ -38,12 +38,13 @@ from vitune.features.store import (
     FORMAT_VERSION,
     MANIFEST,
     PLAN,
-    fingerprint_diffs,
     shard_name,
     shard_problem,
     write_manifest,
 )
-from vitune.model.vision import fingerprint_id, load_vision_tower
+from vitune.model.vision import load_vision_tower
+from vitune.runtime import connect, init_ray
+from vitune.vision_recipe import fingerprint_diffs, fingerprint_id
 
 log = logging.getLogger(__name__)
 

@@ -35,10 +35,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vitune import storage
+from vitune.layout import FEATURE_MANIFEST
+from vitune.vision_recipe import check_fingerprint, fingerprint_id
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = FEATURE_MANIFEST
 PLAN = "plan.json"
 ERRORS_DIR = "errors"
 KEY_COLUMN = "image_key"
@@ -46,59 +48,6 @@ FEATURES_COLUMN = "features"
 FEATURE_DTYPE = "float16"
 FORMAT_VERSION = 1
 SHARD_METADATA_KEY = b"vitune.shard"
-# Fields of a fingerprint that are recorded but never make two stores incompatible.
-VERSION_FIELDS = ("open_clip_version", "torch_version")
-
-
-class FingerprintMismatch(ValueError):
-    """A store made by another tower/layer/selection/resolution than the caller expects."""
-
-    def __init__(self, uri: str, diffs: list[tuple[str, Any, Any]]):
-        self.uri = uri
-        self.diffs = diffs
-        detail = "; ".join(f"{field}: expected {want!r}, found {have!r}" for field, want, have in diffs)
-        fields = ", ".join(d[0] for d in diffs)
-        super().__init__(
-            f"feature store {uri} has a different fingerprint ({fields} differ): {detail}. "
-            f"Re-run jobs/extract_features.py for this vision config or point at the matching store"
-        )
-
-
-def fingerprint_diffs(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``[(field, expected, found)]`` for every expected field that differs; version fields are ignored."""
-    return [
-        (field, want, found.get(field))
-        for field, want in expected.items()
-        if field not in VERSION_FIELDS and found.get(field) != want
-    ]
-
-
-def check_fingerprint(expected: Mapping[str, Any] | None, found: Mapping[str, Any], uri: str) -> None:
-    """Raise ``FingerprintMismatch`` naming each differing field (expected vs found)."""
-    if expected is None:
-        return
-    diffs = fingerprint_diffs(expected, found)
-    if diffs:
-        raise FingerprintMismatch(uri, diffs)
-
-
-def config_fingerprint(vision: Any) -> dict[str, Any]:
-    """The fingerprint fields a ``VisionConfig`` fixes, without loading weights: the image size is read from
-    open_clip's model config. Enough for ``fingerprint_id``, so a store's path is known before a tower runs."""
-    # deferred: open_clip and the model package import torch; readers of a store need neither
-    import open_clip
-
-    from vitune.model.vision import register_asset_configs  # registers the configs vitune ships (tiny tower)
-
-    register_asset_configs()
-    model_cfg = open_clip.get_model_config(vision.name)
-    if not model_cfg or "image_size" not in model_cfg.get("vision_cfg", {}):
-        raise ValueError(f"unknown vision tower {vision.name!r}; valid open_clip names: "
-                         f"{', '.join(open_clip.list_models())}")
-    size = model_cfg["vision_cfg"]["image_size"]
-    return {"tower": vision.name, "pretrained": vision.pretrained, "feature_layer": vision.feature_layer,
-            "select": vision.select, "image_mode": vision.image_mode,
-            "image_size": size[0] if isinstance(size, list | tuple) else size}
 
 
 def shard_name(shard: int) -> str:
@@ -182,8 +131,6 @@ def write_manifest(out: str, shards: Sequence[Sequence[str]], fp: dict[str, Any]
 
     Raises if any shard is missing or if images in != features out + quarantined.
     """
-    from vitune.model.vision import fingerprint_id  # deferred: the model package imports torch; readers need none
-
     fp_id = fingerprint_id(fp)
     by_shard = {r["shard"]: r for r in computed}
     entries = []

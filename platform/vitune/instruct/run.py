@@ -38,16 +38,17 @@ import ray
 import ray.data
 
 from vitune import layout, storage
-from vitune.config import EndpointConfig, GenerateJobConfig, connect, dump_config, init_ray
+from vitune.config import EndpointConfig, GenerateJobConfig, dump_config
 from vitune.data.records import Record, RecordError, validate_record, write_records
 from vitune.instruct.inputs import ImageContext, read_inputs
 from vitune.instruct.parse import ParseError, build_record, fingerprint
 from vitune.instruct.prompts import KINDS, PromptSpec, load_prompts
-from vitune.lineage import records_inputs
+from vitune.lineage import log_inputs, records_inputs
 from vitune.llm_client import LLMClient, LLMError
 from vitune.progress import Progress
 from vitune.rate_limit import Budget, BudgetExhausted, Limiter, RayLimiter
-from vitune.tracking import Tracker, log_inputs
+from vitune.runtime import connect, init_ray
+from vitune.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

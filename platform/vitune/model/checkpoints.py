@@ -30,12 +30,12 @@ from torch import nn
 from vitune import storage
 from vitune.config import ModelConfig
 from vitune.data.tokenizer import load_tokenizer
-from vitune.features.store import VERSION_FIELDS
 from vitune.model import llava_hf
 from vitune.model.export import EXPORT_META
 from vitune.model.folder import META_FILE, save_model_folder
 from vitune.model.vision import load_vision_tower
 from vitune.model.vlm import VisionLanguageModel, build_model
+from vitune.vision_recipe import VERSION_FIELDS
 
 logger = logging.getLogger(__name__)
 

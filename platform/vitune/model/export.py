@@ -1,7 +1,7 @@
 """Export a vitune model to the llava-hf layout that transformers, vLLM, SGLang and lmms-eval load.
 
-`export_llava_hf(model_source, out_uri)` takes a model folder URI, `runs:/<run id>` or
-`models:/NAME/VERSION` and writes, to a local folder or `s3://` prefix, what
+`export_llava_hf(model_source, out_uri)` takes a model folder URI (`vitune export` resolves `runs:/<run id>`
+and `models:/NAME/VERSION` to one first, `vitune.references`) and writes, to a local folder or `s3://` prefix, what
 `LlavaForConditionalGeneration.from_pretrained(OUT)` and `AutoProcessor.from_pretrained(OUT)` read with no
 vitune installed:
 
@@ -35,15 +35,14 @@ import torch
 from safetensors.torch import save_file
 
 from vitune import IMAGE_TOKEN, __version__, storage
-from vitune.config import MODELS_SCHEME, VisionConfig
+from vitune.config import VisionConfig
 from vitune.data.chat_jinja import chat_template_jinja
-from vitune.features.store import fingerprint_diffs
 from vitune.model import llava_hf
 from vitune.model.folder import load_model_folder
 from vitune.model.lora import merge_lora
 from vitune.model.vision import VisionTower, load_vision_tower
 from vitune.model.vlm import VisionLanguageModel
-from vitune.tracking import resolve_model_source, run_model_folder
+from vitune.vision_recipe import fingerprint_diffs
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +56,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # processor configs, the chat template and the generation defaults.
 VLLM_READS = ("config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json",
               "preprocessor_config.json", "chat_template.jinja", "generation_config.json")
-
-
-def resolve_model_folder(model_source: str, download_dir: str, tracking_uri: str | None = None) -> str:
-    """A model-folder URI for a folder URI, `runs:/<run id>` or `models:/NAME/VERSION` (downloaded)."""
-    if model_source.startswith(MODELS_SCHEME):
-        return resolve_model_source(model_source, download_dir, tracking_uri)
-    return run_model_folder(model_source, tracking_uri)
 
 
 def _tower_for(meta: dict[str, Any]) -> VisionTower:
@@ -242,10 +234,9 @@ def export_llava_hf(
     out_uri: str,
     *,
     dtype: str | torch.dtype | None = None,
-    tracking_uri: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> str:
-    """Export the model at `model_source` (folder URI, `runs:/...`, `models:/...`) to `out_uri`; returns it.
+    """Export the model folder `model_source` (a folder URI) to `out_uri`; returns it.
 
     `dtype` (e.g. "bfloat16") casts every weight; by default the folder's own dtype is kept, which makes
     the export compute what vitune computes. Raises `llava_hf.NotRepresentable` (a `ValueError`) naming
@@ -253,8 +244,7 @@ def export_llava_hf(
     """
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with tempfile.TemporaryDirectory(prefix="vitune-export-") as tmp:
-        folder = resolve_model_folder(model_source, str(Path(tmp) / "source"), tracking_uri)
-        model, tokenizer, meta = load_model_folder(folder, dtype=torch_dtype)
+        model, tokenizer, meta = load_model_folder(model_source, dtype=torch_dtype)
         merge_lora(model)  # a LoRA folder exports merged: llava-hf holds full weights
         tower = _tower_for(meta)
         local = storage.local_path(out_uri)

@@ -10,9 +10,9 @@ Layout under a local path or s3:// prefix:
     adapter/               a LoRA finetune's adapter in peft's format (`vitune.model.lora`); the LM is then the
                            base named in the meta (`lm.source`), and `lm.base_digest` fingerprints its weights
 
-`load_for_inference` is the one way evaluation and serving load a model to answer with: a folder URI or
-`models:/NAME/VERSION`, the model plus its vision tower (fingerprint checked against the features the model
-was trained on), under one device and dtype rule.
+`load_for_inference` is the one way evaluation and serving load a model to answer with: a folder URI (other
+references are resolved first, `vitune.references`), the model plus its vision tower (fingerprint checked
+against the features the model was trained on), under one device and dtype rule.
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ from torch import nn
 
 from vitune import __version__, storage
 from vitune.config import VisionConfig
-from vitune.features.store import FingerprintMismatch, check_fingerprint
+from vitune.layout import MODEL_META_FILE
 from vitune.model import lora
 from vitune.model.projector import build_projector
 from vitune.model.vision import VisionTower, load_vision_tower
 from vitune.model.vlm import VisionLanguageModel, load_lm
-from vitune.tracking import resolve_model_source
+from vitune.vision_recipe import FingerprintMismatch, check_fingerprint
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-META_FILE = "vitune_model.json"
+META_FILE = MODEL_META_FILE
 PROJECTOR_FILE = "projector.safetensors"
 LM_DIR = "lm"
 TOKENIZER_DIR = "tokenizer"
@@ -264,19 +264,15 @@ def inference_dtype(dtype: str, device: str, meta: dict[str, Any]) -> torch.dtyp
     return getattr(torch, meta.get("dtype", "float32"))
 
 
-def load_for_inference(
-    source: str, device: str = "auto", dtype: str = "auto", tracking_uri: str | None = None
-) -> InferenceModel:
-    """Load the model folder `source` (a URI or `models:/NAME/VERSION`) and its vision tower, ready to answer.
+def load_for_inference(source: str, device: str = "auto", dtype: str = "auto") -> InferenceModel:
+    """Load the model folder `source` (a folder URI) and its vision tower, ready to answer.
 
     The tower runs in the model's dtype on a GPU and in fp32 on CPU; it must give the features the model
     was trained on (the folder's fingerprint), or loading fails naming the fields that differ.
     """
     device = resolve_device(device)
-    with tempfile.TemporaryDirectory(prefix="vitune-registry-") as download:
-        folder = resolve_model_source(source, download, tracking_uri)
-        model_dtype = inference_dtype(dtype, device, read_meta(folder))
-        model, tokenizer, meta = load_model_folder(folder, device=device, dtype=model_dtype)
+    model_dtype = inference_dtype(dtype, device, read_meta(source))
+    model, tokenizer, meta = load_model_folder(source, device=device, dtype=model_dtype)
     tower_dtype = torch.float32 if torch.device(device).type == "cpu" else model.dtype
     tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]), device=device, dtype=tower_dtype)
     try:

@@ -14,11 +14,8 @@ The tiny preset `vitune-tiny-vit` (random init, seeded) is an open_clip model co
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,14 +23,12 @@ from PIL import Image
 from torch import nn
 
 from vitune.model import image as image_lib
+from vitune.vision_recipe import VITUNE_TOWER_CONFIGS, VisionRecipe
 
 logger = logging.getLogger(__name__)
 
 TINY_TOWER = "vitune-tiny-vit"
-_ASSET_CONFIGS = Path(__file__).parent.parent / "assets" / "open_clip"
 _INIT_SEED = 0
-# What makes two feature stores interchangeable; versions are recorded but do not change the id.
-FINGERPRINT_ID_KEYS = ("tower", "pretrained", "feature_layer", "select", "image_size", "image_mode")
 
 
 def register_asset_configs() -> None:
@@ -42,7 +37,7 @@ def register_asset_configs() -> None:
     import open_clip
 
     known = set(open_clip.list_models())
-    for path in sorted(_ASSET_CONFIGS.glob("*.json")):
+    for path in sorted(VITUNE_TOWER_CONFIGS.glob("*.json")):
         if path.stem not in known:
             open_clip.add_model_config(path)
 
@@ -89,8 +84,11 @@ class VisionTower(nn.Module):
         self.hidden_size: int = visual.transformer.width
         self.num_layers: int = len(visual.transformer.resblocks)
         self.num_blocks: int = _blocks_for_layer(cfg.feature_layer, self.num_layers)
-        grid = self.image_size // self.patch_size
-        self.num_patches: int = grid * grid + (1 if cfg.select == "cls_patch" else 0)
+        # the recipe of the tower as built (its real geometry), the one source of its fingerprint and token count
+        self.recipe = VisionRecipe(tower=cfg.name, pretrained=cfg.pretrained, feature_layer=cfg.feature_layer,
+                                   select=cfg.select, image_mode=cfg.image_mode, image_size=self.image_size,
+                                   patch_size=self.patch_size, hidden_size=self.hidden_size)
+        self.num_patches: int = self.recipe.tokens_per_tile  # features per tile
         self.mean: tuple[float, ...] = tuple(float(m) for m in visual.image_mean)
         self.std: tuple[float, ...] = tuple(float(s) for s in visual.image_std)
 
@@ -147,27 +145,8 @@ class VisionTower(nn.Module):
 
     def fingerprint(self) -> dict[str, Any]:
         """What produced these features; stores and checkpoints carry it so mismatches are refused."""
-        return {
-            "tower": self.name,
-            "pretrained": self.pretrained,
-            "feature_layer": self.feature_layer,
-            "select": self.select,
-            "image_size": self.image_size,
-            "image_mode": self.image_mode,
-            "num_patches": self.num_patches,
-            "hidden_size": self.hidden_size,
-            "open_clip_version": self._open_clip_version,
-            "torch_version": torch.__version__,
-        }
-
-
-def fingerprint_id(fp: dict[str, Any]) -> str:
-    """Short stable hash of the fields of a fingerprint that determine the features."""
-    missing = [key for key in FINGERPRINT_ID_KEYS if key not in fp]
-    if missing:
-        raise ValueError(f"fingerprint lacks {missing}; it needs {list(FINGERPRINT_ID_KEYS)}")
-    payload = json.dumps({key: fp[key] for key in FINGERPRINT_ID_KEYS}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+        return {**self.recipe.fingerprint(), "open_clip_version": self._open_clip_version,
+                "torch_version": torch.__version__}
 
 
 def load_vision_tower(cfg: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VisionTower:

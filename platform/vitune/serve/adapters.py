@@ -26,8 +26,8 @@ from vitune.model import lora
 from vitune.model.folder import PROJECTOR_FILE, load_for_inference, read_meta
 from vitune.model.projector import build_projector
 from vitune.model.vlm import VisionLanguageModel
+from vitune.references import model_folder, resolve_model
 from vitune.serve.engine import ServingEngine
-from vitune.tracking import resolve_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _adapter_model(name: str, uri: str, index: int, primary: Any, cfg: ServeConf
     """Load the adapter of the LoRA folder ``uri`` onto the shared base; its projector beside it."""
     base = primary.model.lm.peft_lm
     with tempfile.TemporaryDirectory(prefix="vitune-adapter-") as tmp:
-        folder = resolve_model_source(uri, str(Path(tmp) / "registry"), cfg.tracking_uri)
+        folder = resolve_model(uri, tracking_uri=cfg.tracking_uri, download_dir=str(Path(tmp) / "registry"))
         meta = read_meta(folder)
         _same_base(name, meta, primary.meta)
         local = storage.local_path(folder) or storage.download_dir(folder, str(Path(tmp) / "folder"))
@@ -91,7 +91,8 @@ def load_engines(cfg: ServeConfig) -> dict[str, ServingEngine]:
     """One engine per served name: `cfg.model` alone, or it and `cfg.adapters` over its base (first = default)."""
     if not cfg.adapters:
         return {cfg.model_name(): ServingEngine.from_config(cfg)}
-    primary = load_for_inference(cfg.model, device=cfg.device, dtype=cfg.dtype, tracking_uri=cfg.tracking_uri)
+    with model_folder(cfg.model, tracking_uri=cfg.tracking_uri) as folder:
+        primary = load_for_inference(folder, device=cfg.device, dtype=cfg.dtype)
     if not lora.is_lora(primary.model.lm):
         raise ValueError(f"adapters need model={cfg.model!r} to be a LoRA model folder: its base is what they share")
     lock = threading.Lock()

@@ -387,7 +387,7 @@ def served_lineage(cfg: ServeConfig) -> dict[str, Any]:
     """The served model's source; for ``models:/`` also the registered version it resolved to and its run."""
     if not cfg.model.startswith(MODELS_SCHEME):
         return {"source": cfg.model}
-    from vitune.tracking import registry_lineage  # deferred: mlflow is slow to import, and a folder needs none
+    from vitune.lineage import registry_lineage
 
     try:
         info = registry_lineage(cfg.model, cfg.tracking_uri)

@@ -49,6 +49,7 @@ from vitune.data.templates import (
 from vitune.model.decoding import DecodeBatch, DecodeRow, seeded_generator
 from vitune.model.folder import load_for_inference
 from vitune.model.vision import encode_images
+from vitune.references import model_folder
 from vitune.serve.openai import SEED_MAX, SEED_MIN, APIError
 from vitune.serve.request import MAX_IMAGES, ChatRequest
 from vitune.serve.stream import TextStream, coalesce_deltas
@@ -116,7 +117,8 @@ class ServingEngine:
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> ServingEngine:
         """Load the model named by `cfg.model` (folder URI or `models:/`) and its vision tower."""
-        loaded = load_for_inference(cfg.model, device=cfg.device, dtype=cfg.dtype, tracking_uri=cfg.tracking_uri)
+        with model_folder(cfg.model, tracking_uri=cfg.tracking_uri) as folder:  # models:/ is downloaded for the load
+            loaded = load_for_inference(folder, device=cfg.device, dtype=cfg.dtype)
         engine = cls(loaded.model, loaded.tokenizer, loaded.tower, loaded.meta, cfg)
         if cfg.warmup:
             engine.warmup()

@@ -26,7 +26,7 @@ from ray.train import Checkpoint, CheckpointConsistencyMode, FailureConfig, RunC
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from vitune import layout, storage
-from vitune.config import TrainJobConfig, connect, dump_config, init_ray
+from vitune.config import RUNS_SCHEME, TrainJobConfig, dump_config
 from vitune.data.tokenizer import load_tokenizer
 from vitune.features.store import FeatureStore
 from vitune.lineage import log_training_inputs
@@ -34,16 +34,11 @@ from vitune.model.checkpoints import ensure_model_folder
 from vitune.model.export import export_llava_hf
 from vitune.model.folder import TOKENIZER_DIR
 from vitune.model.llava_hf import NotRepresentable
+from vitune.model.lora import quantization_unavailable
 from vitune.progress import RemoteProgress
-from vitune.tracking import (
-    LLAVA_HF_TAG,
-    MODEL_FOLDER_TAG,
-    RUNS_SCHEME,
-    Tracker,
-    mlflow_http_env,
-    resolve_tracking_uri,
-    run_model_folder,
-)
+from vitune.references import resolve_model
+from vitune.runtime import connect, init_ray
+from vitune.tracking import LLAVA_HF_TAG, MODEL_FOLDER_TAG, Tracker, mlflow_http_env, resolve_tracking_uri
 from vitune.train.data import (
     DataStats,
     TokenizedRow,
@@ -225,11 +220,23 @@ def _ray_storage(cfg: TrainJobConfig) -> tuple[str, Any]:
     return path, None
 
 
+def _check_runnable(cfg: TrainJobConfig) -> None:
+    """What only the machine the job runs on can tell: QLoRA's 4-bit base needs bitsandbytes here."""
+    quantization = cfg.train.lora.quantization
+    if cfg.train.lora.enabled and quantization != "none":
+        reason = quantization_unavailable()
+        if reason:
+            raise ValueError(f"train.lora.quantization={quantization!r} (QLoRA) cannot run here: {reason}; set "
+                             "train.lora.quantization=none for LoRA over the full-precision base")
+
+
 def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Run one stage end to end; returns a summary (model folder URI, MLflow run id, metrics, data stats)."""
     connect(cfg)
-    if cfg.train.init_from:  # workers get a plain folder URI (runs:/ resolved here, against our tracking)
-        folder = run_model_folder(cfg.train.init_from, resolve_tracking_uri(cfg.tracking, cfg.storage.root))
+    _check_runnable(cfg)
+    if cfg.train.init_from:  # workers get a plain folder URI (stage names and runs:/ resolved once, here)
+        folder = resolve_model(cfg.train.init_from, root=cfg.storage.root,
+                               tracking_uri=resolve_tracking_uri(cfg.tracking, cfg.storage.root))
         # a llava-hf folder, an official LLaVA checkpoint or a stage-1 mm_projector.bin becomes a model folder
         folder = ensure_model_folder(folder, cfg.model, expected_fingerprint(cfg),
                                      layout.imported_models(cfg.storage.root))

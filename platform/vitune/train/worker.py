@@ -29,7 +29,6 @@ from vitune.model import lora
 from vitune.model.folder import load_model_folder, save_model_folder
 from vitune.model.projector import build_projector
 from vitune.model.vlm import VisionLanguageModel, build_model
-from vitune.tracking import run_model_folder
 from vitune.train.data import collate
 from vitune.train.sampler import grouped_micro_batches, in_order_micro_batches
 
@@ -190,7 +189,7 @@ class Worker:
     def _build(self) -> tuple[Any, torch.nn.Module, dict | None]:
         cfg = self.cfg
         if cfg.train.init_from:
-            model, tokenizer, meta = load_model_folder(run_model_folder(cfg.train.init_from))
+            model, tokenizer, meta = load_model_folder(cfg.train.init_from)  # a folder: the driver resolved it
             log.info("initialised from %s (stage %s)", cfg.train.init_from, meta.get("extra", {}).get("stage"))
             if lora.is_lora(model.lm):  # a LoRA folder: train on from its merged weights, which no path names
                 lora.merge_lora(model)

@@ -13,7 +13,6 @@ from vitune.features.extract import key_set_hash, plan_shards
 from vitune.features.store import (
     PLAN,
     FeatureStore,
-    FingerprintMismatch,
     features_to_numpy,
     shard_name,
     shard_problem,
@@ -21,6 +20,7 @@ from vitune.features.store import (
     write_manifest,
     write_shard,
 )
+from vitune.vision_recipe import FingerprintMismatch
 
 N, D = 4, 3
 FP = {"tower": "t", "pretrained": None, "feature_layer": -2, "select": "patch", "image_size": 16,
@@ -167,7 +167,7 @@ def test_pool_that_starves_preprocessing_is_refused():
 
 def test_shard_reused_only_when_footer_rows_keys_and_size_match(tmp_path):
     from vitune.features.extract import reusable_shards
-    from vitune.model.vision import fingerprint_id
+    from vitune.vision_recipe import fingerprint_id
 
     out = str(tmp_path / "store")
     fp_id = fingerprint_id(FP)

@@ -13,13 +13,8 @@ from PIL import Image
 
 import vitune
 from vitune.config import VisionConfig
-from vitune.model.vision import (
-    TINY_TOWER,
-    VisionTower,
-    encode_images,
-    fingerprint_id,
-    load_vision_tower,
-)
+from vitune.model.vision import TINY_TOWER, VisionTower, encode_images, load_vision_tower
+from vitune.vision_recipe import fingerprint_id
 
 GRID_PATCHES = (32 // 8) ** 2  # tiny tower: 32 px, patch 8
 

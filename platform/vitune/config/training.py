@@ -1,0 +1,129 @@
+"""The model, data, feature-store and training sections, and the configs of the features and train jobs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from vitune.config.base import JobConfig, Section, Stage, _absolute_or_stage, _absolute_paths
+
+
+class VisionConfig(Section):
+    name: str = "vitune-tiny-vit"  # open_clip model name
+    pretrained: str | None = None  # open_clip pretrained tag; None = random init
+    feature_layer: int = -2
+    select: Literal["patch", "cls_patch"] = "patch"
+    image_mode: Literal["pad", "crop"] = "pad"
+
+
+class ModelConfig(Section):
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    projector: str = "mlp2x_gelu"
+    lm: str = "tiny"  # Hugging Face causal LM path/name, or "tiny"
+    tokenizer: str | None = None  # defaults to lm
+    template: str = "vicuna_v1"
+    max_length: int = Field(512, gt=8)
+
+
+class DataConfig(Section):
+    records: list[str] = Field(default_factory=list)  # LLaVA JSON/JSONL URIs
+    image_root: str | None = None  # default: the folder of the first records file
+    features: str | None = None  # feature store training reads; default: features.output, else layout's
+
+    _paths = field_validator("records", "image_root", "features")(_absolute_paths)
+
+
+class FeaturesConfig(Section):
+    output: str | None = None  # store the feature job writes; default: data.features, else layout's
+    shard_size: int = Field(256, gt=0)  # images per Parquet shard
+    batch_size: int = Field(32, gt=0)
+    num_actors: int | None = Field(None, gt=0)  # None = one per GPU on a cluster, CPUs locally
+    actor_cpus: float = Field(1.0, gt=0)  # CPUs each tower actor reserves (on CPU, torch threads share all CPUs)
+    preprocess_cpus: float = Field(1.0, gt=0)  # CPUs each decode+preprocess task reserves
+    max_pixels: int = Field(64_000_000, gt=0)  # images over this (width x height) are quarantined
+
+    _paths = field_validator("output")(_absolute_paths)
+
+
+class LoraConfig(Section):
+    """LoRA over the LM in the finetune stage (peft); the projector still trains fully (``train.mm_projector_lr``)."""
+
+    enabled: bool = False
+    r: int = Field(64, gt=0)  # rank
+    alpha: float = Field(16, gt=0)  # scaling = alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None = every nn.Linear of the LM but its head (LLaVA's default)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    quantization: Literal["none", "nf4"] = "none"  # nf4 = QLoRA: 4-bit NF4 base, double quantisation, bf16 compute
+
+
+class TrainConfig(Section):
+    output: str | None = None  # default: layout's <storage.root>/train/<stage>
+    init_from: str | None = None  # model-folder URI, runs:/<run id>, or a stage name (its model folder); None = new
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    mm_projector_lr: float | None = Field(None, gt=0)  # the projector's own learning rate; None = train.lr
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = None
+    global_batch_size: int = Field(128, gt=0)
+    micro_batch_size: int = Field(16, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    grad_clip: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+    tf32: bool = False  # TF32 matmuls (LLaVA's --tf32 True); applied only on GPUs of compute capability >= 8.0
+    group_by_modality_length: bool = False  # LLaVA-1.5's megabatch sampler (vitune.train.sampler); off = random
+    offload: bool = False
+    checkpoint_every: int = Field(50, gt=0)
+    log_every: int = Field(1, gt=0)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+    materialize_below_mb: float = Field(256, ge=0)  # keep the joined data in the object store when smaller
+    fail_at_step: int | None = None  # testing: the last rank raises once at this step (not after a resume)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    _paths = field_validator("output")(_absolute_paths)
+    _init = field_validator("init_from")(_absolute_or_stage)
+
+
+class FeaturesJobConfig(JobConfig):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+
+
+class TrainJobConfig(JobConfig):
+    stage: Stage = "align"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> TrainJobConfig:
+        """LoRA is a finetune-stage option; QLoRA's 4-bit base cannot be sharded by ZeRO-3. (Whether this
+        machine can run a 4-bit base at all is checked where the job runs: ``vitune.train.driver``.)"""
+        lora = self.train.lora
+        if lora.enabled and self.stage != "finetune":
+            raise ValueError(f"train.lora.enabled=true needs stage=finetune (stage {self.stage!r} trains no LM "
+                             "weights)")
+        if lora.enabled and lora.quantization != "none" and self.train.zero_stage == 3:
+            raise ValueError(f"train.lora.quantization={lora.quantization!r} (QLoRA) cannot run with ZeRO-3: it "
+                             "partitions parameters and cannot shard a 4-bit base; use train.zero_stage=2")
+        return self
+
+
+class SyntheticConfig(Section):
+    seed: int = 0
+    num_images: int = Field(64, gt=0)
+    num_eval_images: int = Field(16, ge=0)
+    image_size: int = Field(64, ge=16)
+
+
+class SyntheticJobConfig(JobConfig):
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
