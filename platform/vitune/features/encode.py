@@ -91,18 +91,21 @@ def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixel
 
 def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixels: int) -> pa.Table:
     fs, base = storage.resolve(image_root)
-    out: dict[str, list] = {k: [] for k in ("shard", "keys", "pixels", "errors", "bytes_read", "load_s", "pid")}
+    out: dict[str, list] = {k: [] for k in ("shard", "keys", "sizes", "pixels", "errors", "bytes_read", "load_s",
+                                            "pid")}
     for shard, keys in zip(batch.column("shard").to_pylist(), batch.column("keys").to_pylist(), strict=True):
         t0 = time.perf_counter()
         pixels = np.empty((len(keys), 3, spec.image_size, spec.image_size), dtype=np.float32)  # [n, 3, S, S]
         ok_keys: list[str] = []
+        sizes: list[list[int]] = []  # each image's original [width, height]
         errors: list[dict[str, str]] = []
         nbytes = 0
         for key in keys:
             try:
                 data = _read(fs, posixpath.join(base, key))
                 nbytes += len(data)
-                pixels[len(ok_keys)] = spec(image_lib.decode_image(data, max_pixels=max_pixels)).numpy()
+                image = image_lib.decode_image(data, max_pixels=max_pixels)
+                pixels[len(ok_keys)] = spec(image).numpy()
             except FileNotFoundError:
                 reason = "missing file"
             except OSError as exc:
@@ -113,10 +116,12 @@ def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixe
                 reason = f"preprocessing failed: {type(exc).__name__}: {exc}"
             else:
                 ok_keys.append(key)
+                sizes.append(list(image.size))
                 continue
             errors.append({"image_key": key, "uri": storage.join(image_root, key), "reason": reason})
         out["shard"].append(shard)
         out["keys"].append(ok_keys)
+        out["sizes"].append(sizes)
         out["pixels"].append(pa.py_buffer(pixels[:len(ok_keys)]))  # zero-copy into Arrow
         out["errors"].append(json.dumps(errors))
         out["bytes_read"].append(nbytes)
@@ -125,6 +130,7 @@ def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixe
     return pa.table({
         "shard": pa.array(out["shard"], pa.int64()),
         "keys": pa.array(out["keys"], pa.list_(pa.string())),
+        "sizes": pa.array(out["sizes"], pa.list_(pa.list_(pa.int32()))),
         "pixels": _binary_column(out["pixels"]),
         "errors": pa.array(out["errors"], pa.string()),
         "bytes_read": pa.array(out["bytes_read"], pa.int64()),
@@ -170,7 +176,8 @@ class EncodeShard:
                 errors_file = errors_name(shard)
                 storage.write_jsonl(storage.join(self.output, errors_file), [{**e, "shard": shard} for e in errors])
             meta = {"shard": shard, "fingerprint_id": self.fp_id, "quarantined": len(errors), "errors": errors_file}
-            nbytes = write_shard(storage.join(self.output, shard_name(shard)), shard_table(keys, feats, meta))
+            table = shard_table(keys, feats, meta, sizes=row["sizes"])
+            nbytes = write_shard(storage.join(self.output, shard_name(shard)), table)
             results.append({
                 "shard": shard, "rows": len(keys), "quarantined": len(errors), "bytes": nbytes,
                 "bytes_read": row["bytes_read"], "load_s": row["load_s"], "encode_s": t1 - t0,

@@ -1,9 +1,10 @@
-"""The feature store on storage: fp16 Parquet shards ``{image_key, features [N, D]}`` + ``manifest.json``.
+"""The feature store on storage: fp16 Parquet shards ``{image_key, features [N, D], size}`` + ``manifest.json``.
 
 Layout of a store at ``<uri>`` (local folder or ``s3://``)::
 
     plan.json                  what the store is for: fingerprint, shard size, key-set hash (written first)
-    shard-00000.parquet ...    rows ``image_key`` (string) and ``features`` (fixed-shape tensor [N, D] float16)
+    shard-00000.parquet ...    rows ``image_key`` (string), ``features`` (fixed-shape tensor [N, D] float16) and
+                               ``size`` (the decoded image's [width, height], int32; absent in stores of format 1)
     errors/shard-00000.jsonl   quarantined images of that shard: ``{image_key, uri, reason, shard}``
     manifest.json              written last: fingerprint, config, counts, shard list, schema, timings
     lease.json / .lease.lock   while a run writes the store: its lease (S3) or file lock (local), see ``lease``
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 
 from vitune import storage
 from vitune.layout import FEATURE_MANIFEST
-from vitune.vision_recipe import check_fingerprint, fingerprint_id
+from vitune.vision_recipe import VisionRecipe, check_fingerprint, fingerprint_id, visual_tokens
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,10 @@ PLAN = "plan.json"
 ERRORS_DIR = "errors"
 KEY_COLUMN = "image_key"
 FEATURES_COLUMN = "features"
+SIZE_COLUMN = "size"
 FEATURE_DTYPE = "float16"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each row records its image's original size
+READABLE_VERSIONS = (1, 2)  # a store of format 1 still trains (its images count as one tile each)
 SHARD_METADATA_KEY = b"vitune.shard"
 
 
@@ -58,8 +61,10 @@ def errors_name(shard: int) -> str:
     return f"{ERRORS_DIR}/shard-{shard:05d}.jsonl"
 
 
-def shard_table(keys: Sequence[str], features: np.ndarray, metadata: Mapping[str, Any] | None = None) -> pa.Table:
-    """A shard's Arrow table: ``image_key`` + ``features`` as a fixed-shape float16 tensor column."""
+def shard_table(keys: Sequence[str], features: np.ndarray, metadata: Mapping[str, Any] | None = None,
+                sizes: Sequence[Sequence[int]] | None = None) -> pa.Table:
+    """A shard's Arrow table: ``image_key`` + ``features`` as a fixed-shape float16 tensor column (+ ``size``,
+    each image's ``[width, height]``, when ``sizes`` is given)."""
     features = np.ascontiguousarray(features, dtype=np.float16)  # [n, N, D]
     if features.ndim != 3 or features.shape[0] != len(keys):
         raise ValueError(f"features of shape {features.shape} do not match {len(keys)} keys as [n, N, D]")
@@ -67,7 +72,13 @@ def shard_table(keys: Sequence[str], features: np.ndarray, metadata: Mapping[str
     # built from storage (not from_numpy_ndarray) so that a shard with zero rows keeps its [N, D] type
     flat = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), num_patches * hidden_size)
     tensor = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float16(), [num_patches, hidden_size]), flat)
-    table = pa.table({KEY_COLUMN: pa.array(list(keys), type=pa.string()), FEATURES_COLUMN: tensor})
+    columns = {KEY_COLUMN: pa.array(list(keys), type=pa.string()), FEATURES_COLUMN: tensor}
+    if sizes is not None:
+        if len(sizes) != len(keys):
+            raise ValueError(f"{len(sizes)} image sizes for {len(keys)} keys")
+        flat_sizes = pa.array(np.asarray(sizes, dtype=np.int32).reshape(-1), type=pa.int32())
+        columns[SIZE_COLUMN] = pa.FixedSizeListArray.from_arrays(flat_sizes, 2)
+    table = pa.table(columns)
     if metadata is not None:
         table = table.replace_schema_metadata({SHARD_METADATA_KEY: json.dumps(dict(metadata)).encode()})
     return table
@@ -201,7 +212,8 @@ class FeatureStore:
         self.manifest = manifest
         self.fingerprint: dict[str, Any] = manifest["fingerprint"]
         schema = manifest["schema"]
-        self.num_patches: int = int(schema["num_patches"])
+        self.num_patches: int = int(schema["num_patches"])  # features per image as stored
+        self.recipe = VisionRecipe.from_fingerprint(self.fingerprint)
         self.hidden_size: int = int(schema["hidden_size"])
         self._shards: list[dict[str, Any]] = manifest["shards"]
         self._first_keys = [s["key_range"][0] for s in self._shards]
@@ -215,9 +227,9 @@ class FeatureStore:
                 storage.join(uri, PLAN)) else " (run jobs/extract_features.py with the same config first)")
             raise FileNotFoundError(f"no feature store at {uri}: {MANIFEST} is missing{hint}")
         manifest = storage.read_json(manifest_uri)
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"feature store {uri} has format_version {manifest.get('format_version')!r}; "
-                             f"this reader knows {FORMAT_VERSION}")
+                             f"this reader knows {', '.join(map(str, READABLE_VERSIONS))}")
         check_fingerprint(expect_fingerprint, manifest["fingerprint"], uri)
         return cls(uri, manifest)
 
@@ -241,6 +253,26 @@ class FeatureStore:
         for uri in self.shard_uris():
             out.extend(storage.read_parquet(uri, columns=[KEY_COLUMN]).column(KEY_COLUMN).to_pylist())
         return out
+
+    def image_sizes(self) -> dict[str, tuple[int, int]]:
+        """Each stored image's original ``(width, height)``; empty for a store of format 1 (no sizes kept)."""
+        out: dict[str, tuple[int, int]] = {}
+        for uri in self.shard_uris():
+            try:
+                table = storage.read_parquet(uri, columns=[KEY_COLUMN, SIZE_COLUMN])
+            except (pa.ArrowInvalid, KeyError):  # a shard of format 1: no size column
+                return {}
+            sizes = table.column(SIZE_COLUMN).combine_chunks().flatten().to_numpy().reshape(-1, 2)
+            out.update(zip(table.column(KEY_COLUMN).to_pylist(), map(tuple, sizes.tolist()), strict=True))
+        return out
+
+    def visual_tokens(self) -> dict[str, int]:
+        """Visual tokens each stored image becomes in the LM's sequence (``vitune.vision_recipe.visual_tokens``).
+        A format-1 store kept no sizes: its images count as the tile they were stored as (pad and crop make
+        one tile whatever the size)."""
+        sizes = self.image_sizes()
+        side = self.recipe.image_size
+        return {key: visual_tokens(self.recipe, *sizes.get(key, (side, side))) for key in self.keys()}
 
     def errors(self) -> list[dict[str, Any]]:
         """The quarantined images with their reasons."""

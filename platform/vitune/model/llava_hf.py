@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from vitune.model.projector import parse_projector_name
+from vitune.vision_recipe import VisionRecipe, visual_tokens
 
 SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # vitune select → vision_feature_select_strategy
 SELECT_FROM_STRATEGY = {v: k for k, v in SELECT_STRATEGY.items()}
@@ -228,6 +229,13 @@ def split(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
     if unknown:
         raise ValueError(f"llava-hf checkpoint holds weights of no known part: {sorted(unknown)[:5]}")
     return lm, tower, projector
+
+
+def image_seq_length(fingerprint: dict[str, Any]) -> int:
+    """LlavaProcessor's ``image_seq_length``: the visual tokens of one image (the processor's image size), the
+    count ``vitune.vision_recipe.visual_tokens`` gives for the recipe the model was trained on."""
+    recipe = VisionRecipe.from_fingerprint(fingerprint)
+    return visual_tokens(recipe, recipe.image_size, recipe.image_size)
 
 
 def image_processor_kwargs(fingerprint: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...]) -> dict:

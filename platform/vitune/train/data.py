@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -69,14 +69,18 @@ _NO_TOKENS = np.zeros(0, dtype=TOKEN_DTYPE)
 
 
 def tokenize_row(record: Record, template: str, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                 image_positions: int = 1) -> TokenizedRow:
+                 image_positions: int | Mapping[str, int] = 1) -> TokenizedRow:
     """A validated record → its ``TokenizedRow``; one whose labels cannot be built carries its mask error's kind.
 
-    ``max_length`` counts the ``image_positions`` the ``<image>`` token expands to (LLaVA's ``model_max_length``
-    applies after the expansion), so a record with an image keeps ``max_length - (N - 1)`` token ids at most.
+    ``max_length`` counts the visual tokens the ``<image>`` token expands to (LLaVA's ``model_max_length``
+    applies after the expansion), so a record with an image of N visual tokens keeps ``max_length - (N - 1)``
+    token ids at most. ``image_positions`` is N for every image, or N by image key (the feature store's
+    ``visual_tokens``, which reads ``vitune.vision_recipe``); a key it lacks has no features and is skipped later.
     """
     record = normalize_image_token(record)
     image_key = record.image or ""
+    if isinstance(image_positions, Mapping):
+        image_positions = image_positions.get(image_key, 1)
     limit = max_length - (image_positions - 1) if image_key else max_length
     if limit < 2:  # not even <image> and one trained token fit
         log.warning("skipping record %s: %d image positions leave no room in %d", record.id, image_positions,
@@ -92,7 +96,7 @@ def tokenize_row(record: Record, template: str, tokenizer: PreTrainedTokenizerBa
 
 
 def tokenize_records(uris: Sequence[str], template: str, tokenizer: PreTrainedTokenizerBase,
-                     max_length: int, image_positions: int = 1) -> list[TokenizedRow]:
+                     max_length: int, image_positions: int | Mapping[str, int] = 1) -> list[TokenizedRow]:
     """One row per input record of every file: invalid records carry their validation error's kind."""
     rows: list[TokenizedRow] = []
     for uri in uris:

@@ -73,9 +73,9 @@ def training_rows(cfg: TrainJobConfig, store: FeatureStore) -> list[TokenizedRow
     """One row per input record, tokenized with the model's tokenizer; a row that cannot train says why."""
     with tempfile.TemporaryDirectory(prefix="vitune-tok-") as tmp:
         tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_source(cfg, tmp))
-    # max_length counts the image's N positions, as LLaVA truncates after expanding <image>
+    # max_length counts each image's visual tokens, as LLaVA truncates after expanding <image>
     rows = tokenize_records(cfg.data.records, cfg.model.template, tokenizer, cfg.model.max_length,
-                            image_positions=store.num_patches)
+                            image_positions=store.visual_tokens())
     return check_features(rows, set(store.keys()))
 
 
