@@ -11,9 +11,13 @@ store or a model folder records. From it come:
   (``check_fingerprint`` / ``FingerprintMismatch``);
 - ``visual_tokens(recipe, width, height)``: how many visual tokens an image of that size becomes in the
   language model's sequence. The feature store, training data, evaluation, the serving engine and export
-  read the count here; nothing else computes it. Today every aspect mode makes one tile, so the count is
-  the tile's patch count (+1 with the CLS token); a geometry whose count depends on the size (AnyRes) is a
-  new branch of ``tiles_for`` and nothing else.
+  read the count here; nothing else computes it. ``pad`` and ``crop`` make one tile, so the count is the
+  tile's patch count (+1 with the CLS token). ``anyres`` (LLaVA-NeXT) is a geometry whose count depends on
+  the size: a base view plus a grid of tiles chosen for the aspect ratio (``select_best_resolution``),
+  with the padding removed from the tiled features and a newline per row (``spatial_unpad``), or the tiles
+  laid flat, and OneVision's ``anyres_max_N`` cap (``max_tiles``). The count equals transformers'
+  LlavaNext / LlavaOnevision processors' for the same configuration (tests/unit/test_visual_tokens.py).
+  Configs cannot select ``anyres`` yet: the feature store, training and export still hold one tile.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import hashlib
 import importlib.util
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ASPECT_MODES = ("pad", "crop")  # LLaVA's image_aspect_ratio: pad to a square | resize + centre crop
+# pad to a square | resize + centre crop | LLaVA-NeXT's base view + grid of tiles (image_aspect_ratio=anyres)
+ASPECT_MODES = ("pad", "crop", "anyres")
+PATCH_MERGES = ("flat", "spatial_unpad")  # LLaVA-NeXT's mm_patch_merge_type for anyres tiles
 SELECTS = ("patch", "cls_patch")  # LLaVA's mm_vision_select_feature: patch tokens only | CLS first, then patches
 # What makes two feature stores interchangeable (the fingerprint id hashes these).
 FINGERPRINT_ID_KEYS = ("tower", "pretrained", "feature_layer", "select", "image_size", "image_mode")
@@ -73,7 +80,10 @@ def fingerprint_id(fp: Mapping[str, Any]) -> str:
     missing = [key for key in FINGERPRINT_ID_KEYS if key not in fp]
     if missing:
         raise ValueError(f"fingerprint lacks {missing}; it needs {list(FINGERPRINT_ID_KEYS)}")
-    payload = json.dumps({key: fp[key] for key in FINGERPRINT_ID_KEYS}, sort_keys=True)
+    fields = {key: fp[key] for key in FINGERPRINT_ID_KEYS}
+    if fp.get("grid_pinpoints"):  # anyres: the grid is part of what made the tiles
+        fields["grid_pinpoints"] = fp["grid_pinpoints"]
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -110,12 +120,22 @@ class VisionRecipe:
     image_size: int
     patch_size: int | None  # None where open_clip's config does not say (timm towers)
     hidden_size: int | None
+    # anyres only: the grid resolutions as (height, width) pixels, the merge, and anyres_max_N's N (None: no cap)
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    patch_merge: str = "spatial_unpad"
+    max_tiles: int | None = None
 
     def __post_init__(self) -> None:
         if self.image_mode not in ASPECT_MODES:
             raise ValueError(f"unknown image mode {self.image_mode!r}; valid: {', '.join(ASPECT_MODES)}")
         if self.select not in SELECTS:
             raise ValueError(f"unknown feature selection {self.select!r}; valid: {', '.join(SELECTS)}")
+        if self.patch_merge not in PATCH_MERGES:
+            raise ValueError(f"unknown mm_patch_merge_type {self.patch_merge!r}; valid: {', '.join(PATCH_MERGES)}")
+        if self.image_mode == "anyres" and not self.grid_pinpoints:
+            raise ValueError("image_aspect_ratio=anyres needs image_grid_pinpoints")
+        if self.image_mode == "anyres" and self.select != "patch":
+            raise ValueError("image_aspect_ratio=anyres keeps patch tokens only (mm_vision_select_feature=patch)")
 
     @classmethod
     def of(cls, vision: Any) -> VisionRecipe:
@@ -137,33 +157,109 @@ class VisionRecipe:
         return cls(tower=fp["tower"], pretrained=fp["pretrained"], feature_layer=int(fp["feature_layer"]),
                    select=fp["select"], image_mode=fp["image_mode"], image_size=int(fp["image_size"]),
                    patch_size=int(fp["image_size"]) // grid if grid else None,
-                   hidden_size=int(fp["hidden_size"]) if fp.get("hidden_size") is not None else None)
+                   hidden_size=int(fp["hidden_size"]) if fp.get("hidden_size") is not None else None,
+                   grid_pinpoints=tuple(tuple(p) for p in fp.get("grid_pinpoints") or ()))
 
     @property
     def tokens_per_tile(self) -> int:
         """Visual tokens of one tile: the patch grid, plus the CLS token when it is kept."""
         if not self.patch_size:
             raise ValueError(f"the patch size of vision tower {self.tower!r} is unknown; cannot count its tokens")
-        grid = self.image_size // self.patch_size
-        return grid * grid + (1 if self.select == "cls_patch" else 0)
+        return self.grid * self.grid + (1 if self.select == "cls_patch" else 0)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of one tile."""
+        if not self.patch_size:
+            raise ValueError(f"the patch size of vision tower {self.tower!r} is unknown; cannot count its tokens")
+        return self.image_size // self.patch_size
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a store made with this recipe records (a tower adds its library versions)."""
-        return {"tower": self.tower, "pretrained": self.pretrained, "feature_layer": self.feature_layer,
-                "select": self.select, "image_size": self.image_size, "image_mode": self.image_mode,
-                "num_patches": self.tokens_per_tile, "hidden_size": self.hidden_size}
+        fp = {"tower": self.tower, "pretrained": self.pretrained, "feature_layer": self.feature_layer,
+              "select": self.select, "image_size": self.image_size, "image_mode": self.image_mode,
+              "num_patches": self.tokens_per_tile, "hidden_size": self.hidden_size}
+        if self.image_mode == "anyres":  # only then: a pad/crop store's fingerprint (and id) is as it always was
+            # the tiles depend on the grid; the merge and the max_N cap are applied by the model to the same tiles
+            fp["grid_pinpoints"] = [list(p) for p in self.grid_pinpoints]
+        return fp
 
     def fingerprint_id(self) -> str:
         return fingerprint_id(self.fingerprint())
 
 
+# ----------------------------------------------------------------------------------- AnyRes geometry
+
+
+def parse_grid_pinpoints(spec: str | list, tile_size: int) -> tuple[tuple[int, int], ...]:
+    """``image_grid_pinpoints`` as LLaVA-NeXT takes it: a list of pixel pairs, or the range form
+    ``"(1x1),...,(6x6)"`` (every grid from the first to the last, times the tile size)."""
+    if isinstance(spec, str):
+        found = re.findall(r"\((\d+)x(\d+)\)", spec)
+        if not found:
+            raise ValueError(f"image_grid_pinpoints {spec!r}: expected a list of [h, w] or '(1x1),...,(NxM)'")
+        (r0, c0), (r1, c1) = map(int, found[0]), map(int, found[-1])
+        return tuple((r * tile_size, c * tile_size) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1))
+    pairs = tuple((int(p[0]), int(p[1])) for p in spec)
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in spec):
+        raise ValueError(f"image_grid_pinpoints {spec!r}: expected pairs of positive pixel sizes")
+    return pairs
+
+
+def select_best_resolution(height: int, width: int, pinpoints: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The grid resolution ``(h, w)`` that keeps most of the image's pixels when it is fitted inside, and of
+    those the one that wastes least (LLaVA-NeXT's mm_utils rule; transformers reads pairs as (h, w))."""
+    best, best_kept, best_waste = pinpoints[0], -1, math.inf
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        waste = w * h - kept
+        if kept > best_kept or (kept == best_kept and waste < best_waste):
+            best, best_kept, best_waste = (h, w), kept, waste
+    return best
+
+
+def anyres_grid(recipe: VisionRecipe, width: int, height: int) -> tuple[int, int]:
+    """``(rows, cols)`` of tiles the best resolution for this image is cut into."""
+    h, w = select_best_resolution(height, width, recipe.grid_pinpoints)
+    return h // recipe.image_size, w // recipe.image_size
+
+
+def unpadded_shape(recipe: VisionRecipe, width: int, height: int) -> tuple[int, int]:
+    """``(rows, cols)`` of patch features left of the tiled grid once the padding is removed (spatial_unpad),
+    after anyres_max_N's downsampling when the grid holds more than about N tiles' worth."""
+    rows, cols = anyres_grid(recipe, width, height)
+    g = recipe.grid
+    cur_h, cur_w = g * rows, g * cols
+    if width / height > cur_w / cur_h:  # wider than the grid: padding above and below
+        cur_h -= 2 * ((cur_h - int(round(height * (cur_w / width), 7))) // 2)
+    else:  # taller (or the same): padding left and right
+        cur_w -= 2 * ((cur_w - int(round(width * (cur_h / height), 7))) // 2)
+    if recipe.max_tiles is not None:
+        times = math.sqrt(cur_h * cur_w / (recipe.max_tiles * g * g))
+        if times > 1.1:
+            cur_h, cur_w = int(cur_h // times), int(cur_w // times)
+    return cur_h, cur_w
+
+
 def tiles_for(recipe: VisionRecipe, width: int, height: int) -> int:
-    """How many tower tiles an image of ``width`` x ``height`` pixels is cut into (pad and crop: one)."""
+    """How many tower tiles an image of ``width`` x ``height`` pixels is cut into (pad and crop: one;
+    anyres: the base view and the grid's tiles)."""
     if width < 1 or height < 1:
         raise ValueError(f"an image must be at least 1x1 pixels, got {width}x{height}")
-    return 1
+    if recipe.image_mode != "anyres":
+        return 1
+    rows, cols = anyres_grid(recipe, width, height)
+    return 1 + rows * cols
 
 
 def visual_tokens(recipe: VisionRecipe, width: int, height: int) -> int:
     """How many visual tokens an image of ``width`` x ``height`` pixels yields: the one count of the house."""
-    return tiles_for(recipe, width, height) * recipe.tokens_per_tile
+    tiles = tiles_for(recipe, width, height)
+    if recipe.image_mode != "anyres":
+        return tiles * recipe.tokens_per_tile
+    base = recipe.grid * recipe.grid  # the base view (anyres keeps patch tokens only)
+    if recipe.patch_merge == "flat":
+        return base + (tiles - 1) * base
+    cur_h, cur_w = unpadded_shape(recipe, width, height)
+    return base + cur_h * cur_w + cur_h  # the unpadded grid, one image newline per row

@@ -49,7 +49,9 @@ def test_a_bad_size_or_mode_is_refused():
     recipe = VisionRecipe.of(VisionConfig())
     with pytest.raises(ValueError, match="at least 1x1"):
         tiles_for(recipe, 0, 10)
-    with pytest.raises(ValueError, match="unknown image mode 'anyres'; valid: pad, crop"):
+    with pytest.raises(ValueError, match="unknown image mode 'square'; valid: pad, crop, anyres"):
+        VisionRecipe(**{**recipe.__dict__, "image_mode": "square"})
+    with pytest.raises(ValueError, match="anyres needs image_grid_pinpoints"):
         VisionRecipe(**{**recipe.__dict__, "image_mode": "anyres"})
 
 
@@ -77,3 +79,66 @@ def test_store_and_training_data_count_each_image_by_its_recorded_size(tmp_path)
     for row in rows:
         assert row.trainable and row.truncated
         assert len(row.input_ids) == max_length - (store.visual_tokens()[row.image_key] - 1)
+
+
+# --- AnyRes (LLaVA-NeXT / OneVision geometry) against transformers' own processors, through their public call
+
+LLAVA_16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 config.json
+ANYRES_SIZES = [(1, 1), (10, 2000), (2000, 10), (4000, 3000), (3000, 4000), (336, 336), (337, 335), (640, 480),
+                (480, 640), (1000, 200), (200, 1000), (1024, 1024), (1920, 1080), (50, 60), (6000, 100),
+                (100, 6000), (799, 801), (1008, 336)]
+
+
+def _recipe(image_size: int, patch: int, pinpoints, **kw) -> VisionRecipe:
+    from vitune.vision_recipe import parse_grid_pinpoints
+
+    return VisionRecipe(tower="t", pretrained=None, feature_layer=-2, select="patch", image_mode="anyres",
+                        image_size=image_size, patch_size=patch, hidden_size=8,
+                        grid_pinpoints=parse_grid_pinpoints(pinpoints, image_size), **kw)
+
+
+def _count(processor, width: int, height: int) -> int:
+    out = processor(images=[Image.new("RGB", (width, height), (90, 20, 200))], text=["<image>"], return_tensors="np")
+    return int((out["input_ids"] == processor.image_token_id).sum())
+
+
+def test_anyres_counts_equal_transformers_llava_next_processor():
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    images = LlavaNextImageProcessor(image_grid_pinpoints=LLAVA_16_PINPOINTS, size={"shortest_edge": 336},
+                                     crop_size={"height": 336, "width": 336})
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=load_tokenizer("tiny"), patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    recipe = _recipe(336, 14, LLAVA_16_PINPOINTS)
+    counts = {(w, h): visual_tokens(recipe, w, h) for w, h in ANYRES_SIZES}
+    assert counts == {(w, h): _count(processor, w, h) for w, h in ANYRES_SIZES}
+    assert len(set(counts.values())) > 5  # the count really depends on the size
+    # a square image: base + a 1x2 grid (24 x 48 patches) unpadded to 24 x 24, + one newline per row
+    assert counts[(336, 336)] == 576 + 24 * 24 + 24
+
+
+def test_anyres_max_counts_equal_transformers_llava_onevision_processor():
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    pinpoints = "(1x1),...,(6x6)"  # OneVision's range form, tiles of 384 (SigLIP so400m: 27x27 patches)
+    recipe = _recipe(384, 14, pinpoints, max_tiles=9)
+    images = LlavaOnevisionImageProcessor(image_grid_pinpoints=[list(p) for p in recipe.grid_pinpoints],
+                                          size={"height": 384, "width": 384})
+    processor = LlavaOnevisionProcessor(image_processor=images, video_processor=LlavaOnevisionVideoProcessor(),
+                                        tokenizer=load_tokenizer("tiny"), num_image_tokens=729,
+                                        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    counts = {(w, h): visual_tokens(recipe, w, h) for w, h in ANYRES_SIZES}
+    assert counts == {(w, h): _count(processor, w, h) for w, h in ANYRES_SIZES}
+    assert max(counts.values()) < 729 + int(9 * 729 * 1.1 * 1.1) + 27 * 4  # the max_9 cap holds
+
+
+def test_anyres_tiles_and_flat_merge():
+    recipe = _recipe(336, 14, LLAVA_16_PINPOINTS)
+    assert tiles_for(recipe, 4000, 3000) == 1 + 4 and tiles_for(recipe, 10, 2000) == 1 + 3
+    flat = VisionRecipe(**{**recipe.__dict__, "patch_merge": "flat"})
+    assert visual_tokens(flat, 4000, 3000) == 5 * 576  # base + 4 tiles, laid flat without newlines
+    assert recipe.fingerprint_id() == flat.fingerprint_id()  # the merge is the model's: the tiles are the same
+    other = VisionRecipe(**{**recipe.__dict__, "grid_pinpoints": recipe.grid_pinpoints[:2]})
+    assert other.fingerprint_id() != recipe.fingerprint_id()  # another grid, other tiles: another store
+    pad = VisionRecipe(**{**recipe.__dict__, "image_mode": "pad", "grid_pinpoints": ()})
+    assert "grid_pinpoints" not in pad.fingerprint()  # pad stores keep the fingerprint (and id) they always had
