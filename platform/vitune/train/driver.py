@@ -30,9 +30,9 @@ from vitune.config import RUNS_SCHEME, TrainJobConfig, dump_config
 from vitune.data.tokenizer import load_tokenizer
 from vitune.features.store import FeatureStore
 from vitune.lineage import log_training_inputs
-from vitune.model.checkpoints import ensure_model_folder
 from vitune.model.export import export_llava_hf
 from vitune.model.folder import TOKENIZER_DIR
+from vitune.model.importers import ensure_model_folder
 from vitune.model.llava_hf import NotRepresentable
 from vitune.model.lora import quantization_unavailable
 from vitune.progress import RemoteProgress

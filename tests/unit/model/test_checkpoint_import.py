@@ -20,15 +20,15 @@ from safetensors.torch import load_file, save_file
 
 from vitune.config import ModelConfig, VisionConfig
 from vitune.data.tokenizer import load_tokenizer
-from vitune.model.checkpoints import (
+from vitune.model.export import EXPORT_META, export_llava_hf
+from vitune.model.folder import load_model_folder, save_model_folder
+from vitune.model.importers import (
     CheckpointMismatch,
     detect_layout,
     ensure_model_folder,
     import_checkpoint,
     load_tensors,
 )
-from vitune.model.export import EXPORT_META, export_llava_hf
-from vitune.model.folder import load_model_folder, save_model_folder
 from vitune.model.vision import load_vision_tower
 from vitune.model.vlm import build_model
 

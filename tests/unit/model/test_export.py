@@ -255,7 +255,7 @@ def test_sharded_weights_load_like_one_file(ws: Workspace, tmp_path: Path) -> No
     out = Path(export_llava_hf(str(source), str(tmp_path / "sharded"), max_shard_bytes=200_000))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    from vitune.model.checkpoints import read_weights
+    from vitune.model.importers import read_weights
 
     assert set(read_weights(out)) == set(read_weights(case.out))
 
