@@ -126,6 +126,11 @@ for preset in config.preset_names():
 assert not [m for m in sys.modules if m.split(".")[0] in HEAVY], "a heavy library was imported"
 assert "ray" not in sys.modules, "reading configs imported Ray"
 print("LOADED", loaded, len(config.preset_names()))
+from vitune.cli.jobs import JOBS
+from vitune.cli.submit import validate_job
+for job in JOBS:  # what `vitune submit JOB --config tiny` checks before it sends anything
+    assert validate_job(job, "tiny", ["stage=finetune"] if job == "train" else []), job
+print("SUBMIT_VALIDATED", len(JOBS))
 try:
     main(["submit", "--help"])
 except SystemExit as exit:
@@ -141,5 +146,7 @@ def test_configs_and_submit_need_no_torch_peft_bitsandbytes_deepspeed_or_transfo
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = next(line for line in done.stdout.splitlines() if line.startswith("LOADED")).split()
     assert int(loaded[2]) >= 5 and int(loaded[1]) == int(loaded[2]) * 6  # every preset, as every job's config
+    validated = next(line for line in done.stdout.splitlines() if line.startswith("SUBMIT_VALIDATED")).split()
+    assert int(validated[1]) >= 5  # every job's submission validated (features, train, evaluate, generate, pipeline)
     assert "vitune submit" in done.stdout and "usage" in done.stdout
     assert done.stdout.strip().endswith("HEAVY_AFTER []")
