@@ -40,8 +40,9 @@ from vitune.data.tokenizer import load_tokenizer
 from vitune.model.image import decode_image
 from vitune.model.vision import VisionTower, encode_images, load_vision_tower
 from vitune.train.data import collate, collate_tokens, tokenize_row, training_row
+from vitune.train.plan import Plan, gradient_accumulation
 from vitune.train.sampler import grouped_micro_batches
-from vitune.train.worker import Plan, Worker, gradient_accumulation, run_loop
+from vitune.train.worker import Worker, run_loop
 
 
 class TowerInLoopWorker(Worker):

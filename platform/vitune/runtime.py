@@ -45,6 +45,6 @@ def connect(cfg: JobConfig, start_ray: bool = False) -> None:
     Jobs that may find nothing to do (a complete feature store) connect to Ray later, only when needed.
     """
     if cfg.storage.s3_endpoint_url:
-        storage.configure_s3(cfg.storage.s3_endpoint_url)
+        storage.s3.configure_s3(cfg.storage.s3_endpoint_url)
     if start_ray:
         init_ray(cfg.ray)

@@ -141,7 +141,7 @@ def test_s3_server_restarted_mid_write(ray_local, tmp_path):
         services.create_bucket(url, "faults")
         data = synthetic.generate(str(tmp_path / "data"), seed=6, num_images=num, num_eval_images=0)
         cfg = _config("s3://faults/e", data, 1, f"storage.s3_endpoint_url={url}")
-        storage.configure_s3(url)
+        storage.s3.configure_s3(url)
         out = layout.features_output(cfg)
         outcome: dict = {}
 
@@ -185,7 +185,7 @@ def test_s3_server_restarted_mid_write(ray_local, tmp_path):
                  "retried and completed", rerun["computed_shards"], num, time.monotonic() - t0)
     finally:
         _stop(server)
-        storage.configure_s3(None)
+        storage.s3.configure_s3(None)
 
 
 # ---------------------------------------------------------------------------------------------------- two runs

@@ -154,7 +154,7 @@ def test_two_adapters_served_from_one_replica(setup, runs, serve_http):
 
 def _greedy_answers(folder: str, images: list[bytes], question: str) -> list[str]:
     from vitune.config import VisionConfig
-    from vitune.data.templates import tokenize_generation_prompt
+    from vitune.data.masks import tokenize_generation_prompt
     from vitune.model.image import decode_image
     from vitune.model.vision import encode_images, load_vision_tower
 

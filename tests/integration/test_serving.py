@@ -127,7 +127,7 @@ def test_greedy_output_equals_model_generate(client, tiny_model_folder):
     import torch
 
     from vitune.config import VisionConfig
-    from vitune.data.templates import tokenize_generation_prompt
+    from vitune.data.masks import tokenize_generation_prompt
     from vitune.model.folder import load_model_folder
     from vitune.model.image import decode_image
     from vitune.model.vision import encode_images, load_vision_tower
@@ -428,7 +428,7 @@ def test_rows_joining_mid_flight_decode_like_model_generate(tiny_model_folder):
     import torch
 
     from vitune.config import ServeConfig
-    from vitune.data.templates import tokenize_generation_prompt
+    from vitune.data.masks import tokenize_generation_prompt
     from vitune.model.image import decode_image
     from vitune.model.vision import encode_images
     from vitune.serve.engine import ServingEngine

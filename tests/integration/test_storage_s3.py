@@ -47,14 +47,14 @@ def _client(s3_server):
 def test_failed_multipart_upload_is_aborted(s3_bucket, s3_server, monkeypatch):
     bucket, s3 = s3_bucket[5:], _client(s3_server)
     # parts of 1 MiB: the server refuses to complete the upload (parts but the last must be >= 5 MiB)
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 2**20)
-    monkeypatch.setattr(storage, "MULTIPART_PART_SIZE", 2**20)
+    monkeypatch.setattr(storage.s3, "MULTIPART_THRESHOLD", 2**20)
+    monkeypatch.setattr(storage.s3, "MULTIPART_PART_SIZE", 2**20)
     with pytest.raises(ClientError, match="EntityTooSmall"):
         storage.write_bytes(f"{s3_bucket}/multipart/bad.bin", b"x" * (2 * 2**20 + 512))
     assert not storage.exists(f"{s3_bucket}/multipart/bad.bin")  # no truncated object
     pending = s3.list_multipart_uploads(Bucket=bucket, Prefix="multipart/").get("Uploads", [])
     assert pending == []  # and no orphaned parts
-    monkeypatch.setattr(storage, "MULTIPART_PART_SIZE", 5 * 2**20)
+    monkeypatch.setattr(storage.s3, "MULTIPART_PART_SIZE", 5 * 2**20)
     data = os.urandom(11 * 2**20)
     storage.write_bytes(f"{s3_bucket}/multipart/good.bin", data)  # three parts
     assert storage.read_bytes(f"{s3_bucket}/multipart/good.bin") == data

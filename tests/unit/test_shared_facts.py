@@ -11,11 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_shared_facts_are_defined_once():
     import vitune
-    from vitune.data import records, templates
+    from vitune.data import masks, records
     from vitune.model import vlm
 
     assert (vitune.IGNORE_INDEX, vitune.HUMAN, vitune.GPT) == (-100, "human", "gpt")
-    assert templates.IGNORE_INDEX is vlm.IGNORE_INDEX is vitune.IGNORE_INDEX  # imported, not restated
+    assert masks.IGNORE_INDEX is vlm.IGNORE_INDEX is vitune.IGNORE_INDEX  # imported, not restated
     assert records.ROLES == (vitune.HUMAN, vitune.GPT)
 
 

@@ -79,7 +79,7 @@ def run_demo(config: str, overrides: list[str], port: int = 8000, keep_serving: 
     model_name = cfg.tracking.registered_model or cfg.tracking.experiment
     root = cfg.storage.root
     if cfg.storage.s3_endpoint_url:
-        storage.configure_s3(cfg.storage.s3_endpoint_url)
+        storage.s3.configure_s3(cfg.storage.s3_endpoint_url)
     summary: dict[str, Any] = {"root": root}
 
     _out(f"[1/6] synthetic data → {layout.synthetic_data(cfg)}")

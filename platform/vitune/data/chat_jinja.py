@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from vitune import IMAGE_TOKEN
-from vitune.data.templates import ConversationTemplate, SepStyle, bos_ids, get_template, with_system
+from vitune.data.masks import bos_ids
+from vitune.data.templates import ConversationTemplate, SepStyle, get_template, with_system
 
 _PREAMBLE = """\
 {%- set ns = namespace(system=none, turns=[], images=0) -%}

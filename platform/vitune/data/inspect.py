@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vitune import IGNORE_INDEX
+from vitune.data.masks import MaskError, TokenizedSample, tokenize_record
 from vitune.data.records import read_records_with_errors
-from vitune.data.templates import TEMPLATES, MaskError, TokenizedSample, tokenize_record
+from vitune.data.templates import TEMPLATES
 from vitune.data.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:

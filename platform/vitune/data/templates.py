@@ -1,6 +1,4 @@
-"""Conversation templates and label masks: the one definition of how turns become text, ids and labels.
-
-(Over 400 lines on purpose: the segments and the masks built from them are one definition, read together.)
+"""Conversation templates: the registry, rendering turns as prompt / trained segments, and where replies stop.
 
 A template is data (``ConversationTemplate``: system prompt, role names, separator style, separators).
 Every style renders a conversation as alternating *segments*: prompt text (never trained) and assistant
@@ -9,24 +7,13 @@ text (trained: the reply and the separator that ends it). The same segments give
 - ``render_conversation``: the training string, identical to LLaVA's ``get_prompt()`` after
   ``preprocess_multimodal`` (``plain``: LLaVA's ``preprocess_plain`` string),
 - ``render_generation_prompt``: the conversation so far plus the assistant cue,
-- ``tokenize_conversation``: ids + labels, built by tokenizing segment by segment (see below),
-- ``tokenize_generation_prompt``: the serving-time ids, a prefix of the training ids by construction,
+- the token ids and label masks of ``vitune.data.masks``, built from these segments one by one,
 - ``stop_strings`` / ``stop_token_ids``: where generation ends for templates whose turn end is not the
   tokenizer's EOS (``plain``: its newline separator; ``chatml_direct``: ``<|im_end|>``), as LLaVA's eval
   scripts stop on ``conv.sep``.
 
 ``with_system`` gives a template with a caller's system prompt (serving's system messages), or a
 ``TemplateError`` when the template has none.
-
-Masks are built by tokenizing each segment on its own (no special tokens added; ``<image>`` split out
-and inserted as its single id, as LLaVA's ``tokenizer_image_token`` does), then concatenating, with BOS
-prepended once when the tokenizer adds one. Trained labels are therefore exactly the tokens of the
-trained text, for any tokenizer, with no per-tokenizer offset arithmetic. Segment boundaries sit where
-byte-level BPE pre-tokenizers split anyway (the space between ``ASSISTANT:`` and the reply belongs to
-the reply, so ids match tokenizing the whole string for ordinary text); for sentencepiece-style
-tokenizers a segment may gain the tokenizer's dummy-prefix space, which is LLaVA's own behaviour for
-its per-chunk tokenization. Serving tokenizes prompts through the same segments, so train and serve
-see the same ids.
 """
 
 from __future__ import annotations
@@ -37,9 +24,8 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from vitune import GPT, HUMAN, IGNORE_INDEX, IMAGE_TOKEN
-from vitune.data.records import Record, Turn, as_turns, describe_record, normalize_turn_image_token
-from vitune.data.tokenizer import image_token_id
+from vitune import GPT, HUMAN, IMAGE_TOKEN
+from vitune.data.records import Turn, as_turns, normalize_turn_image_token
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -74,14 +60,6 @@ class TemplateError(ValueError):
         self.problem = problem
         self.kind = kind
         super().__init__(message or problem)
-
-
-class MaskError(TemplateError):
-    """A sample whose labels cannot be built; the message names the record. Never a silent all -100 sample."""
-
-    def __init__(self, problem: str, kind: str = "mask_error", record_id: str | None = None) -> None:
-        self.record_id = record_id
-        super().__init__(problem, kind, message=f"{describe_record(record_id)}: {problem}")
 
 
 _VICUNA_SYSTEM = (
@@ -323,118 +301,6 @@ def render_generation_prompt(
     would keep the human text and add a newline the model never saw).
     """
     return "".join(s.text for s in build_segments(conversations_so_far, template, tokenizer, generation=True))
-
-
-@dataclass(frozen=True)
-class TokenizedSample:
-    """Token ids and labels (``IGNORE_INDEX`` outside the trained spans) of one conversation."""
-
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool
-    num_trained: int
-    num_cut: int = 0  # tokens truncation removed
-
-
-def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """``[bos]`` when the tokenizer prepends a BOS on its own (Llama), else ``[]`` (GPT-2, Qwen)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return []
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return [bos] if probe and probe[0] == bos else []
-
-
-def _image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    try:
-        return image_token_id(tokenizer)
-    except ValueError as e:  # a counted, reported skip of the record, like every other mask problem
-        raise TemplateError(str(e)) from e
-
-
-def _encode(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids of one segment: no special tokens added, each ``<image>`` as its single id."""
-    ids: list[int] = []
-    for j, chunk in enumerate(text.split(IMAGE_TOKEN)):
-        if j:
-            ids.append(_image_token_id(tokenizer))
-        if chunk:
-            ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
-    return ids
-
-
-def _prefix_ids(tpl: ConversationTemplate, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    # a chat template writes its own BOS text (as HF's apply_chat_template(tokenize=True) assumes)
-    return [] if tpl.style is SepStyle.CHAT_TEMPLATE else bos_ids(tokenizer)
-
-
-def tokenize_conversation(
-    conversations: Sequence[Turn | Mapping[str, Any]],
-    template: str | ConversationTemplate,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    *,
-    record_id: str | None = None,
-) -> TokenizedSample:
-    """Ids and labels of a training conversation, truncated from the right to ``max_length``.
-
-    Raises ``MaskError`` (naming ``record_id``) when the labels cannot be built: the conversation does
-    not fit the template, a reply tokenizes to nothing, no trained token survives truncation, or
-    truncation cuts the ``<image>`` token.
-    """
-    if max_length < 1:
-        raise ValueError(f"max_length must be positive, got {max_length}")
-    tpl = get_template(template)
-    try:
-        segments = build_segments(conversations, tpl, tokenizer)
-        input_ids = _prefix_ids(tpl, tokenizer)
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for seg in segments:
-            ids = _encode(seg.text, tokenizer)
-            if seg.trained and not ids:
-                raise TemplateError(f"assistant text {seg.text!r} tokenizes to no tokens", "empty_reply")
-            input_ids += ids
-            labels += ids if seg.trained else [IGNORE_INDEX] * len(ids)
-    except MaskError:
-        raise
-    except TemplateError as e:
-        raise MaskError(f"{e.problem} (template {tpl.name!r})", e.kind, record_id) from e
-
-    num_cut = max(len(input_ids) - max_length, 0)
-    truncated = num_cut > 0
-    if truncated:
-        n_images = sum(s.text.count(IMAGE_TOKEN) for s in segments)
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if n_images and input_ids.count(_image_token_id(tokenizer)) < n_images:
-            raise MaskError(
-                f"truncation to {max_length} tokens cuts the {IMAGE_TOKEN} token", "image_truncated", record_id
-            )
-    num_trained = sum(label != IGNORE_INDEX for label in labels)
-    if not num_trained:
-        raise MaskError(f"no trained token survives truncation to {max_length} tokens", "no_trained_tokens", record_id)
-    return TokenizedSample(input_ids=input_ids, labels=labels, truncated=truncated, num_trained=num_trained,
-                           num_cut=num_cut)
-
-
-def tokenize_record(
-    record: Record, template: str | ConversationTemplate, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> TokenizedSample:
-    """``tokenize_conversation`` for a validated record; errors name the record's id."""
-    return tokenize_conversation(record.conversations, template, tokenizer, max_length, record_id=record.id)
-
-
-def tokenize_generation_prompt(
-    conversations_so_far: Sequence[Turn | Mapping[str, Any]],
-    template: str | ConversationTemplate,
-    tokenizer: PreTrainedTokenizerBase,
-) -> list[int]:
-    """Serving-time prompt ids: the same segments as training, so they equal the training ids' prefix."""
-    tpl = get_template(template)
-    segments = build_segments(conversations_so_far, tpl, tokenizer, generation=True)
-    ids = _prefix_ids(tpl, tokenizer)
-    for seg in segments:
-        ids += _encode(seg.text, tokenizer)
-    return ids
 
 
 def stop_strings(template: str | ConversationTemplate) -> tuple[str, ...]:

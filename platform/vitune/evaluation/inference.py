@@ -138,7 +138,7 @@ class AnswerBatch:
 
     def _prepare(self, rid: str, image: str | None, conversations: list[dict]) -> tuple[list[int], Any]:
         # deferred: runs in the Ray actor; the driver imports this module without torch
-        from vitune.data.templates import tokenize_generation_prompt
+        from vitune.data.masks import tokenize_generation_prompt
 
         expected = 1 if image else 0
         found = _image_tokens(conversations)

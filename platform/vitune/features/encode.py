@@ -85,7 +85,7 @@ def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixel
                s3_endpoint_url: str | None = None) -> pa.Table:
     """CPU task: one row per shard → its preprocessed pixels ``[n, 3, S, S]`` + quarantined images."""
     # for this call only: the pooled worker process runs other jobs' tasks afterwards
-    with storage.s3_endpoint(s3_endpoint_url):
+    with storage.s3.s3_endpoint(s3_endpoint_url):
         return _load_shard(batch, image_root, spec, max_pixels)
 
 
@@ -145,7 +145,7 @@ class EncodeShard:
     def __init__(self, vision: VisionConfig, output: str, fp_id: str, batch_size: int, threads: int | None,
                  s3_endpoint_url: str | None = None):
         if s3_endpoint_url:
-            storage.configure_s3(s3_endpoint_url)
+            storage.s3.configure_s3(s3_endpoint_url)
         if threads:
             torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -178,7 +178,7 @@ def _cleanup_temp_files(out: str) -> None:
     for folder in (local, os.path.join(local, ERRORS_DIR)):
         if os.path.isdir(folder):
             for name in os.listdir(folder):
-                if storage.TEMP_MARK in name:
+                if storage.local.TEMP_MARK in name:
                     os.remove(os.path.join(folder, name))
 
 

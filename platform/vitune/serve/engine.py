@@ -39,11 +39,11 @@ from PIL import Image
 
 from vitune import HUMAN, IMAGE_TOKEN
 from vitune.config import ServeConfig
+from vitune.data.masks import tokenize_generation_prompt
 from vitune.data.templates import (
     TemplateError,
     stop_strings,
     stop_token_ids,
-    tokenize_generation_prompt,
     with_system,
 )
 from vitune.model.decoding import DecodeBatch, DecodeRow, seeded_generator

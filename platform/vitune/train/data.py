@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from vitune import IGNORE_INDEX
+from vitune.data.masks import MaskError, tokenize_record
 from vitune.data.records import Record, normalize_image_token, read_records_with_errors
-from vitune.data.templates import MaskError, tokenize_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

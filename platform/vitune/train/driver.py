@@ -49,13 +49,8 @@ from vitune.train.data import (
     text_only_rows,
     tokenize_records,
 )
-from vitune.train.worker import (
-    Plan,
-    Worker,
-    deepspeed_config,
-    gradient_accumulation,
-    run_loop,
-)
+from vitune.train.plan import Plan, deepspeed_config, gradient_accumulation
+from vitune.train.worker import Worker, run_loop
 
 log = logging.getLogger(__name__)
 ADAPTER_TAG = "vitune.adapter"  # on a registered version: "lora" when it holds an adapter, not full weights

@@ -3,65 +3,37 @@
 The driver runs ``run_loop`` on every Ray Train worker; the loop itself only needs ``torch.distributed``
 and, per epoch, an iterable of training rows (``vitune.train.data.training_row``), so it also runs in one
 plain process (``benchmarks/train_step.py``). Stage is data: ``freeze_for_stage`` decides what trains,
-the config decides the rest.
+the config decides the rest. The step plan and optimizer set-up are ``vitune.train.plan``'s; what a worker
+writes (checkpoints, the model folder) is ``vitune.train.checkpoint``'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
 
 from vitune import layout
 from vitune.config import TrainJobConfig
 from vitune.data.tokenizer import load_tokenizer
 from vitune.model import lora
-from vitune.model.folder import load_model_folder, save_model_folder
-from vitune.model.projector import build_projector
-from vitune.model.vlm import VisionLanguageModel, build_model
+from vitune.model.folder import load_model_folder
+from vitune.model.vlm import build_model
+from vitune.train import checkpoint
 from vitune.train.data import collate
+from vitune.train.plan import Plan, deepspeed_config, lr_lambda, param_groups
 from vitune.train.sampler import grouped_micro_batches, in_order_micro_batches
 
 log = logging.getLogger(__name__)
 
-DS_TAG = "ds"
-STATE_FILE = "train_state.json"
 # dense bf16 peak FLOP/s per GPU, for MFU
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
-
-
-def deepspeed_config(cfg: TrainJobConfig, world_size: int) -> dict[str, Any]:
-    """Our config → a DeepSpeed config: ZeRO stage, precision, batch sizes, clipping, offload."""
-    t = cfg.train
-    accum = gradient_accumulation(cfg, world_size)
-    zero: dict[str, Any] = {"stage": t.zero_stage}
-    if t.offload and t.zero_stage >= 2:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
-    if t.offload and t.zero_stage == 3:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
-    if t.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": t.micro_batch_size * accum * world_size,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bool(t.use_gpu)},
-        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer (no op build)
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
 
 
 def enable_tf32(wanted: bool) -> bool:
@@ -74,75 +46,12 @@ def enable_tf32(wanted: bool) -> bool:
     return on
 
 
-def gradient_accumulation(cfg: TrainJobConfig, world_size: int) -> int:
-    t = cfg.train
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise ValueError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
-            f"({t.micro_batch_size}) × workers ({world_size})"
-        )
-    return t.global_batch_size // per_step
-
-
-def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[[int], float]:
-    warmup = math.ceil(total_steps * warmup_ratio)
-
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return fn
-
-
-@dataclass
-class Plan:
-    """How many steps the run takes; identical on every worker (equal splits)."""
-
-    samples: int
-    world_size: int
-    micro_batch_size: int
-    accum: int
-    epochs: float
-    max_steps: int | None
-
-    @property
-    def micro_per_epoch(self) -> int:
-        return (self.samples // self.world_size) // self.micro_batch_size
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.micro_per_epoch // self.accum
-
-    @property
-    def total_steps(self) -> int:
-        total = math.ceil(self.epochs * self.steps_per_epoch)
-        return min(total, self.max_steps) if self.max_steps else total
-
-
 def model_flops_per_token(model: torch.nn.Module, stage: str) -> float:
     """6·N per token for trained weights, 4·N for frozen ones (forward + input grads: the LM in align, the
     base under LoRA). ``stage`` is implied by what ``requires_grad``; kept for callers."""
     summary = lora.trainable_summary(model)
     trainable = summary["trainable_params"]
     return 6 * trainable + 4 * (summary["total_params"] - trainable)
-
-
-def param_groups(model: VisionLanguageModel, lr: float, projector_lr: float | None) -> list[dict[str, Any]]:
-    """The optimizer's groups: the trainable LM weights (or adapters) at ``lr``, the projector at its own rate."""
-    projector = [p for p in model.projector.parameters() if p.requires_grad]
-    mine = {id(p) for p in projector}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
-    groups = [{"params": rest, "lr": lr}] if rest else []
-    if projector:
-        groups.append({"params": projector, "lr": projector_lr or lr})
-    return groups
 
 
 def peak_flops() -> float | None:
@@ -214,16 +123,11 @@ class Worker:
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, folder: Path) -> None:
-        state = {"step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch}
-        # LoRA: the frozen base is rebuilt from its source on a restart, so the checkpoint holds the adapter,
-        # the projector and their optimizer state only
-        self.engine.save_checkpoint(str(folder), tag=DS_TAG, client_state=state, exclude_frozen_parameters=self.lora)
-        if self.rank == 0:
-            (folder / STATE_FILE).write_text(json.dumps(state))
+        position = {"step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch}
+        checkpoint.save_checkpoint(self.engine, folder, position, self.rank, lora_only=self.lora)
 
     def load_checkpoint(self, folder: Path) -> None:
-        _, client = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=not self.lora)
-        state = client or json.loads((folder / STATE_FILE).read_text())
+        state = checkpoint.load_checkpoint(self.engine, folder, lora_only=self.lora)
         self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
         if self.micro_in_epoch >= self.plan.steps_per_epoch * self.plan.accum:
             self.epoch, self.micro_in_epoch = self.epoch + 1, 0
@@ -320,80 +224,19 @@ class Worker:
         return metrics
 
     # --- the result ----------------------------------------------------------------------------------
-    def gathered_state(self) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 (ZeRO-3 shards gathered); None on other ranks."""
-        def snapshot() -> dict[str, torch.Tensor] | None:
-            if self.rank != 0:
-                return None
-            return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-
-        if self.cfg.train.zero_stage == 3:
-            import deepspeed  # deferred, as in __init__
-
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-                return snapshot()
-        return snapshot()
-
     def save_model_folder(self, uri: str, fingerprint: dict) -> None:
+        """The trained model's folder at ``uri`` (every rank calls it; rank 0 writes)."""
         if self.lora:
-            self._save_lora_folder(uri, fingerprint)
+            checkpoint.save_lora_model(self.model, self.tokenizer, self.cfg, self.feature_dim, fingerprint, uri,
+                                       rank=self.rank, steps=self.step, trainable=self.trainable)
             return
-        state = self.gathered_state()
-        if self.rank != 0:
-            return
-        # a plain copy of the model for saving: ZeRO-3 leaves the engine's parameters partitioned
-        clean = build_model(self.cfg.model, self.tokenizer, self.feature_dim,
-                            lm=_lm_copy(self.model.lm) if self.cfg.train.zero_stage == 3 else self.model.lm)
-        clean.load_state_dict(state)
-        save_model_folder(clean.float(), self.tokenizer, self.cfg.model, fingerprint, uri,
-                          include_lm=self.cfg.stage == "finetune" or self._lm_not_rebuildable(),
-                          extra={"stage": self.cfg.stage, "steps": self.step})
-
-    def _gathered(self, named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """CPU copies of ``named`` on rank 0 (ZeRO-3 gathers one parameter at a time); empty on other ranks."""
-        out: dict[str, torch.Tensor] = {}
-        for name, p in named:
-            if self.cfg.train.zero_stage == 3:
-                import deepspeed  # deferred, as in __init__
-
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    if self.rank == 0:
-                        out[name] = p.detach().cpu().clone()
-            elif self.rank == 0:
-                out[name] = p.detach().cpu().clone()
-        return out
-
-    def _save_lora_folder(self, uri: str, fingerprint: dict) -> None:
-        """A LoRA model folder: the adapter (peft format) + the projector, naming the base and its weights' digest."""
-        settings = self.cfg.train.lora
-        state = self._gathered([(n, p) for n, p in self.model.named_parameters() if p.requires_grad])
-        quantized = settings.quantization != "none"
-        base = [] if quantized else list(lora.base_parameters(self.model.lm))  # 4-bit weights: nothing to compare
-        base_state = self._gathered(base)
-        if self.rank != 0:
-            return
-        lm_width = self.model.lm.get_input_embeddings().embedding_dim
-        projector = build_projector(self.cfg.model.projector, self.feature_dim, lm_width)
-        projector.load_state_dict({k.removeprefix("projector."): v.float() for k, v in state.items()
-                                   if k.startswith("projector.")})
-        lm_state = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
-        meta = {"base_digest": lora.base_digest(base_state.items()) if base_state else None,
-                "base_dtype": str(next(iter(base_state.values())).dtype).removeprefix("torch.") if base_state
-                else None, "quantization": settings.quantization, **self.trainable}
-        clean = VisionLanguageModel(projector, self.model.lm, self.model.image_token_id,
-                                    pad_token_id=self.model.pad_token_id, eos_token_id=list(self.model.eos_token_ids))
-        save_model_folder(clean, self.tokenizer, self.cfg.model, fingerprint, uri, include_lm=False,
-                          extra={"stage": self.cfg.stage, "steps": self.step, "lora": settings.model_dump()},
-                          adapter=(lambda d: lora.save_adapter(self.model.lm, lm_state, d), meta))
+        checkpoint.save_full_model(self.model, self.tokenizer, self.cfg, self.feature_dim, fingerprint, uri,
+                                   rank=self.rank, steps=self.step,
+                                   include_lm=self.cfg.stage == "finetune" or self._lm_not_rebuildable())
 
     def _lm_not_rebuildable(self) -> bool:
         # an LM that came from an earlier folder (not by path) must be carried along
         return bool(self.init_meta and self.init_meta.get("lm", {}).get("included"))
-
-
-def _lm_copy(lm: torch.nn.Module) -> torch.nn.Module:
-    """A fresh, unpartitioned LM of the same architecture (weights are loaded from the gathered state)."""
-    return AutoModelForCausalLM.from_config(lm.config)
 
 
 def run_loop(worker: Worker, epoch_rows: Callable[[int], Iterable[dict]], report: Callable[[dict, Path | None], None],

@@ -23,11 +23,8 @@ import pytest
 
 from tests.unit.data.real_tokenizers import WORDS, chatml_tokenizer, exact_text, llama_tokenizer
 from vitune import IGNORE_INDEX, IMAGE_TOKEN
-from vitune.data.templates import (
-    render_conversation,
-    tokenize_conversation,
-    tokenize_generation_prompt,
-)
+from vitune.data.masks import tokenize_conversation, tokenize_generation_prompt
+from vitune.data.templates import render_conversation
 from vitune.train.data import DataStats, tokenize_records
 
 CONV = [

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from tests.unit.data.real_tokenizers import chatml_tokenizer, llama_tokenizer
+from vitune.data.masks import tokenize_conversation
 from vitune.data.templates import (
     TEMPLATES,
     cut_at_stop,
     render_conversation,
     stop_strings,
     stop_token_ids,
-    tokenize_conversation,
 )
 from vitune.data.tokenizer import load_tokenizer
 from vitune.model.vlm import build_model

@@ -11,21 +11,22 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from vitune import IMAGE_TOKEN
+from vitune import IGNORE_INDEX, IMAGE_TOKEN
 from vitune.data.inspect import inspect_records, main, mark_trained
-from vitune.data.records import Turn, validate_record
-from vitune.data.templates import (
-    IGNORE_INDEX,
-    TEMPLATES,
+from vitune.data.masks import (
     MaskError,
-    TemplateError,
     bos_ids,
-    get_template,
-    render_conversation,
-    render_generation_prompt,
     tokenize_conversation,
     tokenize_generation_prompt,
     tokenize_record,
+)
+from vitune.data.records import Turn, validate_record
+from vitune.data.templates import (
+    TEMPLATES,
+    TemplateError,
+    get_template,
+    render_conversation,
+    render_generation_prompt,
     with_system,
 )
 from vitune.data.tokenizer import load_tokenizer

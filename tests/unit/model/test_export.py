@@ -23,14 +23,13 @@ from PIL import Image
 
 from vitune import IMAGE_TOKEN
 from vitune.config import ModelConfig, VisionConfig
+from vitune.data.masks import bos_ids, tokenize_generation_prompt
 from vitune.data.templates import (
     TEMPLATES,
     SepStyle,
     TemplateError,
-    bos_ids,
     render_conversation,
     render_generation_prompt,
-    tokenize_generation_prompt,
     with_system,
 )
 from vitune.data.tokenizer import load_tokenizer

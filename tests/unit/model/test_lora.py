@@ -20,7 +20,7 @@ from vitune.model.folder import load_model_folder, read_meta, save_model_folder
 from vitune.model.vision import load_vision_tower
 from vitune.model.vlm import build_model
 from vitune.train.driver import _check_runnable
-from vitune.train.worker import param_groups
+from vitune.train.plan import param_groups
 
 # merged W + s·B·A against W x + s·B(A x) in fp32: the sums differ only in rounding order
 MERGE_ATOL = 1e-4
