@@ -6,13 +6,15 @@ Shared by the benchmarks (ScienceQA, LLaVA-Bench) and the demo's held-out synthe
 there is an image. An actor pool of ``AnswerBatch`` callables (one per GPU on a cluster, one or two on CPUs)
 loads the model and its vision tower once through ``vitune.model.folder.load_for_inference`` (the loader
 serving uses too), then per batch: reads and decodes the images, runs ``vitune.model.vision.encode_images``
-(the one image path that features and serving use too), tokenizes with the model's template and decodes
-through ``model.generate`` (the one decode loop, ``vitune.model.decoding``), greedily by default.
+(the one image path that features and serving use too), builds each prompt with the one prompt policy
+(``vitune.data.prompt.generation_prompt``: the model's template, the ``<image>`` placeholders checked against
+the row's image; serving builds its prompts there too) and decodes through ``model.generate`` (the one decode
+loop, ``vitune.model.decoding``), greedily by default.
 
 Checkpointing: every batch's answers are written as one JSONL shard ``<output>/answers/part-<hash>.jsonl``
 in a single write, before the batch is reported done. A re-run reads the shards and only generates the
 ids that have no answer yet, so an interrupted run resumes where it stopped. Rows that cannot be
-answered (bad image, prompt the template rejects) get an ``error`` and an empty ``text``; they count as
+answered (bad image, prompt the policy rejects) get an ``error`` and an empty ``text``; they count as
 answered (deterministic) and the benchmarks report them.
 """
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -29,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from vitune import IMAGE_TOKEN, progress, storage
+from vitune import HUMAN, IMAGE_TOKEN, progress, storage
+from vitune.data.prompt import generation_prompt, image_first
 from vitune.data.templates import cut_at_stop, stop_strings, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ class InferenceResult:
 def single_turn(prompt: str, has_image: bool) -> list[dict[str, str]]:
     """A one-question conversation; the image token goes first, as LLaVA's eval scripts place it."""
     text = prompt.replace(IMAGE_TOKEN, "").strip()
-    return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{text}" if has_image else text}]
+    return [{"from": HUMAN, "value": image_first(text, int(has_image))}]
 
 
 def answers_uri(output_uri: str) -> str:
@@ -104,10 +106,6 @@ def read_answers(output_uri: str) -> dict[str, dict[str, Any]]:
 def _shard_name(ids: Sequence[str]) -> str:
     digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
     return f"part-{digest}.jsonl"
-
-
-def _image_tokens(conversations: Sequence[Mapping[str, Any]]) -> int:
-    return sum(len(re.findall(re.escape(IMAGE_TOKEN), str(t.get("value", "")))) for t in conversations)
 
 
 class AnswerBatch:
@@ -137,15 +135,10 @@ class AnswerBatch:
         return decode_image(storage.read_bytes(uri))
 
     def _prepare(self, rid: str, image: str | None, conversations: list[dict]) -> tuple[list[int], Any]:
-        # deferred: runs in the Ray actor; the driver imports this module without torch
-        from vitune.data.masks import tokenize_generation_prompt
-
-        expected = 1 if image else 0
-        found = _image_tokens(conversations)
-        if found != expected:
-            raise ValueError(f"{found} {IMAGE_TOKEN} tokens in the conversation but {'an' if image else 'no'} image")
-        ids = tokenize_generation_prompt(conversations, self.template, self.tokenizer)
-        return ids, self._load_image(image) if image else None
+        """The row's prompt ids (the one prompt policy; `PromptRejected` when it refuses) and its decoded image."""
+        images = [image] if image else []
+        prompt = generation_prompt(conversations, self.template, self.tokenizer, images)
+        return prompt.ids, self._load_image(image) if image else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         # deferred: runs in the Ray actor; the driver imports this module without torch

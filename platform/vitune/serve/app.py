@@ -2,7 +2,9 @@
 
 Two deployments:
 - `ChatAPI` (FastAPI ingress, CPU): auth, request parsing and checks, image decoding, SSE; the chat page
-  at `/`. Bad input is answered here (or by the engine's prompt check) with a 4xx in OpenAI's error shape.
+  at `/`. Bad input is answered here (or by the engine's admission, whose domain errors
+  `vitune.serve.openai.engine_error` maps) with a 4xx in OpenAI's error shape. Its calls to the engine
+  replicas (bounded, retried, streamed as SSE) are `vitune.serve.relay`.
 - `VLMEngine` (the model, one GPU each on a cluster): a `vitune.serve.engine.ServingEngine` that
   decodes the requests on its replica with continuous batching (see that module). Autoscaled on
   ongoing requests.
@@ -14,9 +16,9 @@ application's defaults: `build_app({"model": ...})` is a complete configuration.
 Robustness: the body limit is enforced while reading; a request must be JSON; overload and timeouts answer
 503/429 with `Retry-After` (the queue limits come from `ServeConfig`, from YAML and `build_app` alike); a
 request whose engine replica dies is retried on another, and a stream cut mid-answer resumes on another with
-the same draws (`vitune.serve.resume`); `/healthz` answers 503 when no engine replica can answer; a 500
-carries a request id and no exception text. Binding beyond loopback needs `VITUNE_API_KEY` in the replicas'
-environment unless `allow_unauthenticated: true`.
+the same draws (`vitune.serve.relay`, `vitune.serve.resume`); `/healthz` answers 503 when no engine replica can
+answer; a 500 carries a request id and no exception text. Binding beyond loopback needs `VITUNE_API_KEY` in the
+replicas' environment unless `allow_unauthenticated: true`.
 
 Run: `serve run serving/config.yaml` (see the config's header), or from Python
 `serve.run(build_app({"model": "<model folder URI or models:/NAME/VERSION>"}))` (`make_app` also takes
@@ -25,10 +27,8 @@ deployment options).
 
 # No `from __future__ import annotations`: Serve pickles the ingress class by value, and FastAPI must see
 # real annotation objects (a string "Request" would not resolve in the replica and become a query param).
-import asyncio
 import hmac
 import ipaddress
-import json
 import logging
 import time
 import uuid
@@ -41,33 +41,23 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import Application
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vitune.config import API_KEY_ENV, MODELS_SCHEME, ServeConfig
 from vitune.serve import openai as oai
+from vitune.serve import relay
 from vitune.serve.adapters import engine_for, load_engines
 from vitune.serve.health import EngineHealth
 from vitune.serve.openai import APIError
 from vitune.serve.request import ChatRequest, chat_request_from_openai
-from vitune.serve.resume import ReplayDiverged, pin_seed, resumable
+from vitune.serve.resume import pin_seed
 
 logger = logging.getLogger(__name__)
 
-_UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RayActorError,
-                ActorUnavailableError)
-_REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)  # worth one more try elsewhere
-_RETRIES = 2
 JSON_TYPES = ("application/json",)
 API_MIN_PENDING = 1024  # requests the proxy holds for the ingress at least (see `queue_options`)
-
-
-def _overloaded(exc: BaseException) -> APIError:
-    return APIError(503, f"the model is overloaded or unavailable ({type(exc).__name__}); retry shortly",
-                    code="overloaded")
 
 
 def _is_loopback(host: str) -> bool:
@@ -173,24 +163,6 @@ async def read_json_body(request: Request, max_body: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _result(response: DeploymentResponse) -> Any:
-    return await response
-
-
-async def _bounded(response: DeploymentResponse, timeout_s: float) -> Any:
-    """A handle call's result within `timeout_s`, else 503 (the call is cancelled)."""
-    try:
-        return await asyncio.wait_for(_result(response), timeout_s)
-    except TimeoutError:
-        response.cancel()
-        raise APIError(503, f"the model did not answer within {timeout_s:.0f} s; retry shortly",
-                       code="timeout") from None
-
-
-def _sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class ChatAPI:
@@ -278,9 +250,8 @@ class ChatAPI:
             request.state.request_id = chat.request_id
             if req.stream:
                 return await self._stream(chat, req.include_usage)
-            result = await self._complete(chat)
-            if result["type"] == "error":
-                raise APIError.from_body(result["status"], result)
+            result = await relay.complete(lambda: self.engine.complete.remote(chat), self.cfg.request_timeout_s,
+                                          chat.request_id)
             return oai.completion_body(chat.request_id, int(time.time()), chat.model or self.model_name, result["text"],
                                        result["finish_reason"], result["prompt_tokens"], result["completion_tokens"])
 
@@ -288,27 +259,8 @@ class ChatAPI:
 
     async def _geometry(self) -> dict[str, Any] | None:
         if self.geometry is None:
-            try:
-                self.geometry = await _bounded(self.engine.info.remote(), self.cfg.request_timeout_s)
-            except _UNAVAILABLE as exc:
-                raise _overloaded(exc) from None
+            self.geometry = await relay.ask(self.engine.info.remote(), self.cfg.request_timeout_s)
         return self.geometry
-
-    async def _complete(self, chat: ChatRequest) -> dict[str, Any]:
-        """The engine's answer; a replica lost mid-request (killed, crashed) is retried on another."""
-        for attempt in range(_RETRIES + 1):
-            response = self.engine.complete.remote(chat)
-            try:
-                return await _bounded(response, self.cfg.request_timeout_s)
-            except _REPLICA_LOST as exc:
-                response.cancel()  # unavailable is not always dead: no answer for nobody
-                if attempt == _RETRIES:
-                    raise _overloaded(exc) from None
-                logger.warning("request %s: engine replica lost (%s); retrying", chat.request_id,
-                               type(exc).__name__)
-            except _UNAVAILABLE as exc:
-                raise _overloaded(exc) from None
-        raise AssertionError("unreachable")
 
     def _check_auth(self, request: Request) -> None:
         if not self.api_key:
@@ -321,65 +273,15 @@ class ChatAPI:
     async def _stream(self, chat: ChatRequest, include_usage: bool) -> StreamingResponse:
         """SSE in OpenAI's chunk format; errors found before the first token are still plain 4xx replies."""
         pin_seed(chat)  # a stream cut by a lost replica resumes elsewhere with the same draws
-        for attempt in range(_RETRIES + 1):
-            events = self.engine.options(stream=True).stream.remote(chat)
-            try:
-                first = await asyncio.wait_for(events.__anext__(), self.cfg.request_timeout_s)
-                break
-            except TimeoutError:
-                events.cancel()
-                raise APIError(503, f"the model did not answer within {self.cfg.request_timeout_s:.0f} s; retry "
-                               "shortly", code="timeout") from None
-            except _REPLICA_LOST as exc:
-                events.cancel()
-                if attempt == _RETRIES:
-                    raise _overloaded(exc) from None
-                logger.warning("stream %s: engine replica lost (%s); retrying", chat.request_id, type(exc).__name__)
-            except _UNAVAILABLE as exc:
-                raise _overloaded(exc) from None
-        if first["type"] == "error":
-            raise APIError.from_body(first["status"], first)
-        prompt_tokens = first["prompt_tokens"]
-        rid, created, model = chat.request_id, int(time.time()), chat.model or self.model_name
 
-        async def body() -> AsyncIterator[str]:
-            # One write per engine event: the role chunk rides with the first text, [DONE] with the finish.
-            head = _sse(oai.chunk_body(rid, created, model, {"role": "assistant", "content": ""}))
-            answer = resumable(events, lambda: self.engine.options(stream=True).stream.remote(chat), _REPLICA_LOST,
-                               _RETRIES, self.cfg.request_timeout_s, rid)
-            try:
-                async for ev in answer:
-                    if ev["type"] == "delta":
-                        yield head + _sse(oai.chunk_body(rid, created, model, {"content": ev["text"]}))
-                        head = ""
-                        continue
-                    if ev["type"] == "finish":
-                        tail = _sse(oai.chunk_body(rid, created, model, {}, ev["finish_reason"]))
-                        if include_usage:
-                            usage = oai.usage(prompt_tokens, ev["completion_tokens"])
-                            tail += _sse(oai.chunk_body(rid, created, model, None, usage_=usage))
-                    else:
-                        tail = _sse({"error": ev["error"]})
-                    yield head + tail + "data: [DONE]\n\n"
-                    return
-            except TimeoutError:  # resuming on another replica: none answered in time
-                err = APIError(503, f"the model did not answer within {self.cfg.request_timeout_s:.0f} s; retry "
-                               "shortly", code="timeout")
-                yield head + _sse(err.body()) + "data: [DONE]\n\n"
-            except (*_UNAVAILABLE, ReplayDiverged) as exc:  # the replica was lost and the answer not resumed
-                logger.warning("stream %s: not resumed after its replica was lost: %r", rid, exc)
-                err = APIError(503, "the model replica answering was lost and the answer could not be resumed; "
-                               "retry shortly", code="replica_lost")
-                yield head + _sse(err.body()) + "data: [DONE]\n\n"
-            except Exception:  # noqa: BLE001 - the status line is sent; report in-band
-                logger.exception("stream %s failed", rid)
-                err = APIError(500, f"generation failed (request id {rid}); the cause is in the server log",
-                               code="internal_error")
-                yield head + _sse(err.body()) + "data: [DONE]\n\n"
-            finally:
-                await answer.aclose()  # the caller went away: stop generating for it
+        def call() -> Any:
+            return self.engine.options(stream=True).stream.remote(chat)
 
-        return StreamingResponse(body(), media_type="text/event-stream",
+        timeout_s, rid = self.cfg.request_timeout_s, chat.request_id
+        events, start = await relay.open_stream(call, timeout_s, rid)
+        body = relay.sse_answer(events, call, start, rid, int(time.time()), chat.model or self.model_name,
+                                include_usage, timeout_s)
+        return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid})
 
 

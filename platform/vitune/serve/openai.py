@@ -5,6 +5,7 @@ those whose silent dropping would change the answer (`n` other than 1, `logprobs
 refused. Parsing is as strict as OpenAI's: no type coercion (`"1"` is not a number, `1` not a boolean), every
 number within the range its consumer accepts (a `seed` fits in 64 bits), stop strings bounded. Every client
 mistake becomes an `APIError`, rendered as OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`.
+The engine's domain errors (`vitune.serve.errors`) become `APIError`s here, and only here (`engine_error`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vitune.serve.errors import EngineError, GenerationFailed, QueueFull, ReplicaClosing, RequestRejected
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256  # per stop string: the text stream rescans this much at every token
@@ -42,16 +45,24 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    @classmethod
-    def from_body(cls, status: int, body: dict[str, Any]) -> APIError:
-        err = body["error"]
-        return cls(status, err["message"], err.get("param"), err.get("code"), err.get("type"))
-
 
 def _default_type(status: int) -> str:
     if status == 429:
         return "rate_limit_error"
     return "server_error" if status >= 500 else "invalid_request_error"
+
+
+# the engine's errors by kind → HTTP status; the first that matches wins
+_ENGINE_STATUS: tuple[tuple[type[EngineError], int], ...] = (
+    (RequestRejected, 400), (QueueFull, 429), (ReplicaClosing, 503), (GenerationFailed, 500))
+# the engine names `ChatRequest` fields; the client sent them as these request fields
+_WIRE_PARAM = {"turns": "messages", "system": "messages", "images": "messages"}
+
+
+def engine_error(err: EngineError) -> APIError:
+    """The engine's domain error as the API answers it: its status, and its param as the client's field."""
+    status = next((code for kind, code in _ENGINE_STATUS if isinstance(err, kind)), 500)
+    return APIError(status, err.message, _WIRE_PARAM.get(err.param or "", err.param), err.code)
 
 
 class TextPart(BaseModel):

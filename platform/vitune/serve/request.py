@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vitune import GPT, HUMAN, IMAGE_TOKEN, storage
 from vitune.config import RemoteImagesConfig, ServeConfig
+from vitune.data.prompt import image_first
 from vitune.model.image import ImageError, decode_image, fit_to_square
 from vitune.serve.openai import APIError, ChatCompletionRequest
 
@@ -50,6 +51,11 @@ class ChatRequest:
     seed: int | None = None
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     model: str | None = None  # the served name asked for (a LoRA adapter's, see vitune.serve.adapters); None = default
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """The request's images in the order of their `<image>` placeholders (what the prompt policy checks)."""
+        return [] if self.image is None else [self.image]
 
 
 def _host_allowed(host: str, allowed: Sequence[str]) -> bool:
@@ -244,7 +250,7 @@ async def chat_request_from_openai(req: ChatCompletionRequest, cfg: ServeConfig,
 
     System (or developer) messages may only open the conversation; then user and assistant alternate,
     starting and ending with user. One image per request, in a user message; its turn gets the
-    `<image>` token in front, as in LLaVA's training data.
+    `<image>` token in front (`vitune.data.prompt.image_first`, the placement batch evaluation uses too).
     """
     if req.text_chars > cfg.max_text_chars:
         raise APIError(413, f"the messages hold {req.text_chars} characters of text, over the limit of "
@@ -278,7 +284,7 @@ async def chat_request_from_openai(req: ChatCompletionRequest, cfg: ServeConfig,
                                "too_many_images")
             k = next(j for j, p in enumerate(msg.content or []) if not isinstance(p, str) and p.type == "image_url")
             image_part = (images[0].image_url.url, f"{param}.content[{k}].image_url")
-            text = f"{IMAGE_TOKEN}\n{text}" if text else IMAGE_TOKEN
+            text = image_first(text, len(images))
         turns.append({"from": HUMAN if msg.role == "user" else GPT, "value": text})
     if not turns:
         raise APIError(400, "messages hold no user message", "messages")

@@ -15,6 +15,7 @@ from vitune.model.folder import save_model_folder
 from vitune.model.vision import load_vision_tower
 from vitune.model.vlm import build_model
 from vitune.serve.engine import ServingEngine
+from vitune.serve.errors import GenerationFailed, RequestRejected
 from vitune.serve.request import ChatRequest
 
 
@@ -69,12 +70,14 @@ def test_one_bad_request_fails_alone(engine):
     goods, bads = asyncio.run(run_mixed(engine))
     assert [r["type"] for r in goods] == ["result"] * 8, goods
     assert all(r["completion_tokens"] >= 1 for r in goods)
-    assert bads["seed beyond 64 bits"]["status"] == 400 and bads["seed beyond 64 bits"]["error"]["param"] == "seed"
-    assert bads["untokenisable turn"]["status"] == 400
+    seed = bads["seed beyond 64 bits"]["error"]
+    assert isinstance(seed, RequestRejected) and seed.param == "seed" and seed.code == "invalid_value"
+    untokenisable = bads["untokenisable turn"]["error"]
+    assert isinstance(untokenisable, RequestRejected) and untokenisable.code == "invalid_prompt"
     empty = bads["broken image"]
-    assert empty["type"] == "error" and empty["status"] == 500
+    assert empty["type"] == "error" and isinstance(empty["error"], GenerationFailed)
     # the client sees a request id, never the exception's text
-    assert "request id chatcmpl-" in empty["error"]["message"] and "ValueError" not in empty["error"]["message"]
+    assert "request id chatcmpl-" in empty["error"].message and "ValueError" not in empty["error"].message
     stats = engine.stats()
     assert stats["batch_failures"] == 0 and stats["request_failures"] >= 1
     assert engine.health() is None
@@ -98,7 +101,7 @@ def test_health_fails_after_repeated_shared_step_failures_and_recovers(engine):
     try:
         for _ in range(2):
             out = asyncio.run(engine.complete(good(2)))
-            assert out["status"] == 500 and "illegal memory" not in out["error"]["message"]
+            assert isinstance(out["error"], GenerationFailed) and "illegal memory" not in out["error"].message
         assert "decode steps failed" in (engine.health() or "")
     finally:
         lm.forward = forward
