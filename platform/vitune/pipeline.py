@@ -1,9 +1,10 @@
 """The pipeline as one job: features → align → finetune → eval, each step skipped when its output exists
 with a matching config, so a re-run after a failure picks up where it stopped.
 
-All steps read one preset (``--config``) with the same overrides; the stage blocks of the preset give each
-training step its records and hyperparameters (``step_configs``, which ``vitune submit`` also validates
-with). One MLflow parent run holds every step's own run, the features step's included.
+Each step runs a job of ``vitune.catalog.JOBS`` (``PIPELINE``). All steps read one preset (``--config``) with
+the same overrides; the stage blocks of the preset give each training step its records and hyperparameters
+(``step_configs``, which ``vitune submit`` also validates with). One MLflow parent run holds every step's
+own run, the features step's included.
 """
 
 from __future__ import annotations
@@ -11,26 +12,35 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from vitune import layout, storage
-from vitune.config import (
-    ConfigError,
-    EvalJobConfig,
-    FeaturesJobConfig,
-    JobConfig,
-    TrainJobConfig,
-    dump_config,
-    load_config,
-)
+from vitune import catalog, layout, storage
+from vitune.config import ConfigError, JobConfig, TrainJobConfig, dump_config, load_config
 from vitune.runtime import connect
 from vitune.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-STEPS = ("features", "align", "finetune", "eval")
+
+@dataclass(frozen=True)
+class Step:
+    """A step of the pipeline: the job it runs (its name in ``vitune.catalog.JOBS``) and what it adds to the
+    pipeline's overrides."""
+
+    job: str
+    overrides: tuple[str, ...] = ()
+
+
+PIPELINE: dict[str, Step] = {
+    "features": Step("extract_features"),
+    "align": Step("train", ("stage=align",)),
+    "finetune": Step("train", ("stage=finetune",)),
+    "eval": Step("evaluate"),
+}
+STEPS = tuple(PIPELINE)
 STEPS_KEY = "steps"  # `steps=features,align` on the command line picks the steps
 
 
@@ -56,12 +66,9 @@ def step_configs(config_path: str, overrides: Sequence[str] = (), steps: Sequenc
     """Each step's config: the preset + overrides as that step's job loads them (training: its stage block)."""
     out: dict[str, Any] = {}
     for step in steps:
-        if step == "features":
-            out[step] = load_config(FeaturesJobConfig, config_path, overrides)
-        elif step == "eval":
-            out[step] = load_config(EvalJobConfig, config_path, overrides)
-        else:
-            out[step] = load_config(TrainJobConfig, config_path, [*overrides, f"stage={step}"])
+        spec = PIPELINE[step]
+        config_class = catalog.load(catalog.job(spec.job).config)  # vitune.config's classes: no job stack
+        out[step] = load_config(config_class, config_path, [*overrides, *spec.overrides])
     return out
 
 
@@ -79,22 +86,15 @@ def _train_done(cfg: TrainJobConfig) -> dict | None:
 
 def run_step(step: str, cfg: Any, parent_run_id: str | None) -> tuple[dict[str, Any], bool]:
     """Run one step as a child run of ``parent_run_id``; returns ``(its result, whether it was skipped)``."""
-    # deferred: `vitune submit` reads STEPS and step_configs here without loading Ray Train, torch or DeepSpeed
-    if step == "features":
-        from vitune.features.run import run_features
-
-        out = run_features(cfg, parent_run_id=parent_run_id)
-        return out, out["computed_shards"] == 0
-    if step == "eval":
-        # deferred: each step loads only its own stack (Ray Train + DeepSpeed, or the eval actors)
-        from vitune.evaluation.run import run_evaluation
-
-        return run_evaluation(cfg, parent_run_id=parent_run_id), False
-    # deferred: each step loads only its own stack (Ray Train + DeepSpeed, or the eval actors)
-    from vitune.train.driver import run_training
-
-    done = _train_done(cfg)
-    return (done, True) if done is not None else (run_training(cfg, parent_run_id=parent_run_id), False)
+    job = PIPELINE[step].job
+    if isinstance(cfg, TrainJobConfig):
+        done = _train_done(cfg)
+        if done is not None:
+            return done, True
+    # imported here: `vitune submit` reads the steps and step_configs without loading Ray Train, torch or
+    # DeepSpeed, and each step loads only its own stack (Ray Train + DeepSpeed, the tower, or the eval actors)
+    out = catalog.load(catalog.job(job).run)(cfg, parent_run_id=parent_run_id)
+    return out, job == "extract_features" and out["computed_shards"] == 0  # a complete store: nothing computed
 
 
 def run_pipeline(config_path: str, overrides: Sequence[str] = (), steps: Sequence[str] = STEPS,
@@ -119,3 +119,8 @@ def run_pipeline(config_path: str, overrides: Sequence[str] = (), steps: Sequenc
         raise
     parent.finish()
     return results
+
+
+def job_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The line ``jobs/pipeline.py`` prints: what each step did and the parent run."""
+    return {"steps": results["steps"], "mlflow_parent_run_id": results["mlflow_parent_run_id"]}

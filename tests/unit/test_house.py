@@ -126,7 +126,7 @@ for preset in config.preset_names():
 assert not [m for m in sys.modules if m.split(".")[0] in HEAVY], "a heavy library was imported"
 assert "ray" not in sys.modules, "reading configs imported Ray"
 print("LOADED", loaded, len(config.preset_names()))
-from vitune.cli.jobs import JOBS
+from vitune.catalog import JOBS
 from vitune.cli.submit import validate_job
 for job in JOBS:  # what `vitune submit JOB --config tiny` checks before it sends anything
     assert validate_job(job, "tiny", ["stage=finetune"] if job == "train" else []), job

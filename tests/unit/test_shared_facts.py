@@ -20,7 +20,7 @@ def test_shared_facts_are_defined_once():
 
 
 def test_every_job_entrypoint_has_the_one_shape():
-    from vitune.cli.jobs import JOBS
+    from vitune.catalog import JOBS
 
     files = sorted(p[:-3] for p in os.listdir(os.path.join(ROOT, "jobs")) if p.endswith(".py"))
     assert files == sorted(JOBS)  # one entrypoint per job, no helper module beside them

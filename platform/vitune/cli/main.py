@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vitune import progress
+from vitune import catalog, progress
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -53,20 +53,15 @@ def _cmd_jobs(args: argparse.Namespace, rest: list[str]) -> int:
     return cluster.main_jobs(rest)
 
 
-# `vitune features|train|evaluate|generate|pipeline` run the jobs of jobs/*.py here (same parsing, same summary)
-LOCAL_JOBS = {"features": ("extract_features", "images → the fingerprinted feature store (Ray Data)"),
-              "train": ("train", "train one stage (stage=align|finetune) with Ray Train × DeepSpeed"),
-              "evaluate": ("evaluate", "evaluate a model folder (eval.benchmark=...)"),
-              "generate": ("generate_instructions", "generate instruction data through an OpenAI-compatible LLM"),
-              "pipeline": ("pipeline", "features → align → finetune → eval, skipping finished steps")}
-
-
+# `vitune features|train|evaluate|generate|pipeline` run the jobs of jobs/*.py here (same parsing, same summary);
+# which subcommand runs which job is its entry in vitune.catalog.JOBS
 def _cmd_job(args: argparse.Namespace, rest: list[str]) -> int:
     from vitune.cli import jobs
 
-    job, help_ = LOCAL_JOBS[args.command]
-    return jobs.main(job, rest, f"vitune {args.command}: {help_}.\n\nexample: vitune {args.command} --config tiny"
-                     + (" stage=align" if args.command == "train" else ""), prog=f"vitune {args.command}")
+    spec = catalog.job(args.job)
+    example = " ".join(["vitune", spec.command, "--config", "tiny", *([spec.example] if spec.example else [])])
+    return jobs.main(args.job, rest, f"vitune {spec.command}: {spec.help}.\n\nexample: {example}",
+                     prog=f"vitune {spec.command}")
 
 
 def _cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
@@ -122,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.set_defaults(func=func, passthrough=True)
-    for name, (_, help_) in LOCAL_JOBS.items():
-        sp = sub.add_parser(name, help=help_ + " (locally; `vitune submit` sends it to a cluster)", add_help=False)
-        sp.set_defaults(func=_cmd_job, passthrough=True)
+    for name, spec in catalog.JOBS.items():
+        sp = sub.add_parser(spec.command, help=spec.help + " (locally; `vitune submit` sends it to a cluster)",
+                            add_help=False)
+        sp.set_defaults(func=_cmd_job, passthrough=True, job=name)
     return p
 
 

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vitune import storage
+from vitune import catalog, storage
 from vitune.cli.cluster import ClusterError, connect, follow, report
-from vitune.cli.jobs import JOBS
 from vitune.cli.repo import RepositoryNotFound, find_repo_root
 from vitune.config import ConfigError, JobConfig, load_config, resolve_preset
 from vitune.pipeline import split_steps, step_configs
@@ -92,12 +91,12 @@ def _local_file(name: str, root: Path, what: str) -> Path:
 
 def resolve_job(job: str, root: Path) -> tuple[str, str]:
     """``(script path relative to root, job name)`` for a jobs/ name (``train``) or a path to a script."""
-    if job in JOBS:
+    if job in catalog.JOBS:
         if not (root / "jobs" / f"{job}.py").is_file():
             raise SubmitError(f"jobs/{job}.py not found in the working dir {root}: is it a vitune checkout?")
         return f"jobs/{job}.py", job
     if not job.endswith(".py"):
-        raise SubmitError(f"unknown job {job!r}: use one of {', '.join(JOBS)} or a path to a .py file")
+        raise SubmitError(f"unknown job {job!r}: use one of {', '.join(catalog.JOBS)} or a path to a .py file")
     script = _local_file(job, root, "job script")
     return _inside(script, root, "job script"), script.stem
 
@@ -121,13 +120,14 @@ def validate_job(job: str, config: str, overrides: Sequence[str]) -> list[JobCon
 
     Returns the loaded configs (the pipeline: each step's, then its own); a custom script is not checked.
     """
-    if job not in JOBS:
+    if job not in catalog.JOBS:
         log.warning("%s is not a vitune job entrypoint: its config is not validated before submission", job)
         return []
-    if JOBS[job].config is None:  # the pipeline, loaded as run_pipeline loads it
+    spec = catalog.JOBS[job]
+    if spec.config is None:  # the pipeline, loaded as run_pipeline loads it
         steps, rest = split_steps(overrides)
         return [*step_configs(config, rest, steps).values(), load_config(JobConfig, config, rest)]
-    return [load_config(JOBS[job].config, config, overrides)]
+    return [load_config(catalog.load(spec.config), config, overrides)]
 
 
 def warn_local_storage(cfgs: Sequence[JobConfig]) -> None:
@@ -185,7 +185,7 @@ def build_runtime_env(root: Path, env_vars: Mapping[str, str], pip: Sequence[str
 
 def submit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitune submit", description="Submit a jobs/ entrypoint to a Ray cluster.")
-    p.add_argument("job", help=f"{' | '.join(JOBS)}, or a path to a script in the repository")
+    p.add_argument("job", help=f"{' | '.join(catalog.JOBS)}, or a path to a script in the repository")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides (pipeline: also steps=a,b)")
     p.add_argument("--config", required=True, help="a preset name (tiny, llava-v1.5-7b, ...), a YAML file in "
                                                    "the repository, or an s3:// URI")
@@ -211,7 +211,7 @@ def main_submit(argv: Sequence[str] | None = None) -> int:
         root = Path(args.working_dir).resolve() if args.working_dir else find_repo_root()
         script, name = resolve_job(args.job, root)
         config = resolve_config(args.config, root)
-        overrides = [*CLUSTER_OVERRIDES, *args.overrides] if name in JOBS else list(args.overrides)
+        overrides = [*CLUSTER_OVERRIDES, *args.overrides] if name in catalog.JOBS else list(args.overrides)
         cfgs = validate_job(name, config.local, overrides)
         warn_local_storage(cfgs)
         entrypoint = build_entrypoint(script, config.remote, overrides)

@@ -1,4 +1,5 @@
-"""The evaluation job's config (jobs/evaluate.py): the benchmark, its data, generation settings; the judge."""
+"""The evaluation job's config (jobs/evaluate.py): the benchmark (one of vitune.catalog's), its data, generation
+settings; the judge."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from vitune import catalog
 from vitune.config.base import JobConfig, Section, _absolute_or_stage
 from vitune.config.generation import EndpointConfig
 
@@ -21,8 +23,7 @@ class JudgeConfig(EndpointConfig):
 
 
 class EvalConfig(Section):
-    benchmark: Literal["scienceqa", "llava_bench", "synthetic",
-                       "pope", "mme", "textvqa", "gqa", "mmbench"] = "scienceqa"
+    benchmark: str = "scienceqa"  # a name in vitune.catalog.BENCHMARKS (an unknown one is refused, naming them)
     model_folder: str | None = None  # model folder URI, runs:/<training run id>, or a stage name (its model folder)
     model_run_id: str | None = None  # the training run to link; default: from runs:/ or the model folder
     data: str | None = None  # benchmark root URI (synthetic: the eval.json URI)
@@ -53,6 +54,12 @@ class EvalConfig(Section):
     use_gpu: bool | None = None  # None = when the cluster has GPUs
 
     _model = field_validator("model_folder")(_absolute_or_stage)
+
+    @field_validator("benchmark")
+    @classmethod
+    def _known_benchmark(cls, v: str) -> str:
+        catalog.benchmark(v)  # the table, read when validating: its entries, not a copy of their names
+        return v
 
 
 class EvalJobConfig(JobConfig):

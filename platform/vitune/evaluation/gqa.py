@@ -16,12 +16,15 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitune import storage
 from vitune.config import EvalJobConfig
 from vitune.evaluation import llava_format as fmt_io
 from vitune.evaluation.tables import fmt, metric_name, numbers, table
+
+if TYPE_CHECKING:
+    from vitune.evaluation.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,8 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str,
     return result, rows
 
 
-def run_gqa(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn) -> dict[str, Any]:
+def run_gqa(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn,
+            judge: Judge | None = None) -> dict[str, Any]:
     """Questions and GQA's ground truth from ``eval.data`` → answers → accuracy."""
     ev = cfg.eval
     questions = fmt_io.read_benchmark_questions(ev, QUESTIONS_FILE, FOLDER)

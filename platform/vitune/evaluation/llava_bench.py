@@ -30,11 +30,17 @@ import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitune import storage
+from vitune.evaluation import llava_format as fmt_io
 from vitune.evaluation.inference import single_turn
 from vitune.evaluation.llava_bench_official import JudgeStyle, official_style
+from vitune.evaluation.tables import fmt, table
+
+if TYPE_CHECKING:
+    from vitune.config import EvalJobConfig
+    from vitune.evaluation.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ LAYOUTS = {
     "coco": ("qa90_questions.jsonl", "caps_boxes_coco2014_val_80.jsonl", "qa90_gpt4_answer.jsonl"),
 }
 SCORE_RANGE = (1.0, 10.0)
+REVIEWS_FILE = "reviews.jsonl"  # the judge's verdicts, one row per question, repeat and order
 
 JUDGE_SYSTEM = "You are a fair, exacting reviewer of answers about images."
 _OUTPUT_FORMAT = (
@@ -257,3 +264,68 @@ def _position_bias(forward: Sequence[dict], swapped: Sequence[dict], swap_scores
         "n_both_parseable": len(diffs),
         "unparseable": sum(1 for row in swapped if row["scores"] is None and not row["error"]),
     }
+
+
+# --- the benchmark (vitune.catalog.BENCHMARKS["llava_bench"]): run, report section, metrics, chart ---
+
+
+def run_llava_bench(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn,
+                    judge: Judge | None = None) -> dict[str, Any]:
+    """``eval.data`` (``eval.layout``) → answers → the judge's verdicts → relative scores; the verdicts go to
+    ``reviews.jsonl`` under ``out``."""
+    ev = cfg.eval
+    if judge is None:
+        raise ValueError("LLaVA-Bench needs a judge: set judge.base_url and judge.model")
+    root = fmt_io.data_root(ev)
+    items = load_bench(*file_uris(root, ev.layout, ev.questions, ev.context, ev.references), limit=ev.limit)
+    texts, inference = answer_fn(build_requests(items, ev.images or storage.join(root, "images")))
+    missing = [it.question_id for it in items if it.question_id not in texts]
+    if missing:
+        log.warning("%d questions have no answer (scored as empty answers), e.g. %s", len(missing), missing[:3])
+    answers = {it.question_id: texts.get(it.question_id, "") for it in items}
+    result, rows = judge_bench(items, answers, judge.ask_many, cfg.judge.repeats, cfg.judge.swap_order,
+                               style=judge_style(ev.judge_prompt, ev.layout))
+    result["layout"] = ev.layout
+    storage.write_jsonl(storage.join(out, REVIEWS_FILE), rows)
+    return {"result": result, "inference": inference}
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    keys = (*CATEGORIES, "all")
+    header = ["", "Conversation", "Detail", "Complex", "All"]
+    rel, std = result["relative_score"], result["relative_score_std"]
+    rows = [["relative score", *[fmt(rel[k], 1) for k in keys]]]
+    if result["repeats"] > 1:
+        rows.append([f"std over {result['repeats']} repeats", *[fmt(std[k], 1) for k in keys]])
+    scores = result["scores"]
+    rows.append(["mean score: reference", *[fmt(scores[k]["reference"]) for k in keys]])
+    rows.append(["mean score: ours", *[fmt(scores[k]["ours"]) for k in keys]])
+    rows.append(["verdicts scored", *[str(scores[k]["n"]) for k in keys]])
+    swapped = result.get("swapped")
+    if swapped:
+        rows.append(["relative score, answers swapped", *[fmt(swapped["relative_score"][k], 1) for k in keys]])
+    counted = result.get("unparseable_counted_as")
+    handled = f"counted as {counted} in the means, as LLaVA's summary does" if counted else "left out of the means"
+    notes = [f"{result['n']} questions; judge prompt: {result.get('judge_prompt', 'vitune')}; "
+             f"{result['unparseable']} unparseable verdicts ({handled}); {result['judge_errors']} failed judge "
+             "requests (left out of the means)."]
+    if swapped:
+        notes.append(f"Position-1 advantage: {fmt(swapped['position1_advantage'])} points "
+                     f"over {swapped['n_both_parseable']} questions scored in both orders.")
+    return f"## LLaVA-Bench ({result['layout']}) relative score, %\n\n{table(header, rows)}\n\n" + \
+        "\n".join(notes) + "\n"
+
+
+def metrics(result: Mapping[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {f"relative.{k}": v for k, v in result["relative_score"].items()}
+    out.update({f"relative_std.{k}": v for k, v in result["relative_score_std"].items()})
+    out["unparseable"] = result["unparseable"]
+    out["judge_errors"] = result["judge_errors"]
+    if result.get("swapped"):
+        out.update({f"swapped.relative.{k}": v for k, v in result["swapped"]["relative_score"].items()})
+        out["position1_advantage"] = result["swapped"]["position1_advantage"]
+    return out
+
+
+def chart(result: Mapping[str, Any]) -> tuple[str, dict[str, float], dict[str, float]]:
+    return "relative score, %", {c: result["relative_score"][c] for c in CATEGORIES}, {}

@@ -134,6 +134,13 @@ def collect_answers(cfg: EvalJobConfig, questions: Sequence[Mapping[str, Any]], 
     return rows, inference
 
 
+def data_root(ev: Any) -> str:
+    """``eval.data``, which every benchmark needs: its data's URI."""
+    if not ev.data:
+        raise ValueError(f"eval.data: the {ev.benchmark} data URI is required")
+    return ev.data
+
+
 def read_benchmark_questions(ev: Any, questions_file: str, folder: str) -> list[dict[str, Any]]:
     """``eval.data`` (required: ``folder`` says what it holds) → its question file (``eval.questions`` or
     ``questions_file``), the first ``eval.limit`` questions."""

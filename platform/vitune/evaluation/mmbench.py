@@ -30,12 +30,15 @@ import logging
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitune import storage
 from vitune.config import EvalJobConfig
 from vitune.evaluation import llava_format as fmt_io
 from vitune.evaluation.tables import fmt, metric_name, numbers, table
+
+if TYPE_CHECKING:
+    from vitune.evaluation.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,8 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str,
     return result, rows
 
 
-def run_mmbench(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn) -> dict[str, Any]:
+def run_mmbench(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn,
+                judge: Judge | None = None) -> dict[str, Any]:
     """The dev TSV → images written under ``out`` → answers → circular accuracy."""
     ev = cfg.eval
     if not ev.data:

@@ -21,12 +21,15 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitune import storage
 from vitune.config import EvalJobConfig
 from vitune.evaluation import llava_format as fmt_io
 from vitune.evaluation.tables import fmt, metric_name, numbers, table
+
+if TYPE_CHECKING:
+    from vitune.evaluation.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,8 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str,
     return {"n": len(questions), "missing": missing, **totals, "subtasks": subtasks, "absent_subtasks": absent}, rows
 
 
-def run_mme(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn) -> dict[str, Any]:
+def run_mme(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn,
+            judge: Judge | None = None) -> dict[str, Any]:
     """Questions from ``eval.data``, ground truth from the MME release → answers → scores."""
     ev = cfg.eval
     questions = fmt_io.read_benchmark_questions(ev, QUESTIONS_FILE, FOLDER)

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitune import storage
 from vitune.config import EvalJobConfig
 from vitune.evaluation import llava_format as fmt_io
 from vitune.evaluation.tables import fmt, metric_name, numbers, table
+
+if TYPE_CHECKING:
+    from vitune.evaluation.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,8 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str,
     return {"n": len(questions), "missing": missing, "splits": by_split, "average": average}, rows
 
 
-def run_pope(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn) -> dict[str, Any]:
+def run_pope(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn,
+             judge: Judge | None = None) -> dict[str, Any]:
     """Questions and labels from ``eval.data`` → answers (generated or ``eval.predictions``) → metrics."""
     ev = cfg.eval
     questions = fmt_io.read_benchmark_questions(ev, QUESTIONS_FILE, FOLDER)

@@ -1,5 +1,5 @@
-"""Evaluation reports: the Markdown table of each benchmark, its per-category chart (PNG) and the flat
-metrics logged to MLflow."""
+"""Evaluation reports: the Markdown of each benchmark, its per-category chart (PNG) and the flat metrics
+logged to MLflow; each benchmark's own part comes from its entry in ``vitune.catalog.BENCHMARKS``."""
 
 from __future__ import annotations
 
@@ -7,92 +7,18 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from vitune.evaluation import llava_bench, scienceqa, suite
-from vitune.evaluation.tables import fmt, table
-
-
-def scienceqa_markdown(report: Mapping[str, Any]) -> str:
-    header = ["", *scienceqa.CATEGORIES, "Avg", "n", "failed extraction"]
-    rows = []
-    for name in ("ours", "judge", "ensemble"):
-        part = report.get(name)
-        if part:
-            cats = [fmt(part["by_category"][c]["accuracy"]) for c in scienceqa.CATEGORIES]
-            rows.append([name, *cats, fmt(part["accuracy"]), str(part["n"]), str(part["failed_extraction"])])
-    title = (f"ScienceQA ({report['split']}, {report['prompt_format']}, "
-             f"{report.get('extraction', 'official')} answer extraction) accuracy, %")
-    return f"## {title}\n\n{table(header, rows)}\n"
-
-
-def llava_bench_markdown(report: Mapping[str, Any]) -> str:
-    keys = (*llava_bench.CATEGORIES, "all")
-    header = ["", "Conversation", "Detail", "Complex", "All"]
-    rel, std = report["relative_score"], report["relative_score_std"]
-    rows = [["relative score", *[fmt(rel[k], 1) for k in keys]]]
-    if report["repeats"] > 1:
-        rows.append([f"std over {report['repeats']} repeats", *[fmt(std[k], 1) for k in keys]])
-    scores = report["scores"]
-    rows.append(["mean score: reference", *[fmt(scores[k]["reference"]) for k in keys]])
-    rows.append(["mean score: ours", *[fmt(scores[k]["ours"]) for k in keys]])
-    rows.append(["verdicts scored", *[str(scores[k]["n"]) for k in keys]])
-    swapped = report.get("swapped")
-    if swapped:
-        rows.append(["relative score, answers swapped", *[fmt(swapped["relative_score"][k], 1) for k in keys]])
-    counted = report.get("unparseable_counted_as")
-    handled = f"counted as {counted} in the means, as LLaVA's summary does" if counted else "left out of the means"
-    notes = [f"{report['n']} questions; judge prompt: {report.get('judge_prompt', 'vitune')}; "
-             f"{report['unparseable']} unparseable verdicts ({handled}); {report['judge_errors']} failed judge "
-             "requests (left out of the means)."]
-    if swapped:
-        notes.append(f"Position-1 advantage: {fmt(swapped['position1_advantage'])} points "
-                     f"over {swapped['n_both_parseable']} questions scored in both orders.")
-    return f"## LLaVA-Bench ({report['layout']}) relative score, %\n\n{table(header, rows)}\n\n" + \
-        "\n".join(notes) + "\n"
-
-
-def synthetic_markdown(report: Mapping[str, Any]) -> str:
-    kinds = list(report["per_kind"])
-    header = ["", *kinds, "overall"]
-    rows = [["accuracy", *[fmt(report["per_kind"][k], 3) for k in kinds], fmt(report["accuracy"], 3)],
-            ["chance", *[fmt(report["chance"].get(k), 3) for k in kinds], fmt(report["chance"]["overall"], 3)],
-            ["n", *[str(report["n_per_kind"][k]) for k in kinds], str(report["n"])]]
-    return f"## Synthetic held-out exact match\n\n{table(header, rows)}\n"
-
-
-MARKDOWN = {"scienceqa": scienceqa_markdown, "llava_bench": llava_bench_markdown, "synthetic": synthetic_markdown,
-            **{name: b.markdown for name, b in suite.BENCHMARKS.items()}}
+from vitune import catalog
 
 
 def markdown(report: Mapping[str, Any]) -> str:
     head = (f"# Evaluation: {report['benchmark']}\n\nmodel: `{report.get('model_folder')}`"
             f"{' (training run ' + report['model_run_id'] + ')' if report.get('model_run_id') else ''}\n\n")
-    return head + MARKDOWN[report["benchmark"]](report["result"])
+    return head + catalog.load(catalog.benchmark(report["benchmark"]).markdown)(report["result"])
 
 
 def metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers worth plotting, flat, for MLflow."""
-    res, bench = report["result"], report["benchmark"]
-    out: dict[str, float | None] = {}
-    if bench == "scienceqa":
-        for name in ("ours", "judge", "ensemble"):
-            if res.get(name):
-                out[f"{name}.accuracy"] = res[name]["accuracy"]
-                out[f"{name}.failed_extraction"] = res[name]["failed_extraction"]
-                out.update({f"{name}.{c}": v["accuracy"] for c, v in res[name]["by_category"].items()})
-    elif bench == "llava_bench":
-        out.update({f"relative.{k}": v for k, v in res["relative_score"].items()})
-        out.update({f"relative_std.{k}": v for k, v in res["relative_score_std"].items()})
-        out["unparseable"] = res["unparseable"]
-        out["judge_errors"] = res["judge_errors"]
-        if res.get("swapped"):
-            out.update({f"swapped.relative.{k}": v for k, v in res["swapped"]["relative_score"].items()})
-            out["position1_advantage"] = res["swapped"]["position1_advantage"]
-    elif bench in suite.BENCHMARKS:
-        out.update(suite.BENCHMARKS[bench].metrics(res))
-    else:
-        out["accuracy"] = res["accuracy"]
-        out.update({f"accuracy.{k}": v for k, v in res["per_kind"].items()})
-        out["chance"] = res["chance"]["overall"]
+    """The numbers worth plotting, flat, for MLflow: the benchmark's, then the inference's."""
+    out: dict[str, float | None] = dict(catalog.load(catalog.benchmark(report["benchmark"]).metrics)(report["result"]))
     inference = report.get("inference") or {}
     for key in ("generated", "resumed", "errors", "new_tokens", "tokens_per_s", "wall_seconds"):
         if key in inference:
@@ -105,18 +31,13 @@ CHART_FILE = "chart.png"
 
 def categories(report: Mapping[str, Any]) -> tuple[str, dict[str, float], dict[str, float]]:
     """``(what is plotted, score per category, chance per category)`` for the chart; empty when none."""
-    res, bench = report["result"], report["benchmark"]
-    if bench == "synthetic":
-        chance = {k: v for k, v in res["chance"].items() if k in res["per_kind"] and v is not None}
-        return "exact-match accuracy", dict(res["per_kind"]), chance
-    if bench == "scienceqa":
-        part = res.get("ensemble") or res.get("judge") or res["ours"]
-        return "accuracy, %", {c: part["by_category"][c]["accuracy"] for c in scienceqa.CATEGORIES}, {}
-    if bench == "llava_bench":
-        return "relative score, %", {c: res["relative_score"][c] for c in llava_bench.CATEGORIES}, {}
-    if bench in suite.BENCHMARKS:
-        return "score", {k: v for k, v in suite.BENCHMARKS[bench].metrics(res).items() if v is not None}, {}
-    return "", {}, {}
+    bench = catalog.BENCHMARKS.get(report["benchmark"])
+    if bench is None:
+        return "", {}, {}
+    if bench.chart:
+        return catalog.load(bench.chart)(report["result"])
+    scores = catalog.load(bench.metrics)(report["result"])
+    return "score", {k: v for k, v in scores.items() if v is not None}, {}
 
 
 def chart_png(report: Mapping[str, Any]) -> bytes | None:

@@ -26,11 +26,17 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitune import storage
+from vitune.evaluation import llava_format as fmt_io
 from vitune.evaluation.inference import single_turn
 from vitune.evaluation.scienceqa_official import extract_answer_official
+from vitune.evaluation.tables import fmt, table
+
+if TYPE_CHECKING:
+    from vitune.config import EvalJobConfig
+    from vitune.evaluation.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -258,3 +264,59 @@ def ensemble(problems: Sequence[Problem], predictions: Mapping[str, str], ask_ma
         "rows": [{"pid": p.pid, "ours": ours[p.pid], "judge": judge[p.pid], "final": final[p.pid],
                   "judge_text": judge_texts[p.pid]} for p in problems],
     }
+
+
+# --- the benchmark (vitune.catalog.BENCHMARKS["scienceqa"]): run, report section, metrics, chart ---
+
+
+def run_scienceqa(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn,
+                  judge: Judge | None = None) -> dict[str, Any]:
+    """``eval.split`` of ``eval.data`` → answers → accuracy by category; with a judge, the ensemble too.
+    Writes one row per problem to ``results.jsonl`` under ``out``."""
+    ev = cfg.eval
+    root = fmt_io.data_root(ev)
+    problems = load_problems(root, ev.split, ev.limit)
+    images = ev.images or storage.join(root, "images", ev.split)
+    texts, inference = answer_fn(build_requests(problems, ev.prompt_format, images))
+    ours, rows = score(problems, texts, ev.extraction)
+    result: dict[str, Any] = {"split": ev.split, "prompt_format": ev.prompt_format, "extraction": ev.extraction,
+                              "ours": ours}
+    if judge is not None:
+        ens = ensemble(problems, texts, judge.ask_many, ev.extraction)
+        by_pid = {r["pid"]: r for r in ens.pop("rows")}
+        for row in rows:
+            row.update({k: by_pid[row["pid"]][k] for k in ("judge", "final", "judge_text")})
+        result.update(ens)
+    fmt_io.write_results(out, rows)
+    return {"result": result, "inference": inference}
+
+
+_PARTS = ("ours", "judge", "ensemble")
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    header = ["", *CATEGORIES, "Avg", "n", "failed extraction"]
+    rows = []
+    for name in _PARTS:
+        part = result.get(name)
+        if part:
+            cats = [fmt(part["by_category"][c]["accuracy"]) for c in CATEGORIES]
+            rows.append([name, *cats, fmt(part["accuracy"]), str(part["n"]), str(part["failed_extraction"])])
+    title = (f"ScienceQA ({result['split']}, {result['prompt_format']}, "
+             f"{result.get('extraction', 'official')} answer extraction) accuracy, %")
+    return f"## {title}\n\n{table(header, rows)}\n"
+
+
+def metrics(result: Mapping[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name in _PARTS:
+        if result.get(name):
+            out[f"{name}.accuracy"] = result[name]["accuracy"]
+            out[f"{name}.failed_extraction"] = result[name]["failed_extraction"]
+            out.update({f"{name}.{c}": v["accuracy"] for c, v in result[name]["by_category"].items()})
+    return out
+
+
+def chart(result: Mapping[str, Any]) -> tuple[str, dict[str, float], dict[str, float]]:
+    part = result.get("ensemble") or result.get("judge") or result["ours"]
+    return "accuracy, %", {c: part["by_category"][c]["accuracy"] for c in CATEGORIES}, {}

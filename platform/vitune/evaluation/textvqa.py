@@ -18,13 +18,16 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitune import storage
 from vitune.config import EvalJobConfig
 from vitune.evaluation import llava_format as fmt_io
 from vitune.evaluation.tables import fmt, numbers, table
 from vitune.evaluation.vqa_normalize import normalize_vqa_answer, vqa_accuracy
+
+if TYPE_CHECKING:
+    from vitune.evaluation.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,8 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str,
     return {"n": len(rows), "missing": missing, "accuracy": fmt_io.pct(total, len(rows))}, rows
 
 
-def run_textvqa(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn) -> dict[str, Any]:
+def run_textvqa(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn,
+                judge: Judge | None = None) -> dict[str, Any]:
     """Questions (with OCR tokens) and annotations from ``eval.data`` → answers → VQA accuracy."""
     ev = cfg.eval
     questions = fmt_io.read_benchmark_questions(ev, QUESTIONS_FILE, FOLDER)

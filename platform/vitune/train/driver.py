@@ -225,6 +225,11 @@ def _check_runnable(cfg: TrainJobConfig) -> None:
                              "train.lora.quantization=none for LoRA over the full-precision base")
 
 
+def job_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The line ``jobs/train.py`` prints: the stage, its model folder, run and steps."""
+    return {k: summary[k] for k in ("stage", "model_folder", "run_id", "total_steps")}
+
+
 def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Run one stage end to end; returns a summary (model folder URI, MLflow run id, metrics, data stats)."""
     connect(cfg)

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from vitune import layout
+from vitune.catalog import JOBS
 from vitune.cli import manifests as cluster_manifests
 from vitune.cli import submit
-from vitune.cli.jobs import JOBS
 from vitune.config import ConfigError, SyntheticJobConfig, TrainJobConfig, load_config, resolve_preset
 
 ROOT = Path(__file__).resolve().parents[3]

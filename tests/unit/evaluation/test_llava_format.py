@@ -1,11 +1,12 @@
-"""LLaVA's question / answers files: request ids, matching answers to questions, the suite registry."""
+"""LLaVA's question / answers files: request ids, matching answers to questions (the benchmark table:
+tests/unit/test_catalog.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from vitune import storage
-from vitune.evaluation import llava_format, suite
+from vitune.evaluation import llava_format
 
 
 def test_repeated_question_ids_get_their_own_request_ids():
@@ -39,8 +40,3 @@ def test_resolve_names_under_the_root_and_keeps_uris():
     assert llava_format.resolve("s3://b/eval", "y.jsonl", "x.jsonl") == "s3://b/eval/y.jsonl"
     assert llava_format.resolve("/data", "s3://c/z.jsonl", "x.jsonl") == "s3://c/z.jsonl"
 
-
-def test_every_suite_benchmark_is_registered():
-    assert set(suite.BENCHMARKS) == {"pope", "mme", "textvqa", "gqa", "mmbench"}
-    with pytest.raises(ValueError, match="valid: pope, mme"):
-        suite.get("vqav2")
