@@ -79,7 +79,8 @@ class DecodeRow:
     """One sequence of a `DecodeBatch`: its prompt, sampling settings, progress and the caller's payload."""
 
     prompt_ids: Sequence[int]  # zero or one <image> token
-    features: torch.Tensor | None = None  # [N, Dv] tower features of the prompt's image, else None
+    # [N, Dv] tower features of the prompt's image (anyres: its tiles' [T, N, Dv], with image_size), else None
+    features: torch.Tensor | None = None
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -87,6 +88,7 @@ class DecodeRow:
     payload: Any = None  # whatever the caller needs back with the row (the engine: its request)
     generated: int = 0  # tokens emitted so far (stop tokens are not emitted)
     finish_reason: str | None = None  # set when the row is done: "stop" | "length" | the caller's reason
+    image_size: tuple[int, int] | None = None  # (width, height) of the image: what an anyres model packs by
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -127,23 +129,34 @@ class DecodeBatch:
 
         return not self.rows or all(type(layer) is DynamicLayer for layer in self.cache.layers)
 
-    def _inputs(self, rows: Sequence[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Left-padded `input_ids` and `attention_mask` `[B, T]` and the stacked features `[M, N, Dv]`."""
+    def _inputs(self, rows: Sequence[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor, Any, dict[str, Any]]:
+        """Left-padded `input_ids` and `attention_mask` `[B, T]`, the features and `splice`'s other arguments.
+
+        Without image sizes the features are stacked `[M, N, Dv]` (one tile each); when the rows give their
+        images' sizes (anyres) they go as a list of each row's `[T_i, N, Dv]` with `image_sizes`.
+        """
         longest = max(len(row.prompt_ids) for row in rows)
         input_ids = torch.full((len(rows), longest), self.model.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)
+        with_image = [row for row in rows if row.features is not None]
+        sized = any(row.image_size is not None for row in with_image)
         features = []
         for i, row in enumerate(rows):
             n_image = sum(1 for tok in row.prompt_ids if tok == self.model.image_token_id)
             if n_image != (row.features is not None):
                 given = "given" if row.features is not None else "None"
                 raise ValueError(f"prompt {i} holds {n_image} {IMAGE_TOKEN} tokens but features are {given}")
-            if row.features is not None:
+            if row.features is not None and not sized:
                 features.append(row.features[0] if row.features.dim() == 3 else row.features)  # [N, Dv]
             if row.prompt_ids:
                 input_ids[i, longest - len(row.prompt_ids) :] = torch.tensor(list(row.prompt_ids), dtype=torch.long)
                 attention_mask[i, longest - len(row.prompt_ids) :] = 1
-        return input_ids, attention_mask, torch.stack(features) if features else None
+        if sized:
+            sizes = [row.image_size for row in with_image]
+            if any(size is None for size in sizes):
+                raise ValueError("some rows give their image's size and others do not; an anyres model needs all")
+            return input_ids, attention_mask, [row.features for row in with_image], {"image_sizes": sizes}
+        return input_ids, attention_mask, torch.stack(features) if features else None, {}
 
     @torch.no_grad()
     def join(self, rows: Sequence[DecodeRow]) -> None:
@@ -156,7 +169,8 @@ class DecodeBatch:
         if not self.can_join():
             raise RuntimeError("rows can join a running batch only when its cache layers are plain DynamicLayers")
         model = self.model
-        spliced = model.splice(*self._inputs(rows), padding_side="left")
+        input_ids, attention_mask, features, extra = self._inputs(rows)
+        spliced = model.splice(input_ids, attention_mask, features, padding_side="left", **extra)
         cache = DynamicCache(config=model.lm.config)
         out = model.lm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
                        position_ids=spliced.position_ids, cache=cache, use_cache=True, logits_to_keep=1)
@@ -249,11 +263,13 @@ def decode_stream(
     top_p: float = 1.0,
     stop_token_ids: Sequence[int] | None = None,
     seed: int | None = None,
+    image_sizes: Sequence[tuple[int, int] | None] | None = None,
 ) -> Iterator[GenerationStep]:
     """Decode `prompts` together, yielding each step's new tokens (stop tokens are not emitted).
 
     `prompts` are token id lists, each holding zero or one `<image>` token; `image_features[i]` is
-    `[N, Dv]` for a prompt with an image and None otherwise. Greedy at `temperature == 0`, nucleus
+    `[N, Dv]` for a prompt with an image and None otherwise; for an anyres model it is the image's tile
+    features `[T_i, N, Dv]` and `image_sizes[i]` its `(width, height)`. Greedy at `temperature == 0`, nucleus
     sampling otherwise from one generator seeded by `seed` (fresh entropy when None). Stops at
     `stop_token_ids` (default: the model's EOS ids). Finished rows stay in the batch until all are done,
     so every row sees the same batch at every step.
@@ -262,8 +278,12 @@ def decode_stream(
         image_features = [None] * len(prompts)
     if len(image_features) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(image_features)} image_features entries")
-    rows = [DecodeRow(prompt, feats, max_new_tokens, temperature, top_p)
-            for prompt, feats in zip(prompts, image_features, strict=True)]
+    if image_sizes is None:
+        image_sizes = [None] * len(prompts)
+    if len(image_sizes) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(image_sizes)} image_sizes entries")
+    rows = [DecodeRow(prompt, feats, max_new_tokens, temperature, top_p, image_size=size)
+            for prompt, feats, size in zip(prompts, image_features, image_sizes, strict=True)]
     if not rows or max_new_tokens <= 0:
         return
     stops = set(model.eos_token_ids if stop_token_ids is None else stop_token_ids)

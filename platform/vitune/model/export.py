@@ -215,6 +215,9 @@ def write_llava_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> list[str]:
     """Write the llava-hf files of a loaded model into the local `folder`; returns the weight files."""
+    if model.recipe is not None:  # LlavaForConditionalGeneration has one tile per image and no image newline
+        raise llava_hf.NotRepresentable(f"an anyres model ({model.recipe.patch_merge}) needs the LLaVA-NeXT "
+                                        "layout (LlavaNextForConditionalGeneration), not written yet")
     dtype = dtype or model.dtype
     projector_name = meta["projector"]["name"]
     jinja = chat_template_jinja(meta["model"]["template"], tokenizer)

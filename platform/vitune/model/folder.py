@@ -4,6 +4,8 @@ Layout under a local path or s3:// prefix:
     vitune_model.json      format version, model config, feature fingerprint, token ids, extra, and every other
                            file with its size: the completion marker, published last (`_publish`)
     projector.safetensors  projector weights
+    image_newline.safetensors  an anyres (spatial_unpad) model's learned row newline; the meta then holds the
+                           vision recipe (`vision_recipe`: grid, merge, anyres_max_N cap) the model packs tiles by
     lm/                    the language model (HF `save_pretrained`), absent when `include_lm=False`
                            (align stage: the LM is frozen, so the folder names the LM path to reload)
     tokenizer/             the tokenizer, `<image>` included
@@ -17,6 +19,7 @@ against the features the model was trained on), under one device and dtype rule.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -37,13 +40,14 @@ from vitune.model import lora
 from vitune.model.projector import build_projector
 from vitune.model.vision import VisionTower, load_vision_tower
 from vitune.model.vlm import VisionLanguageModel, load_lm
-from vitune.vision_recipe import FingerprintMismatch, check_fingerprint
+from vitune.vision_recipe import FingerprintMismatch, VisionRecipe, check_fingerprint
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = MODEL_META_FILE
 PROJECTOR_FILE = "projector.safetensors"
+NEWLINE_FILE = "image_newline.safetensors"
 LM_DIR = "lm"
 TOKENIZER_DIR = "tokenizer"
 
@@ -65,6 +69,8 @@ def _write_folder(
 ) -> None:
     state = {name: t.detach().contiguous().cpu() for name, t in model.projector.state_dict().items()}
     save_file(state, str(folder / PROJECTOR_FILE))
+    if model.image_newline is not None:
+        save_file({"image_newline": model.image_newline.detach().contiguous().cpu()}, str(folder / NEWLINE_FILE))
     if include_lm:
         model.lm.save_pretrained(str(folder / LM_DIR))
     lm_meta: dict[str, Any] = {"included": include_lm, "source": LM_DIR if include_lm else model_cfg.lm}
@@ -90,7 +96,17 @@ def _write_folder(
         "dtype": str(model.dtype).removeprefix("torch."),
         "extra": extra or {},
     }
+    if model.recipe is not None:  # only then: a pad/crop folder's meta is as it always was
+        meta["vision_recipe"] = dataclasses.asdict(model.recipe)
     storage.write_json(str(folder / META_FILE), meta)
+
+
+def folder_recipe(meta: dict[str, Any]) -> VisionRecipe | None:
+    """The anyres recipe a folder's model packs its tiles by (None for a pad/crop model)."""
+    fields = meta.get("vision_recipe")
+    if not fields:
+        return None
+    return VisionRecipe(**{**fields, "grid_pinpoints": tuple(tuple(p) for p in fields.get("grid_pinpoints", ()))})
 
 
 def save_model_folder(
@@ -198,8 +214,12 @@ def _load_from(folder: Path, meta: dict[str, Any], device: str | torch.device, d
     weight = lm.get_input_embeddings().weight
     projector.to(device=weight.device, dtype=weight.dtype)
     model = VisionLanguageModel(
-        projector, lm, meta["image_token_id"], pad_token_id=meta["pad_token_id"], eos_token_id=meta["stop_token_ids"]
+        projector, lm, meta["image_token_id"], pad_token_id=meta["pad_token_id"], eos_token_id=meta["stop_token_ids"],
+        recipe=folder_recipe(meta),
     )
+    if model.image_newline is not None:
+        with torch.no_grad():
+            model.image_newline.copy_(load_file(str(folder / NEWLINE_FILE))["image_newline"])
     return model.to(device).eval(), tokenizer
 
 
@@ -274,7 +294,8 @@ def load_for_inference(source: str, device: str = "auto", dtype: str = "auto") -
     model_dtype = inference_dtype(dtype, device, read_meta(source))
     model, tokenizer, meta = load_model_folder(source, device=device, dtype=model_dtype)
     tower_dtype = torch.float32 if torch.device(device).type == "cpu" else model.dtype
-    tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]), device=device, dtype=tower_dtype)
+    tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]), device=device, dtype=tower_dtype,
+                              recipe=model.recipe)
     try:
         check_fingerprint(meta.get("fingerprint") or None, tower.fingerprint(), source)
     except FingerprintMismatch as exc:

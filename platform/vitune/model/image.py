@@ -1,7 +1,8 @@
-"""Image decoding and tower preprocessing: bytes → RGB PIL image → normalised [3, S, S] tensor.
+"""Image decoding and tower preprocessing: bytes → RGB PIL image → normalised tiles `[T, 3, S, S]`.
 
 This is the single definition of how an image becomes pixels for the vision tower; the feature job,
-evaluation and serving all reach it through `vitune.model.vision.encode_images`, so they cannot skew.
+evaluation and serving all reach it through `vitune.model.vision` (`encode_images`, `encode_image_tiles`),
+so they cannot skew.
 
 Decisions:
 - Alpha is composited onto white (what a viewer shows on a white page), instead of PIL's plain
@@ -11,12 +12,19 @@ Decisions:
 - `pad` is LLaVA v1.5's expand-to-square: the image is centred on a square canvas filled with the
   tower's mean colour (`int(m * 255)` per channel), then resized to `size` with bicubic resampling.
   `crop` is CLIP's eval transform: resize the shortest side to `size` (bicubic), then centre crop.
+- `anyres` (LLaVA-NeXT) is a base view (the whole image resized to `size` x `size`, aspect not kept) followed by
+  the tiles of a grid: the image is resized, aspect kept, to fit the grid resolution
+  `vitune.vision_recipe.select_best_resolution` picks (its sides rounded up, as transformers does), centred on
+  a black canvas of that resolution (zeros before normalisation, as LLaVA-NeXT and transformers pad) and cut
+  into `size` x `size` tiles row by row. The geometry (grid, tile count) is the recipe's; the pixels equal
+  transformers' `LlavaNextImageProcessor` / `LlavaOnevisionImageProcessor` with the PIL backend.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -24,6 +32,8 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vitune.vision_recipe import VisionRecipe, select_best_resolution, tiles_for
 
 logger = logging.getLogger(__name__)
 
@@ -179,3 +189,47 @@ def preprocess(
 ) -> torch.Tensor:
     """Image → normalised float32 tensor `[3, size, size]` for a tower of resolution `size`."""
     return normalize(fit_to_square(image, size, mean, mode), mean, std)
+
+
+def fit_inside(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int]:
+    """`(w, h)` of an image resized, aspect kept, to fit `target_w` x `target_h`: one side fills its target,
+    the other is rounded up (transformers' `get_patch_output_size`) and never exceeds its target."""
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return target_w, min(math.ceil(height * scale_w), target_h)
+    return min(math.ceil(width * scale_h), target_w), target_h
+
+
+def anyres_views(image: Image.Image, recipe: VisionRecipe) -> list[Image.Image]:
+    """An image's AnyRes views as RGB PIL images of `recipe.image_size` square: the base view, then the grid's
+    tiles row by row (LLaVA-NeXT's order); as many as `vitune.vision_recipe.tiles_for` counts."""
+    if recipe.image_mode != "anyres":
+        raise ValueError(f"anyres_views needs an anyres recipe, got image mode {recipe.image_mode!r}")
+    image = to_rgb(image)
+    width, height = image.size
+    size = recipe.image_size
+    grid_h, grid_w = select_best_resolution(height, width, recipe.grid_pinpoints)
+    if grid_h % size or grid_w % size:
+        raise ValueError(f"grid resolution {grid_h}x{grid_w} (h x w) is not a multiple of the tile size {size}; "
+                         "image_grid_pinpoints must be multiples of the tower's image size")
+    new_w, new_h = fit_inside(width, height, grid_w, grid_h)
+    canvas = Image.new("RGB", (grid_w, grid_h), (0, 0, 0))
+    resized = image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    canvas.paste(resized, ((grid_w - new_w) // 2, (grid_h - new_h) // 2))
+    tiles = [canvas.crop((left, top, left + size, top + size))
+             for top in range(0, grid_h, size) for left in range(0, grid_w, size)]
+    base = image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
+    views = [base, *tiles]
+    if len(views) != tiles_for(recipe, width, height):  # the recipe's count is the one the rest of the house uses
+        raise RuntimeError(f"{len(views)} views of a {width}x{height} image; the recipe counts "
+                           f"{tiles_for(recipe, width, height)}")
+    return views
+
+
+def preprocess_tiles(image: Image.Image, recipe: VisionRecipe, mean: Sequence[float],
+                     std: Sequence[float]) -> torch.Tensor:
+    """Image → normalised float32 tiles `[T, 3, S, S]` by the recipe: one tile for pad and crop (the same pixels
+    as `preprocess`), the base view and the grid's tiles for anyres."""
+    if recipe.image_mode != "anyres":
+        return preprocess(image, recipe.image_size, mean, std, recipe.image_mode)[None]  # type: ignore[arg-type]
+    return torch.stack([normalize(view, mean, std) for view in anyres_views(image, recipe)])

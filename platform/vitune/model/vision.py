@@ -1,7 +1,10 @@
 """The frozen vision tower: any open_clip ViT + pretrained tag → per-patch features `[B, N, D]`.
 
 `encode_images` is the one function that feature extraction, evaluation and serving call to turn
-images into tower features, so the preprocessing, feature layer and CLS handling cannot drift apart.
+images into tower features, so the preprocessing, feature layer and CLS handling cannot drift apart
+(`[B, N, D]`, one tile per image). `encode_image_tiles` is its form for every recipe, AnyRes included:
+each image's tiles' features `[T_i, N, D]` (`T_i = vision_recipe.tiles_for`), all tiles in one tower call.
+A tower takes an anyres recipe from `load_vision_tower(..., recipe=...)` (the configs cannot name one yet).
 
 Feature layer semantics follow LLaVA / Hugging Face CLIP: the hidden states are indexed like HF's
 `hidden_states` tuple, whose entry 0 is the embeddings after `ln_pre` and entry k the output of the
@@ -14,6 +17,7 @@ The tiny preset `vitune-tiny-vit` (random init, seeded) is an open_clip model co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -56,7 +60,7 @@ def _blocks_for_layer(feature_layer: int, num_layers: int) -> int:
 class VisionTower(nn.Module):
     """A frozen open_clip ViT returning the hidden states of one block as per-patch features."""
 
-    def __init__(self, visual: nn.Module, cfg: Any, open_clip_version: str) -> None:
+    def __init__(self, visual: nn.Module, cfg: Any, open_clip_version: str, recipe: VisionRecipe | None = None) -> None:
         super().__init__()
         # deferred: open_clip pulls in torch and timm; readers of a fingerprint need neither
         from open_clip.transformer import VisionTransformer
@@ -88,6 +92,9 @@ class VisionTower(nn.Module):
         self.recipe = VisionRecipe(tower=cfg.name, pretrained=cfg.pretrained, feature_layer=cfg.feature_layer,
                                    select=cfg.select, image_mode=cfg.image_mode, image_size=self.image_size,
                                    patch_size=self.patch_size, hidden_size=self.hidden_size)
+        if recipe is not None:
+            self.recipe = _with_mode_of(self.recipe, recipe)
+            self.image_mode = self.recipe.image_mode
         self.num_patches: int = self.recipe.tokens_per_tile  # features per tile
         self.mean: tuple[float, ...] = tuple(float(m) for m in visual.image_mean)
         self.std: tuple[float, ...] = tuple(float(s) for s in visual.image_std)
@@ -108,8 +115,14 @@ class VisionTower(nn.Module):
         return self.visual.conv1.weight.dtype
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """PIL image → normalised `[3, H, W]` float32 tensor for this tower."""
+        """PIL image → normalised `[3, H, W]` float32 tensor for this tower (one tile: pad or crop)."""
+        if self.recipe.image_mode == "anyres":
+            raise ValueError("an anyres tower makes several tiles per image: use preprocess_tiles")
         return image_lib.preprocess(image, self.image_size, self.mean, self.std, self.image_mode)  # type: ignore[arg-type]
+
+    def preprocess_tiles(self, image: Image.Image) -> torch.Tensor:
+        """PIL image → its normalised tiles `[T, 3, H, W]` by this tower's recipe (pad/crop: T = 1)."""
+        return image_lib.preprocess_tiles(image, self.recipe, self.mean, self.std)
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         visual = self.visual
@@ -149,11 +162,25 @@ class VisionTower(nn.Module):
                 "torch_version": torch.__version__}
 
 
-def load_vision_tower(cfg: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VisionTower:
+def _with_mode_of(built: VisionRecipe, given: VisionRecipe) -> VisionRecipe:
+    """The tower's own recipe with the image mode, grid, merge and cap of `given`, which must describe the
+    same tower (name, tag, layer, selection and geometry)."""
+    same = ("tower", "pretrained", "feature_layer", "select", "image_size", "patch_size", "hidden_size")
+    diffs = [f"{k}: tower {getattr(built, k)!r}, recipe {getattr(given, k)!r}" for k in same
+             if getattr(given, k) is not None and getattr(given, k) != getattr(built, k)]
+    if diffs:
+        raise ValueError(f"the recipe describes another tower than {built.tower!r}: {'; '.join(diffs)}")
+    return dataclasses.replace(built, image_mode=given.image_mode, grid_pinpoints=given.grid_pinpoints,
+                               patch_merge=given.patch_merge, max_tiles=given.max_tiles)
+
+
+def load_vision_tower(cfg: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      recipe: VisionRecipe | None = None) -> VisionTower:
     """Build the frozen tower named by a `VisionConfig` (open_clip name + pretrained tag or None).
 
     With `pretrained=None` the weights are a seeded random init, identical on every load. The
     activation follows the pretrained tag (OpenAI weights need QuickGELU; open_clip only warns).
+    `recipe` (e.g. an anyres one) sets the image mode, grid, merge and cap; it must name this tower.
     """
     # deferred: open_clip pulls in torch and timm; readers of a fingerprint need neither
     import open_clip
@@ -169,7 +196,7 @@ def load_vision_tower(cfg: Any, device: str | torch.device = "cpu", dtype: torch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_INIT_SEED)
         clip = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device="cpu", force_quick_gelu=quick_gelu)
-    tower = VisionTower(clip.visual, cfg, open_clip.__version__)
+    tower = VisionTower(clip.visual, cfg, open_clip.__version__, recipe=recipe)
     del clip
     tower.to(device=device, dtype=dtype)
     logger.info(
@@ -197,3 +224,12 @@ def encode_images(tower: VisionTower, images: Sequence[Image.Image]) -> torch.Te
         return torch.empty(0, tower.num_patches, tower.hidden_size, dtype=tower.dtype, device=tower.device)
     pixels = torch.stack([tower.preprocess(img) for img in images])  # [B, 3, H, W]
     return tower.encode(pixels)
+
+
+def encode_image_tiles(tower: VisionTower, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+    """PIL images → each image's tile features `[T_i, N, D]` by the tower's recipe (pad/crop: `T_i = 1`, the
+    features `encode_images` gives; anyres: the base view, then the grid's tiles), in one tower call."""
+    if not images:
+        return []
+    tiles = [tower.preprocess_tiles(img) for img in images]  # each [T_i, 3, H, W]
+    return list(tower.encode(torch.cat(tiles)).split([t.shape[0] for t in tiles]))

@@ -1,12 +1,18 @@
 """The vision-language model: projector + any Hugging Face causal LM, with the `<image>` splice.
 
 The vision tower is not part of this module: it is frozen in both stages, so training consumes
-precomputed features and eval/serving compute them with `vitune.model.vision.encode_images`. A sample holds
-at most one `<image>` token; it expands to the N projected feature vectors of its image.
+precomputed features and eval/serving compute them with `vitune.model.vision`. A sample holds at most one
+`<image>` token; it expands to its image's visual tokens. With a pad/crop recipe those are the N projected
+features of its one tile (`image_features` `[M, N, Dv]`); with an AnyRes recipe (`recipe`, a
+`vitune.vision_recipe.VisionRecipe` with `image_mode="anyres"`) an image's tiles `[T_i, N, Dv]` are
+projected and packed by `vitune.model.anyres` (base view, unpadded grid, the learned `image_newline` per
+row), so each image has its own count, `vision_recipe.visual_tokens(recipe, w, h)`; `image_sizes` gives each
+image's original `(width, height)`.
 
 `splice_image_features` is the single definition of that expansion (training with right padding,
 batched generation with left padding): it builds the expanded token sequence, embeds it, and writes
-the projected features in through an image mask (the nanoVLM way). Labels at image positions are
+the projected features in through an image mask (the nanoVLM way). It takes one `[M, N, D]` tensor (a
+fixed count) or one `[n_i, D]` tensor per image (variable counts). Labels at image positions are
 `IGNORE_INDEX`; the attention mask and position ids follow the expanded sequence.
 
 `generate` / `generate_stream` delegate to `vitune.model.decoding`, the one decode loop (prefill with left
@@ -16,6 +22,7 @@ padding through `splice`, KV-cache steps, sampling) that the serving engine driv
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,13 +34,16 @@ from torch import nn
 from vitune import IGNORE_INDEX, IMAGE_TOKEN
 from vitune.config import STAGES
 from vitune.data import tokenizer as tokenizer_lib
+from vitune.model.anyres import pack_image_features
 from vitune.model.decoding import GenerationStep, decode_stream
 from vitune.model.projector import build_projector
+from vitune.vision_recipe import VisionRecipe
 
 logger = logging.getLogger(__name__)
 
 TINY_LM = "tiny"
 _INIT_SEED = 0
+ImageEmbeds = torch.Tensor | Sequence[torch.Tensor]  # [M, N, D], or one [n_i, D] per image
 
 
 @dataclass
@@ -62,22 +72,35 @@ class VLMOutput(dict):
             raise AttributeError(name) from None
 
 
+def _image_lengths(image_embeds: ImageEmbeds | None, device: torch.device) -> torch.Tensor:
+    """`[M]` visual tokens of each image: N each for an `[M, N, D]` tensor, `n_i` for a list of `[n_i, D]`."""
+    if image_embeds is None:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if isinstance(image_embeds, torch.Tensor):
+        return torch.full((image_embeds.shape[0],), image_embeds.shape[1], dtype=torch.long, device=device)
+    bad = [i for i, e in enumerate(image_embeds) if e.dim() != 2 or e.shape[0] < 1]
+    if bad:
+        shapes = [tuple(image_embeds[i].shape) for i in bad]
+        raise ValueError(f"image embeddings {bad} have shapes {shapes}; each image's must be [n_i >= 1, D]")
+    return torch.tensor([e.shape[0] for e in image_embeds], dtype=torch.long, device=device)
+
+
 def splice_image_features(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     embed_tokens: nn.Module,
     image_token_id: int,
-    image_embeds: torch.Tensor | None,
+    image_embeds: ImageEmbeds | None,
     labels: torch.Tensor | None = None,
     padding_side: Literal["right", "left"] = "right",
     pad_token_id: int = 0,
 ) -> SplicedInputs:
-    """Expand each sample's single `<image>` token into its N projected features.
+    """Expand each sample's single `<image>` token into its image's projected features.
 
     `input_ids`/`attention_mask`/`labels` are `[B, T]` with padding on either side (only positions
-    where the mask is 1 are kept, in order). `image_embeds` is `[M, N, D]`, already projected, where M
-    is the number of samples holding an image token; they are consumed in batch order. The result is
-    padded on `padding_side`.
+    where the mask is 1 are kept, in order). `image_embeds` is `[M, N, D]` (N features each) or a sequence of
+    M `[n_i, D]` tensors (a count per image), already projected, where M is the number of samples holding an
+    image token; they are consumed in batch order. The result is padded on `padding_side`.
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -92,12 +115,14 @@ def splice_image_features(
         bad = per_sample.gt(1).nonzero().flatten().tolist()
         raise ValueError(f"samples {bad} hold {per_sample[bad].tolist()} {IMAGE_TOKEN} tokens; at most one each")
     num_images = int(per_sample.sum())
-    num_given = 0 if image_embeds is None else image_embeds.shape[0]
-    if num_images != num_given:
-        raise ValueError(f"batch holds {num_images} {IMAGE_TOKEN} tokens but {num_given} image feature tensors")
-    num_patches = image_embeds.shape[1] if image_embeds is not None and num_images else 1
+    image_lengths = _image_lengths(image_embeds, device)  # [M]
+    if num_images != image_lengths.shape[0]:
+        raise ValueError(f"batch holds {num_images} {IMAGE_TOKEN} tokens but {image_lengths.shape[0]} image "
+                         "feature tensors")
 
-    width = valid.long() + is_image.long() * (num_patches - 1)  # [B, T] positions each token takes
+    extra = torch.zeros_like(input_ids, dtype=torch.long)  # [B, T] positions an image token adds
+    extra[is_image] = image_lengths - 1  # row-major, so in batch order
+    width = valid.long() + extra  # [B, T] positions each token takes
     end = width.cumsum(dim=1)  # [B, T]
     lengths = end[:, -1] if end.shape[1] else torch.zeros(batch, dtype=torch.long, device=device)  # [B]
     new_len = int(lengths.max()) if batch else 0
@@ -114,9 +139,11 @@ def splice_image_features(
     if labels is not None:
         new_labels[text_b, text_dest] = labels[text_b, text_t]
     img_b, img_t = is_image.nonzero(as_tuple=True)  # row-major, so in batch order
-    patch = torch.arange(num_patches, device=device)
-    img_dest = start[img_b, img_t][:, None] + patch[None, :]  # [M, N]
-    image_mask[img_b[:, None].expand_as(img_dest), img_dest] = True
+    # each image's positions: its first position + 0 .. n_i - 1, every image's one after the other
+    first = torch.repeat_interleave(start[img_b, img_t], image_lengths)  # [sum n_i]
+    within = torch.arange(int(image_lengths.sum()), device=device)
+    within = within - torch.repeat_interleave(image_lengths.cumsum(0) - image_lengths, image_lengths)
+    image_mask[torch.repeat_interleave(img_b, image_lengths), first + within] = True
 
     positions = torch.arange(new_len, device=device)[None, :]  # [1, T']
     new_mask = ((positions >= offset[:, None]) & (positions < (offset + lengths)[:, None])).long()  # [B, T']
@@ -124,7 +151,9 @@ def splice_image_features(
 
     embeds = embed_tokens(new_ids)  # [B, T', D]
     if num_images:
-        features = image_embeds.to(device=embeds.device, dtype=embeds.dtype)  # [M, N, D]
+        # the mask is True image by image in batch order, as the features are laid out
+        flat = image_embeds if isinstance(image_embeds, torch.Tensor) else torch.cat(list(image_embeds))
+        features = flat.to(device=embeds.device, dtype=embeds.dtype)  # [M, N, D] or [sum n_i, D]
         embeds = embeds.masked_scatter(image_mask[..., None].expand_as(embeds), features)
     return SplicedInputs(embeds, new_mask, position_ids, new_labels, image_mask)
 
@@ -153,10 +182,21 @@ class VisionLanguageModel(nn.Module):
         image_token_id: int,
         pad_token_id: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
+        recipe: VisionRecipe | None = None,
     ) -> None:
         super().__init__()
         self.projector = projector
         self.lm = lm
+        # anyres: how tiles become visual tokens (None: one tile, its features as they are)
+        self.recipe = recipe if recipe is not None and recipe.image_mode == "anyres" else None
+        if self.recipe is not None and self.recipe.patch_merge == "spatial_unpad":
+            embeddings = lm.get_input_embeddings()
+            weight, width = embeddings.weight, embeddings.embedding_dim  # embedding_dim: right under ZeRO-3 too
+            # LLaVA-NeXT's init: randn / sqrt(hidden), from a seed of its own (no draw on the caller's RNG)
+            init = torch.randn(width, generator=torch.Generator().manual_seed(_INIT_SEED)) / math.sqrt(width)
+            self.image_newline = nn.Parameter(init.to(device=weight.device, dtype=weight.dtype))  # [D]
+        else:
+            self.register_parameter("image_newline", None)
         self.image_token_id = int(image_token_id)
         self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
         if eos_token_id is None:
@@ -179,17 +219,47 @@ class VisionLanguageModel(nn.Module):
         target = weight if weight is not None else self.lm.get_input_embeddings().weight
         return self.projector(image_features.to(device=target.device, dtype=target.dtype))
 
+    def embed_images(
+        self,
+        image_features: torch.Tensor | Sequence[torch.Tensor] | None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> ImageEmbeds | None:
+        """Tower features → each image's visual tokens in LM space (None when there are no images).
+
+        `[M, N, Dv]` (one tile per image) → `[M, N, Dl]`. A sequence of per-image tile features `[T_i, N, Dv]`
+        (`[N, Dv]` is one tile) → a list of `[n_i, Dl]`: with an anyres recipe packed by
+        `vitune.model.anyres.pack_image_features` from each image's `(width, height)` in `image_sizes`, else the
+        tiles' features in order. All tiles go through the projector in one call.
+        """
+        if image_features is None or len(image_features) == 0:
+            return None
+        if isinstance(image_features, torch.Tensor):
+            if self.recipe is not None:
+                raise ValueError("an anyres model takes a list of per-image tile features [T_i, N, Dv] and "
+                                 "image_sizes, not one [M, N, Dv] tensor")
+            return self.project(image_features)
+        tiles = [f if f.dim() == 3 else f[None] for f in image_features]  # each [T_i, N, Dv]
+        projected = self.project(torch.cat(tiles)).split([t.shape[0] for t in tiles])  # each [T_i, N, Dl]
+        if self.recipe is None:
+            return [p.flatten(0, 1) for p in projected]
+        if image_sizes is None or len(image_sizes) != len(tiles):
+            given = "none" if image_sizes is None else len(image_sizes)
+            raise ValueError(f"an anyres model needs each image's (width, height): {len(tiles)} images, "
+                             f"{given} image_sizes")
+        return [pack_image_features(p, self.recipe, int(w), int(h), self.image_newline)
+                for p, (w, h) in zip(projected, image_sizes, strict=True)]
+
     def splice(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        image_features: torch.Tensor | None,
+        image_features: torch.Tensor | Sequence[torch.Tensor] | None,
         labels: torch.Tensor | None = None,
         padding_side: Literal["right", "left"] = "right",
+        image_sizes: Sequence[tuple[int, int]] | None = None,
     ) -> SplicedInputs:
-        """Project the features and splice them into the embedded token sequence."""
-        has_images = image_features is not None and image_features.shape[0] > 0
-        image_embeds = self.project(image_features) if has_images else None
+        """Project (and for anyres pack) the features and splice them into the embedded token sequence."""
+        image_embeds = self.embed_images(image_features, image_sizes)
         return splice_image_features(
             input_ids.to(self.device),
             attention_mask.to(self.device) if attention_mask is not None else None,
@@ -206,10 +276,12 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
     ) -> VLMOutput:
-        """`input_ids [B, T]` (right padded) + `image_features [M, N, Dv]` → logits `[B, T', V]` and loss."""
-        spliced = self.splice(input_ids, attention_mask, image_features, labels=labels)
+        """`input_ids [B, T]` (right padded) + `image_features` (`[M, N, Dv]`, or per image `[T_i, N, Dv]` with
+        `image_sizes` for anyres: see `embed_images`) → logits `[B, T', V]` and loss."""
+        spliced = self.splice(input_ids, attention_mask, image_features, labels=labels, image_sizes=image_sizes)
         out = self.lm(
             inputs_embeds=spliced.inputs_embeds,
             attention_mask=spliced.attention_mask,
@@ -230,7 +302,9 @@ class VisionLanguageModel(nn.Module):
     ) -> Iterator[GenerationStep]:
         """Decode a batch with a KV cache, yielding each step's new tokens: `vitune.model.decoding.decode_stream`.
 
-        `options`: `max_new_tokens`, `temperature`, `top_p`, `stop_token_ids`, `seed`, as there.
+        `options`: `max_new_tokens`, `temperature`, `top_p`, `stop_token_ids`, `seed`, `image_sizes` (each
+        prompt's image `(width, height)`, which an anyres model needs with its `[T_i, N, Dv]` tile features), as
+        there.
         """
         return decode_stream(self, prompts, image_features, **options)
 
@@ -248,15 +322,21 @@ class VisionLanguageModel(nn.Module):
         return outputs
 
     def freeze_for_stage(self, stage: str) -> dict[str, dict[str, int]]:
-        """Set `requires_grad` per stage (align: projector; finetune: projector + LM) and log it."""
+        """Set `requires_grad` per stage (align: projector; finetune: projector + LM) and log it.
+
+        An anyres model's `image_newline` trains with the LM, as in LLaVA-NeXT (its `mm_language_model` part
+        is every parameter outside the tower and the projector): frozen at its init in align.
+        """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
         train_groups = {"projector": True, "lm": stage == "finetune"}
+        if self.image_newline is not None:
+            train_groups["image_newline"] = stage == "finetune"
         counts: dict[str, dict[str, int]] = {}
         for group, trains in train_groups.items():
-            module: nn.Module = getattr(self, group)
-            module.requires_grad_(trains)
-            n_params = sum(p.numel() for p in module.parameters())
+            part: nn.Module | nn.Parameter = getattr(self, group)
+            part.requires_grad_(trains)
+            n_params = part.numel() if isinstance(part, nn.Parameter) else sum(p.numel() for p in part.parameters())
             counts[group] = {"trainable": n_params if trains else 0, "frozen": 0 if trains else n_params}
             logger.info("stage %s: %s %s (%d parameters)", stage, group, "trains" if trains else "frozen", n_params)
         total = sum(c["trainable"] for c in counts.values())
@@ -319,10 +399,12 @@ def build_model(
     vision_hidden_size: int,
     dtype: torch.dtype | None = None,
     lm: nn.Module | None = None,
+    recipe: VisionRecipe | None = None,
 ) -> VisionLanguageModel:
     """Build the VLM of a `ModelConfig`: LM by path (or the tiny preset) + a freshly initialised projector.
 
-    Pass `lm` to reuse an already loaded language model (e.g. from a model folder).
+    Pass `lm` to reuse an already loaded language model (e.g. from a model folder), and `recipe` for an anyres
+    model (its tiles are packed by the recipe; spatial_unpad adds a freshly initialised `image_newline`).
     """
     image_token_id = tokenizer_lib.image_token_id(tokenizer)
     if lm is None:
@@ -334,7 +416,8 @@ def build_model(
     weight = lm.get_input_embeddings().weight
     projector.to(device=weight.device, dtype=weight.dtype)
     model = VisionLanguageModel(
-        projector, lm, image_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer, lm)
+        projector, lm, image_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer, lm),
+        recipe=recipe,
     )
     logger.info(
         "model: projector %s (%d -> %d), LM %s (%d parameters), %s id %d",
