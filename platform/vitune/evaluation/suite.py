@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitune.config import EvalJobConfig
-from vitune.evaluation import gqa, mmbench, mme, pope, textvqa
+from vitune.evaluation import gqa, mmbench, mme, pope, textvqa, vqav2
 from vitune.evaluation.llava_format import AnswerFn
 
 
@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, SuiteBenchmark] = {
     "mmbench": SuiteBenchmark(mmbench.run_mmbench, mmbench.markdown, mmbench.metrics,
                               "hint, question, \"X. option\" lines, then \"Answer with the option's letter "
                               "from the given choices directly.\""),
+    "vqav2": SuiteBenchmark(vqav2.run_vqav2, vqav2.markdown, vqav2.metrics, _SHORT),
 }
 
 
