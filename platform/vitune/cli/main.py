@@ -56,7 +56,7 @@ def _cmd_jobs(args: argparse.Namespace, rest: list[str]) -> int:
 # `vitune features|train|evaluate|generate|pipeline` run the jobs of jobs/*.py here (same parsing, same summary)
 LOCAL_JOBS = {"features": ("extract_features", "images → the fingerprinted feature store (Ray Data)"),
               "train": ("train", "train one stage (stage=align|finetune) with Ray Train × DeepSpeed"),
-              "evaluate": ("evaluate", "evaluate a model folder (eval.benchmark=...)"),
+              "evaluate": ("evaluate", "evaluate a model folder (eval.benchmark=...); --compare A B: two results"),
               "generate": ("generate_instructions", "generate instruction data through an OpenAI-compatible LLM"),
               "pipeline": ("pipeline", "features → align → finetune → eval, skipping finished steps")}
 
@@ -64,6 +64,10 @@ LOCAL_JOBS = {"features": ("extract_features", "images → the fingerprinted fea
 def _cmd_job(args: argparse.Namespace, rest: list[str]) -> int:
     from vitune.cli import jobs
 
+    if args.command == "evaluate" and rest[:1] == ["--compare"]:  # two results side by side, no job run
+        from vitune.evaluation import compare
+
+        return compare.main(rest[1:])
     job, help_ = LOCAL_JOBS[args.command]
     return jobs.main(job, rest, f"vitune {args.command}: {help_}.\n\nexample: vitune {args.command} --config tiny"
                      + (" stage=align" if args.command == "train" else ""), prog=f"vitune {args.command}")

@@ -27,6 +27,8 @@ written are listed in the result (``official_files``). The rules, from the offic
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +36,7 @@ from typing import Any
 from vitune import storage
 from vitune.evaluation import xlsx
 from vitune.evaluation.vqa_normalize import normalize_vqa_answer
+from vitune.tracking import Tracker
 
 OFFICIAL_DIR = "official"
 MMBENCH_DROPPED = ("hint", "category", "source", "image", "comment", "l2-category")
@@ -120,3 +123,18 @@ def write_json(uri: str, rows: Any) -> str:
     """Compact JSON, as the official converters ``json.dump`` it."""
     storage.write_text(uri, json.dumps(rows, ensure_ascii=False))
     return uri
+
+
+def log_to_mlflow(tracker: Tracker, out: str, uris: Sequence[str]) -> None:
+    """The official files as artifacts of the evaluation's run, under ``eval/official/`` as under ``out``."""
+    if not tracker.active or not uris:
+        return
+    root = official_uri(out).rstrip("/") + "/"
+    with tempfile.TemporaryDirectory(prefix="vitune-official-") as tmp:
+        for uri in uris:
+            rel = uri[len(root):] if uri.startswith(root) else uri.rsplit("/", 1)[-1]
+            path = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(storage.read_bytes(uri))
+        tracker.log_artifacts(tmp, f"eval/{OFFICIAL_DIR}")

@@ -1,7 +1,8 @@
 """Driver of ``jobs/evaluate.py``: answers (batch inference or a predictions file) → benchmark → report.
 
 Writes under the output URI: ``answers/`` (the resumable inference shards), ``results.jsonl`` (per
-question), ``reviews.jsonl`` (judge verdicts), ``report.json``, ``report.md`` and ``config.yaml``; logs
+question), ``reviews.jsonl`` (judge verdicts), ``report.json``, ``report.md``, ``results_table.*`` (published
+units), ``official/`` (the benchmark's official files) and ``config.yaml``; logs
 the metrics and those files to an MLflow run tagged with the model folder and its training run.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from vitune import layout, storage
 from vitune.config import EvalConfig, EvalJobConfig, connect, dump_config, ray_init_kwargs
-from vitune.evaluation import llava_bench, llava_format, scienceqa, suite
+from vitune.evaluation import llava_bench, llava_format, official_formats, results_table, scienceqa, suite
 from vitune.evaluation import report as report_lib
 from vitune.evaluation.inference import GenerationSettings, run_batch_inference
 from vitune.evaluation.judge import Judge
@@ -60,9 +61,8 @@ def get_answers(cfg: EvalJobConfig, requests: list[dict[str, Any]], folder: str 
                 out: str) -> tuple[dict[str, str], dict[str, Any] | None]:
     """Answer texts by id: from ``eval.predictions`` (JSONL ``{question_id|id, text}``) or generated."""
     ev = cfg.eval
-    if ev.predictions:
-        rows = storage.read_jsonl(ev.predictions)
-        texts = {str(r.get("question_id", r.get("id"))): str(r.get("text", "")) for r in rows}
+    if ev.predictions:  # LLaVA's answers file (or chunk folder) as its scripts leave it; errors name file and line
+        texts = llava_format.answer_texts(ev.predictions, [r["id"] for r in requests], limited=ev.limit is not None)
         log.info("scoring %d predictions from %s", len(texts), ev.predictions)
         return texts, None
     if not folder:
@@ -128,7 +128,7 @@ def evaluate_synthetic_set(cfg: EvalJobConfig, folder: str | None, out: str, jud
 
 
 def evaluate_suite(cfg: EvalJobConfig, folder: str | None, out: str, judge: Judge | None) -> dict[str, Any]:
-    """POPE, MME, TextVQA, GQA or MMBench: LLaVA's question files → answers → the benchmark's scorer."""
+    """POPE, MME, TextVQA, GQA, MMBench or VQAv2: LLaVA's question files → answers → the benchmark's scorer."""
     return suite.get(cfg.eval.benchmark).run(cfg, out, lambda reqs: get_answers(cfg, reqs, folder, out))
 
 
@@ -147,6 +147,8 @@ def write_report(out: str, report: dict[str, Any], tracker: Tracker, cfg: EvalJo
     for name, text in files.items():
         storage.write_text(storage.join(out, name), text)
     tracker.log_metrics(report_lib.metrics(report))
+    results_table.write(out, report, tracker)  # the published-units table: JSON, Markdown, chart, MLflow table
+    official_formats.log_to_mlflow(tracker, out, report["result"].get("official_files", []))
     with tempfile.TemporaryDirectory(prefix="vitune-eval-") as tmp:
         for name in (*files, report_lib.CHART_FILE, RESULTS, REVIEWS, llava_format.ANSWERS_FILE):
             uri = storage.join(out, name)

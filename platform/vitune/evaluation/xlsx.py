@@ -78,8 +78,9 @@ def sheet_xml(rows: Sequence[Sequence[Cell]]) -> str:
 def workbook(rows: Sequence[Sequence[Cell]], sheet: str = "Sheet1") -> bytes:
     """The .xlsx bytes of one sheet holding ``rows`` (the first is usually the header)."""
     parts = {name: _HEAD + xml for name, xml in _PARTS.items()}
+    name = escape(sheet, {'"': "&quot;"})
     parts["xl/workbook.xml"] = (f'{_HEAD}<workbook xmlns="{_MAIN}" xmlns:r="{_REL}"><sheets>'
-                                f'<sheet name="{escape(sheet, {chr(34): "&quot;"})}" sheetId="1" r:id="rId1"/></sheets></workbook>')
+                                f'<sheet name="{name}" sheetId="1" r:id="rId1"/></sheets></workbook>')
     parts["xl/worksheets/sheet1.xml"] = sheet_xml(rows)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:

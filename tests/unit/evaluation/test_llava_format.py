@@ -41,6 +41,6 @@ def test_resolve_names_under_the_root_and_keeps_uris():
 
 
 def test_every_suite_benchmark_is_registered():
-    assert set(suite.BENCHMARKS) == {"pope", "mme", "textvqa", "gqa", "mmbench"}
+    assert set(suite.BENCHMARKS) == {"pope", "mme", "textvqa", "gqa", "mmbench", "vqav2"}
     with pytest.raises(ValueError, match="valid: pope, mme"):
-        suite.get("vqav2")
+        suite.get("vizwiz")
