@@ -26,6 +26,9 @@ SHORT = llava_format.SHORT_ANSWER_PROMPT
         ("NO", "yes"),  # case-sensitive
         ("No\nthere is none", "yes"),  # split on spaces only: "No\nthere" is one word
         ("", "yes"),
+        (" No", "no"),  # split(" ") leaves an empty word first; "No" is still a word
+        ("no.", "no"),
+        ("Yes, but not fully.", "no"),  # "not" anywhere in the first sentence
     ],
 )
 def test_yes_no_rule(text, expected):
