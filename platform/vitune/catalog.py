@@ -84,30 +84,44 @@ class Benchmark:
     metrics: str
     chart: str | None = None  # None: the metrics, plotted as "score"
     judge: str | None = None  # "always", or the eval.* switch that asks for the judge ("ensemble"); None = never
+    # the results table (vitune.evaluation.results_table): rows under LLaVA-1.5's published names and units, and
+    # the rules that made them (None: the metrics as they are; no rules)
+    published: str | None = None
+    rules: str | None = None
 
     def wants_judge(self, ev: Any) -> bool:
         """Whether this benchmark, with these ``eval.*`` settings, is judged by an LLM."""
         return self.judge == "always" or (self.judge is not None and bool(getattr(ev, self.judge)))
 
 
-def _suite(module: str, runner: str) -> Benchmark:
-    """A LLaVA-1.5 suite benchmark: LLaVA's question file → answers → the module's scorer."""
-    return Benchmark(f"{module}:{runner}", f"{module}:markdown", f"{module}:metrics")
-
-
 _EVAL = "vitune.evaluation"
+_TABLE = f"{_EVAL}.results_table"
+
+
+def _suite(name: str, rules: bool = False) -> Benchmark:
+    """A LLaVA-1.5 suite benchmark: LLaVA's question file → answers → the module's scorer."""
+    module = f"{_EVAL}.{name}"
+    return Benchmark(f"{module}:run_{name}", f"{module}:markdown", f"{module}:metrics",
+                     published=f"{_TABLE}:{name}_rows", rules=f"{_TABLE}:{name}_rule" if rules else None)
+
+
+def _own(name: str, judge: str | None = None, rules: bool = True) -> Benchmark:
+    """A benchmark with its own runner, chart and (maybe) judge."""
+    module = f"{_EVAL}.{name}"
+    return Benchmark(f"{module}:run_{name}", f"{module}:markdown", f"{module}:metrics", f"{module}:chart",
+                     judge=judge, published=f"{_TABLE}:{name}_rows", rules=f"{_TABLE}:{name}_rule" if rules else None)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
-    "scienceqa": Benchmark(f"{_EVAL}.scienceqa:run_scienceqa", f"{_EVAL}.scienceqa:markdown",
-                           f"{_EVAL}.scienceqa:metrics", f"{_EVAL}.scienceqa:chart", judge="ensemble"),
-    "llava_bench": Benchmark(f"{_EVAL}.llava_bench:run_llava_bench", f"{_EVAL}.llava_bench:markdown",
-                             f"{_EVAL}.llava_bench:metrics", f"{_EVAL}.llava_bench:chart", judge="always"),
-    "synthetic": Benchmark(f"{_EVAL}.synthetic:run_synthetic", f"{_EVAL}.synthetic:markdown",
-                           f"{_EVAL}.synthetic:metrics", f"{_EVAL}.synthetic:chart"),
-    "pope": _suite(f"{_EVAL}.pope", "run_pope"),
-    "mme": _suite(f"{_EVAL}.mme", "run_mme"),
-    "textvqa": _suite(f"{_EVAL}.textvqa", "run_textvqa"),
-    "gqa": _suite(f"{_EVAL}.gqa", "run_gqa"),
-    "mmbench": _suite(f"{_EVAL}.mmbench", "run_mmbench"),
+    "scienceqa": _own("scienceqa", judge="ensemble"),
+    "llava_bench": _own("llava_bench", judge="always"),
+    "synthetic": _own("synthetic", rules=False),
+    "pope": _suite("pope"),
+    "mme": _suite("mme"),
+    "textvqa": _suite("textvqa"),
+    "gqa": _suite("gqa"),
+    "mmbench": _suite("mmbench", rules=True),
+    "vqav2": _suite("vqav2"),
 }
 
 

@@ -294,7 +294,7 @@ def test_llava_bench_cached_rerun_sends_nothing(bench_run):
     assert second["inference"]["generated"] == 0
 
 
-def test_llava_bench_report_files_and_mlflow_link(bench_run):
+def test_llava_bench_report_files_and_mlflow_link(bench_run, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from vitune.config import TrackingConfig
@@ -311,7 +311,19 @@ def test_llava_bench_report_files_and_mlflow_link(bench_run):
     run = client.get_run(first["mlflow_run_id"])
     assert run.data.tags["vitune.model_run_id"] == "train-run-123"
     assert run.data.metrics["relative.all"] == pytest.approx(first["result"]["relative_score"]["all"])
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/report.json", "eval/report.md"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {
+        "eval/report.json", "eval/report.md", "eval/results_table.json", "eval/results_table.md",
+        "eval/results_table.png", "eval/results_table.mlflow.json"}
+    # the results table in published units, also an MLflow table that MLflow itself loads
+    tab = json.loads((tmp / "bench" / "results_table.json").read_text())
+    assert tab["rows"][0] == {"name": "LLaVA-Bench-Wild", "value": round(first["result"]["relative_score"]["all"], 1),
+                              "unit": "%", "raw": pytest.approx(first["result"]["relative_score"]["all"])}
+    assert tab["rules"] == {"llava_bench_judge_prompt": "vitune"}
+    # load_table searches runs through MLflow's fluent API, which reads the tracking URI from the environment
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", resolve_tracking_uri(TrackingConfig(), str(tmp)))
+    loaded = client.load_table(run.info.experiment_id, "eval/results_table.mlflow.json", [run.info.run_id])
+    assert list(loaded["name"])[:2] == ["LLaVA-Bench-Wild", "LLaVA-Bench-Wild conversation"]
+    assert run.data.params["eval.mmbench_rule"] == "opencompass_2023"  # every rule is a logged param
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "serving", "app.py")),

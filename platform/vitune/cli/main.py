@@ -58,6 +58,10 @@ def _cmd_jobs(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_job(args: argparse.Namespace, rest: list[str]) -> int:
     from vitune.cli import jobs
 
+    if args.job == "evaluate" and rest[:1] == ["--compare"]:  # two results side by side, no job run
+        from vitune.evaluation import compare
+
+        return compare.main(rest[1:])
     spec = catalog.job(args.job)
     example = " ".join(["vitune", spec.command, "--config", "tiny", *([spec.example] if spec.example else [])])
     return jobs.main(args.job, rest, f"vitune {spec.command}: {spec.help}.\n\nexample: {example}",

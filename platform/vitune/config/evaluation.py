@@ -38,6 +38,8 @@ class EvalConfig(Section):
     ensemble: bool = False  # ask the judge text-only; where it disagrees with us, let it decide given both
     extraction: Literal["official", "lenient"] = "official"  # answer letters: eval_science_qa.py's rule | vitune's
     judge_prompt: Literal["official", "vitune"] = "official"  # LLaVA-Bench: LLaVA's prompt + rule.json | our own
+    # MMBench option extraction: the 2023 OpenCompass rule behind LLaVA-1.5's numbers | today's VLMEvalKit
+    mmbench_rule: Literal["opencompass_2023", "vlmevalkit"] = "opencompass_2023"
     # LLaVA-Bench: file names under `data` (None = the layout's official names)
     layout: Literal["in_the_wild", "coco"] = "in_the_wild"
     questions: str | None = None  # also: the LLaVA question file (POPE, MME, TextVQA, GQA) or the MMBench TSV

@@ -9,6 +9,10 @@ LLaVA's ``convert_gqa_for_eval.py`` turns an answer into a GQA prediction by str
 lower-casing it; GQA's ``eval.py`` then counts a balanced question right when the prediction equals the
 gold answer. Reported: accuracy, accuracy on binary (yes/no: every structural type but ``query``) and open
 questions, and per structural and semantic type. A question without an answer is wrong and counted.
+
+Answers (``eval.predictions``) may be the folder of ``<N>_<i>.jsonl`` chunks LLaVA's ``gqa.sh`` leaves;
+they are merged in chunk order. Official output: ``official/testdev_balanced_predictions.json``
+(``convert_gqa_for_eval.py``'s ``[{questionId, prediction}]``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from vitune import storage
 from vitune.config import EvalJobConfig
 from vitune.evaluation import llava_format as fmt_io
+from vitune.evaluation import official_formats
 from vitune.evaluation.tables import fmt, metric_name, numbers, table
 
 if TYPE_CHECKING:
@@ -79,9 +84,19 @@ def run_gqa(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn,
     questions = fmt_io.read_benchmark_questions(ev, QUESTIONS_FILE, FOLDER)
     truth = storage.read_json(fmt_io.resolve(ev.data, ev.references, TRUTH_FILE))
     images = ev.images or storage.join(ev.data, IMAGES_DIR)
-    report = fmt_io.answer_and_score(cfg, out, answer_fn, questions, images, lambda q, a: score(q, a, truth))
+    report = fmt_io.answer_and_score(cfg, out, answer_fn, questions, images, lambda q, a: score(q, a, truth),
+                                     write_official)
     log.info("GQA: accuracy %s over %d questions", report["result"]["accuracy"], report["result"]["n"])
     return report
+
+
+def write_official(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str, Any]],
+                   out: str) -> list[str]:
+    """``official/testdev_balanced_predictions.json``, the file GQA's ``eval.py --tier testdev_balanced`` reads."""
+    texts = fmt_io.match_answers(questions, answers)
+    preds = [normalize(t) if t is not None else None for t in texts]
+    rows = official_formats.gqa_predictions([q["question_id"] for q in questions], preds)
+    return [official_formats.write_json(official_formats.official_uri(out, official_formats.GQA_FILE), rows)]
 
 
 def markdown(result: Mapping[str, Any]) -> str:

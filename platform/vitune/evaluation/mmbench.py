@@ -10,10 +10,13 @@ the question, one ``X. option`` line per option, the image token first and "Answ
 from the given choices directly." last. Options stop at the first missing one, and a cell counts as missing
 where pandas reads it as NaN (empty, "nan", "None", "NA", ...), as in LLaVA's loader.
 
-Option extraction: the rule-based stage of MMBench's matcher (VLMEvalKit ``can_infer``): the answer with
-``.()[],:;!*#{}`` turned into spaces names exactly one option letter as a word → that letter; else exactly
-one option text occurs in the lower-cased answer (not much longer than the options) → its letter. The
-GPT-based matching stage is not run: an answer matching nothing is wrong, and counted.
+Option extraction (``eval.mmbench_rule``, ``mmbench_rules``): ``opencompass_2023`` (default), the 2023
+OpenCompass rule LLaVA-1.5's published numbers came through, or ``vlmevalkit``, today's VLMEvalKit rule; the
+answer read as the official spreadsheet round trip leaves it. The GPT-based matching stage is not run: an
+answer matching nothing is wrong, and counted. The rule is named in the result.
+
+Official output: ``official/<TSV stem>.xlsx``, the submission spreadsheet LLaVA's
+``convert_mmbench_for_submission.py`` writes (``write_official``).
 
 Circular evaluation: a question counts as right only when every copy of it is answered right. Reported:
 circular accuracy overall, per ``category`` and per ``l2-category``, plus the single-pass accuracies over all
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from vitune import storage
 from vitune.config import EvalJobConfig
 from vitune.evaluation import llava_format as fmt_io
+from vitune.evaluation import mmbench_rules, official_formats
 from vitune.evaluation.tables import fmt, metric_name, numbers, table
 
 if TYPE_CHECKING:
@@ -46,15 +50,11 @@ TSV_FILE = "mmbench_dev_20230712.tsv"
 IMAGES_DIR = "images"  # under the output folder: the TSV's base64 images as files
 LETTERS = "ABCD"
 CIRCULAR_OFFSET = 1_000_000
-# the strings pandas.read_table reads as NaN by default (LLaVA's loader then treats the cell as missing)
-_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
-       "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
-_SEPARATORS = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
 
 
 def is_missing(value: str | None) -> bool:
     """A cell LLaVA's loader sees as missing: one of pandas' NaN strings, or "nan" / "none" in any case."""
-    return value is None or value in _NA or value.lower() in ("nan", "none")
+    return value is None or value in mmbench_rules.PANDAS_NA or value.lower() in ("nan", "none")
 
 
 def read_tsv(uri: str) -> list[dict[str, str]]:
@@ -80,7 +80,9 @@ def _question(row: Mapping[str, str], image_of: Mapping[str, str]) -> dict[str, 
             "prompt": text, "text": f"{text}\n{fmt_io.MULTIPLE_CHOICE_PROMPT}",
             "options": dict(zip(LETTERS, options, strict=False)), "answer": (row.get("answer") or "").strip(),
             "category": row.get("category", ""), "l2_category": row.get("l2-category", ""),
-            "image": hashlib.sha1(b64.encode()).hexdigest()[:20] + ".jpg", "image_b64": b64}
+            "image": hashlib.sha1(b64.encode()).hexdigest()[:20] + ".jpg", "image_b64": b64,
+            # the cells the submission spreadsheet keeps, in the TSV's column order
+            "tsv": {k: v for k, v in row.items() if k not in official_formats.MMBENCH_DROPPED}}
 
 
 def load_questions(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
@@ -106,30 +108,23 @@ def write_images(questions: Sequence[Mapping[str, Any]], folder: str) -> None:
         done.add(name)
 
 
-def extract_option(text: str, options: Mapping[str, str]) -> str | None:
-    """The chosen letter, or None: a lone option letter among the words, else a lone option text."""
-    words = text.translate(_SEPARATORS).split()
-    letters = [c for c in options if c in words]
-    if len(letters) == 1:
-        return letters[0]
-    low = text.lower()
-    if len(low) > 2 * sum(len(o) for o in options.values()):
-        return None
-    found = [c for c, o in options.items() if o.lower() in low]
-    return found[0] if len(found) == 1 else None
+def extract_option(text: str, options: Mapping[str, str], rule: str = mmbench_rules.DEFAULT_RULE) -> str | None:
+    """The chosen letter ("Z": none of them, by VLMEvalKit's rule), or None, by the named rule."""
+    return mmbench_rules.get(rule)(mmbench_rules.as_submitted(text), options)
 
 
 def _accuracy(hits: Sequence[bool]) -> float | None:
     return fmt_io.pct(sum(hits), len(hits))
 
 
-def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str, Any]]
-          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Circular and single-pass accuracies (percent) and the failed-extraction count."""
+def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str, Any]],
+          rule: str = mmbench_rules.DEFAULT_RULE) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Circular and single-pass accuracies (percent) and the failed-extraction count, options read by ``rule``."""
+    mmbench_rules.get(rule)  # an unknown name fails before any work
     texts = fmt_io.match_answers(questions, answers, prompt_key="prompt")
     rows = []
     for q, text in zip(questions, texts, strict=True):
-        letter = extract_option(text, q["options"]) if text is not None else None
+        letter = extract_option(text, q["options"], rule) if text is not None else None
         rows.append({"question_id": q["question_id"], "g_index": q["g_index"], "answer": q["answer"],
                      "parsed": letter, "correct": letter == q["answer"], "text": text,
                      "category": q["category"], "l2_category": q["l2_category"]})
@@ -145,7 +140,7 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str,
         circular[f"l2/{main['l2_category']}"].append(hit)
     sub = {k: _accuracy(v) for k, v in sorted(circular.items())}
     result = {
-        "n_questions": len(groups), "n_rows": len(rows), "circular_accuracy": sub.get("all"),
+        "rule": rule, "n_questions": len(groups), "n_rows": len(rows), "circular_accuracy": sub.get("all"),
         "by_category": {k.split("/", 1)[1]: v for k, v in sub.items() if k.startswith("category/")},
         "by_l2_category": {k.split("/", 1)[1]: v for k, v in sub.items() if k.startswith("l2/")},
         "single_pass_accuracy": _accuracy([r["correct"] for r in rows]),
@@ -158,20 +153,36 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str,
 
 def run_mmbench(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn,
                 judge: Judge | None = None) -> dict[str, Any]:
-    """The dev TSV → images written under ``out`` → answers → circular accuracy."""
+    """The dev TSV → images written under ``out`` → answers → circular accuracy, and the submission spreadsheet."""
     ev = cfg.eval
     if not ev.data:
         raise ValueError("eval.data: the MMBench folder (holding mmbench_dev_20230712.tsv) is required")
-    questions = load_questions(fmt_io.resolve(ev.data, ev.questions, TSV_FILE), ev.limit)
+    tsv = fmt_io.resolve(ev.data, ev.questions, TSV_FILE)
+    questions = load_questions(tsv, ev.limit)
     images = storage.join(out, IMAGES_DIR)
     if not ev.predictions:
         write_images(questions, images)
     slim = [{k: v for k, v in q.items() if k != "image_b64"} for q in questions]
-    report = fmt_io.answer_and_score(cfg, out, answer_fn, slim, images, score)
+    report = fmt_io.answer_and_score(cfg, out, answer_fn, slim, images,
+                                     lambda q, a: score(q, a, ev.mmbench_rule),
+                                     lambda q, a, o: write_official(q, a, o, tsv))
     result = report["result"]
-    log.info("MMBench: circular accuracy %s over %d questions (%d rows)", result["circular_accuracy"],
-             result["n_questions"], result["n_rows"])
+    log.info("MMBench: circular accuracy %s over %d questions (%d rows), %s rule", result["circular_accuracy"],
+             result["n_questions"], result["n_rows"], result["rule"])
     return report
+
+
+def write_official(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str, Any]], out: str,
+                   tsv_uri: str) -> list[str]:
+    """The submission spreadsheet ``official/<TSV stem>.xlsx`` (see ``official_formats``); returns its URI."""
+    texts = fmt_io.match_answers(questions, answers, prompt_key="prompt")
+    columns = list(questions[0]["tsv"]) if questions else []
+    data = official_formats.mmbench_submission(columns, [q["tsv"] for q in questions], texts,
+                                               mmbench_rules.PANDAS_NA)
+    stem = tsv_uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    uri = official_formats.official_uri(out, f"{stem}.xlsx")
+    storage.write_bytes(uri, data)
+    return [uri]
 
 
 def markdown(result: Mapping[str, Any]) -> str:
@@ -180,7 +191,8 @@ def markdown(result: Mapping[str, Any]) -> str:
             ["single pass, originals only", fmt(result["originals_accuracy"])]]
     rows += [[f"circular: {k}", fmt(v)] for k, v in result["by_l2_category"].items()]
     rows += [[f"circular: {k}", fmt(v)] for k, v in result["by_category"].items()]
-    note = (f"{result['n_questions']} questions in {result['n_rows']} rows; {result['failed_extraction']} answers "
+    note = (f"Options read by the {result.get('rule', mmbench_rules.DEFAULT_RULE)} rule. "
+            f"{result['n_questions']} questions in {result['n_rows']} rows; {result['failed_extraction']} answers "
             f"matched no option and {result['missing']} rows have no answer (both scored as wrong).")
     return f"## MMBench (dev), %\n\n{table(['', '%'], rows)}\n\n{note}\n"
 

@@ -13,6 +13,9 @@ instruction, plus " Please answer yes or no." (with two spaces where the release
 else "other" (wrong). Per subtask: acc = correct questions / questions, acc+ = images with both questions
 right / images, score = 100·(acc + acc+) (at most 200); perception = the sum over its 10 subtasks,
 cognition over its 4. A question without an answer counts as "other" and is counted.
+
+Official output: ``official/mme/<subtask>.txt``, as ``convert_answer_to_mme.py`` writes it for
+``calculation.py`` (``write_official``, ``official_formats.mme_results``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from vitune import storage
 from vitune.config import EvalJobConfig
 from vitune.evaluation import llava_format as fmt_io
+from vitune.evaluation import official_formats
 from vitune.evaluation.tables import fmt, metric_name, numbers, table
 
 if TYPE_CHECKING:
@@ -78,10 +82,12 @@ def attach_truth(questions: Sequence[Mapping[str, Any]], release_root: str) -> l
     out = []
     for q in questions:
         name, asked = truth_file(str(q["question_id"])), truth_question(str(q["text"]))
-        answer = truth.get((name, asked), truth.get((name, asked.replace(YES_NO_SUFFIX, " " + YES_NO_SUFFIX))))
+        if (name, asked) not in truth:  # convert_answer_to_mme.py's fallback: two spaces before "Please"
+            asked = asked.replace(YES_NO_SUFFIX, " " + YES_NO_SUFFIX)
+        answer = truth.get((name, asked))
         if answer is None:
             raise ValueError(f"MME question {q['question_id']!r} {asked!r} is not in {release_root}/{name}")
-        out.append({**q, "label": answer.strip().lower()})
+        out.append({**q, "label": answer.strip().lower(), "truth_question": asked, "truth_answer": answer.strip()})
     return out
 
 
@@ -134,9 +140,23 @@ def run_mme(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn,
     questions = fmt_io.read_benchmark_questions(ev, QUESTIONS_FILE, FOLDER)
     release = fmt_io.resolve(ev.data, ev.references, RELEASE_DIR)
     questions = attach_truth(questions, release)
-    report = fmt_io.answer_and_score(cfg, out, answer_fn, questions, ev.images or release, score)
+    report = fmt_io.answer_and_score(cfg, out, answer_fn, questions, ev.images or release, score, write_official)
     log.info("MME: perception %.1f, cognition %.1f", report["result"]["perception"], report["result"]["cognition"])
     return report
+
+
+def write_official(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str, Any]],
+                   out: str) -> list[str]:
+    """``official/mme/<subtask>.txt``, the folder MME's ``calculation.py --results_dir`` reads (questions need
+    their truth, see ``attach_truth``); returns the URIs written."""
+    texts = fmt_io.match_answers(questions, answers)
+    rows = [{**q, "text": t} for q, t in zip(questions, texts, strict=True)]
+    written = []
+    for task, text in official_formats.mme_results(rows).items():
+        uri = official_formats.official_uri(out, official_formats.MME_DIR, f"{task}.txt")
+        storage.write_text(uri, text)
+        written.append(uri)
+    return written
 
 
 def markdown(result: Mapping[str, Any]) -> str:

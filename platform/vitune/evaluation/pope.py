@@ -5,9 +5,12 @@ Layout under ``eval.data`` (LLaVA's ``eval.zip`` + POPE's COCO files; each name 
 "Answer the question using a single word or phrase."), ``coco/`` (``eval.references``: POPE's
 ``coco_pope_<split>.json``, JSON Lines ``{question_id, image, text, label}``) and ``val2014/`` (``eval.images``).
 
-The official script pairs a split's answers with its label file by position; here the split's questions
-are paired with the label rows by position and the pairing is checked (same image, same question), then
-answers are matched to questions by id. A question row may carry its own ``label`` instead.
+The official script pairs a split's answers with its label file by position, so answers merged from
+chunks or re-ordered would be scored against the wrong labels; here answers are matched to questions by
+question id (and prompt), and a question to its split's label by content (same image, same question), so
+no file's order matters. A question row may carry its own ``label`` instead. Errors name the file and line:
+a label row without its fields, a question labelled twice, a question its label file lacks (and, from
+``llava_format``, an answer for an unknown question id or a question answered twice).
 
 Answer rule (``eval_pope.py``): keep the text before its first period, drop commas, split on spaces; a word
 ``No``, ``no`` or ``not`` makes it "no", anything else is "yes". Metrics per split, positive = "yes":
@@ -54,21 +57,35 @@ def _question_line(text: str) -> str:
     return text.replace(fmt_io.SHORT_ANSWER_PROMPT, "").strip()
 
 
+def read_labels(uri: str) -> dict[tuple[str, str], str]:
+    """A POPE label file as ``(image, question) → label``; a pair labelled twice raises naming both lines."""
+    labels: dict[tuple[str, str], str] = {}
+    lines: dict[tuple[str, str], int] = {}
+    for lineno, row in fmt_io.numbered_jsonl(uri):
+        if not {"image", "text", "label"} <= set(row):
+            raise ValueError(f"{uri} line {lineno}: a label row needs image, text and label")
+        key = (str(row["image"]), str(row["text"]).strip())
+        if key in lines:
+            raise ValueError(f"{uri} line {lineno}: {key[0]} {key[1]!r} is labelled again (first at line "
+                             f"{lines[key]})")
+        labels[key], lines[key] = str(row["label"]), lineno
+    return labels
+
+
 def attach_labels(questions: Sequence[dict[str, Any]], labels_root: str) -> list[dict[str, Any]]:
-    """Questions with their ``label``: their own, or the split's label row at the same position."""
+    """Questions with their ``label``: their own, or their split's label for the same image and question
+    (found by content, so neither file's order matters); a question its split's file lacks raises."""
     out = [dict(q) for q in questions]
     for split in sorted({str(q.get("category")) for q in out if "label" not in q}):
-        todo = [q for q in out if "label" not in q and str(q.get("category")) == split]
         uri = storage.join(labels_root, label_file(split))
-        rows = storage.read_jsonl(uri)
-        if len(rows) < len(todo):
-            raise ValueError(f"{uri} has {len(rows)} labels for {len(todo)} {split!r} questions")
-        for q, row in zip(todo, rows, strict=False):
-            same_text = str(row.get("text", "")).strip() == _question_line(q["text"])
-            if str(row.get("image")) != str(q["image"]) or not same_text:
-                raise ValueError(f"POPE question {q['question_id']} ({split}) does not line up with its label row "
-                                 f"{row.get('question_id')} in {uri}: {q['image']} / {row.get('image')}")
-            q["label"] = row["label"]
+        labels = read_labels(uri)
+        for q in out:
+            if "label" not in q and str(q.get("category")) == split:
+                key = (str(q["image"]), _question_line(q["text"]))
+                if key not in labels:
+                    raise ValueError(f"POPE question {q['question_id']} ({split}: {key[0]} {key[1]!r}) is not "
+                                     f"in its label file {uri}")
+                q["label"] = labels[key]
     return out
 
 

@@ -3,7 +3,8 @@
 The benchmark is ``eval.benchmark``'s entry in ``vitune.catalog.BENCHMARKS``: its runner gets the answers
 and, where it asks for one, the judge. Writes under the output URI: ``answers/`` (the resumable inference
 shards), what the benchmark writes (``results.jsonl`` per question, ``reviews.jsonl`` judge verdicts, ...),
-``report.json``, ``report.md``, ``chart.png`` and ``config.yaml``; logs the metrics and those files to an
+``report.json``, ``report.md``, ``chart.png``, ``results_table.*`` (published units), ``official/`` (the
+benchmark's official files) and ``config.yaml``; logs the metrics and those files to an
 MLflow run tagged with the model folder and its training run.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from vitune import catalog, layout, storage
 from vitune.config import RUNS_SCHEME, EvalJobConfig, dump_config
+from vitune.evaluation import llava_format, official_formats, results_table
 from vitune.evaluation import report as report_lib
 from vitune.evaluation.inference import GenerationSettings, run_batch_inference
 from vitune.evaluation.judge import Judge
@@ -53,9 +55,8 @@ def get_answers(cfg: EvalJobConfig, requests: list[dict[str, Any]], folder: str 
                 out: str) -> tuple[dict[str, str], dict[str, Any] | None]:
     """Answer texts by id: from ``eval.predictions`` (JSONL ``{question_id|id, text}``) or generated."""
     ev = cfg.eval
-    if ev.predictions:
-        rows = storage.read_jsonl(ev.predictions)
-        texts = {str(r.get("question_id", r.get("id"))): str(r.get("text", "")) for r in rows}
+    if ev.predictions:  # LLaVA's answers file (or chunk folder) as its scripts leave it; errors name file and line
+        texts = llava_format.answer_texts(ev.predictions, [r["id"] for r in requests], limited=ev.limit is not None)
         log.info("scoring %d predictions from %s", len(texts), ev.predictions)
         return texts, None
     if not folder:
@@ -81,6 +82,8 @@ def write_report(out: str, report: dict[str, Any], tracker: Tracker, cfg: EvalJo
     for name, text in files.items():
         storage.write_text(storage.join(out, name), text)
     tracker.log_metrics(report_lib.metrics(report))
+    results_table.write(out, report, tracker)  # the published-units table: JSON, Markdown, chart, MLflow table
+    official_formats.log_to_mlflow(tracker, out, report["result"].get("official_files", []))
     with tempfile.TemporaryDirectory(prefix="vitune-eval-") as tmp:
         # every file beside the answers' folder: the report's, and what the benchmark wrote (results, verdicts)
         for uri in storage.list_files(out, recursive=False):

@@ -11,6 +11,9 @@ per line. As LLaVA's ``eval_textvqa.py`` does, an answer is matched to its annot
 in lower case), the question read back from the prompt; the score is the VQA accuracy with the standard
 answer normalisation (``vqa_normalize``), averaged over questions. A question without an answer scores 0
 and is counted.
+
+Official output: ``official/textvqa_submission.json``, EvalAI's ``[{question_id, answer}]`` with the
+annotations' question ids and answers through EvalAI's processor (``official_formats``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from vitune import storage
 from vitune.config import EvalJobConfig
 from vitune.evaluation import llava_format as fmt_io
+from vitune.evaluation import official_formats
 from vitune.evaluation.tables import fmt, numbers, table
 from vitune.evaluation.vqa_normalize import normalize_vqa_answer, vqa_accuracy
 
@@ -61,11 +65,21 @@ def question_of(prompt: str) -> str:
     return question.lower()
 
 
-def read_annotations(uri: str) -> dict[tuple[str, str], list[str]]:
-    """``(image id, question in lower case) → the human answers``."""
+def annotation_rows(uri: str) -> list[dict[str, Any]]:
+    """The annotation records of a TextVQA JSON (``{"data": [...]}``, or the list itself)."""
     data = storage.read_json(uri)
-    rows = data["data"] if isinstance(data, dict) else data
-    return {(str(a["image_id"]), str(a["question"]).lower()): [str(x) for x in a["answers"]] for a in rows}
+    return data["data"] if isinstance(data, dict) else data
+
+
+def _key(row: Mapping[str, Any]) -> tuple[str, str]:
+    return str(row["image_id"]), str(row["question"]).lower()
+
+
+def read_annotations(uri: str | None = None, rows: Sequence[Mapping[str, Any]] | None = None
+                     ) -> dict[tuple[str, str], list[str]]:
+    """``(image id, question in lower case) → the human answers``, from ``uri`` or already read ``rows``."""
+    rows = annotation_rows(uri) if rows is None else rows
+    return {_key(a): [str(x) for x in a["answers"]] for a in rows}
 
 
 def score(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str, Any]],
@@ -91,12 +105,29 @@ def run_textvqa(cfg: EvalJobConfig, out: str, answer_fn: fmt_io.AnswerFn,
     """Questions (with OCR tokens) and annotations from ``eval.data`` → answers → VQA accuracy."""
     ev = cfg.eval
     questions = fmt_io.read_benchmark_questions(ev, QUESTIONS_FILE, FOLDER)
-    annotations = read_annotations(fmt_io.resolve(ev.data, ev.references, ANNOTATIONS_FILE))
+    rows = annotation_rows(fmt_io.resolve(ev.data, ev.references, ANNOTATIONS_FILE))
+    annotations = read_annotations(rows=rows)
     images = ev.images or storage.join(ev.data, IMAGES_DIR)
     report = fmt_io.answer_and_score(cfg, out, answer_fn, questions, images,
-                                     lambda q, a: score(q, a, annotations))
+                                     lambda q, a: score(q, a, annotations),
+                                     lambda q, a, o: write_official(q, a, o, rows))
     log.info("TextVQA: accuracy %s over %d questions", report["result"]["accuracy"], report["result"]["n"])
     return report
+
+
+def write_official(questions: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str, Any]], out: str,
+                   annotations: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``official/textvqa_submission.json`` (EvalAI's ``[{question_id, answer}]``, ids from the annotations);
+    nothing when the annotations carry no ``question_id``."""
+    ids = {_key(a): a.get("question_id") for a in annotations}
+    if any(v is None for v in ids.values()):
+        log.warning("TextVQA: the annotations have no question_id; no submission file written")
+        return []
+    texts = fmt_io.match_answers(questions, answers)
+    keys = [(str(q["question_id"]), question_of(str(q["text"]))) for q in questions]
+    answered = {ids[k]: t for k, t in zip(keys, texts, strict=True) if t is not None}
+    rows = official_formats.vqa_submission([ids[k] for k in keys], answered)
+    return [official_formats.write_json(official_formats.official_uri(out, official_formats.TEXTVQA_FILE), rows)]
 
 
 def markdown(result: Mapping[str, Any]) -> str:

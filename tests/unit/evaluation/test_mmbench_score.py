@@ -77,14 +77,14 @@ def test_prompt_follows_llavas_mmbench_script(tmp_path):
 @pytest.mark.parametrize("text, options, expected", [
     ("B", {"A": "x", "B": "y"}, "B"),
     ("(C) three", {"A": "one", "B": "two", "C": "three"}, "C"),
-    ("A cat is in the picture", {"A": "dog", "B": "cat"}, "A"),  # MMBench's matcher takes the article for a letter
+    ("A cat is in the picture", {"A": "dog", "B": "cat"}, "B"),  # "A" is the article here: the text decides
     ("A or B", {"A": "cat", "B": "dog"}, None),  # two letters, and no option text either
     ("cat", {"A": "cat", "B": "dog"}, "A"),
     ("a cat and a dog", {"A": "cat", "B": "dog"}, None),  # two option texts
-    ("the picture clearly shows a cat sitting", {"A": "cat", "B": "dog"}, None),  # too long for text matching
+    ("the picture clearly shows a cat sitting", {"A": "cat", "B": "dog"}, "A"),  # no length cap in 2023
     ("b", {"A": "x", "B": "y"}, None),  # letters are upper case
 ])
-def test_option_extraction(text, options, expected):
+def test_option_extraction_defaults_to_the_2023_rule(text, options, expected):
     assert mmbench.extract_option(text, options) == expected
 
 
@@ -94,9 +94,9 @@ def test_scores_a_hand_made_answers_file(tmp_path):
     by_id = {q["question_id"]: q for q in questions}
     storage.write_jsonl(answers_uri, [{"question_id": k, "round_id": 0, "prompt": by_id[k]["prompt"], "text": v}
                                       for k, v in ANSWERS.items()])
-    result, rows = mmbench.score(questions, llava_format.read_answers(answers_uri))
+    result, rows = mmbench.score(questions, llava_format.read_answers(answers_uri), "vlmevalkit")
     # groups: 0 right, 1 right, 2 wrong (a copy), 3 wrong (failed), 4 wrong (no answer) → 2/5 = 40 %
-    assert result["circular_accuracy"] == pytest.approx(40.0)
+    assert result["circular_accuracy"] == pytest.approx(40.0) and result["rule"] == "vlmevalkit"
     assert (result["n_questions"], result["n_rows"]) == (5, 11)
     # rows right: 4 + 2 + 2 + 0 + 0 = 8 of 11; originals (index 0..4): 0, 1, 2 right → 3/5
     assert result["single_pass_accuracy"] == pytest.approx(800 / 11)
@@ -107,6 +107,10 @@ def test_scores_a_hand_made_answers_file(tmp_path):
     assert result["by_l2_category"] == {"coarse_perception": pytest.approx(40.0)}
     assert [r["parsed"] for r in rows if r["g_index"] == 1] == ["B", "A"]
     assert mmbench.metrics(result)["l2.coarse_perception"] == pytest.approx(40.0)
+    # the 2023 rule reads row 3's bare "C" as C (letters run to E): a wrong answer, not a failed extraction
+    old, old_rows = mmbench.score(questions, llava_format.read_answers(answers_uri))
+    assert old["rule"] == "opencompass_2023" and old["circular_accuracy"] == pytest.approx(40.0)
+    assert (old["failed_extraction"], next(r["parsed"] for r in old_rows if r["question_id"] == 3)) == (0, "C")
 
 
 def test_run_mmbench_writes_each_image_once_and_asks_llavas_prompt(tmp_path):

@@ -26,6 +26,9 @@ SHORT = llava_format.SHORT_ANSWER_PROMPT
         ("NO", "yes"),  # case-sensitive
         ("No\nthere is none", "yes"),  # split on spaces only: "No\nthere" is one word
         ("", "yes"),
+        (" No", "no"),  # split(" ") leaves an empty word first; "No" is still a word
+        ("no.", "no"),
+        ("Yes, but not fully.", "no"),  # "not" anywhere in the first sentence
     ],
 )
 def test_yes_no_rule(text, expected):
@@ -99,14 +102,29 @@ def test_labels_in_the_question_rows_need_no_label_files():
     assert result["splits"]["random"]["precision"] is None and result["splits"]["random"]["yes_ratio"] == 0.0
 
 
-def test_a_label_file_that_does_not_line_up_is_an_error(tmp_path):
+def test_labels_are_found_by_content_and_answers_by_id_whatever_the_order(tmp_path):
+    _pope_folder(tmp_path)
+    for split in ("random", "adversarial"):  # label files in another order than the questions
+        uri = tmp_path / "coco" / pope.label_file(split)
+        storage.write_jsonl(str(uri), [json.loads(line) for line in uri.read_text().splitlines()][::-1])
+    questions = llava_format.read_questions(str(tmp_path / pope.QUESTIONS_FILE))
+    labelled = pope.attach_labels(questions, str(tmp_path / "coco"))
+    answers = [{"question_id": k, "text": v} for k, v in reversed(ANSWERS.items())]  # answers out of order too
+    result, _ = pope.score(labelled, answers)
+    assert (result["splits"]["random"]["f1"], result["average"]["f1"]) == pytest.approx((0.5, 7 / 12))
+
+
+def test_label_file_errors_name_the_file_and_line(tmp_path):
     _pope_folder(tmp_path)
     uri = tmp_path / "coco" / pope.label_file("random")
     rows = [json.loads(line) for line in uri.read_text().splitlines()]
-    rows[0]["image"], rows[1]["image"] = rows[1]["image"], "other.jpg"
-    storage.write_jsonl(str(uri), rows)
     questions = llava_format.read_questions(str(tmp_path / pope.QUESTIONS_FILE))
-    with pytest.raises(ValueError, match="does not line up"):
+    storage.write_jsonl(str(uri), [{**rows[0], "image": "other.jpg"}, *rows[1:]])
+    with pytest.raises(ValueError, match=r"10000001 \(random: a.jpg 'Is there a dog in the image\?'\) is not in .*"
+                                         r"coco_pope_random.json"):
+        pope.attach_labels(questions, str(tmp_path / "coco"))
+    storage.write_jsonl(str(uri), [*rows, rows[1]])
+    with pytest.raises(ValueError, match=r"coco_pope_random.json line 5: .* labelled again \(first at line 2\)"):
         pope.attach_labels(questions, str(tmp_path / "coco"))
 
 

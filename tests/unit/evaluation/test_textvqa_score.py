@@ -42,6 +42,8 @@ def test_question_read_back_from_the_prompt(prompt, question):
     ("new york - city", "new york city"),  # ... and touching a space is removed
     ("10,000", "10000"),  # commas go first
     ("What's?", "what 's"),
+    (" Dakota\n", "dakota"),  # stray whitespace and line breaks go
+    ("", ""),  # an empty answer matches no human
 ])
 def test_standard_normalisation(text, normalized):
     assert normalize_vqa_answer(text) == normalized
