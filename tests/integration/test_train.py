@@ -97,6 +97,23 @@ def test_finetune_trains_projector_and_lm(trained):
         assert any(not torch.equal(a[k], f[k]) for k in a), f"finetune left the {name} unchanged"
 
 
+def test_pipeline_rerun_sees_the_stage_done_with_its_reference_as_written(trained, feature_setup, mlflow_server):
+    """The stage's config.yaml keeps ``init_from`` as requested (a runs:/ reference), not the folder it
+    resolved to, so the pipeline's re-run check matches the same request; another request does not."""
+    from vitune import layout, storage
+    from vitune.pipeline import _train_done
+
+    align, fine = trained
+    records = [feature_setup["data"]["records"]["instruct"], feature_setup["text_only"]]
+    same = _train_cfg(feature_setup, "finetune", mlflow_server, "train.zero_stage=3",
+                      f"train.init_from=runs:/{align['run_id']}", records=records)
+    assert f"runs:/{align['run_id']}" in storage.read_text(layout.train_config(same))
+    assert _train_done(same) == fine
+    other = _train_cfg(feature_setup, "finetune", mlflow_server, "train.zero_stage=3", "train.lr=0.5",
+                       f"train.init_from=runs:/{align['run_id']}", records=records)
+    assert _train_done(other) is None
+
+
 def test_skipped_records_are_reported_per_reason(trained, mlflow_server):
     align, fine = trained
     assert align["data"]["skipped"] == {"missing_id": 1, "no_features": 1}

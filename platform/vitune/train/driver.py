@@ -234,6 +234,7 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     """Run one stage end to end; returns a summary (model folder URI, MLflow run id, metrics, data stats)."""
     connect(cfg)
     _check_runnable(cfg)
+    requested = cfg  # as the job was given it: what a pipeline re-run compares its own config with
     if cfg.train.init_from:  # workers get a plain folder URI (stage names and runs:/ resolved once, here)
         folder = resolve_model(cfg.train.init_from, root=cfg.storage.root,
                                tracking_uri=resolve_tracking_uri(cfg.tracking, cfg.storage.root))
@@ -262,7 +263,7 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     log.info("stage %s: %d samples (%s), %d workers, accum %d, %d steps/epoch, %d steps",
              cfg.stage, stats.samples, stats.as_dict(), world, accum, plan.steps_per_epoch, plan.total_steps)
 
-    tracker = _start_run(cfg, stats, plan, parent_run_id)
+    tracker = _start_run(cfg, stats, plan, parent_run_id, requested)
     # the records, the feature store and the starting model as the run's MLflow inputs (vitune.lineage)
     lineage_tags = log_training_inputs(tracker, cfg.data.records, layout.features_input(cfg), cfg.train.init_from)
     try:
@@ -299,8 +300,12 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     return summary
 
 
-def _start_run(cfg: TrainJobConfig, stats: DataStats, plan: Plan, parent_run_id: str | None) -> Tracker:
-    """The stage's MLflow run with the config, the plan and the data counts (``skipped_<reason>``) logged."""
+def _start_run(cfg: TrainJobConfig, stats: DataStats, plan: Plan, parent_run_id: str | None,
+               requested: TrainJobConfig | None = None) -> Tracker:
+    """The stage's MLflow run with the config, the plan and the data counts (``skipped_<reason>``) logged.
+
+    MLflow keeps the resolved config (``init_from`` a folder); the stage's ``config.yaml`` keeps the config as
+    requested (``init_from`` as written, e.g. a stage name), which is what a pipeline re-run compares."""
     tracker = Tracker(cfg.tracking, cfg.storage.root, run_name=f"{cfg.stage}", parent_run_id=parent_run_id,
                       tags={"vitune.stage": cfg.stage})
     tracker.log_params(cfg.model_dump(mode="json"))
@@ -308,7 +313,7 @@ def _start_run(cfg: TrainJobConfig, stats: DataStats, plan: Plan, parent_run_id:
     tracker.log_metrics(stats.metrics(), step=0)
     tracker.log_text(dump_config(cfg), "config/resolved.yaml")
     tracker.log_text(json.dumps(deepspeed_config(cfg, plan.world_size), indent=2), "config/deepspeed.json")
-    storage.write_text(layout.train_config(cfg), dump_config(cfg))
+    storage.write_text(layout.train_config(cfg), dump_config(requested or cfg))
     return tracker
 
 
