@@ -1,7 +1,7 @@
 """The vision recipe: how an image becomes visual tokens, described once and without torch.
 
 A ``VisionRecipe`` names the tower (open_clip name + pretrained tag), its input geometry (image size, patch
-size, hidden size), the aspect mode (``pad`` | ``crop``), the feature layer and the CLS handling. It is read
+size, hidden size), the aspect mode (``pad`` | ``crop`` | ``anyres``), the feature layer and the CLS. It is read
 from a ``VisionConfig`` without loading weights (open_clip's model-config JSON is read from disk; open_clip
 itself, which imports torch, is not imported), from a loaded tower, or from the fingerprint that a feature
 store or a model folder records. From it come:
@@ -17,7 +17,9 @@ store or a model folder records. From it come:
   with the padding removed from the tiled features and a newline per row (``spatial_unpad``), or the tiles
   laid flat, and OneVision's ``anyres_max_N`` cap (``max_tiles``). The count equals transformers'
   LlavaNext / LlavaOnevision processors' for the same configuration (tests/unit/test_visual_tokens.py).
-  Configs cannot select ``anyres`` yet: the feature store, training and export still hold one tile.
+  A ``VisionConfig`` names it as LLaVA-NeXT does (``image_aspect_ratio`` anyres | anyres_max_N,
+  ``image_grid_pinpoints``, ``mm_patch_merge_type``; ``aspect_fields``); the features and train jobs refuse it
+  for now: the feature store, training and export still hold one tile per image.
 """
 
 from __future__ import annotations
@@ -145,9 +147,9 @@ class VisionRecipe:
         if size is None:
             raise ValueError(f"vision tower {vision.name!r} has no square image_size in its open_clip config")
         return cls(tower=vision.name, pretrained=vision.pretrained, feature_layer=vision.feature_layer,
-                   select=vision.select, image_mode=vision.image_mode, image_size=size,
-                   patch_size=_side(vision_cfg.get("patch_size")),
-                   hidden_size=int(vision_cfg["width"]) if isinstance(vision_cfg.get("width"), int) else None)
+                   select=vision.select, image_size=size, patch_size=_side(vision_cfg.get("patch_size")),
+                   hidden_size=int(vision_cfg["width"]) if isinstance(vision_cfg.get("width"), int) else None,
+                   **aspect_fields(vision, size))
 
     @classmethod
     def from_fingerprint(cls, fp: Mapping[str, Any]) -> VisionRecipe:
@@ -186,6 +188,15 @@ class VisionRecipe:
 
     def fingerprint_id(self) -> str:
         return fingerprint_id(self.fingerprint())
+
+
+def aspect_fields(vision: Any, tile_size: int) -> dict[str, Any]:
+    """A ``VisionConfig``'s aspect mode as recipe fields: the mode, and for anyres the grid in pixels, the
+    merge and anyres_max_N's cap."""
+    if vision.image_mode != "anyres":
+        return {"image_mode": vision.image_mode}
+    return {"image_mode": "anyres", "grid_pinpoints": parse_grid_pinpoints(vision.image_grid_pinpoints, tile_size),
+            "patch_merge": vision.mm_patch_merge_type, "max_tiles": vision.max_tiles}
 
 
 # ----------------------------------------------------------------------------------- AnyRes geometry

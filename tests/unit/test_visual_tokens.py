@@ -142,3 +142,35 @@ def test_anyres_tiles_and_flat_merge():
     assert other.fingerprint_id() != recipe.fingerprint_id()  # another grid, other tiles: another store
     pad = VisionRecipe(**{**recipe.__dict__, "image_mode": "pad", "grid_pinpoints": ()})
     assert "grid_pinpoints" not in pad.fingerprint()  # pad stores keep the fingerprint (and id) they always had
+
+
+def test_the_config_names_anyres_as_llava_next_does():
+    """``image_aspect_ratio`` / ``image_grid_pinpoints`` / ``mm_patch_merge_type`` give the recipe the
+    geometry tests above check; the features and train jobs refuse it until they hold tiles."""
+    from vitune.config import ConfigError, TrainJobConfig
+
+    onevision = VisionConfig(image_aspect_ratio="anyres_max_9", image_grid_pinpoints="(1x1),...,(3x3)")
+    recipe = VisionRecipe.of(onevision)  # the tiny tower: tiles of 32 px
+    want = _recipe(32, recipe.patch_size, "(1x1),...,(3x3)", max_tiles=9)
+    assert (recipe.grid_pinpoints, recipe.patch_merge, recipe.max_tiles) == (want.grid_pinpoints, "spatial_unpad", 9)
+    assert (recipe.image_mode, recipe.max_tiles, len(recipe.grid_pinpoints)) == ("anyres", 9, 9)
+    assert recipe.grid_pinpoints[:2] == ((32, 32), (32, 64))
+    flat = VisionRecipe.of(VisionConfig(image_aspect_ratio="anyres", image_grid_pinpoints=[[64, 32], [32, 64]],
+                                        mm_patch_merge_type="flat"))
+    assert (flat.patch_merge, flat.max_tiles, flat.grid_pinpoints) == ("flat", None, ((64, 32), (32, 64)))
+    assert visual_tokens(flat, 30, 60) == 3 * flat.tokens_per_tile  # base + a 2x1 grid, laid flat
+    assert VisionRecipe.of(onevision).fingerprint_id() != VisionRecipe.of(
+        VisionConfig(image_aspect_ratio="anyres_max_9", image_grid_pinpoints="(1x1),...,(2x2)")).fingerprint_id()
+    # LLaVA's names and vitune's older ones
+    assert VisionConfig(image_aspect_ratio="square").image_mode == VisionConfig(image_mode="crop").image_mode == "crop"
+    for bad, says in (({"image_aspect_ratio": "anyres"}, "needs image_grid_pinpoints"),
+                      ({"image_aspect_ratio": "anyres_max_0", "image_grid_pinpoints": "(1x1),...,(2x2)"},
+                       "expected pad, square"),
+                      ({"image_aspect_ratio": "anyres", "image_grid_pinpoints": "2x2"}, "expected a list"),
+                      ({"image_grid_pinpoints": [[32, 32]]}, "only read by image_aspect_ratio=anyres"),
+                      ({"image_mode": "pad", "image_aspect_ratio": "pad"}, "older name")):
+        with pytest.raises(ValueError, match=says):
+            VisionConfig(**bad)
+    with pytest.raises(ConfigError, match="not yet supported by the features and train jobs"):
+        load_config(TrainJobConfig, "tiny", ["model.vision.image_aspect_ratio=anyres",
+                                             "model.vision.image_grid_pinpoints=(1x1),...,(2x2)"])

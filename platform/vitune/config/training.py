@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from vitune.config.base import JobConfig, Section, Stage, _absolute_or_stage, _absolute_paths
+from vitune.vision_recipe import parse_grid_pinpoints
 
 
 class VisionConfig(Section):
@@ -14,7 +16,58 @@ class VisionConfig(Section):
     pretrained: str | None = None  # open_clip pretrained tag; None = random init
     feature_layer: int = -2
     select: Literal["patch", "cls_patch"] = "patch"
-    image_mode: Literal["pad", "crop"] = "pad"
+    # LLaVA's --image_aspect_ratio: pad (expand2square) | square (resize + centre crop; also read as "crop") |
+    # anyres (LLaVA-NeXT: base view + a grid of tiles) | anyres_max_N (OneVision: the unpadded grid capped at
+    # about N tiles' worth). `image_mode`, its older name here, is read too.
+    image_aspect_ratio: str = "pad"
+    # anyres: the grid resolutions, [[h, w], ...] in pixels or LLaVA-NeXT's range form "(1x1),...,(3x3)"
+    image_grid_pinpoints: str | list[list[int]] | None = None
+    mm_patch_merge_type: Literal["flat", "spatial_unpad"] = "spatial_unpad"  # anyres: tiles laid flat | unpadded
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_name(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "image_mode" in raw:
+            if "image_aspect_ratio" in raw:
+                raise ValueError(f"image_mode={raw['image_mode']!r} and image_aspect_ratio="
+                                 f"{raw['image_aspect_ratio']!r} both given: image_mode is the older name of "
+                                 "image_aspect_ratio; give one")
+            raw = {("image_aspect_ratio" if k == "image_mode" else k): v for k, v in raw.items()}
+        return raw
+
+    @field_validator("image_aspect_ratio")
+    @classmethod
+    def _aspect(cls, v: str) -> str:
+        if v in ("pad", "crop", "square", "anyres") or re.fullmatch(r"anyres_max_[1-9]\d*", v):
+            return v
+        raise ValueError(f"image_aspect_ratio {v!r}: expected pad, square (or crop), anyres or anyres_max_N")
+
+    @model_validator(mode="after")
+    def _grid(self) -> VisionConfig:
+        if self.image_mode == "anyres":
+            if not self.image_grid_pinpoints:
+                raise ValueError(f"image_aspect_ratio={self.image_aspect_ratio} needs image_grid_pinpoints "
+                                 "(e.g. '(1x1),...,(3x3)', or [[672, 336], [336, 672], ...] in pixels)")
+            parse_grid_pinpoints(self.image_grid_pinpoints, 1)  # its form; the sizes need the tower's tile size
+            if self.select != "patch":
+                raise ValueError(f"image_aspect_ratio={self.image_aspect_ratio} keeps patch tokens only: "
+                                 "select must be 'patch'")
+        elif self.image_grid_pinpoints:
+            raise ValueError(f"image_grid_pinpoints is only read by image_aspect_ratio=anyres or anyres_max_N, "
+                             f"not {self.image_aspect_ratio!r}")
+        return self
+
+    @property
+    def image_mode(self) -> str:
+        """The vision recipe's aspect mode: ``pad``, ``crop`` or ``anyres``."""
+        v = self.image_aspect_ratio
+        return "crop" if v in ("crop", "square") else "anyres" if v.startswith("anyres") else v
+
+    @property
+    def max_tiles(self) -> int | None:
+        """anyres_max_N's N (None: no cap)."""
+        v = self.image_aspect_ratio
+        return int(v.removeprefix("anyres_max_")) if v.startswith("anyres_max_") else None
 
 
 class ModelConfig(Section):
@@ -91,10 +144,25 @@ class TrainConfig(Section):
     _init = field_validator("init_from")(_absolute_or_stage)
 
 
+def _one_tile(model: ModelConfig) -> None:
+    """The feature store and training hold one tile per image so far: an anyres recipe is the model's
+    (vitune.model.anyres, parity-tested) and the count's (vitune.vision_recipe), not yet these jobs'."""
+    vision = model.vision
+    if vision.image_mode == "anyres":
+        raise ValueError(f"model.vision.image_aspect_ratio={vision.image_aspect_ratio!r}: the feature store and "
+                         "training take one tile per image so far (pad or square); anyres is not yet supported "
+                         "by the features and train jobs")
+
+
 class FeaturesJobConfig(JobConfig):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+
+    @model_validator(mode="after")
+    def _check_tiles(self) -> FeaturesJobConfig:
+        _one_tile(self.model)
+        return self
 
 
 class TrainJobConfig(JobConfig):
@@ -103,6 +171,11 @@ class TrainJobConfig(JobConfig):
     data: DataConfig = Field(default_factory=DataConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check_tiles(self) -> TrainJobConfig:
+        _one_tile(self.model)
+        return self
 
     @model_validator(mode="after")
     def _check_lora(self) -> TrainJobConfig:

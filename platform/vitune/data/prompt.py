@@ -26,25 +26,23 @@ from vitune.data.masks import tokenize_generation_prompt
 from vitune.data.records import Turn, as_turns
 from vitune.data.templates import ConversationTemplate, TemplateError, with_system
 from vitune.data.tokenizer import image_token_id
+from vitune.refusal import Refusal
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-class PromptRejected(ValueError):
+class PromptRejected(Refusal, ValueError):
     """A conversation that cannot become a prompt with these images and this template.
 
-    `reason` says why in words a client can act on; `field` names the part at fault (`turns`, `system` or `images`);
-    `code` is a short machine-readable kind where one applies.
+    `reason` (the refusal's `message`) says why in words a client can act on; `field` names the part at fault
+    (`turns`, `system` or `images`); `code` is a short machine-readable kind where one applies.
     """
 
-    def __init__(self, reason: str, field: str = "turns", code: str | None = None) -> None:
-        super().__init__(reason, field, code)  # all of them in args: the error pickles across processes
-        self.reason = reason
-        self.field = field
-        self.code = code
+    default_field = "turns"
 
-    def __str__(self) -> str:
-        return self.reason
+    @property
+    def reason(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from vitune.model import image as image_lib
-from vitune.vision_recipe import VITUNE_TOWER_CONFIGS, VisionRecipe
+from vitune.vision_recipe import VITUNE_TOWER_CONFIGS, VisionRecipe, aspect_fields
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class VisionTower(nn.Module):
         self.num_blocks: int = _blocks_for_layer(cfg.feature_layer, self.num_layers)
         # the recipe of the tower as built (its real geometry), the one source of its fingerprint and token count
         self.recipe = VisionRecipe(tower=cfg.name, pretrained=cfg.pretrained, feature_layer=cfg.feature_layer,
-                                   select=cfg.select, image_mode=cfg.image_mode, image_size=self.image_size,
-                                   patch_size=self.patch_size, hidden_size=self.hidden_size)
+                                   select=cfg.select, image_size=self.image_size, patch_size=self.patch_size,
+                                   hidden_size=self.hidden_size, **aspect_fields(cfg, self.image_size))
         if recipe is not None:
             self.recipe = _with_mode_of(self.recipe, recipe)
             self.image_mode = self.recipe.image_mode

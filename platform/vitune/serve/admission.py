@@ -70,7 +70,7 @@ class Admission:
         try:
             return generation_prompt(turns, self.template_name, self.tokenizer, images, system=system)
         except PromptRejected as exc:
-            raise RequestRejected(exc.reason, exc.field, exc.code) from None
+            raise RequestRejected(exc.message, exc.field, exc.code) from None
         except Exception:  # noqa: BLE001 - a tokenizer failure on this request's text fails this request only
             logger.exception("tokenising the prompt failed")
             raise RequestRejected("the messages could not be tokenised for this model", "turns",

@@ -8,18 +8,15 @@ turns them into status codes and OpenAI's error shape. `param` names the `ChatRe
 
 from __future__ import annotations
 
+from vitune.refusal import Refusal
 
-class EngineError(Exception):
-    """A request the engine did not answer: a message the client may read, the field at fault, a code."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message, param, code)  # all of them in args: the error crosses processes pickled
-        self.message = message
-        self.param = param
-        self.code = code
+class EngineError(Refusal):
+    """A request the engine did not answer: a message the client may read, the field at fault (`param`), a code."""
 
-    def __str__(self) -> str:
-        return self.message
+    @property
+    def param(self) -> str | None:
+        return self.field
 
 
 class RequestRejected(EngineError):

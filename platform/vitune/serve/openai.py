@@ -120,6 +120,14 @@ class ChatMessage(BaseModel):
             return [_parse_part(i, part) for i, part in enumerate(value)]
         raise ValueError(f"content must be a string or a list of content parts, got {type(value).__name__}")
 
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        # as OpenAI: only an assistant message may leave its content out or null (it then carries tool calls)
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of content parts), "
+                             "not null")
+        return self
+
     def text_parts(self) -> list[str]:
         if self.content is None:
             return []

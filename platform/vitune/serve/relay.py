@@ -73,46 +73,41 @@ async def ask(response: DeploymentResponse, timeout_s: float) -> Any:
         raise overloaded(exc) from None
 
 
-async def complete(call: Callable[[], DeploymentResponse], timeout_s: float, request_id: str) -> dict[str, Any]:
-    """The engine's whole answer (`call()` starts it); a lost replica is retried on another; its error raised."""
+async def _first_answer(call: Callable[[], Any], first_of: Callable[[Any], Any], timeout_s: float, request_id: str,
+                        what: str) -> tuple[Any, dict[str, Any]]:
+    """``(the call, its first answer)`` within `timeout_s`: `call()` starts it on a replica, `first_of` awaits its
+    answer (a whole one, or a stream's first event); a replica lost before it is retried on another (`RETRIES`
+    times); an engine error answer is raised."""
     for attempt in range(RETRIES + 1):
-        response = call()
+        handle = call()
         try:
-            result = await bounded(response, timeout_s)
+            first = await asyncio.wait_for(first_of(handle), timeout_s)
             break
+        except TimeoutError:
+            handle.cancel()
+            raise timed_out(timeout_s) from None
         except REPLICA_LOST as exc:
-            response.cancel()  # unavailable is not always dead: no answer for nobody
+            handle.cancel()  # unavailable is not always dead: no answer for nobody
             if attempt == RETRIES:
                 raise overloaded(exc) from None
-            logger.warning("request %s: engine replica lost (%s); retrying", request_id, type(exc).__name__)
+            logger.warning("%s %s: engine replica lost (%s); retrying", what, request_id, type(exc).__name__)
         except UNAVAILABLE as exc:
             raise overloaded(exc) from None
-    if result["type"] == "error":
-        raise engine_error(result["error"])
+    if first["type"] == "error":
+        raise engine_error(first["error"])
+    return handle, first
+
+
+async def complete(call: Callable[[], DeploymentResponse], timeout_s: float, request_id: str) -> dict[str, Any]:
+    """The engine's whole answer (`call()` starts it); a lost replica is retried on another; its error raised."""
+    _, result = await _first_answer(call, _result, timeout_s, request_id, "request")
     return result
 
 
 async def open_stream(call: Callable[[], DeploymentResponseGenerator], timeout_s: float,
                       request_id: str) -> tuple[DeploymentResponseGenerator, dict[str, Any]]:
     """A streamed engine call and its `start` event; errors before it are raised (plain 4xx/5xx replies)."""
-    for attempt in range(RETRIES + 1):
-        events = call()
-        try:
-            first = await asyncio.wait_for(events.__anext__(), timeout_s)
-            break
-        except TimeoutError:
-            events.cancel()
-            raise timed_out(timeout_s) from None
-        except REPLICA_LOST as exc:
-            events.cancel()
-            if attempt == RETRIES:
-                raise overloaded(exc) from None
-            logger.warning("stream %s: engine replica lost (%s); retrying", request_id, type(exc).__name__)
-        except UNAVAILABLE as exc:
-            raise overloaded(exc) from None
-    if first["type"] == "error":
-        raise engine_error(first["error"])
-    return events, first
+    return await _first_answer(call, lambda events: events.__anext__(), timeout_s, request_id, "stream")
 
 
 def sse(body: dict[str, Any]) -> str:

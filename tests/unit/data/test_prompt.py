@@ -93,6 +93,13 @@ def test_a_conversation_the_template_cannot_render_names_its_field(tokenizer):
 def test_prompt_rejected_keeps_its_fields_across_processes():
     err = pickle.loads(pickle.dumps(PromptRejected("too many", "images", "image_count")))
     assert (err.reason, err.field, err.code, str(err)) == ("too many", "images", "image_count", "too many")
+    # one shape with the engine's errors (vitune.refusal), so admission hands it on field for field
+    from vitune.refusal import Refusal
+    from vitune.serve.errors import RequestRejected
+
+    assert isinstance(err, Refusal) and isinstance(err, ValueError) and PromptRejected("no").field == "turns"
+    passed = RequestRejected(err.message, err.field, err.code)
+    assert (passed.message, passed.param, passed.code) == (err.message, err.field, err.code)
 
 
 @pytest.mark.parametrize(("text", "count", "expected"), [

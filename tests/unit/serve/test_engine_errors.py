@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 from PIL import Image
+from ray.exceptions import ActorUnavailableError
 
 from vitune.config import ServeConfig
 from vitune.serve import relay
@@ -183,6 +184,46 @@ def test_a_timeout_is_one_503_whether_answer_or_stream(engine):
         "status": 503, "message": "the model did not answer within 0 s; retry shortly", "type": "server_error",
         "param": None, "code": "timeout"}
     assert all(c.cancelled for c in calls)
+
+
+class Lost(Answered):
+    """A call whose replica is gone: awaiting it, or its first event, raises what Ray raises then."""
+
+    def __await__(self):
+        async def value() -> object:
+            raise ActorUnavailableError("replica gone", None)
+        return value().__await__()
+
+    async def __anext__(self) -> dict:
+        raise ActorUnavailableError("replica gone", None)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["answer", "stream"])
+def test_a_lost_replica_is_retried_then_answered_as_overloaded(streamed):
+    """Both the whole answer and the stream's first event: a lost replica is tried `RETRIES` more times on
+    another, each lost call cancelled; the answer of the first that answers is returned; all lost → 503."""
+    answer = {"type": "done", "text": "ok"}
+    start = relay.open_stream if streamed else relay.complete
+    answered = Answered(events=[answer]) if streamed else Answered(answer)
+    calls, made = [Lost(), Lost(), answered], []
+
+    def call() -> Answered:
+        made.append(calls[len(made)])
+        return made[-1]
+
+    out = asyncio.run(start(call, 5, "r4"))
+    assert (out[1] if streamed else out) == answer and made == calls
+    assert calls[0].cancelled and calls[1].cancelled and not answered.cancelled
+    gone: list[Lost] = []
+
+    def lost() -> Lost:
+        gone.append(Lost())
+        return gone[-1]
+
+    with pytest.raises(APIError) as info:
+        asyncio.run(start(lost, 5, "r5"))
+    assert len(gone) == relay.RETRIES + 1 and all(g.cancelled for g in gone)
+    assert info.value.status == 503 and info.value.code == "overloaded"
 
 
 def test_the_relay_maps_the_engines_error_events():

@@ -54,6 +54,18 @@ def test_content_parts_as_strict_as_openai(messages):
     assert (refused(messages=messages).param or "").startswith("messages[0]")
 
 
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": None}, {"role": "user"}, {"role": "system", "content": None},
+], ids=["user-null", "user-missing", "system-null"])
+def test_a_message_without_content_is_a_400_as_openai_answers_it(message):
+    err = refused(messages=[message])
+    assert err.param == "messages[0]" and "needs content" in err.message, (err.param, err.message)
+    # an assistant message may leave it out (OpenAI: it then carries tool calls); the rest of the request decides
+    req = parse_request({**GOOD, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None},
+                                              {"role": "user", "content": "b"}]})
+    assert req.messages[1].content is None
+
+
 def test_stream_options_need_stream():
     refused(stream_options={"include_usage": True})
     assert parse_request({**GOOD, "stream": True, "stream_options": {"include_usage": True}}).include_usage
