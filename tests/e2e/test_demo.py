@@ -19,7 +19,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.services import free_port
+from tests.e2e import background
 from vitune.lineage import MODEL_VERSION_TAG, run_inputs
 from vitune.tracking import MODEL_FOLDER_TAG
 
@@ -34,17 +34,14 @@ MIN_OVERALL = 0.55
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    base = tmp_path_factory.mktemp("demo")
-    root, cwd = base / "run", base / "elsewhere"
-    cwd.mkdir()
-    assert os.path.commonpath([ROOT, str(cwd)]) != ROOT, "the demo must run from outside the repository"
-    # the installed command alone: no PYTHONPATH, so neither the driver nor a Serve replica can see the repository
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    proc = subprocess.run([os.path.join(BIN, "vitune"), "demo", "--root", str(root), "--port", str(free_port())],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return root, proc.stdout, env, proc.stderr
+def demo():
+    """The session's `vitune demo` (tests/e2e/background.py: started when collection finished, run from a
+    folder outside the repository with nothing of it on the import path), joined."""
+    run = background.joined()
+    assert run.error is None and run.demo is not None, run.error
+    assert os.path.commonpath([ROOT, str(run.base / "elsewhere")]) != ROOT, "the demo must run from outside the repository"
+    assert run.demo.returncode == 0, run.demo.stdout[-3000:] + run.demo.stderr[-5000:]
+    return run.root, run.demo.stdout, run.env, run.demo.stderr
 
 
 def test_demo_answers_over_http_and_prints_summary(demo):
@@ -118,29 +115,15 @@ def _sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()[:32]
 
 
-def test_served_version_leads_back_to_its_data_features_and_scores(demo, tmp_path):
+def test_served_version_leads_back_to_its_data_features_and_scores(demo):
     """`vitune serve models:/vitune-tiny/latest` → /v1/models names the version → the registry → the finetune
-    run's inputs (records file and feature store, digests checked against the files) → the eval scores."""
+    run's inputs (records file and feature store, digests checked against the files) → the eval scores.
+    (The serve command ran right after the demo, in the same background run: tests/e2e/background.py.)"""
     root, _, env, _ = demo
     db = f"sqlite:///{root}/mlflow.db"
-    port = free_port()
-    with open(tmp_path / "serve.out", "w") as stdout, open(tmp_path / "serve.err", "w") as stderr:
-        proc = subprocess.Popen([os.path.join(BIN, "vitune"), "serve", "models:/vitune-tiny/latest",
-                                 "--tracking-uri", db, "--port", str(port)], cwd=tmp_path, env=env,
-                                stdout=stdout, stderr=stderr, text=True)
-        try:
-            deadline = time.time() + 300
-            while "Ctrl-C stops it" not in (tmp_path / "serve.out").read_text():  # the banner: deployed
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.err").read_text()[-3000:]
-                time.sleep(0.5)
-            entry = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"][0]
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    banner = (tmp_path / "serve.out").read_text()
+    run = background.joined()
+    assert run.served is not None and run.served.error is None, run.served
+    banner, entry, port = run.served.banner, run.served.entry, run.served.port
     assert f"chat page  http://127.0.0.1:{port}/" in banner and "version 1 of vitune-tiny" in banner, banner
 
     served = entry["vitune"]

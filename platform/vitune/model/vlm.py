@@ -1,8 +1,8 @@
 """The vision-language model: projector + any Hugging Face causal LM, with the `<image>` splice.
 
 The vision tower is not part of this module: it is frozen in both stages, so training consumes
-precomputed features and eval/serving compute them with `vitune.model.vision`. A sample holds at most one
-`<image>` token; it expands to its image's visual tokens. With a pad/crop recipe those are the N projected
+precomputed features and eval/serving compute them with `vitune.model.vision`. A sample holds any number of
+`<image>` tokens (several images per conversation, in order); each expands to its image's visual tokens. With a pad/crop recipe those are the N projected
 features of its one tile (`image_features` `[M, N, Dv]`); with an AnyRes recipe (`recipe`, a
 `vitune.vision_recipe.VisionRecipe` with `image_mode="anyres"`) an image's tiles `[T_i, N, Dv]` are
 projected and packed by `vitune.model.anyres` (base view, unpadded grid, the learned `image_newline` per
@@ -95,12 +95,13 @@ def splice_image_features(
     padding_side: Literal["right", "left"] = "right",
     pad_token_id: int = 0,
 ) -> SplicedInputs:
-    """Expand each sample's single `<image>` token into its image's projected features.
+    """Expand each `<image>` token into its image's projected features.
 
     `input_ids`/`attention_mask`/`labels` are `[B, T]` with padding on either side (only positions
     where the mask is 1 are kept, in order). `image_embeds` is `[M, N, D]` (N features each) or a sequence of
-    M `[n_i, D]` tensors (a count per image), already projected, where M is the number of samples holding an
-    image token; they are consumed in batch order. The result is padded on `padding_side`.
+    M `[n_i, D]` tensors (a count per image), already projected, where M is the number of `<image>` tokens in
+    the batch (a sample may hold several, LLaVA-NeXT-Interleave's form); they are consumed in reading order,
+    sample by sample and within a sample left to right. The result is padded on `padding_side`.
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -110,11 +111,7 @@ def splice_image_features(
         attention_mask = torch.ones_like(input_ids)
     valid = attention_mask.bool()  # [B, T]
     is_image = (input_ids == image_token_id) & valid  # [B, T]
-    per_sample = is_image.sum(dim=1)  # [B]
-    if bool((per_sample > 1).any()):
-        bad = per_sample.gt(1).nonzero().flatten().tolist()
-        raise ValueError(f"samples {bad} hold {per_sample[bad].tolist()} {IMAGE_TOKEN} tokens; at most one each")
-    num_images = int(per_sample.sum())
+    num_images = int(is_image.sum())
     image_lengths = _image_lengths(image_embeds, device)  # [M]
     if num_images != image_lengths.shape[0]:
         raise ValueError(f"batch holds {num_images} {IMAGE_TOKEN} tokens but {image_lengths.shape[0]} image "

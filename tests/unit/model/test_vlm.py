@@ -118,10 +118,20 @@ def test_splice_layout(padding_side: str) -> None:
         assert (out.labels[b][torch.tensor(expected_mask) == 0] == IGNORE_INDEX).all()
 
 
-def test_splice_rejects_two_images_in_a_sample() -> None:
-    ids = torch.tensor([[1, IMG, IMG]])
-    with pytest.raises(ValueError, match="at most one"):
-        splice_image_features(ids, None, _IdEmbedding(), IMG, _image_embeds(2, 3))
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_splice_several_images_in_a_sample_in_reading_order(padding_side: str) -> None:
+    # sample 0 holds two images (2 and 3 tokens), sample 1 none, sample 2 one (1 token)
+    ids = torch.tensor([[1, IMG, 5, IMG, 6], [1, 7, 0, 0, 0], [IMG, 8, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]])
+    embeds = [_image_embeds(1, 2)[0], _image_embeds(2, 3)[1], _image_embeds(3, 1)[2]]
+    out = splice_image_features(ids, mask, _IdEmbedding(), IMG, embeds, padding_side=padding_side)
+    rows = [[1, 100, 101, 5, 200, 201, 202, 6], [1, 7], [300, 8]]
+    width = 8
+    assert out.inputs_embeds.shape == (3, width, 2)
+    for b, row in enumerate(rows):
+        sl = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        assert out.inputs_embeds[b, sl, 0].tolist() == row
+        assert out.image_mask[b].sum().item() == [5, 0, 1][b]
 
 
 def test_splice_rejects_feature_count_mismatch() -> None:
