@@ -7,8 +7,40 @@ import os
 import pytest
 
 from tests import services
+from tests.e2e import background
 
 TEST_BUCKET = "vitune-test"
+
+# The session runs unit tests first, then integration, then e2e: the e2e demo (tests/e2e/background.py) starts
+# when collection finishes and runs beside the rest, so the e2e tests go last and find it done. Within
+# integration, the files that time things or start a cluster of their own go last, when the demo has finished
+# and the machine is quieter again.
+_LATE_INTEGRATION = ("test_train.py", "test_submit_two_node.py", "test_generate_feeds_pipeline.py",
+                     "test_serving.py", "test_serving_faults.py", "test_autoscaling.py")
+
+
+def _rank(item: pytest.Item) -> tuple[int, int]:
+    parts = item.path.parts
+    if "e2e" in parts:
+        return (3, 0)
+    if "integration" in parts:
+        name = item.path.name
+        return (2, _LATE_INTEGRATION.index(name) + 1) if name in _LATE_INTEGRATION else (2, 0)
+    return (1, 0)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=_rank)  # stable: the order within a file and among equal ranks stays as collected
+
+
+def pytest_collection_finish(session):
+    selected = any("e2e" in item.path.parts for item in session.items)
+    if selected and not session.config.option.collectonly and not getattr(session.config.option, "setuponly", False):
+        background.start_once()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    background.stop()
 
 
 @pytest.fixture(scope="session")

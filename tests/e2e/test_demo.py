@@ -10,12 +10,9 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -39,7 +36,8 @@ def demo():
     folder outside the repository with nothing of it on the import path), joined."""
     run = background.joined()
     assert run.error is None and run.demo is not None, run.error
-    assert os.path.commonpath([ROOT, str(run.base / "elsewhere")]) != ROOT, "the demo must run from outside the repository"
+    outside = os.path.commonpath([ROOT, str(run.base / "elsewhere")]) != ROOT
+    assert outside, "the demo must run from outside the repository"
     assert run.demo.returncode == 0, run.demo.stdout[-3000:] + run.demo.stderr[-5000:]
     return run.root, run.demo.stdout, run.env, run.demo.stderr
 

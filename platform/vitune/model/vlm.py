@@ -2,12 +2,12 @@
 
 The vision tower is not part of this module: it is frozen in both stages, so training consumes
 precomputed features and eval/serving compute them with `vitune.model.vision`. A sample holds any number of
-`<image>` tokens (several images per conversation, in order); each expands to its image's visual tokens. With a pad/crop recipe those are the N projected
-features of its one tile (`image_features` `[M, N, Dv]`); with an AnyRes recipe (`recipe`, a
-`vitune.vision_recipe.VisionRecipe` with `image_mode="anyres"`) an image's tiles `[T_i, N, Dv]` are
-projected and packed by `vitune.model.anyres` (base view, unpadded grid, the learned `image_newline` per
-row), so each image has its own count, `vision_recipe.visual_tokens(recipe, w, h)`; `image_sizes` gives each
-image's original `(width, height)`.
+`<image>` tokens (several images per conversation, in order); each expands to its image's visual tokens. With
+a pad/crop recipe those are the N projected features of its one tile (`image_features` `[M, N, Dv]`); with an
+AnyRes recipe (`recipe`, a `vitune.vision_recipe.VisionRecipe` with `image_mode="anyres"`) an image's tiles
+`[T_i, N, Dv]` are projected and packed by `vitune.model.anyres` (base view, unpadded grid, the learned
+`image_newline` per row), so each image has its own count, `vision_recipe.visual_tokens(recipe, w, h)`;
+`image_sizes` gives each image's original `(width, height)`.
 
 `splice_image_features` is the single definition of that expansion (training with right padding,
 batched generation with left padding): it builds the expanded token sequence, embeds it, and writes
