@@ -177,7 +177,16 @@ class VisionRecipe:
         return self.image_size // self.patch_size
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields a store made with this recipe records (a tower adds its library versions)."""
+        """The fields a store made with this recipe records (a tower adds its library versions).
+
+        What the id covers is what changes the stored features: tower, tag, layer, selection, the tile size
+        (``image_size``) and the aspect mode, and for anyres the grid pinpoints in their order (the order
+        breaks ties in ``select_best_resolution``, so it can change an image's grid). Not covered, for anyres:
+        ``patch_merge`` (flat | spatial_unpad) and ``max_tiles`` (anyres_max_N): both are applied by the
+        model when it packs the same stored tiles (``vitune.model.anyres``), so one store serves every merge
+        and cap, and ``from_fingerprint`` gives them their defaults. A pad or crop fingerprint has no grid
+        field: its id is the one it always had (tests/unit/features/test_tile_store.py pins one).
+        """
         fp = {"tower": self.tower, "pretrained": self.pretrained, "feature_layer": self.feature_layer,
               "select": self.select, "image_size": self.image_size, "image_mode": self.image_mode,
               "num_patches": self.tokens_per_tile, "hidden_size": self.hidden_size}
