@@ -18,8 +18,8 @@ store or a model folder records. From it come:
   laid flat, and OneVision's ``anyres_max_N`` cap (``max_tiles``). The count equals transformers'
   LlavaNext / LlavaOnevision processors' for the same configuration (tests/unit/test_visual_tokens.py).
   A ``VisionConfig`` names it as LLaVA-NeXT does (``image_aspect_ratio`` anyres | anyres_max_N,
-  ``image_grid_pinpoints``, ``mm_patch_merge_type``; ``aspect_fields``); the features and train jobs refuse it
-  for now: the feature store, training and export still hold one tile per image.
+  ``image_grid_pinpoints``, ``mm_patch_merge_type``; ``aspect_fields``); the feature store holds its tiles
+  (``vitune.features.store``), the train job refuses it for now: training still takes one tile per image.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ def test_anyres_tiles_and_flat_merge():
 
 def test_the_config_names_anyres_as_llava_next_does():
     """``image_aspect_ratio`` / ``image_grid_pinpoints`` / ``mm_patch_merge_type`` give the recipe the
-    geometry tests above check; the features and train jobs refuse it until they hold tiles."""
+    geometry tests above check; the train job refuses it until training takes tiles (the features job takes it)."""
     from vitune.config import ConfigError, TrainJobConfig
 
     onevision = VisionConfig(image_aspect_ratio="anyres_max_9", image_grid_pinpoints="(1x1),...,(3x3)")
@@ -171,6 +171,7 @@ def test_the_config_names_anyres_as_llava_next_does():
                       ({"image_mode": "pad", "image_aspect_ratio": "pad"}, "older name")):
         with pytest.raises(ValueError, match=says):
             VisionConfig(**bad)
-    with pytest.raises(ConfigError, match="not yet supported by the features and train jobs"):
-        load_config(TrainJobConfig, "tiny", ["model.vision.image_aspect_ratio=anyres",
-                                             "model.vision.image_grid_pinpoints=(1x1),...,(2x2)"])
+    anyres = ["model.vision.image_aspect_ratio=anyres", "model.vision.image_grid_pinpoints=(1x1),...,(2x2)"]
+    with pytest.raises(ConfigError, match="training on them is not supported yet"):
+        load_config(TrainJobConfig, "tiny", anyres)
+    assert load_config(FeaturesJobConfig, "tiny", anyres).model.vision.image_mode == "anyres"

@@ -90,7 +90,7 @@ class DataConfig(Section):
 class FeaturesConfig(Section):
     output: str | None = None  # store the feature job writes; default: data.features, else layout's
     shard_size: int = Field(256, gt=0)  # images per Parquet shard
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0)  # tiles per tower call (pad/crop: images; anyres: an image makes several)
     num_actors: int | None = Field(None, gt=0)  # None = one per GPU on a cluster, CPUs locally
     actor_cpus: float = Field(1.0, gt=0)  # CPUs each tower actor reserves (on CPU, torch threads share all CPUs)
     preprocess_cpus: float = Field(1.0, gt=0)  # CPUs each decode+preprocess task reserves
@@ -145,24 +145,22 @@ class TrainConfig(Section):
 
 
 def _one_tile(model: ModelConfig) -> None:
-    """The feature store and training hold one tile per image so far: an anyres recipe is the model's
-    (vitune.model.anyres, parity-tested) and the count's (vitune.vision_recipe), not yet these jobs'."""
+    """Training takes one tile per image so far: the feature store holds anyres tiles (``[T, N, D]`` per image,
+    vitune.features.store) and the model packs them (vitune.model.anyres, parity-tested), but the train job's
+    dataset and collator still batch one ``[N, D]`` per image."""
     vision = model.vision
     if vision.image_mode == "anyres":
-        raise ValueError(f"model.vision.image_aspect_ratio={vision.image_aspect_ratio!r}: the feature store and "
-                         "training take one tile per image so far (pad or square); anyres is not yet supported "
-                         "by the features and train jobs")
+        raise ValueError(f"model.vision.image_aspect_ratio={vision.image_aspect_ratio!r}: the train job takes one "
+                         "tile per image so far (pad or square). The features job can already store this "
+                         "recipe's tiles; training on them is not supported yet")
 
 
 class FeaturesJobConfig(JobConfig):
+    """The features job takes every aspect mode: anyres stores hold each image's tiles and size."""
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
-
-    @model_validator(mode="after")
-    def _check_tiles(self) -> FeaturesJobConfig:
-        _one_tile(self.model)
-        return self
 
 
 class TrainJobConfig(JobConfig):

@@ -3,13 +3,19 @@
 ``run_shards`` streams one dataset row per shard through
 
     load_shard (tasks)  read bytes → ``image.decode_image`` → the tower's preprocessing, on CPUs in parallel
-                        with the actors; a bad image becomes an error row with its reason, never an exception
+                        with the actors; a bad image becomes an error row with its reason, never an exception.
+                        An anyres recipe cuts each image into its tiles (``image.preprocess_tiles``: the base
+                        view, then the grid's), so a shard's pixels are ``[sum T_i, 3, S, S]`` with each
+                        image's tile count; pad and crop make one tile per image
     EncodeShard (actor pool, one per GPU or sized to CPUs; ``pool_size``)
-                        the tower loaded once, micro-batches under inference mode → fp16 → writes the
-                        shard's errors file, then its Parquet file in one atomic write (the commit)
+                        the tower loaded once, micro-batches of tiles under inference mode → fp16 → writes
+                        the shard's errors file, then its Parquet file in one atomic write (the commit): one
+                        ``[N, D]`` per image (``store.shard_table``), or anyres each image's ``[T, N, D]``
+                        and its size (``store.tile_shard_table``)
 
 and returns one result row per shard (counts, bytes, timings) for the manifest. ``vitune.features.extract``
-plans the shards and writes the manifest.
+plans the shards and writes the manifest. Both stages are plain callables (``load_shard``, ``EncodeShard``)
+that the unit tests drive without Ray; only ``run_shards`` needs a cluster.
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ from PIL import Image
 
 from vitune import storage
 from vitune.config import FeaturesJobConfig, VisionConfig
-from vitune.features.store import errors_name, shard_name, shard_table, write_shard
+from vitune.features.store import errors_name, shard_name, shard_table, tile_shard_table, write_shard
 from vitune.model import image as image_lib
 from vitune.model.vision import load_vision_tower
 from vitune.progress import Progress
-from vitune.vision_recipe import fingerprint_id
+from vitune.vision_recipe import VisionRecipe, fingerprint_id
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +53,32 @@ class PreprocessSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     image_mode: str
+    recipe: VisionRecipe | None = None  # the tower's; anyres needs it (the grid), pad and crop do not
 
     @classmethod
     def from_tower(cls, tower: Any) -> PreprocessSpec:
-        return cls(tower.image_size, tuple(tower.mean), tuple(tower.std), tower.image_mode)
+        return cls(tower.image_size, tuple(tower.mean), tuple(tower.std), tower.image_mode, tower.recipe)
+
+    @property
+    def tiled(self) -> bool:
+        return self.image_mode == "anyres"
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return image_lib.preprocess(img, self.image_size, self.mean, self.std, self.image_mode)  # [3, S, S]
+
+    def tiles(self, img: Image.Image) -> torch.Tensor:
+        """The image's tiles ``[T, 3, S, S]`` by the recipe (``VisionTower.preprocess_tiles`` exactly)."""
+        if self.recipe is None:
+            raise ValueError("an anyres preprocessing spec needs the tower's recipe (PreprocessSpec.from_tower)")
+        return image_lib.preprocess_tiles(img, self.recipe, self.mean, self.std)
+
+
+def tiles_per_image_at_most(recipe: VisionRecipe) -> int:
+    """The most tiles one image can make: 1 for pad and crop; anyres the base view + the largest grid."""
+    if recipe.image_mode != "anyres":
+        return 1
+    size = recipe.image_size
+    return 1 + max((h // size) * (w // size) for h, w in recipe.grid_pinpoints)
 
 
 READ_TRIES = 3
@@ -91,11 +116,12 @@ def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixel
 
 def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixels: int) -> pa.Table:
     fs, base = storage.resolve(image_root)
-    out: dict[str, list] = {k: [] for k in ("shard", "keys", "sizes", "pixels", "errors", "bytes_read", "load_s",
-                                            "pid")}
+    out: dict[str, list] = {k: [] for k in ("shard", "keys", "sizes", "tiles", "pixels", "errors", "bytes_read",
+                                            "load_s", "pid")}
     for shard, keys in zip(batch.column("shard").to_pylist(), batch.column("keys").to_pylist(), strict=True):
         t0 = time.perf_counter()
         pixels = np.empty((len(keys), 3, spec.image_size, spec.image_size), dtype=np.float32)  # [n, 3, S, S]
+        tiled: list[np.ndarray] = []  # anyres: each good image's [T_i, 3, S, S]
         ok_keys: list[str] = []
         sizes: list[list[int]] = []  # each image's original [width, height]
         errors: list[dict[str, str]] = []
@@ -105,7 +131,10 @@ def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixe
                 data = _read(fs, posixpath.join(base, key))
                 nbytes += len(data)
                 image = image_lib.decode_image(data, max_pixels=max_pixels)
-                pixels[len(ok_keys)] = spec(image).numpy()
+                if spec.tiled:
+                    tiled.append(spec.tiles(image).numpy())
+                else:
+                    pixels[len(ok_keys)] = spec(image).numpy()
             except FileNotFoundError:
                 reason = "missing file"
             except OSError as exc:
@@ -122,7 +151,12 @@ def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixe
         out["shard"].append(shard)
         out["keys"].append(ok_keys)
         out["sizes"].append(sizes)
-        out["pixels"].append(pa.py_buffer(pixels[:len(ok_keys)]))  # zero-copy into Arrow
+        if spec.tiled:
+            out["tiles"].append([t.shape[0] for t in tiled])
+            out["pixels"].append(pa.py_buffer(np.concatenate(tiled) if tiled else pixels[:0]))  # [sum T, 3, S, S]
+        else:
+            out["tiles"].append([1] * len(ok_keys))
+            out["pixels"].append(pa.py_buffer(pixels[:len(ok_keys)]))  # zero-copy into Arrow
         out["errors"].append(json.dumps(errors))
         out["bytes_read"].append(nbytes)
         out["load_s"].append(time.perf_counter() - t0)
@@ -131,6 +165,7 @@ def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixe
         "shard": pa.array(out["shard"], pa.int64()),
         "keys": pa.array(out["keys"], pa.list_(pa.string())),
         "sizes": pa.array(out["sizes"], pa.list_(pa.list_(pa.int32()))),
+        "tiles": pa.array(out["tiles"], pa.list_(pa.int32())),  # tiles of each good image (pad/crop: 1s)
         "pixels": _binary_column(out["pixels"]),
         "errors": pa.array(out["errors"], pa.string()),
         "bytes_read": pa.array(out["bytes_read"], pa.int64()),
@@ -159,14 +194,21 @@ class EncodeShard:
         started = time.perf_counter()
         wait_s = 0.0 if self._last_done is None else started - self._last_done
         size, n_p, dim = self.tower.image_size, self.tower.num_patches, self.tower.hidden_size
+        tiled = self.tower.recipe.image_mode == "anyres"
         results: list[dict[str, Any]] = []
         for i, row in enumerate(batch.drop_columns(["pixels"]).to_pylist()):
             shard, keys, errors = row["shard"], row["keys"], json.loads(row["errors"])
+            # a shard from a loader of before the tile store has no tile counts: one tile per image
+            tiles = row.get("tiles") or [1] * len(keys)
+            if len(tiles) != len(keys) or (not tiled and any(t != 1 for t in tiles)):
+                raise RuntimeError(f"shard {shard}: tile counts {tiles} do not fit {len(keys)} images of a "
+                                   f"{self.tower.recipe.image_mode} tower")
+            total = sum(tiles)  # tiles of the shard, micro-batched together whatever image they belong to
             pixels = np.frombuffer(batch.column("pixels")[i].as_buffer(), dtype=np.float32)
-            pixels = pixels.reshape(len(keys), 3, size, size)
+            pixels = pixels.reshape(total, 3, size, size)
             t0 = time.perf_counter()
-            feats = np.empty((len(keys), n_p, dim), dtype=np.float16)  # [n, N, D]
-            for s in range(0, len(keys), self.batch_size):
+            feats = np.empty((total, n_p, dim), dtype=np.float16)  # [sum T, N, D]
+            for s in range(0, total, self.batch_size):
                 chunk = torch.from_numpy(pixels[s:s + self.batch_size].copy())  # [b, 3, S, S]
                 feats[s:s + self.batch_size] = self.tower.encode(chunk).to(torch.float16).cpu().numpy()
             t1 = time.perf_counter()
@@ -176,7 +218,11 @@ class EncodeShard:
                 errors_file = errors_name(shard)
                 storage.write_jsonl(storage.join(self.output, errors_file), [{**e, "shard": shard} for e in errors])
             meta = {"shard": shard, "fingerprint_id": self.fp_id, "quarantined": len(errors), "errors": errors_file}
-            table = shard_table(keys, feats, meta, sizes=row["sizes"])
+            if tiled:
+                per_image = np.split(feats, np.cumsum(tiles)[:-1]) if keys else []  # each [T_i, N, D]
+                table = tile_shard_table(keys, per_image, row["sizes"], meta, shape=(n_p, dim))
+            else:
+                table = shard_table(keys, feats, meta, sizes=row["sizes"])
             nbytes = write_shard(storage.join(self.output, shard_name(shard)), table)
             results.append({
                 "shard": shard, "rows": len(keys), "quarantined": len(errors), "bytes": nbytes,
@@ -235,7 +281,9 @@ def run_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], out: s
     # A preprocessing task holds one shard's float32 pixels (handed to Arrow without a copy). Reserving
     # that memory is also what keeps Ray Data from fusing this stage into the tower actors, which would
     # serialise decoding behind the tower; each result row reports whether that happened.
-    shard_pixel_bytes = cfg.features.shard_size * 3 * spec.image_size**2 * 4  # float32 [n, 3, S, S]
+    # float32 [n, 3, S, S] (anyres: up to [n * T_max, 3, S, S])
+    tiles_at_most = tiles_per_image_at_most(spec.recipe) if spec.recipe is not None else 1
+    shard_pixel_bytes = cfg.features.shard_size * tiles_at_most * 3 * spec.image_size**2 * 4
     ds = ray.data.from_items([{"shard": i, "keys": keys} for i, keys in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         load_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.features.preprocess_cpus,
