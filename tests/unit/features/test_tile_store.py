@@ -200,3 +200,18 @@ def test_pad_job_writes_the_schema_it_always_did(tmp_path):
     reference = encode_images(tower, [Image.open(io.BytesIO(_png(sizes[k], i))) for i, k in enumerate(sizes)])
     for key, ref in zip(sizes, reference, strict=True):
         np.testing.assert_allclose(got[key].astype(np.float32), ref.numpy(), atol=2e-2, rtol=2e-2)
+
+
+def test_stored_bytes_per_image_pad_vs_anyres(tmp_path):
+    from vitune.features.store import stored_bytes_per_image, tile_shard_table, write_shard
+
+    pad = VisionRecipe.of(VisionConfig())
+    assert stored_bytes_per_image(pad, 64, 64) == 16 * 64 * 2 + 8  # one [N, D] fp16 + size
+    assert stored_bytes_per_image(RECIPE, 64, 64) == 5 * 16 * 64 * 2 + 8 + 4 + 8  # 5 tiles + size, count, offset
+    assert stored_bytes_per_image(RECIPE, 30, 60) == 3 * 16 * 64 * 2 + 20
+    # the Parquet file of a tile shard is its payload plus little (raw bytes: no per-value levels)
+    keys = [f"k{i}" for i in range(8)]
+    rng = np.random.default_rng(0)
+    table = tile_shard_table(keys, [rng.standard_normal((5, N, D)).astype(np.float16) for _ in keys], [(64, 64)] * 8)
+    written = write_shard(str(tmp_path / "s.parquet"), table) / len(keys)
+    assert 1.0 < written / stored_bytes_per_image(RECIPE, 64, 64) < 1.05
