@@ -118,10 +118,15 @@ def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixe
     fs, base = storage.resolve(image_root)
     out: dict[str, list] = {k: [] for k in ("shard", "keys", "sizes", "tiles", "pixels", "errors", "bytes_read",
                                             "load_s", "pid")}
+    # anyres: room for the most tiles an image can make (untouched pages of np.empty cost no memory), so the
+    # tiles land in place and go to Arrow without a copy, as one image per row does for pad and crop
+    tiles_at_most = tiles_per_image_at_most(spec.recipe) if spec.tiled and spec.recipe else 1
     for shard, keys in zip(batch.column("shard").to_pylist(), batch.column("keys").to_pylist(), strict=True):
         t0 = time.perf_counter()
-        pixels = np.empty((len(keys), 3, spec.image_size, spec.image_size), dtype=np.float32)  # [n, 3, S, S]
-        tiled: list[np.ndarray] = []  # anyres: each good image's [T_i, 3, S, S]
+        pixels = np.empty((len(keys) * tiles_at_most, 3, spec.image_size, spec.image_size),
+                          dtype=np.float32)  # [n * T_max, 3, S, S]
+        tiles: list[int] = []  # tiles of each good image
+        filled = 0  # pixel rows written: sum(tiles)
         ok_keys: list[str] = []
         sizes: list[list[int]] = []  # each image's original [width, height]
         errors: list[dict[str, str]] = []
@@ -131,10 +136,8 @@ def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixe
                 data = _read(fs, posixpath.join(base, key))
                 nbytes += len(data)
                 image = image_lib.decode_image(data, max_pixels=max_pixels)
-                if spec.tiled:
-                    tiled.append(spec.tiles(image).numpy())
-                else:
-                    pixels[len(ok_keys)] = spec(image).numpy()
+                views = spec.tiles(image).numpy() if spec.tiled else spec(image).numpy()[None]  # [T, 3, S, S]
+                pixels[filled:filled + len(views)] = views
             except FileNotFoundError:
                 reason = "missing file"
             except OSError as exc:
@@ -146,17 +149,15 @@ def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixe
             else:
                 ok_keys.append(key)
                 sizes.append(list(image.size))
+                tiles.append(len(views))
+                filled += len(views)
                 continue
             errors.append({"image_key": key, "uri": storage.join(image_root, key), "reason": reason})
         out["shard"].append(shard)
         out["keys"].append(ok_keys)
         out["sizes"].append(sizes)
-        if spec.tiled:
-            out["tiles"].append([t.shape[0] for t in tiled])
-            out["pixels"].append(pa.py_buffer(np.concatenate(tiled) if tiled else pixels[:0]))  # [sum T, 3, S, S]
-        else:
-            out["tiles"].append([1] * len(ok_keys))
-            out["pixels"].append(pa.py_buffer(pixels[:len(ok_keys)]))  # zero-copy into Arrow
+        out["tiles"].append(tiles)
+        out["pixels"].append(pa.py_buffer(pixels[:filled]))  # [sum T, 3, S, S], zero-copy into Arrow
         out["errors"].append(json.dumps(errors))
         out["bytes_read"].append(nbytes)
         out["load_s"].append(time.perf_counter() - t0)

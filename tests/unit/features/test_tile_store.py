@@ -136,7 +136,8 @@ def _png(size: tuple[int, int], seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _run_shard(tmp_path, vision: VisionConfig, sizes: dict[str, tuple[int, int]], broken: list[str]):
+def _run_shard(tmp_path, vision: VisionConfig, sizes: dict[str, tuple[int, int]], broken: list[str],
+               missing: tuple[str, ...] = ()):
     """load_shard → EncodeShard → write_manifest, as the Ray job runs them on one shard (without Ray)."""
     from vitune.features.encode import EncodeShard, PreprocessSpec, load_shard
     from vitune.features.store import FeatureStore, write_manifest
@@ -148,7 +149,7 @@ def _run_shard(tmp_path, vision: VisionConfig, sizes: dict[str, tuple[int, int]]
         (images / key).write_bytes(_png(size, i))
     for key in broken:
         (images / key).write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    keys = sorted([*sizes, *broken])
+    keys = sorted([*sizes, *broken, *missing])
     tower = load_vision_tower(vision)
     fp, out = tower.fingerprint(), str(tmp_path / "store")
     loaded = load_shard(pa.table({"shard": [0], "keys": [keys]}), str(images), PreprocessSpec.from_tower(tower),
@@ -180,6 +181,15 @@ def test_anyres_job_stores_each_images_tiles_and_quarantines_a_broken_one(tmp_pa
     schema = storage.read_parquet(storage.join(store.uri, shard_name(0))).schema
     assert [f.name for f in schema] == ["image_key", "features", "num_tiles", "size"]
     assert schema.field("features").type == pa.large_binary()
+
+
+def test_anyres_shard_with_no_good_image_commits_an_empty_tile_shard(tmp_path):
+    _, loaded, result, store = _run_shard(tmp_path, ANYRES, {}, broken=["broken.png"], missing=("gone.png",))
+    assert loaded.column("tiles").to_pylist() == [[]] and result[0]["rows"] == 0
+    assert store.counts == {**store.counts, "images_in": 2, "features_out": 0, "quarantined": 2}
+    assert {e["image_key"]: e["reason"] for e in store.errors()}["gone.png"] == "missing file"
+    assert store.keys() == [] and store.get(["broken.png"]) == {} and store.num_tiles() == {}
+    assert [f for _, f in store.iter_arrays()] == [[]]
 
 
 def test_pad_job_writes_the_schema_it_always_did(tmp_path):
