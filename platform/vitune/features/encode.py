@@ -84,6 +84,13 @@ def tiles_per_image_at_most(recipe: VisionRecipe) -> int:
 READ_TRIES = 3
 
 
+def shard_pixel_bytes(spec: PreprocessSpec, shard_size: int) -> int:
+    """The most float32 pixel bytes one shard's preprocessing holds: ``[n, 3, S, S]``, anyres up to
+    ``[n * T_max, 3, S, S]`` (every image cut into the largest grid)."""
+    tiles = tiles_per_image_at_most(spec.recipe) if spec.tiled and spec.recipe is not None else 1
+    return shard_size * tiles * 3 * spec.image_size**2 * 4
+
+
 def _read(fs: Any, path: str) -> bytes:
     """Read a file; a missing one raises ``FileNotFoundError`` at once, other I/O errors are retried."""
     for attempt in range(READ_TRIES):
@@ -282,13 +289,11 @@ def run_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], out: s
     # A preprocessing task holds one shard's float32 pixels (handed to Arrow without a copy). Reserving
     # that memory is also what keeps Ray Data from fusing this stage into the tower actors, which would
     # serialise decoding behind the tower; each result row reports whether that happened.
-    # float32 [n, 3, S, S] (anyres: up to [n * T_max, 3, S, S])
-    tiles_at_most = tiles_per_image_at_most(spec.recipe) if spec.recipe is not None else 1
-    shard_pixel_bytes = cfg.features.shard_size * tiles_at_most * 3 * spec.image_size**2 * 4
+    pixel_bytes = shard_pixel_bytes(spec, cfg.features.shard_size)
     ds = ray.data.from_items([{"shard": i, "keys": keys} for i, keys in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         load_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.features.preprocess_cpus,
-        memory=shard_pixel_bytes + 512 * 2**20,
+        memory=pixel_bytes + 512 * 2**20,
         fn_kwargs={"image_root": image_root, "spec": spec, "max_pixels": cfg.features.max_pixels,
                    "s3_endpoint_url": endpoint},
     )

@@ -225,3 +225,14 @@ def test_stored_bytes_per_image_pad_vs_anyres(tmp_path):
     table = tile_shard_table(keys, [rng.standard_normal((5, N, D)).astype(np.float16) for _ in keys], [(64, 64)] * 8)
     written = write_shard(str(tmp_path / "s.parquet"), table) / len(keys)
     assert 1.0 < written / stored_bytes_per_image(RECIPE, 64, 64) < 1.05
+
+
+def test_preprocessing_reserves_room_for_the_largest_grid():
+    from vitune.features.encode import PreprocessSpec, shard_pixel_bytes, tiles_per_image_at_most
+
+    assert tiles_per_image_at_most(RECIPE) == 1 + 4  # the 64x64 grid: base view + 2x2
+    assert tiles_per_image_at_most(VisionRecipe.of(VisionConfig())) == 1
+    anyres = PreprocessSpec(32, (0.5,) * 3, (0.5,) * 3, "anyres", RECIPE)
+    pad = PreprocessSpec(32, (0.5,) * 3, (0.5,) * 3, "pad")
+    assert shard_pixel_bytes(pad, 10) == 10 * 3 * 32 * 32 * 4
+    assert shard_pixel_bytes(anyres, 10) == 5 * shard_pixel_bytes(pad, 10)
