@@ -20,9 +20,10 @@ key range, tower and (against a manifest) size right; anything else is recompute
 pyarrow and Ray Data both read back as ``[rows, N, D]``; a store whose tensor column arrives flat (a flat
 or fixed-size list, or Ray's own tensor extension when Ray is not imported) is reshaped from the
 manifest's schema. Tiles are raw bytes rather than a nested float16 list because they read back about
-ten times faster (one buffer, no Parquet repetition levels per value; 0.03 s vs 0.3-0.35 s for a 27 MiB
-shard, ``large_list<float16>`` and ``list<fixed_size_list>`` alike): a shard's column becomes
-``[sum T, N, D]`` without a copy, split into each image's ``[T_i, N, D]`` view (``tile_arrays``).
+ten times faster: one buffer, no Parquet repetition levels per value (8-13x against ``large_list<float16>``
+for a 29 MiB shard, ``benchmarks/feature_bytes.py --read-images 32``; ``list<fixed_size_list>`` reads no
+faster than that). A shard's column becomes ``[sum T, N, D]`` without a copy, split into each image's
+``[T_i, N, D]`` view (``tile_arrays``).
 This module is the reader used by training and tests, plus the shard and manifest writers the feature
 job calls; it never imports Ray unless ``to_ray_dataset`` is called.
 """
