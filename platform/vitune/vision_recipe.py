@@ -19,7 +19,8 @@ store or a model folder records. From it come:
   LlavaNext / LlavaOnevision processors' for the same configuration (tests/unit/test_visual_tokens.py).
   A ``VisionConfig`` names it as LLaVA-NeXT does (``image_aspect_ratio`` anyres | anyres_max_N,
   ``image_grid_pinpoints``, ``mm_patch_merge_type``; ``aspect_fields``); the feature store holds its tiles
-  (``vitune.features.store``), the train job refuses it for now: training still takes one tile per image.
+  (``vitune.features.store``), the train job refuses it for now: training still takes one tile per image. Export
+  and import read and write it as transformers' LlavaNext / LlavaOnevision (``vitune.model.llava_next_hf``).
 """
 
 from __future__ import annotations

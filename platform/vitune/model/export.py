@@ -6,11 +6,14 @@ and `models:/NAME/VERSION` to one first, `vitune.references`) and writes, to a l
 vitune installed:
 
     config.json               LlavaConfig: the LM's text_config, the tower as a CLIPVisionConfig,
-                              vision_feature_layer / vision_feature_select_strategy from the fingerprint
+                              vision_feature_layer / vision_feature_select_strategy from the fingerprint.
+                              An anyres model: LlavaNextConfig (LlavaOnevisionConfig with anyres_max_N), the
+                              grid, and the `image_newline` weight (`vitune.model.llava_next_hf`)
     model.safetensors         weights (sharded with model.safetensors.index.json when large)
     tokenizer.json, tokenizer_config.json   the tokenizer, `<image>` included
     chat_template.jinja       renders vitune's prompt for the model's conversation template
-    processor_config.json     LlavaProcessor + its image processor (pad-to-square or crop, per fingerprint)
+    processor_config.json     LlavaProcessor + its image processor (pad-to-square or crop, per fingerprint);
+                              LlavaNext / LlavaOnevision processor for anyres (tiles as vitune's)
     preprocessor_config.json  the image processor alone (what older loaders read)
     generation_config.json    BOS, pad and the stop tokens vitune's engine stops on
     vitune_export.json        what vitune needs to import the folder back bit for bit (fingerprint, config)
@@ -37,8 +40,8 @@ from safetensors.torch import save_file
 from vitune import IMAGE_TOKEN, __version__, storage
 from vitune.config import VisionConfig
 from vitune.data.chat_jinja import chat_template_jinja
-from vitune.model import llava_hf
-from vitune.model.folder import load_model_folder
+from vitune.model import llava_hf, llava_next_hf
+from vitune.model.folder import folder_recipe, load_model_folder
 from vitune.model.lora import merge_lora
 from vitune.model.vision import VisionTower, load_vision_tower
 from vitune.model.vlm import VisionLanguageModel
@@ -59,8 +62,8 @@ VLLM_READS = ("config.json", "tokenizer.json", "tokenizer_config.json", "process
 
 
 def _tower_for(meta: dict[str, Any]) -> VisionTower:
-    """The folder's tower, checked to give the features the model was trained on."""
-    tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]))
+    """The folder's tower (tiling by the folder's anyres recipe), checked to give the model's features."""
+    tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]), recipe=folder_recipe(meta))
     if not meta.get("fingerprint"):
         raise ValueError("the model folder records no feature fingerprint; cannot tell which features it needs")
     diffs = fingerprint_diffs(meta["fingerprint"], tower.fingerprint())
@@ -79,25 +82,32 @@ def llava_config(model: VisionLanguageModel, tower: VisionTower, meta: dict[str,
     text_config = copy.deepcopy(model.lm.config)
     text_config.architectures = [type(model.lm).__name__]  # vLLM builds the LM from this name
     text_config.dtype = dtype
-    config = LlavaConfig(
+    recipe = model.recipe
+    if recipe is None:
+        config_class, arch = LlavaConfig, "LlavaForConditionalGeneration"
+        fields = {"image_seq_length": llava_hf.image_seq_length(fingerprint)}
+    else:  # anyres: LLaVA-NeXT, or OneVision for an anyres_max_N cap
+        config_class, arch = llava_next_hf.config_class(recipe), llava_next_hf.architecture(recipe)
+        fields = llava_next_hf.config_fields(recipe)
+    config = config_class(
         vision_config=CLIPVisionConfig(**llava_hf.clip_vision_config(tower.visual)),
         text_config=text_config,
         image_token_index=meta["image_token_id"],
-        image_seq_length=llava_hf.image_seq_length(fingerprint),
+        **fields,
         projector_hidden_act=act,
         multimodal_projector_bias=True,
         vision_feature_layer=fingerprint["feature_layer"],
         vision_feature_select_strategy=llava_hf.SELECT_STRATEGY[fingerprint["select"]],
         tie_word_embeddings=bool(getattr(model.lm.config, "tie_word_embeddings", False)),
     )
-    config.architectures = ["LlavaForConditionalGeneration"]
+    config.architectures = [arch]
     config.dtype = dtype
     out = config.to_diff_dict()  # what save_pretrained writes: the values that differ from the defaults
     for part in (out, out.get("text_config", {}), out.get("vision_config", {})):
         part.pop("_name_or_path", None)  # where the LM was read from this time; not a fact of the model
     # spelled out even where they equal LlavaConfig's defaults: other loaders may default differently
     for key in ("image_token_index", "projector_hidden_act", "multimodal_projector_bias", "vision_feature_layer",
-                "vision_feature_select_strategy"):
+                "vision_feature_select_strategy", *fields):
         out[key] = getattr(config, key)
     return out
 
@@ -108,6 +118,8 @@ def llava_tensors(model: VisionLanguageModel, tower: VisionTower, projector_name
     width = model.lm.get_input_embeddings().embedding_dim
     act, projector = llava_hf.projector_tensors(model.projector, projector_name, width, dtype)
     parts = {**llava_hf.lm_tensors(model.lm), **llava_hf.tower_tensors(tower.visual), **projector}
+    if model.recipe is not None:
+        parts.update(llava_next_hf.newline_tensors(model.image_newline))
     out, seen = {}, set()
     for name in sorted(parts):
         tensor = parts[name].detach().to(device="cpu", dtype=dtype).contiguous()
@@ -152,6 +164,11 @@ def _write_processor(folder: Path, tokenizer: Any, tower: VisionTower, meta: dic
 
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.chat_template = jinja
+    if tower.recipe.image_mode == "anyres":
+        processor = llava_next_hf.processor(tower.recipe, tokenizer, tower.patch_size, jinja, tower.mean, tower.std)
+        processor.save_pretrained(str(folder))
+        processor.image_processor.save_pretrained(str(folder))
+        return
     image_processor = LlavaImageProcessorPil(
         **llava_hf.image_processor_kwargs(meta["fingerprint"], tower.mean, tower.std))
     processor = LlavaProcessor(
@@ -189,7 +206,7 @@ def vllm_hf_overrides(act: str) -> dict[str, Any]:
 
 def export_meta(meta: dict[str, Any], tokenizer: Any, act: str) -> dict[str, Any]:
     """`vitune_export.json`: the vitune facts an export cannot carry in transformers' files."""
-    return {
+    out = {
         "vllm_hf_overrides": vllm_hf_overrides(act),
         "format": "llava-hf",
         "format_version": EXPORT_FORMAT_VERSION,
@@ -203,6 +220,9 @@ def export_meta(meta: dict[str, Any], tokenizer: Any, act: str) -> dict[str, Any
         # the exported tokenizer carries the Jinja template; the model's own one comes back on import
         "tokenizer_chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
     }
+    if meta.get("vision_recipe"):  # anyres: the grid, merge and cap the model packs its tiles by
+        out["vision_recipe"] = meta["vision_recipe"]
+    return out
 
 
 def write_llava_hf(
@@ -215,9 +235,10 @@ def write_llava_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> list[str]:
     """Write the llava-hf files of a loaded model into the local `folder`; returns the weight files."""
-    if model.recipe is not None:  # LlavaForConditionalGeneration has one tile per image and no image newline
-        raise llava_hf.NotRepresentable(f"an anyres model ({model.recipe.patch_merge}) needs the LLaVA-NeXT "
-                                        "layout (LlavaNextForConditionalGeneration), not written yet")
+    if model.recipe is not None:  # anyres: LLaVA-NeXT / OneVision, tiles by the same recipe as the tower's
+        llava_next_hf.check_recipe(model.recipe)
+        if tower.recipe != model.recipe:
+            raise ValueError(f"the tower tiles by {tower.recipe}, the model packs by {model.recipe}")
     dtype = dtype or model.dtype
     projector_name = meta["projector"]["name"]
     jinja = chat_template_jinja(meta["model"]["template"], tokenizer)

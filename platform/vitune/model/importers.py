@@ -2,7 +2,9 @@
 
 `import_checkpoint(source, out_uri, model_cfg)` writes a vitune model folder from
 - a llava-hf folder (`LlavaForConditionalGeneration`, the layout of `llava-hf/llava-1.5-7b-hf`, or a vitune
-  export, whose `vitune_export.json` makes the round trip bit for bit);
+  export, whose `vitune_export.json` makes the round trip bit for bit); `LlavaNextForConditionalGeneration` /
+  `LlavaOnevisionForConditionalGeneration` (llava-hf/llava-v1.6-*) import as an anyres model whose recipe carries
+  the checkpoint's grid (and anyres_max_N cap) and whose `image_newline` is the checkpoint's;
 - an official LLaVA folder (`LlavaLlamaForCausalLM`: `model.mm_projector.*` weights, `mm_*` config keys);
 - a stage-1 `mm_projector.bin` (LLaVA's `pretrain_mm_mlp_adapter`), with the LM named by `model_cfg.lm`.
 `ensure_model_folder` is the hook for `train.init_from`: a vitune folder passes through, any other layout
@@ -30,12 +32,12 @@ from torch import nn
 from vitune import storage
 from vitune.config import ModelConfig
 from vitune.data.tokenizer import load_tokenizer
-from vitune.model import llava_hf
+from vitune.model import llava_hf, llava_next_hf
 from vitune.model.export import EXPORT_META
 from vitune.model.folder import META_FILE, save_model_folder
 from vitune.model.vision import load_vision_tower
 from vitune.model.vlm import VisionLanguageModel, build_model
-from vitune.vision_recipe import VERSION_FIELDS
+from vitune.vision_recipe import VERSION_FIELDS, VisionRecipe, parse_grid_pinpoints
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +103,12 @@ def detect_layout(path: Path) -> str:
     # official LLaVA v1 configs say model_type "llava" too: the architecture tells them apart
     if any(arch in _LLAVA_ARCHS for arch in archs) or any(key.startswith("mm_") for key in config):
         return "llava"
-    if config.get("model_type") == "llava" or "LlavaForConditionalGeneration" in archs:
+    hf_types = {"llava": "LlavaForConditionalGeneration", **llava_next_hf.MODEL_TYPES}
+    if config.get("model_type") in hf_types or any(arch in hf_types.values() for arch in archs):
         return "llava-hf"
     raise ValueError(f"{path} is no known checkpoint layout: not a vitune folder ({META_FILE}), a llava-hf folder "
-                     f"(config model_type 'llava'), an official LLaVA folder (mm_* config keys) or a {PROJECTOR_FILE}")
+                     "(config model_type 'llava', 'llava_next' or 'llava_onevision'), an official LLaVA folder "
+                     f"(mm_* config keys) or a {PROJECTOR_FILE}")
 
 
 def check_fields(found: dict[str, Any], expected: dict[str, Any], source: str) -> None:
@@ -164,14 +168,41 @@ def _build_lm(text_config: dict[str, Any], lm_state: dict[str, torch.Tensor]) ->
 
 
 def _assemble(model_cfg: ModelConfig, tokenizer: Any, tower: Any, lm: nn.Module | None,
-              projector_state: dict[str, torch.Tensor], ids: dict[str, Any] | None) -> VisionLanguageModel:
-    """The vitune model: the LM (or `model_cfg.lm` when None), the projector weights, the token ids."""
-    model = build_model(model_cfg, tokenizer, tower.hidden_size, lm=lm)
+              projector_state: dict[str, torch.Tensor], ids: dict[str, Any] | None,
+              newline: torch.Tensor | None = None) -> VisionLanguageModel:
+    """The vitune model: the LM (or `model_cfg.lm` when None), the projector weights, the token ids; an anyres
+    tower's recipe with the checkpoint's row `newline`."""
+    recipe = tower.recipe if tower.recipe.image_mode == "anyres" else None
+    model = build_model(model_cfg, tokenizer, tower.hidden_size, lm=lm, recipe=recipe)
     model.projector.load_state_dict(projector_state)
     if ids is not None:  # a vitune export: the ids it was trained with, not today's defaults
         model = VisionLanguageModel(model.projector, model.lm, ids["image_token_id"], ids["pad_token_id"],
-                                    ids["stop_token_ids"])
+                                    ids["stop_token_ids"], recipe=recipe)
+    if (model.image_newline is None) != (newline is None):
+        kind = recipe.patch_merge if recipe else tower.image_mode
+        raise ValueError(f"the checkpoint {'has' if newline is not None else 'lacks'} an image newline, which a "
+                         f"{kind} model {'lacks' if newline is not None else 'needs'}")
+    if newline is not None:
+        with torch.no_grad():
+            model.image_newline.copy_(newline)
     return model.eval()
+
+
+def _next_vision(model_cfg: ModelConfig, config: dict[str, Any], source: str) -> ModelConfig:
+    """`model_cfg` with the aspect fields of a LLaVA-NeXT / OneVision config (its grid, its anyres_max_N cap);
+    a config that names anyres with another grid is refused."""
+    tile = int((config.get("vision_config") or {}).get("image_size", VisionRecipe.of(model_cfg.vision).image_size))
+    fields = llava_next_hf.recipe_fields(config, tile)
+    vision = model_cfg.vision
+    if vision.image_mode == "anyres":
+        diffs = [(name, want, fields[name]) for name, want in (
+            ("image_aspect_ratio", vision.image_aspect_ratio), ("mm_patch_merge_type", vision.mm_patch_merge_type),
+            ("image_grid_pinpoints", [list(p) for p in parse_grid_pinpoints(vision.image_grid_pinpoints, tile)]))
+            if want != fields[name]]
+        if diffs:
+            raise CheckpointMismatch(source, diffs)
+    update = {**vision.model_dump(), **fields}
+    return model_cfg.model_copy(update={"vision": type(vision).model_validate(update)})
 
 
 def _note_image_mode(mode: str | None, expected: dict[str, Any], source: str) -> None:
@@ -193,15 +224,22 @@ def _import_llava_hf(path: Path, model_cfg: ModelConfig | None, expected: dict |
         if export is None:
             raise ValueError(f"{source} is not a vitune export: name the model config (template, vision) to import it")
         model_cfg = ModelConfig.model_validate(export["model"])
+    anyres = config.get("model_type") in llava_next_hf.MODEL_TYPES
+    if anyres and export is None:  # the checkpoint's grid and cap make the recipe
+        model_cfg = _next_vision(model_cfg, config, source)
     tower = load_vision_tower(model_cfg.vision)
     expected = expected or tower.fingerprint()
     found = llava_hf.feature_fields(config)
+    if anyres:
+        found.update(image_mode="anyres", grid_pinpoints=[list(p) for p in config["image_grid_pinpoints"]])
     if export is not None:
         found.update({k: export["fingerprint"][k] for k in ("tower", "pretrained", "image_mode")})
-    else:
+    elif not anyres:
         _note_image_mode(llava_hf.processor_image_mode(processor), expected, source)
     check_fields(found, expected, source)
-    lm_state, tower_state, projector_tensors = llava_hf.split(llava_hf.canonical_names(read_weights(path)))
+    tensors = llava_hf.canonical_names(read_weights(path))
+    newline = llava_next_hf.pop_newline(tensors) if anyres else None
+    lm_state, tower_state, projector_tensors = llava_hf.split(tensors)
     if tower_state:
         check_tower_weights(tower_state, tower, source)
     name, projector_state = llava_hf.projector_from_tensors(
@@ -214,7 +252,7 @@ def _import_llava_hf(path: Path, model_cfg: ModelConfig | None, expected: dict |
     text_config = dict(config["text_config"])
     _grow_vocab(lm_state, text_config, len(tokenizer))
     lm = _build_lm(text_config, lm_state)
-    model = _assemble(model_cfg, tokenizer, tower, lm, projector_state, export)
+    model = _assemble(model_cfg, tokenizer, tower, lm, projector_state, export, newline)
     return model, tokenizer, model_cfg, export["fingerprint"] if export else tower.fingerprint(), True
 
 

@@ -12,6 +12,10 @@ into vLLM's `AsyncEngineArgs` / `FrontendArgs` fields only with vLLM installed; 
 The export side: a tiny model exported with `export_llava_hf` holds every file vLLM's Llava loader reads, and the
 config's chat template, `hf_overrides`, context length and model id are the ones the export and vitune's own
 engine give.
+
+serving/vllm_llava_next.yaml (an AnyRes model exported as LlavaNextForConditionalGeneration) goes through the same
+Ray validation in the same subprocess, and is checked against a tiny anyres export the same way; its context must
+also hold the largest image's tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from .tiny_models import export_tiny
 
 ROOT = Path(__file__).resolve().parents[3]
 VLLM_YAML = ROOT / "serving" / "vllm.yaml"
+NEXT_YAML = ROOT / "serving" / "vllm_llava_next.yaml"
+# the tiny tower's 32-px tiles on LLaVA-1.6's grid ([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+NEXT_GRID_PX = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
 CHECK = Path(__file__).with_name("ray_llm_check.py")
 API_KEY = "test-key-123"
 # vLLM 0.29.0: fields of EngineArgs (vllm/engine/arg_utils.py) and FrontendArgs (vllm/entrypoints/launchers/
@@ -52,8 +59,8 @@ INVALID = [  # (what is changed in the first LLM config, a piece of Ray's error)
 ]
 
 
-def _vllm_config() -> dict[str, Any]:
-    return yaml.safe_load(VLLM_YAML.read_text())
+def _vllm_config(path: Path = VLLM_YAML) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
 
 
 def _app(config: dict[str, Any]) -> dict[str, Any]:
@@ -75,6 +82,7 @@ def ray_llm(tmp_path_factory) -> dict[str, Any]:
         config = copy.deepcopy(configs[0])
         _llm(config).update(change)
         configs.append(config)
+    configs.append(_vllm_config(NEXT_YAML))  # last: serving/vllm_llava_next.yaml
     (tmp / "spec.json").write_text(json.dumps({"configs": configs, "api_key": API_KEY}))
     env = {k: v for k, v in os.environ.items() if k != "VITUNE_API_KEY"} | {"PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(CHECK), str(tmp / "spec.json"), str(tmp / "out.json")], check=True,
@@ -82,12 +90,13 @@ def ray_llm(tmp_path_factory) -> dict[str, Any]:
     return json.loads((tmp / "out.json").read_text())
 
 
-def test_vllm_yaml_validates_against_ray_serve_llms_models(ray_llm):
-    first = ray_llm["results"][0]
+@pytest.mark.parametrize(("index", "path"), [(0, VLLM_YAML), (-1, NEXT_YAML)], ids=["vllm", "llava_next"])
+def test_vllm_yaml_validates_against_ray_serve_llms_models(ray_llm, index, path):
+    first = ray_llm["results"][index]
     assert first["ok"], first.get("error")
     (llm,) = first["apps"]["vllm"]["llm_configs"]
     assert llm["class"] == "ray.llm._internal.serve.core.configs.llm_config.LLMConfig"
-    assert llm["accelerator_kind"] == "gpu" and llm["accelerator_type"] == _llm(_vllm_config())["accelerator_type"]
+    assert llm["accelerator_kind"] == "gpu" and llm["accelerator_type"] == _llm(_vllm_config(path))["accelerator_type"]
     assert first["apps"]["vllm"]["ingress_cls"] == "serving.vllm_ingress.KeyedOpenAiIngress"
     # only the protocol placeholders stood in for vLLM, and the ingress imports nothing of vitune (not in its image)
     assert ray_llm["vllm_modules"] == sorted(VLLM_PROTOCOL_MODULES)
@@ -101,8 +110,9 @@ def test_ray_refuses_broken_variants(ray_llm, index, expected):
     assert not result["ok"] and expected in result["error"]
 
 
-def test_autoscaling_targets_are_explicit_and_scale(ray_llm):
-    app = ray_llm["results"][0]["apps"]["vllm"]
+@pytest.mark.parametrize("index", [0, -1], ids=["vllm", "llava_next"])
+def test_autoscaling_targets_are_explicit_and_scale(ray_llm, index):
+    app = ray_llm["results"][index]["apps"]["vllm"]
     for name, deployment in (("LLM", app["llm_configs"][0]["deployment_config"]),
                              ("ingress", app["ingress_deployment_config"])):
         auto = deployment["autoscaling_config"]
@@ -121,8 +131,9 @@ def test_both_engines_name_the_same_model():
     assert _llm(_vllm_config())["model_loading_config"]["model_id"] == ServeConfig(**app["args"]).model_name()
 
 
-def test_engine_kwargs_are_vllm_arguments_and_plain():
-    engine = _llm(_vllm_config())["engine_kwargs"]
+@pytest.mark.parametrize("path", [VLLM_YAML, NEXT_YAML], ids=["vllm", "llava_next"])
+def test_engine_kwargs_are_vllm_arguments_and_plain(path):
+    engine = _llm(_vllm_config(path))["engine_kwargs"]
     assert set(engine) <= VLLM_ARGS, set(engine) - VLLM_ARGS
     assert "model" not in engine and "served_model_name" not in engine  # Ray Serve LLM refuses both
     assert engine["trust_remote_code"] is False and engine["limit_mm_per_prompt"] == {"image": 1}
@@ -180,3 +191,57 @@ def test_ingress_requires_the_key_when_set(ray_llm):
     assert ingress["chat_no_key"] == 401
     assert ingress["right_key"] == {"status": 200, "text": "inner"}
     assert ingress["unset_wraps"] == "FastAPI"  # no key configured: Ray's app as is, like vitune's engine
+
+
+# ------------------------------------------------------------- serving/vllm_llava_next.yaml over an AnyRes export
+
+
+@pytest.fixture(scope="module")
+def next_export(tmp_path_factory) -> Path:
+    from vitune.config import TrainJobConfig, VisionConfig, load_config
+
+    cfg = load_config(TrainJobConfig, "tiny", ["stage=finetune"]).model
+    vision = VisionConfig(**{**cfg.vision.model_dump(), "image_aspect_ratio": "anyres",
+                             "image_grid_pinpoints": NEXT_GRID_PX})
+    return export_tiny(tmp_path_factory.mktemp("export-next"), "llava-hf", cfg.model_copy(update={"vision": vision}))
+
+
+def test_llava_next_export_holds_every_file_vllm_reads(next_export):
+    missing = [name for name in (*VLLM_READS, "model.safetensors") if not (next_export / name).is_file()]
+    assert not missing
+    config = json.loads((next_export / "config.json").read_text())
+    assert config["architectures"] == ["LlavaNextForConditionalGeneration"]  # vLLM's LlavaNext model class
+    assert config["image_grid_pinpoints"] == NEXT_GRID_PX
+
+
+def test_llava_next_chat_template_and_overrides_are_the_exports_own(next_export):
+    llm = _llm(_vllm_config(NEXT_YAML))
+    template = llm["engine_kwargs"]["chat_template"]
+    assert template == f"{llm['model_loading_config']['model_source'].rstrip('/')}/chat_template.jinja"
+    assert (next_export / Path(template).name).read_text() == (next_export / "chat_template.jinja").read_text()
+    meta = json.loads((next_export / EXPORT_META).read_text())
+    assert llm["engine_kwargs"].get("hf_overrides", {}) == meta["vllm_hf_overrides"] == {}
+
+
+def test_llava_next_context_is_vitune_engines_and_holds_the_largest_image(next_export):
+    from vitune.model.folder import folder_recipe
+    from vitune.vision_recipe import visual_tokens
+
+    meta = json.loads((next_export / EXPORT_META).read_text())
+    text_config = json.loads((next_export / "config.json").read_text())["text_config"]
+    context = min(meta["model"]["max_length"], text_config["max_position_embeddings"])
+    engine = _llm(_vllm_config(NEXT_YAML))["engine_kwargs"]
+    assert engine["max_model_len"] == context
+    recipe = folder_recipe(meta)
+    largest = max(visual_tokens(recipe, w, h) for h, w in recipe.grid_pinpoints)
+    assert largest == 88  # the count the file's comment gives: 16 (base) + 8 x 8 + 8 newlines
+    assert engine["max_model_len"] >= largest + 64  # room for a prompt beside the image
+
+
+def test_llava_next_yaml_differs_from_vllm_yaml_only_in_the_model():
+    plain, nxt = _vllm_config(VLLM_YAML), _vllm_config(NEXT_YAML)
+    a, b = _llm(plain), _llm(nxt)
+    assert a["deployment_config"] == b["deployment_config"] and a["accelerator_type"] == b["accelerator_type"]
+    assert _app(plain)["args"]["ingress_cls_config"] == _app(nxt)["args"]["ingress_cls_config"]
+    assert _app(plain)["args"]["ingress_deployment_config"] == _app(nxt)["args"]["ingress_deployment_config"]
+    assert a["model_loading_config"]["model_id"] != b["model_loading_config"]["model_id"]  # two models, two ids
