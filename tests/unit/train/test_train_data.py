@@ -51,7 +51,7 @@ def mixed(tmp_path):
         _record("text", "What is a square?", image=None),
         {"conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},  # no id
     )]
-    return _rows(tmp_path, [*lines, "{not json"])
+    return _rows(tmp_path, [*lines, "{not json"], image_positions=4)  # 4 visual tokens per image (N)
 
 
 def test_each_skipped_record_is_counted_under_its_own_reason(mixed):
@@ -114,7 +114,7 @@ def test_collate_pads_counts_real_and_padded_positions_and_widens_tokens_once(mi
 
 
 def test_text_only_rows_train_apart_from_the_feature_join(mixed):
-    assert all(row.image_key for rows in by_image_key(mixed).values() for row in rows)  # the join: image rows only
+    assert all(row.image_keys for rows in by_image_key(mixed).values() for row in rows)  # the join: image rows only
     text = text_only_rows(mixed)
     assert len(text) == 1 and text[0]["features"] is None and text[0]["has_image"] is False
     assert text[0]["length"] == len(text[0]["input_ids"])  # no image positions
