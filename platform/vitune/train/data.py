@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -252,8 +252,17 @@ def multi_image_rows(rows: Iterable[TokenizedRow], features: Mapping[str, np.nda
     return out
 
 
-def side_rows(rows: Sequence[TokenizedRow], features: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    """The training rows that reach the ranks beside the feature stream: text-only and multi-image ones."""
+def side_rows(rows: Sequence[TokenizedRow],
+              lookup: Callable[[Collection[str]], Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
+    """The training rows that reach the ranks beside the feature stream: text-only and multi-image ones, the
+    latter joined to the features ``lookup`` (``FeatureStore.get``: each needed shard read once) gives for the
+    keys they need."""
+    keys = multi_image_keys(rows)
+    features = lookup(keys) if keys else {}
+    if keys:
+        mib = sum(np.asarray(f).nbytes for f in features.values()) / 2**20
+        log.info("multi-image rows: %d images looked up in the feature store (%.1f MiB beside the stream)",
+                 len(keys), mib)
     return text_only_rows(rows) + multi_image_rows(rows, features)
 
 

@@ -46,7 +46,6 @@ from vitune.train.data import (
     check_features,
     interleave,
     join_with_features,
-    multi_image_keys,
     side_rows,
     tokenize_records,
 )
@@ -253,12 +252,8 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
         raise ValueError(f"no trainable records in data.records={cfg.data.records}: skipped {dict(stats.skipped)}")
     ds = build_dataset(cfg, store, rows, stats.single_image)
     # held here for the whole run: the workers fetch them by this reference. Multi-image rows get their
-    # features here, looked up by key (each needed shard read once): no one shard block holds all of a row's
-    multi_keys = multi_image_keys(rows)
-    if multi_keys:
-        log.info("%d multi-image rows: looking up their %d images in the feature store", stats.multi_image,
-                 len(multi_keys))
-    text_rows = [ray.put(side_rows(rows, store.get(multi_keys) if multi_keys else {}))] if stats.side else None
+    # features here, looked up by key: no one shard block holds all of a row's images
+    text_rows = [ray.put(side_rows(rows, store.get))] if stats.side else None
     del rows  # the trainable ones live in the object store now
     accum = gradient_accumulation(cfg, world)
     # every rank gets an equal share of the joined stream (Ray Data's equal split) and of the side rows' slices

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from vitune import IGNORE_INDEX
+from vitune import IGNORE_INDEX, storage
 from vitune.data.tokenizer import load_tokenizer
+from vitune.features.store import FeatureStore, shard_name, shard_table, write_manifest, write_shard
 from vitune.model.vlm import build_model
 from vitune.train.data import (
     NO_FEATURES,
@@ -240,7 +241,7 @@ def test_multi_image_rows_are_joined_apart_and_travel_with_the_text_only_rows(tm
     assert two["has_image"] and two["length"] == len(two["input_ids"]) + 8
     stats = DataStats.of(rows)
     assert (stats.single_image, stats.multi_image, stats.text_only, stats.side) == (1, 1, 1, 2)
-    assert len(side_rows(rows, feats)) == stats.side
+    assert len(side_rows(rows, lambda keys: {k: feats[k] for k in keys})) == stats.side
     with pytest.raises(ValueError, match="'two'.*b.png"):
         multi_image_rows(rows, {"a.png": feats["a.png"]})
 
@@ -289,3 +290,30 @@ def test_multi_image_collate_feeds_the_model_in_reading_order(tmp_path, shapes):
     assert batch["num_tokens"] == sum(r["length"] for r in rows)
     out.loss.backward()
     assert model.projector[0].weight.grad is not None
+
+
+def test_the_driver_data_path_joins_a_row_whose_images_sit_in_different_shards(tmp_path):
+    """What ``run_training`` does before Ray: counts from the store, ``check_features``, ``side_rows(store.get)``."""
+    n, d = 4, 8
+    fp = {"tower": "t", "pretrained": None, "feature_layer": -2, "select": "patch", "image_size": 16,
+          "image_mode": "pad", "patch_size": 8, "num_patches": n, "hidden_size": d}
+    shards = [["a.png", "b.png"], ["c.png"]]
+    feats = {k: np.full((n, d), i, np.float16) for i, k in enumerate(["a.png", "b.png", "c.png"])}
+    out = str(tmp_path / "store")
+    for i, keys in enumerate(shards):
+        table = shard_table(keys, np.stack([feats[k] for k in keys]), {"shard": i, "quarantined": 0})
+        write_shard(storage.join(out, shard_name(i)), table)
+    write_manifest(out, shards, fp, (n, d))
+    store = FeatureStore.open(out)
+    assert store.visual_tokens() == {"a.png": n, "b.png": n, "c.png": n}
+    lines = [json.dumps(_multi("two", ["c.png", "a.png"])), json.dumps(_record("text", "Q?", image=None)),
+             json.dumps(_multi("gone", ["c.png", "zz.png"]))]
+    path = tmp_path / "records.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    rows = tokenize_records([str(path)], "vicuna_v1", load_tokenizer("tiny"), 64, store.visual_tokens())
+    rows = check_features(rows, set(store.keys()))
+    assert [r.skip for r in rows] == [None, None, NO_FEATURES]
+    side = side_rows(rows, store.get)
+    assert [r["has_image"] for r in side] == [False, True]
+    np.testing.assert_array_equal(np.stack(side[1]["features"]), np.stack([feats["c.png"], feats["a.png"]]))
+    assert side[1]["length"] == len(side[1]["input_ids"]) + 2 * (n - 1)
