@@ -1,5 +1,6 @@
 """Training data: every record becomes one tokenized row, and a row that cannot train is counted under its reason;
-text-only records train beside image records, and ``max_length`` counts the image's positions."""
+text-only records train beside image records, ``max_length`` counts each image's own visual tokens, and a record
+with several images joins and collates one feature array per image, in ``<image>`` order."""
 
 from __future__ import annotations
 
@@ -317,3 +318,25 @@ def test_the_driver_data_path_joins_a_row_whose_images_sit_in_different_shards(t
     assert [r["has_image"] for r in side] == [False, True]
     np.testing.assert_array_equal(np.stack(side[1]["features"]), np.stack([feats["c.png"], feats["a.png"]]))
     assert side[1]["length"] == len(side[1]["input_ids"]) + 2 * (n - 1)
+
+
+def test_the_visual_token_budget_is_a_train_config_field_off_by_default():
+    from vitune.config import TrainJobConfig, load_config
+
+    assert load_config(TrainJobConfig, "tiny").train.max_visual_tokens is None
+    assert load_config(TrainJobConfig, "tiny", ["train.max_visual_tokens=2880"]).train.max_visual_tokens == 2880
+    with pytest.raises(ValueError, match="max_visual_tokens"):
+        load_config(TrainJobConfig, "tiny", ["train.max_visual_tokens=0"])
+
+
+def test_masks_want_one_visual_token_count_per_image():
+    from vitune.data.masks import MaskError, tokenize_record
+    from vitune.data.records import validate_record
+
+    record = validate_record(_multi("two", ["a.png", "b.png"]))
+    tok = load_tokenizer("tiny")
+    with pytest.raises(MaskError, match="'two': 1 visual-token counts given for 2 <image> tokens") as info:
+        tokenize_record(record, "vicuna_v1", tok, 64, visual_tokens=[4])
+    assert info.value.kind == "image_token_count"
+    sample = tokenize_record(record, "vicuna_v1", tok, 64, visual_tokens=[4, 6])
+    assert sample.visual_tokens == (4, 6) and sample.length == len(sample.input_ids) + 8
