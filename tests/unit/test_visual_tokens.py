@@ -78,7 +78,7 @@ def test_store_and_training_data_count_each_image_by_its_recorded_size(tmp_path)
                             image_positions=store.visual_tokens())
     for row in rows:
         assert row.trainable and row.truncated
-        assert len(row.input_ids) == max_length - (store.visual_tokens()[row.image_key] - 1)
+        assert len(row.input_ids) == max_length - (store.visual_tokens()[row.image_keys[0]] - 1)
 
 
 # --- AnyRes (LLaVA-NeXT / OneVision geometry) against transformers' own processors, through their public call

@@ -131,6 +131,9 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     tf32: bool = False  # TF32 matmuls (LLaVA's --tf32 True); applied only on GPUs of compute capability >= 8.0
     group_by_modality_length: bool = False  # LLaVA-1.5's megabatch sampler (vitune.train.sampler); off = random
+    # per-sample budget of visual tokens (all its images together); a record over it is skipped and counted as
+    # visual_token_budget. None = no budget (model.max_length still bounds text + visual tokens)
+    max_visual_tokens: int | None = Field(None, gt=0)
     offload: bool = False
     checkpoint_every: int = Field(50, gt=0)
     log_every: int = Field(1, gt=0)

@@ -62,7 +62,8 @@ def inspect_records(
         trained += sample.num_trained
         truncated += sample.truncated
         if len(samples) < show:
-            samples.append({"id": record.id, "image": record.image, "text": mark_trained(sample, tokenizer)})
+            image = record.to_json().get("image")  # as the record holds it: one path or the list
+            samples.append({"id": record.id, "image": image, "text": mark_trained(sample, tokenizer)})
     total_tokens = sum(lengths)
     return {
         "uri": uri,

@@ -45,6 +45,12 @@ class TokenizedSample:
     truncated: bool
     num_trained: int
     num_cut: int = 0  # tokens truncation removed
+    visual_tokens: tuple[int, ...] = ()  # the positions each <image> expands to, in order (when they were given)
+
+    @property
+    def length(self) -> int:
+        """Positions the LM sees: the token ids with each ``<image>`` expanded to its visual tokens."""
+        return len(self.input_ids) + sum(self.visual_tokens) - len(self.visual_tokens)
 
 
 def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -86,12 +92,19 @@ def tokenize_conversation(
     max_length: int,
     *,
     record_id: str | None = None,
+    visual_tokens: Sequence[int] | None = None,
 ) -> TokenizedSample:
     """Ids and labels of a training conversation, truncated from the right to ``max_length``.
 
+    ``visual_tokens`` gives the positions each ``<image>`` expands to, in reading order (a count per image:
+    ``vitune.vision_recipe.visual_tokens`` of its size for anyres, the fixed N for pad); ``max_length`` then
+    limits the sequence after that expansion, as LLaVA's ``model_max_length`` does. Without it each ``<image>``
+    counts as one position.
+
     Raises ``MaskError`` (naming ``record_id``) when the labels cannot be built: the conversation does
-    not fit the template, a reply tokenizes to nothing, no trained token survives truncation, or
-    truncation cuts the ``<image>`` token.
+    not fit the template, a reply tokenizes to nothing, no trained token survives truncation, truncation
+    cuts an ``<image>`` token (or the images alone fill ``max_length``), or ``visual_tokens`` does not hold
+    one count per ``<image>``.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
@@ -111,27 +124,39 @@ def tokenize_conversation(
     except TemplateError as e:
         raise MaskError(f"{e.problem} (template {tpl.name!r})", e.kind, record_id) from e
 
-    num_cut = max(len(input_ids) - max_length, 0)
+    n_images = sum(s.text.count(IMAGE_TOKEN) for s in segments)
+    counts = tuple(int(n) for n in visual_tokens) if visual_tokens is not None else ()
+    if visual_tokens is not None and len(counts) != n_images:
+        raise MaskError(f"{len(counts)} visual-token counts given for {n_images} {IMAGE_TOKEN} tokens",
+                        "image_token_count", record_id)
+    # every image must survive truncation, so the token ids may take what their expansion leaves
+    id_limit = max_length - (sum(counts) - len(counts))
+    if n_images and id_limit < n_images + 1:  # not even the <image> tokens and one trained token fit
+        raise MaskError(f"its {n_images} image(s) take {sum(counts)} visual tokens, which leave no room in "
+                        f"max_length {max_length}", "image_truncated", record_id)
+    num_cut = max(len(input_ids) - id_limit, 0)
     truncated = num_cut > 0
+    after = f"{max_length} positions ({sum(counts)} of them visual tokens)" if counts else f"{max_length} tokens"
     if truncated:
-        n_images = sum(s.text.count(IMAGE_TOKEN) for s in segments)
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
+        input_ids, labels = input_ids[:id_limit], labels[:id_limit]
         if n_images and input_ids.count(_image_token_id(tokenizer)) < n_images:
-            raise MaskError(
-                f"truncation to {max_length} tokens cuts the {IMAGE_TOKEN} token", "image_truncated", record_id
-            )
+            which = "the" if n_images == 1 else "an"
+            raise MaskError(f"truncation to {after} cuts {which} {IMAGE_TOKEN} token", "image_truncated", record_id)
     num_trained = sum(label != IGNORE_INDEX for label in labels)
     if not num_trained:
-        raise MaskError(f"no trained token survives truncation to {max_length} tokens", "no_trained_tokens", record_id)
+        raise MaskError(f"no trained token survives truncation to {after}", "no_trained_tokens", record_id)
     return TokenizedSample(input_ids=input_ids, labels=labels, truncated=truncated, num_trained=num_trained,
-                           num_cut=num_cut)
+                           num_cut=num_cut, visual_tokens=counts)
 
 
 def tokenize_record(
-    record: Record, template: str | ConversationTemplate, tokenizer: PreTrainedTokenizerBase, max_length: int
+    record: Record, template: str | ConversationTemplate, tokenizer: PreTrainedTokenizerBase, max_length: int,
+    visual_tokens: Sequence[int] | None = None,
 ) -> TokenizedSample:
-    """``tokenize_conversation`` for a validated record; errors name the record's id."""
-    return tokenize_conversation(record.conversations, template, tokenizer, max_length, record_id=record.id)
+    """``tokenize_conversation`` for a validated record (``visual_tokens``: a count per image of ``record.images``,
+    in order); errors name the record's id."""
+    return tokenize_conversation(record.conversations, template, tokenizer, max_length, record_id=record.id,
+                                 visual_tokens=visual_tokens)
 
 
 def tokenize_generation_prompt(

@@ -1,6 +1,8 @@
 """LLaVA-format instruction records: read, validate, normalise and write JSON / JSONL from any storage URI.
 
-A record is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...], ...}``.
+A record is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...], ...}``, where
+``image`` is one relative path or, in LLaVA-NeXT-Interleave's form, a list of them: the human turns then hold
+one ``<image>`` per image, in the list's order.
 Validation happens once, here, at the boundary: every problem raises a ``RecordError`` whose message
 names the record (its id, else its position) and the problem, so a large job can quarantine the raw
 record with its reason instead of dying (``read_records_with_errors``). Unknown keys are kept.
@@ -84,22 +86,33 @@ class Turn:
 
 @dataclass
 class Record:
-    """A validated LLaVA record; ``image`` is relative to the image root, ``extra`` keeps unknown keys."""
+    """A validated LLaVA record; ``images`` are relative to the image root (empty for text-only), in the order
+    of their ``<image>`` tokens; ``extra`` keeps unknown keys. ``image_list`` says the JSON held a list (a
+    list of one stays a list when written back)."""
 
     id: str
-    image: str | None
+    images: tuple[str, ...]
     conversations: list[Turn]
     extra: dict[str, Any] = field(default_factory=dict)
+    image_list: bool = False
+
+    @property
+    def image(self) -> str | None:
+        """The first image, or None: for the single-image readers (``data inspect``, benchmarks)."""
+        return self.images[0] if self.images else None
 
     @property
     def has_image(self) -> bool:
-        return self.image is not None
+        return bool(self.images)
 
     def to_json(self) -> dict[str, Any]:
-        """The LLaVA dict: ``id``, ``image`` (only if any), ``conversations``, then the extra keys."""
+        """The LLaVA dict: ``id``, ``image`` (only if any; a list when it was read as one), ``conversations``,
+        then the extra keys."""
         out: dict[str, Any] = {"id": self.id}
-        if self.image is not None:
-            out["image"] = self.image
+        if self.image_list:
+            out["image"] = list(self.images)
+        elif self.images:
+            out["image"] = self.images[0]
         out["conversations"] = [t.to_json() for t in self.conversations]
         out.update(self.extra)
         return out
@@ -116,18 +129,27 @@ def as_turns(conversations: Sequence[Turn | Mapping[str, Any]]) -> list[Turn]:
     return turns
 
 
-def _check_image_path(image: Any, fail: Callable[[str, str], NoReturn]) -> str | None:
-    if image is None:
-        return None
+def _check_image_path(image: Any, fail: Callable[[str, str], NoReturn], name: str = "'image'") -> str:
     if not isinstance(image, str):
-        fail(f"'image' must be a string path, got {type(image).__name__}", "bad_type")
+        fail(f"{name} must be a string path, got {type(image).__name__}", "bad_type")
     if not image.strip():
-        fail("'image' is empty", "bad_image_path")
+        fail(f"{name} is empty", "bad_image_path")
     if image.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(image) or _URI_SCHEME.match(image):
         fail(f"image path {image!r} is absolute; it must be relative to the image root", "bad_image_path")
     if ".." in image.replace("\\", "/").split("/"):
         fail(f"image path {image!r} escapes the image root ('..')", "bad_image_path")
     return image
+
+
+def _check_images(image: Any, fail: Callable[[str, str], NoReturn]) -> tuple[tuple[str, ...], bool]:
+    """``image`` (absent, one path or a list of paths) → the paths, and whether it was a list."""
+    if image is None:
+        return (), False
+    if isinstance(image, list):
+        if not image:
+            fail("'image' is an empty list (leave it out for a text-only record)", "bad_image_path")
+        return tuple(_check_image_path(p, fail, f"'image'[{i}]") for i, p in enumerate(image)), True
+    return (_check_image_path(image, fail),), False
 
 
 def validate_record(raw: Any, index: int | None = None, source: str | None = None) -> Record:
@@ -148,7 +170,7 @@ def validate_record(raw: Any, index: int | None = None, source: str | None = Non
         fail("'id' is empty", "missing_id")
     record_id = rid
 
-    image = _check_image_path(raw.get("image"), fail)
+    images, image_list = _check_images(raw.get("image"), fail)
 
     if "conversations" not in raw:
         fail("missing 'conversations'", "missing_conversations")
@@ -191,28 +213,31 @@ def validate_record(raw: Any, index: int | None = None, source: str | None = Non
 
     counts = [t.value.count(IMAGE_TOKEN) for t in turns]
     total = sum(counts)
-    if image is not None and total != 1:
+    if images and total != len(images):
         fail(
-            f"record has an image but {IMAGE_TOKEN} appears {total} times in its turns (expected exactly 1)",
+            f"record has {len(images)} image(s) but {IMAGE_TOKEN} appears {total} times in its turns "
+            f"(expected exactly {len(images)}, one per image)",
             "image_token_count",
         )
-    if image is None and total:
+    if not images and total:
         fail(f"text-only record (no 'image') contains {IMAGE_TOKEN} {total} time(s)", "image_token_count")
     for i, (t, c) in enumerate(zip(turns, counts, strict=True)):
         if c and t.from_ != HUMAN:
             fail(f"{IMAGE_TOKEN} appears in turn {i}, a gpt reply; it must be in a human turn", "image_token_count")
 
     extra = {k: v for k, v in raw.items() if k not in ("id", "image", "conversations")}
-    return Record(id=rid, image=image, conversations=turns, extra=extra)
+    return Record(id=rid, images=images, conversations=turns, extra=extra, image_list=image_list)
 
 
 def normalize_turn_image_token(value: str) -> str:
     """LLaVA's ``preprocess_multimodal`` for one message: ``<image>`` moved to the front on its own line.
 
     ``"Q <image>"`` → ``"<image>\\nQ"``; a message that is only ``<image>`` stays ``"<image>"`` (the result is
-    stripped, as LLaVA does). Messages without the token are returned unchanged; idempotent.
+    stripped, as LLaVA does). Messages without the token are returned unchanged; idempotent. A message with
+    several ``<image>`` tokens (interleaved images) is returned unchanged too: LLaVA-NeXT's
+    ``preprocess_multimodal`` moves the token only when a message holds exactly one.
     """
-    if IMAGE_TOKEN not in value:
+    if value.count(IMAGE_TOKEN) != 1:
         return value
     rest = value.replace(IMAGE_TOKEN, "").strip()
     return (IMAGE_TOKEN + "\n" + rest).strip()
@@ -221,7 +246,9 @@ def normalize_turn_image_token(value: str) -> str:
 def normalize_image_token(record: Record) -> Record:
     """A copy of ``record`` whose turn holding ``<image>`` is rewritten as LLaVA's ``preprocess_multimodal`` does.
 
-    Only records with an image are touched, as in LLaVA (text-only records never hold the token).
+    Only records with an image are touched, as in LLaVA (text-only records never hold the token). The rule is
+    per message, as in LLaVA-NeXT: a turn holding one ``<image>`` is rewritten (also in a multi-image record
+    whose images sit one per turn), a turn holding several keeps them where they are.
     """
     if not record.has_image:
         return record

@@ -59,7 +59,7 @@ class SimulatedInterruption(RuntimeError):
 
 
 def collect_image_keys(record_uris: Sequence[str]) -> tuple[list[str], dict[str, int]]:
-    """Sorted distinct image keys referenced by valid records, and record counts for the manifest."""
+    """Sorted distinct image keys referenced by valid records (every image of each), and record counts."""
     if not record_uris:
         raise ValueError("data.records: no record files given")
     keys: set[str] = set()
@@ -69,10 +69,9 @@ def collect_image_keys(record_uris: Sequence[str]) -> tuple[list[str], dict[str,
         stats["records"] += len(records)
         stats["records_invalid"] += len(errors)
         for record in records:
-            if record.image is None:
+            if not record.images:
                 stats["records_text_only"] += 1
-            else:
-                keys.add(record.image)
+            keys.update(record.images)  # every image of a multi-image record is encoded
     if not keys:
         raise ValueError(f"data.records: no record in {list(record_uris)} references an image")
     return sorted(keys), stats

@@ -455,17 +455,18 @@ class FeatureStore:
     def join_records(self, records: Mapping[str, Sequence[Any]] | Iterable[Any]) -> Iterator[tuple[Any, np.ndarray]]:
         """Yield ``(record, features [N, D])`` shard by shard, in store order; features never shuffle.
 
-        ``records`` is ``{image_key: [record, ...]}`` or an iterable of objects with an ``.image`` key
-        (``vitune.data.records.Record``); text-only records are ignored. Records whose image has no
-        features (quarantined or absent) are counted and logged at the end.
+        ``records`` is ``{image_key: [record, ...]}`` or an iterable of objects with ``.images`` keys
+        (``vitune.data.records.Record``; one pair per image) or an ``.image`` key; text-only records are ignored.
+        Records whose image has no features (quarantined or absent) are counted and logged at the end.
         """
         if isinstance(records, Mapping):
             by_key = {k: list(v) for k, v in records.items()}
         else:
             by_key = defaultdict(list)
-            for record in records:
-                if getattr(record, "image", None) is not None:
-                    by_key[record.image].append(record)
+            for record in records:  # a multi-image record is yielded once per image
+                image = getattr(record, "image", None)
+                for key in getattr(record, "images", () if image is None else (image,)):
+                    by_key[key].append(record)
         seen: set[str] = set()
         for keys, feats in self.iter_arrays():
             for row, key in enumerate(keys):

@@ -4,10 +4,17 @@ Every record is read and validated once (``vitune.data.records``), tokenized onc
 and becomes one ``TokenizedRow``: ``TOKEN_DTYPE`` arrays of ids and labels and, when it cannot be trained,
 the reason why. A reason is the ``kind`` of the record's validation or mask error (``bad_type``,
 ``template_mismatch``, ``image_truncated``, ... — the vocabulary ``vitune data inspect`` reports), or
-``no_features`` for an image the feature store lacks. ``DataStats`` counts the rows: rows in = rows trained +
-rows skipped, per reason. ``model_max_length`` counts the image's N positions, as LLaVA truncates after the
-``<image>`` expansion; the tokens truncation cuts are counted too. Token ids stay int32 until ``collate`` turns
-them into the int64 tensors the model takes.
+``no_features`` for an image the feature store lacks, or ``visual_token_budget`` for a record whose images take
+more visual tokens than ``train.max_visual_tokens``. ``DataStats`` counts the rows: rows in = rows trained +
+rows skipped, per reason. ``model_max_length`` counts each image's own visual tokens (the feature store's
+``visual_tokens``: a function of the image's size for anyres, the fixed N for pad), as LLaVA truncates after
+the ``<image>`` expansion; the tokens truncation cuts are counted too, and a row's ``length`` (what length
+grouping sorts by) is that expanded length. Token ids stay int32 until ``collate`` turns them into the int64
+tensors the model takes.
+
+A record may hold several images (LLaVA-NeXT-Interleave): its row carries its image keys in ``<image>`` order
+and, once joined, one feature array per image in that order; ``collate`` passes the batch's images in reading
+order, which is the order ``vitune.model.vlm.splice_image_features`` consumes them in.
 
 Text-only records (LLaVA-1.5's ShareGPT share) train too: they have no features to join, so they never enter
 the feature stream; each rank takes its share of them from the object store and ``interleave`` mixes them
@@ -15,8 +22,12 @@ into its stream of joined image rows. ``collate`` batches image and text-only ro
 features into the rows that hold ``<image>`` only), and ``vitune.train.sampler`` orders them.
 
 The records are small and the features big, so the join runs where the features are read: the trainable
-image rows cross Ray once, into the object store, and each feature shard's block is matched against them;
-feature bytes never cross the cluster in a shuffle. Everything here but the join task runs without Ray.
+single-image rows cross Ray once, into the object store, and each feature shard's block is matched against
+them; feature bytes never cross the cluster in a shuffle. A multi-image row needs features from several
+shards, which no one block holds: the driver looks its keys up in the store directly (``FeatureStore.get``, each
+shard read once) and the joined rows travel with the text-only ones (``side_rows``). That suits a modest
+multi-image share; a large one would want its own keyed join. Everything here but the join task runs without
+Ray.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOKEN_DTYPE = np.int32  # ids and labels in rows, the object store and Arrow; int64 only in collated tensors
-NO_FEATURES = "no_features"  # the record's image has no row in the feature store
+NO_FEATURES = "no_features"  # one of the record's images has no row in the feature store
+VISUAL_TOKEN_BUDGET = "visual_token_budget"  # the record's images take more than train.max_visual_tokens
 
 
 @dataclass(frozen=True)
@@ -49,16 +61,26 @@ class TokenizedRow:
     """One input record, tokenized: ``skip`` is why it cannot be trained (None when it can)."""
 
     id: str
-    image_key: str  # "" for a text-only (or unreadable) record
+    image_keys: tuple[str, ...]  # in <image> order; () for a text-only (or unreadable) record
     input_ids: np.ndarray  # [T] TOKEN_DTYPE (empty when skipped before tokenizing)
     labels: np.ndarray  # [T] TOKEN_DTYPE, IGNORE_INDEX outside the trained spans
     truncated: bool = False
     skip: str | None = None
     cut: int = 0  # tokens truncation removed
+    visual_tokens: tuple[int, ...] = ()  # the positions each image takes in the LM's sequence, in order
 
     @property
     def has_image(self) -> bool:
-        return bool(self.image_key)
+        return bool(self.image_keys)
+
+    @property
+    def multi_image(self) -> bool:
+        return len(self.image_keys) > 1
+
+    @property
+    def length(self) -> int:
+        """Positions the LM sees: text tokens + each image's visual tokens (what length grouping sorts by)."""
+        return len(self.input_ids) + sum(self.visual_tokens) - len(self.visual_tokens)
 
     @property
     def trainable(self) -> bool:
@@ -68,51 +90,62 @@ class TokenizedRow:
 _NO_TOKENS = np.zeros(0, dtype=TOKEN_DTYPE)
 
 
+def image_visual_tokens(keys: Sequence[str], image_positions: int | Mapping[str, int]) -> tuple[int, ...]:
+    """Each image's visual tokens: ``image_positions`` is N for every image, or the count by image key (the
+    feature store's ``visual_tokens``); a key it lacks counts 1 (it has no features and is skipped later)."""
+    if isinstance(image_positions, Mapping):
+        return tuple(int(image_positions.get(k, 1)) for k in keys)
+    return (int(image_positions),) * len(keys)
+
+
 def tokenize_row(record: Record, template: str, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                 image_positions: int | Mapping[str, int] = 1) -> TokenizedRow:
+                 image_positions: int | Mapping[str, int] = 1,
+                 max_visual_tokens: int | None = None) -> TokenizedRow:
     """A validated record → its ``TokenizedRow``; one whose labels cannot be built carries its mask error's kind.
 
-    ``max_length`` counts the visual tokens the ``<image>`` token expands to (LLaVA's ``model_max_length``
-    applies after the expansion), so a record with an image of N visual tokens keeps ``max_length - (N - 1)``
-    token ids at most. ``image_positions`` is N for every image, or N by image key (the feature store's
-    ``visual_tokens``, which reads ``vitune.vision_recipe``); a key it lacks has no features and is skipped later.
+    ``max_length`` counts the visual tokens each ``<image>`` expands to (LLaVA's ``model_max_length`` applies
+    after the expansion), so a record whose images take V visual tokens in all keeps ``max_length - (V - M)``
+    token ids at most (M images). ``image_positions``: see ``image_visual_tokens``. ``max_visual_tokens`` (None
+    = no limit) skips a record whose images take more than that, as ``visual_token_budget``.
     """
     record = normalize_image_token(record)
-    image_key = record.image or ""
-    if isinstance(image_positions, Mapping):
-        image_positions = image_positions.get(image_key, 1)
-    limit = max_length - (image_positions - 1) if image_key else max_length
-    if limit < 2:  # not even <image> and one trained token fit
-        log.warning("skipping record %s: %d image positions leave no room in %d", record.id, image_positions,
-                    max_length)
-        return TokenizedRow(record.id, image_key, _NO_TOKENS, _NO_TOKENS, skip="image_truncated")
+    keys = record.images
+    counts = image_visual_tokens(keys, image_positions)
+    if max_visual_tokens is not None and sum(counts) > max_visual_tokens:
+        log.warning("skipping record %s: its %d image(s) take %d visual tokens, over the budget of %d "
+                    "(train.max_visual_tokens)", record.id, len(keys), sum(counts), max_visual_tokens)
+        return TokenizedRow(record.id, keys, _NO_TOKENS, _NO_TOKENS, skip=VISUAL_TOKEN_BUDGET, visual_tokens=counts)
     try:
-        sample = tokenize_record(record, template, tokenizer, limit)
+        sample = tokenize_record(record, template, tokenizer, max_length, visual_tokens=counts)
     except MaskError as err:
         log.warning("skipping record: %s", err)
-        return TokenizedRow(record.id, image_key, _NO_TOKENS, _NO_TOKENS, skip=err.kind)
-    return TokenizedRow(record.id, image_key, np.asarray(sample.input_ids, dtype=TOKEN_DTYPE),
-                        np.asarray(sample.labels, dtype=TOKEN_DTYPE), truncated=sample.truncated, cut=sample.num_cut)
+        return TokenizedRow(record.id, keys, _NO_TOKENS, _NO_TOKENS, skip=err.kind, visual_tokens=counts)
+    return TokenizedRow(record.id, keys, np.asarray(sample.input_ids, dtype=TOKEN_DTYPE),
+                        np.asarray(sample.labels, dtype=TOKEN_DTYPE), truncated=sample.truncated, cut=sample.num_cut,
+                        visual_tokens=counts)
 
 
 def tokenize_records(uris: Sequence[str], template: str, tokenizer: PreTrainedTokenizerBase,
-                     max_length: int, image_positions: int | Mapping[str, int] = 1) -> list[TokenizedRow]:
+                     max_length: int, image_positions: int | Mapping[str, int] = 1,
+                     max_visual_tokens: int | None = None) -> list[TokenizedRow]:
     """One row per input record of every file: invalid records carry their validation error's kind."""
     rows: list[TokenizedRow] = []
     for uri in uris:
         records, errors = read_records_with_errors(uri)
         for err in errors:
             log.warning("skipping invalid record: %s", err)
-            rows.append(TokenizedRow(err.record_id or "", "", _NO_TOKENS, _NO_TOKENS, skip=err.kind))
-        rows.extend(tokenize_row(r, template, tokenizer, max_length, image_positions) for r in records)
+            rows.append(TokenizedRow(err.record_id or "", (), _NO_TOKENS, _NO_TOKENS, skip=err.kind))
+        rows.extend(tokenize_row(r, template, tokenizer, max_length, image_positions, max_visual_tokens)
+                    for r in records)
     return rows
 
 
 def check_features(rows: Iterable[TokenizedRow], feature_keys: Collection[str]) -> list[TokenizedRow]:
-    """Mark the trainable image rows the feature store cannot feed as ``no_features``; text-only rows train."""
+    """Mark the trainable image rows the feature store cannot feed (any of their images) as ``no_features``;
+    text-only rows train."""
     out = []
     for row in rows:
-        if row.trainable and row.has_image and row.image_key not in feature_keys:
+        if row.trainable and any(key not in feature_keys for key in row.image_keys):
             row = replace(row, skip=NO_FEATURES)
         out.append(row)
     return out
@@ -128,6 +161,7 @@ class DataStats:
     truncated: int = 0  # trained rows that truncation shortened
     truncated_tokens: int = 0  # the tokens it cut from them
     text_only: int = 0  # trained rows without an image
+    multi_image: int = 0  # trained rows with several images
 
     @classmethod
     def of(cls, rows: Iterable[TokenizedRow]) -> DataStats:
@@ -139,6 +173,7 @@ class DataStats:
                 stats.truncated += row.truncated
                 stats.truncated_tokens += row.cut
                 stats.text_only += not row.has_image
+                stats.multi_image += row.multi_image
             else:
                 stats.skipped[row.skip] += 1
         if stats.skipped:
@@ -153,15 +188,27 @@ class DataStats:
     def with_image(self) -> int:
         return self.samples - self.text_only
 
+    @property
+    def single_image(self) -> int:
+        """Trained rows with one image: the rows the streaming join feeds."""
+        return self.with_image - self.multi_image
+
+    @property
+    def side(self) -> int:
+        """Trained rows that travel beside the feature stream (``side_rows``): text-only and multi-image."""
+        return self.text_only + self.multi_image
+
     def as_dict(self) -> dict[str, Any]:
         return {"records": self.records, "samples": self.samples, "skipped": dict(self.skipped),
                 "skipped_total": self.skipped_total, "truncated": self.truncated,
-                "truncated_tokens": self.truncated_tokens, "text_only": self.text_only}
+                "truncated_tokens": self.truncated_tokens, "text_only": self.text_only,
+                "multi_image": self.multi_image}
 
     def metrics(self) -> dict[str, float]:
-        """The MLflow form: ``records_in``, ``samples``, ``samples_text_only``, ``truncated``, ``truncated_tokens``,
-        ``skipped_total`` and ``skipped_<reason>``."""
+        """The MLflow form: ``records_in``, ``samples``, ``samples_text_only``, ``samples_multi_image``,
+        ``truncated``, ``truncated_tokens``, ``skipped_total`` and ``skipped_<reason>``."""
         out = {"records_in": self.records, "samples": self.samples, "samples_text_only": self.text_only,
+               "samples_multi_image": self.multi_image,
                "truncated": self.truncated, "truncated_tokens": self.truncated_tokens,
                "skipped_total": self.skipped_total}
         out.update({f"skipped_{reason}": n for reason, n in sorted(self.skipped.items())})
@@ -169,17 +216,54 @@ class DataStats:
 
 
 def by_image_key(rows: Iterable[TokenizedRow]) -> dict[str, list[TokenizedRow]]:
-    """The trainable image rows grouped by image key: the table each join task looks feature rows up in."""
+    """The trainable single-image rows grouped by image key: the table each join task looks feature rows up in
+    (multi-image rows are joined apart, by ``multi_image_rows``)."""
     out: dict[str, list[TokenizedRow]] = defaultdict(list)
     for row in rows:
-        if row.trainable and row.has_image:
-            out[row.image_key].append(row)
+        if row.trainable and len(row.image_keys) == 1:
+            out[row.image_keys[0]].append(row)
     return dict(out)
 
 
 def text_only_rows(rows: Iterable[TokenizedRow]) -> list[dict[str, Any]]:
     """The trainable text-only rows as training rows (no features): what ranks mix into the feature stream."""
     return [training_row(row, None) for row in rows if row.trainable and not row.has_image]
+
+
+def multi_image_keys(rows: Iterable[TokenizedRow]) -> set[str]:
+    """The image keys the trainable multi-image rows need: what the driver looks up in the store."""
+    return {key for row in rows if row.trainable and row.multi_image for key in row.image_keys}
+
+
+def multi_image_rows(rows: Iterable[TokenizedRow], features: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The trainable multi-image rows as training rows, each with its images' features in ``<image>`` order.
+
+    ``features`` maps image key → features (``FeatureStore.get(multi_image_keys(rows))``); ``check_features``
+    has already marked the rows whose keys the store lacks, so a key missing here is an error naming the row.
+    """
+    out = []
+    for row in rows:
+        if not (row.trainable and row.multi_image):
+            continue
+        missing = [key for key in row.image_keys if key not in features]
+        if missing:
+            raise ValueError(f"record {row.id!r}: no features for image(s) {missing} (run check_features first)")
+        out.append(training_row(row, [features[key] for key in row.image_keys]))
+    return out
+
+
+def side_rows(rows: Sequence[TokenizedRow],
+              lookup: Callable[[Collection[str]], Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
+    """The training rows that reach the ranks beside the feature stream: text-only and multi-image ones, the
+    latter joined to the features ``lookup`` (``FeatureStore.get``: each needed shard read once) gives for the
+    keys they need."""
+    keys = multi_image_keys(rows)
+    features = lookup(keys) if keys else {}
+    if keys:
+        mib = sum(np.asarray(f).nbytes for f in features.values()) / 2**20
+        log.info("multi-image rows: %d images looked up in the feature store (%.1f MiB beside the stream)",
+                 len(keys), mib)
+    return text_only_rows(rows) + multi_image_rows(rows, features)
 
 
 def interleave(stream: Iterable[dict], extra: Sequence[dict], stream_len: int, seed: int) -> Iterator[dict]:
@@ -203,12 +287,15 @@ def interleave(stream: Iterable[dict], extra: Sequence[dict], stream_len: int, s
     yield from extra[k:]
 
 
-def training_row(sample: TokenizedRow, feats: np.ndarray | None) -> dict[str, Any]:
-    """One training row: a tokenized sample + its image features; ``length`` counts the N image positions."""
-    n_img = 0 if feats is None else feats.shape[0]
-    length = len(sample.input_ids) + max(n_img - 1, 0)
+def training_row(sample: TokenizedRow, feats: np.ndarray | Sequence[np.ndarray] | None) -> dict[str, Any]:
+    """One training row: a tokenized sample + its image features (one array for one image, a list in
+    ``<image>`` order for several); ``length`` counts each image's visual tokens (``TokenizedRow.length``)."""
+    n_given = 0 if feats is None else len(feats) if isinstance(feats, (list, tuple)) else 1
+    if n_given != len(sample.image_keys):
+        raise ValueError(f"record {sample.id!r} has {len(sample.image_keys)} image(s) but {n_given} feature "
+                         "arrays were joined to it")
     return {"input_ids": sample.input_ids, "labels": sample.labels, "features": feats,
-            "has_image": feats is not None, "length": length}
+            "has_image": feats is not None, "length": sample.length}
 
 
 # per Ray worker process: the trainable rows of the current run, fetched from the object store once
@@ -259,8 +346,31 @@ def collate_tokens(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
     }
 
 
-def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor | int | None]:
-    """``collate_tokens`` + the image features of the rows that have one."""
-    feats = [np.asarray(r["features"]) for r in rows if r["has_image"]]
-    return {**collate_tokens(rows, pad_token_id),
-            "image_features": torch.from_numpy(np.stack(feats)) if feats else None}  # [M, N, Dv]
+def row_images(row: dict) -> list[np.ndarray]:
+    """A training row's feature arrays, one per image in ``<image>`` order (none for a text-only row)."""
+    feats = row["features"]
+    if not row["has_image"] or feats is None:
+        return []
+    return [np.asarray(f) for f in feats] if isinstance(feats, (list, tuple)) else [np.asarray(feats)]
+
+
+def collate(rows: list[dict], pad_token_id: int) -> dict[str, Any]:
+    """``collate_tokens`` + every image's features in reading order (row by row, within a row in ``<image>``
+    order, as the splice consumes them): one ``[M, N, Dv]`` tensor when all are ``[N, Dv]`` of one shape (the
+    pad form), else a list of M tensors (counts or tiles that differ per image); None without images."""
+    feats = [f for r in rows for f in row_images(r)]
+    if not feats:
+        images: torch.Tensor | list[torch.Tensor] | None = None
+    elif all(f.ndim == 2 and f.shape == feats[0].shape for f in feats):
+        images = torch.from_numpy(np.stack(feats))  # [M, N, Dv]
+    else:
+        images = [torch.from_numpy(f) for f in feats]  # M x [n_i, Dv] or [T_i, N, Dv]
+    return {**collate_tokens(rows, pad_token_id), "image_features": images}
+
+
+def image_features_to(feats: torch.Tensor | Sequence[torch.Tensor] | None,
+                      device: torch.device | str) -> torch.Tensor | list[torch.Tensor] | None:
+    """``collate``'s ``image_features`` (one tensor, a list of per-image tensors, or None) moved to ``device``."""
+    if feats is None or isinstance(feats, torch.Tensor):
+        return None if feats is None else feats.to(device)
+    return [f.to(device) for f in feats]

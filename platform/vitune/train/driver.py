@@ -46,7 +46,7 @@ from vitune.train.data import (
     check_features,
     interleave,
     join_with_features,
-    text_only_rows,
+    side_rows,
     tokenize_records,
 )
 from vitune.train.plan import Plan, deepspeed_config, gradient_accumulation
@@ -70,7 +70,7 @@ def training_rows(cfg: TrainJobConfig, store: FeatureStore) -> list[TokenizedRow
         tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_source(cfg, tmp))
     # max_length counts each image's visual tokens, as LLaVA truncates after expanding <image>
     rows = tokenize_records(cfg.data.records, cfg.model.template, tokenizer, cfg.model.max_length,
-                            image_positions=store.visual_tokens())
+                            image_positions=store.visual_tokens(), max_visual_tokens=cfg.train.max_visual_tokens)
     return check_features(rows, set(store.keys()))
 
 
@@ -86,8 +86,8 @@ def _tokenizer_source(cfg: TrainJobConfig, tmp: str) -> str:
 
 
 def build_dataset(cfg: TrainJobConfig, store: FeatureStore, rows: list[TokenizedRow], samples: int) -> Dataset:
-    """The feature shards streamed and joined to the trainable image ``rows`` (which cross Ray once, here);
-    ``samples`` counts those rows (text-only rows reach the workers apart, see ``_ray_train_loop``)."""
+    """The feature shards streamed and joined to the trainable single-image ``rows`` (which cross Ray once, here);
+    ``samples`` counts those rows (text-only and multi-image rows reach the workers apart, see ``_ray_train_loop``)."""
     # a new file order every epoch (reseeded per execution); rows then shuffle in a local buffer
     ds = store.to_ray_dataset(shuffle=FileShuffleConfig(seed=cfg.train.seed))
     # light tasks (half a CPU): they must fit beside the training workers, whose CPUs Ray Data excludes
@@ -117,7 +117,8 @@ def _ray_train_loop(config: dict) -> None:
             for i in range(n):
                 yield {k: batch[k][i] for k in ("input_ids", "labels", "features", "has_image", "length")}
 
-    # text-only rows have no features to join: each rank takes an equal share and mixes it into its stream
+    # text-only rows have no features to join, multi-image rows come joined by the driver: each rank takes an
+    # equal share of them and mixes it into its stream
     text = ray.get(config["text_rows"][0]) if config.get("text_rows") else []
     my_text = text[rank::world][: len(text) // world]
 
@@ -249,13 +250,14 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     stats = DataStats.of(rows)
     if not stats.samples:
         raise ValueError(f"no trainable records in data.records={cfg.data.records}: skipped {dict(stats.skipped)}")
-    ds = build_dataset(cfg, store, rows, stats.with_image)
-    # held here for the whole run: the workers fetch them by this reference
-    text_rows = [ray.put(text_only_rows(rows))] if stats.text_only else None
+    ds = build_dataset(cfg, store, rows, stats.single_image)
+    # held here for the whole run: the workers fetch them by this reference. Multi-image rows get their
+    # features here, looked up by key: no one shard block holds all of a row's images
+    text_rows = [ray.put(side_rows(rows, store.get))] if stats.side else None
     del rows  # the trainable ones live in the object store now
     accum = gradient_accumulation(cfg, world)
-    # every rank gets an equal share of each modality (Ray Data's equal split; the text rows' slices)
-    per_rank = stats.with_image // world + stats.text_only // world
+    # every rank gets an equal share of the joined stream (Ray Data's equal split) and of the side rows' slices
+    per_rank = stats.single_image // world + stats.side // world
     plan = Plan(per_rank * world, world, cfg.train.micro_batch_size, accum, cfg.train.epochs, cfg.train.max_steps)
     if plan.total_steps < 1:
         raise ValueError(
@@ -269,7 +271,7 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     try:
         with RemoteProgress(cfg.stage, plan.total_steps, "steps") as board:
             result = _trainer(cfg, ds, store, plan, tracker.run_id, board,
-                              data={"text_rows": text_rows, "image_rows_per_rank": stats.with_image // world}).fit()
+                              data={"text_rows": text_rows, "image_rows_per_rank": stats.single_image // world}).fit()
     except Exception:
         tracker.finish("FAILED")
         raise

@@ -26,7 +26,7 @@ from vitune.model import lora
 from vitune.model.folder import load_model_folder
 from vitune.model.vlm import build_model
 from vitune.train import checkpoint
-from vitune.train.data import collate
+from vitune.train.data import collate, image_features_to
 from vitune.train.plan import Plan, deepspeed_config, lr_lambda, param_groups
 from vitune.train.sampler import grouped_micro_batches, in_order_micro_batches
 
@@ -152,12 +152,12 @@ class Worker:
 
     def micro_step(self, batch: dict) -> float:
         """Forward and backward of one micro-batch; DeepSpeed steps the optimizer at the accumulation boundary."""
-        feats = batch["image_features"]
+        feats = batch["image_features"]  # [M, N, Dv], a list of M per-image tensors, or None
         out = self.engine(
             input_ids=batch["input_ids"].to(self.device),
             attention_mask=batch["attention_mask"].to(self.device),
             labels=batch["labels"].to(self.device),
-            image_features=None if feats is None else feats.to(self.device),
+            image_features=image_features_to(feats, self.device),
         )
         self.engine.backward(out.loss)
         self.engine.step()

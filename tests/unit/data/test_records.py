@@ -268,8 +268,83 @@ def test_write_records_json_and_jsonl(tmp_path):
 
 
 def test_record_dataclass_direct_construction():
-    rec = Record(id="x", image=None, conversations=[Turn("human", "q"), Turn("gpt", "a")])
+    rec = Record(id="x", images=(), conversations=[Turn("human", "q"), Turn("gpt", "a")])
     assert rec.to_json() == {
         "id": "x",
         "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
     }
+
+
+def interleaved(**overrides):
+    """LLaVA-NeXT-Interleave's form: ``image`` a list, one ``<image>`` per image in the human turns, in order."""
+    return good(**{"image": ["a/1.jpg", "b/2.jpg", "c/3.jpg"], "conversations": [
+        {"from": "human", "value": "Compare <image> and <image>."},
+        {"from": "gpt", "value": "The first is red."},
+        {"from": "human", "value": "And this one? <image>"},
+        {"from": "gpt", "value": "Blue."},
+    ], **overrides})
+
+
+def test_multi_image_record_is_accepted_and_round_trips_as_a_list():
+    raw = interleaved(source="m4")
+    rec = validate_record(raw)
+    assert rec.images == ("a/1.jpg", "b/2.jpg", "c/3.jpg") and rec.has_image and rec.image == "a/1.jpg"
+    assert rec.to_json() == raw and isinstance(rec.to_json()["image"], list)
+    one = validate_record(good(image=["only.jpg"]))  # a list of one stays a list
+    assert one.images == ("only.jpg",) and one.to_json()["image"] == ["only.jpg"]
+    single = validate_record(good())  # a string stays a string
+    assert single.images == ("coco/000123.jpg",) and single.to_json()["image"] == "coco/000123.jpg"
+    assert validate_record(text_only()).images == ()
+
+
+def test_multi_image_records_survive_write_and_read(tmp_path):
+    recs = [validate_record(interleaved()), validate_record(good()), validate_record(text_only())]
+    write_records(recs, str(tmp_path / "out.jsonl"))
+    assert read_records(str(tmp_path / "out.jsonl")) == recs
+
+
+@pytest.mark.parametrize(
+    "raw, fragments, kind",
+    [
+        (interleaved(image=["a.jpg", "b.jpg"]), ["rec-7", "2 image(s)", "appears 3 times"], "image_token_count"),
+        (interleaved(image=["a.jpg", "b.jpg", "c.jpg", "d.jpg"]), ["rec-7", "4 image(s)", "appears 3 times"],
+         "image_token_count"),
+        (interleaved(image=[]), ["rec-7", "empty list"], "bad_image_path"),
+        (interleaved(image=["a.jpg", "/abs.jpg", "c.jpg"]), ["rec-7", "'/abs.jpg' is absolute"], "bad_image_path"),
+        (interleaved(image=["a.jpg", "../up.jpg", "c.jpg"]), ["rec-7", "escapes the image root"], "bad_image_path"),
+        (interleaved(image=["a.jpg", 3, "c.jpg"]), ["rec-7", "'image'[1] must be a string path"], "bad_type"),
+        (interleaved(image=["a.jpg", " ", "c.jpg"]), ["rec-7", "'image'[1] is empty"], "bad_image_path"),
+    ],
+)
+def test_multi_image_record_errors_name_the_record_and_both_counts(raw, fragments, kind):
+    with pytest.raises(RecordError) as info:
+        validate_record(raw)
+    assert info.value.kind == kind
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_multi_image_count_mismatch_is_skipped_and_named_by_the_reader(tmp_path):
+    lines = [json.dumps(interleaved()), json.dumps(interleaved(id="short", image=["a.jpg"]))]
+    (tmp_path / "r.jsonl").write_text("\n".join(lines))
+    recs, errors = read_records_with_errors(str(tmp_path / "r.jsonl"))
+    assert [r.id for r in recs] == ["rec-7"]
+    assert [e.kind for e in errors] == ["image_token_count"] and "'short'" in str(errors[0])
+
+
+def test_normalize_leaves_a_turn_with_several_images_as_it_is():
+    """LLaVA-NeXT's preprocess_multimodal moves ``<image>`` only in a message that holds exactly one."""
+    out = normalize_image_token(validate_record(interleaved()))
+    assert out.conversations[0].value == "Compare <image> and <image>."  # interleaved: stays in place
+    assert out.conversations[2].value == "<image>\nAnd this one?"  # one token in this turn: moved, as LLaVA-NeXT
+    assert normalize_turn_image_token("<image> vs <image>") == "<image> vs <image>"
+
+
+def test_feature_extraction_encodes_every_image_of_every_record(tmp_path):
+    from vitune.features.extract import collect_image_keys
+
+    rows = [interleaved(), good(id="one", image="a/1.jpg"), text_only(), interleaved(id="bad", image=["x.jpg"])]
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    keys, stats = collect_image_keys([str(tmp_path / "r.jsonl")])
+    assert keys == ["a/1.jpg", "b/2.jpg", "c/3.jpg"]  # the invalid record's x.jpg is not encoded
+    assert stats == {"records": 3, "records_invalid": 1, "records_text_only": 1}

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
+from vitune.train.data import TokenizedRow, training_row
 from vitune.train.sampler import (
     even_chunks,
     grouped_micro_batches,
@@ -124,3 +126,19 @@ def test_the_random_sampler_keeps_the_arrival_order(data):
     rows = _rows(data)
     batches = list(in_order_micro_batches(iter(rows), MICRO))
     assert [r["id"] for b in batches for r in b] == list(range(len(rows) - len(rows) % MICRO))
+
+
+def test_length_grouping_sorts_by_the_real_length_text_plus_visual_tokens():
+    """A multi-image row with few token ids but many visual tokens is the long one of its megabatch."""
+    def tokenized(rid: str, n_ids: int, counts: tuple[int, ...]) -> TokenizedRow:
+        ids = np.arange(n_ids, dtype=np.int32)
+        return TokenizedRow(rid, tuple(f"{rid}-{i}.png" for i in range(len(counts))), ids, ids, visual_tokens=counts)
+
+    multi = tokenized("multi", 20, (300, 300))  # 20 ids, 618 positions
+    single = tokenized("single", 200, (50,))  # 200 ids, 249 positions
+    rows = [{**training_row(r, [np.zeros((n, 2)) for n in r.visual_tokens] if r.multi_image else
+                            np.zeros((50, 2))), "id": r.id} for r in (single, multi)]
+    assert [r["length"] for r in rows] == [249, 618]
+    for seed in range(4):  # one megabatch of two micro-batches of one: longest (by real length) first
+        batches = list(grouped_micro_batches(iter(rows), 1, 2, seed=seed))
+        assert [b[0]["id"] for b in batches] == ["multi", "single"]

@@ -1,5 +1,6 @@
 """The single-process training path (no Ray: ``benchmarks/train_step.py``'s harness over ``vitune.train.worker``)
-trains every record of a mixed dataset, image and text-only, with LLaVA-1.5's modality-grouped sampler on."""
+trains every record of a mixed dataset, one-image, two-image and text-only, with LLaVA-1.5's modality-grouped
+sampler on."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def _records(path) -> None:
     recs = [{"id": f"img-{i}", "image": f"{i}.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A red square. " * (1 + i % 5)}]}
         for i in range(24)]
+    for rec in recs[::3]:  # every third image record holds two images (LLaVA-NeXT-Interleave's form)
+        rec["image"] = [rec["image"], "second-" + rec["image"]]
+        rec["conversations"][0]["value"] = "Compare <image> with <image>."
     recs += [{"id": f"txt-{i}", "conversations": [
         {"from": "human", "value": f"What is {i} plus one?"},
         {"from": "gpt", "value": f"It is {i + 1}. " * (1 + i % 3)}]} for i in range(16)]
@@ -40,8 +44,11 @@ def test_every_record_of_a_mixed_dataset_trains_in_one_process(tmp_path):
     for r in read_records(str(tmp_path / "records.json")):
         sample = tokenize_row(r, cfg.model.template, tok, cfg.model.max_length, N_PATCHES)
         samples.append(sample)
-        rows.append({**training_row(sample, feats if r.image else None), "id": r.id})
-    assert DataStats.of(samples).as_dict()["text_only"] == 16
+        # the two-image rows carry per-image tiles [1, N, D]: collate then passes a list, one tensor per image
+        image = [feats[None], feats[None]] if len(r.images) == 2 else feats if r.images else None
+        rows.append({**training_row(sample, image), "id": r.id})
+    stats = DataStats.of(samples).as_dict()
+    assert stats["text_only"] == 16 and stats["multi_image"] == 8
 
     seen: list[list[str]] = []
 
