@@ -267,5 +267,6 @@ def test_rows_of_other_sizes_join_a_running_batch(tokenizer) -> None:
             break
         batch.step()
     assert [out[i] for i in range(3)] == alone
-    with pytest.raises(ValueError, match="some rows give their image's size"):
+    # a row without its image's size is taken as the base view alone (detail: low), which one tile must be
+    with pytest.raises(ValueError, match="image 1 has no size, so it must be its base view alone"):
         DecodeBatch(model).join([rows[0], DecodeRow(prompts[1], feats[1])])
