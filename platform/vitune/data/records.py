@@ -210,12 +210,16 @@ def normalize_turn_image_token(value: str) -> str:
     """LLaVA's ``preprocess_multimodal`` for one message: ``<image>`` moved to the front on its own line.
 
     ``"Q <image>"`` → ``"<image>\\nQ"``; a message that is only ``<image>`` stays ``"<image>"`` (the result is
-    stripped, as LLaVA does). Messages without the token are returned unchanged; idempotent.
+    stripped, as LLaVA does). A message of several images keeps one placeholder for each, every one on its own
+    line in front (LLaVA keeps one, as its records hold one image; serving's several images per message need
+    each: ``vitune.data.prompt.image_first`` writes the same). Messages without the token are returned
+    unchanged; idempotent.
     """
-    if IMAGE_TOKEN not in value:
+    count = value.count(IMAGE_TOKEN)
+    if not count:
         return value
     rest = value.replace(IMAGE_TOKEN, "").strip()
-    return (IMAGE_TOKEN + "\n" + rest).strip()
+    return "\n".join([IMAGE_TOKEN] * count + ([rest] if rest else []))
 
 
 def normalize_image_token(record: Record) -> Record:

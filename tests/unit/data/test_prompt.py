@@ -75,9 +75,14 @@ def test_an_assistant_turn_may_not_hold_an_image(tokenizer):
 
 
 def test_a_template_that_drops_a_placeholder_is_refused_not_shifted(tokenizer):
-    # two placeholders in one turn: LLaVA's preprocess_multimodal keeps one, so images[1] would have no place
-    err = rejected([human(image_first("Compare them.", 2))], "vicuna_v1", tokenizer, ["a.png", "b.png"])
+    # plain (stage-1 captioning) renders one <image> whatever the turn holds, so images[1] would have no place
+    err = rejected([human(image_first("Compare them.", 2))], "plain", tokenizer, ["a.png", "b.png"])
     assert err.field == "images" and "keeps 1 of the prompt's 2 image tokens" in err.reason
+
+
+def test_two_placeholders_in_one_turn_are_both_kept(tokenizer):
+    prompt = generation_prompt([human(image_first("Compare them.", 2))], "vicuna_v1", tokenizer, ["a.png", "b.png"])
+    assert prompt.num_images == 2 and prompt.ids.count(image_token_id(tokenizer)) == 2
 
 
 def test_a_conversation_the_template_cannot_render_names_its_field(tokenizer):

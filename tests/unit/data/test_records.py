@@ -200,6 +200,8 @@ def test_image_path_with_dots_in_names_is_fine():
         ("<image>", "<image>"),
         (" <image>\n ", "<image>"),
         ("no token here ", "no token here "),
+        ("Compare <image> and <image>.", "<image>\n<image>\nCompare  and ."),  # one placeholder per image
+        ("<image><image>", "<image>\n<image>"),
     ],
 )
 def test_normalize_turn_image_token_like_llava(value, expected):
