@@ -276,8 +276,8 @@ def _size_fields(size: Any) -> dict[str, Any]:
     """`decode_stream`'s per-prompt size as `DecodeRow` fields: one `(w, h)`, or a list of them (or None)."""
     if size is None:
         return {}
-    if len(size) == 2 and all(isinstance(v, int) for v in size):
-        return {"image_size": tuple(size)}
+    if len(size) == 2 and not any(v is None or isinstance(v, tuple | list) for v in size):  # (w, h) numbers
+        return {"image_size": (int(size[0]), int(size[1]))}
     return {"image_sizes": list(size)}
 
 
