@@ -274,9 +274,15 @@ def tiles_for(recipe: VisionRecipe, width: int, height: int) -> int:
     return 1 + rows * cols
 
 
-def visual_tokens(recipe: VisionRecipe, width: int, height: int) -> int:
-    """How many visual tokens an image of ``width`` x ``height`` pixels yields: the one count of the house."""
+def visual_tokens(recipe: VisionRecipe, width: int, height: int, base_only: bool = False) -> int:
+    """How many visual tokens an image of ``width`` x ``height`` pixels yields: the one count of the house.
+
+    ``base_only``: the image's base view alone (OpenAI's ``detail: low``): one tile's tokens, whatever its size
+    (for pad and crop that is every image's count anyway).
+    """
     tiles = tiles_for(recipe, width, height)
+    if base_only:
+        return recipe.tokens_per_tile
     if recipe.image_mode != "anyres":
         return tiles * recipe.tokens_per_tile
     base = recipe.grid * recipe.grid  # the base view (anyres keeps patch tokens only)

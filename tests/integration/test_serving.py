@@ -179,9 +179,9 @@ def _bad_inputs() -> list[tuple[str, object, int, str | None]]:
     too_big = png_bytes((300, 300), noise=True)  # > 200 KB as PNG of noise
     assert len(too_big) > 200_000
     too_many_pixels = png_bytes((1100, 1000))  # 1.1 MP > 1 MP, few bytes
-    two_images = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
-                                              {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
-                                              {"type": "text", "text": "compare"}]}
+    five_images = {"role": "user", "content": [  # max_images_per_request is 4 by default
+        *[{"type": "image_url", "image_url": {"url": data_url(png_bytes())}} for _ in range(5)],
+        {"type": "text", "text": "compare"}]}
     return [
         ("malformed json", b'{"model": "vitune-tiny", "messages": [', 400, None),
         ("body not an object", b"[1, 2]", 400, None),
@@ -210,7 +210,7 @@ def _bad_inputs() -> list[tuple[str, object, int, str | None]]:
          "messages[0].content[1].image_url"),
         ("image over pixel limit", body(messages=[image_message(url=data_url(too_many_pixels))]), 400,
          "messages[0].content[1].image_url"),
-        ("two images", body(messages=[two_images]), 400, "messages[0].content"),
+        ("five images", body(messages=[five_images]), 400, "messages[0].content[4]"),
         ("http image url refused", body(messages=[image_message(url="http://127.0.0.1:9/cat.png")]), 400,
          "messages[0].content[1].image_url"),
         ("s3 image url refused", body(messages=[image_message(url="s3://bucket/cat.png")]), 400,

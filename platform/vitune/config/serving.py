@@ -54,7 +54,10 @@ class ServeConfig(BaseModel):
     default_max_tokens: int = Field(256, ge=1)  # when a request names none (capped by the context left)
     context_length: int | None = Field(None, ge=2)  # default: the model's training max_length
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)  # encoded size
-    max_image_pixels: int = Field(16_000_000, ge=1)  # decoded width x height
+    max_image_pixels: int = Field(16_000_000, ge=1)  # width x height of each image, read from its header
+    max_images_per_request: int = Field(4, ge=0)  # image_url parts over all messages of one request
+    # all images of one request together, each counted as vision_recipe.visual_tokens (anyres: by its size)
+    max_visual_tokens_per_request: int | None = Field(None, ge=1)  # None: only the context length bounds them
     remote_images: RemoteImagesConfig = Field(default_factory=RemoteImagesConfig)
     # the key comes from the replica's VITUNE_API_KEY env only (a Kubernetes Secret), never from args, which the
     # Serve config and dashboard show; without it, binding beyond loopback refuses to start unless this is true

@@ -78,9 +78,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 class DecodeRow:
     """One sequence of a `DecodeBatch`: its prompt, sampling settings, progress and the caller's payload."""
 
-    prompt_ids: Sequence[int]  # zero or one <image> token
-    # [N, Dv] tower features of the prompt's image (anyres: its tiles' [T, N, Dv], with image_size), else None
-    features: torch.Tensor | None = None
+    prompt_ids: Sequence[int]  # one <image> token per image, in reading order
+    # the prompt's images' tower features in placeholder order: one [N, Dv] per image (anyres: its tiles'
+    # [T, N, Dv], with its size), or that one tensor for a prompt of one image; None without images
+    features: torch.Tensor | Sequence[torch.Tensor] | None = None
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -88,11 +89,28 @@ class DecodeRow:
     payload: Any = None  # whatever the caller needs back with the row (the engine: its request)
     generated: int = 0  # tokens emitted so far (stop tokens are not emitted)
     finish_reason: str | None = None  # set when the row is done: "stop" | "length" | the caller's reason
-    image_size: tuple[int, int] | None = None  # (width, height) of the image: what an anyres model packs by
+    image_size: tuple[int, int] | None = None  # (width, height) of a one-image prompt: what anyres packs by
+    # several images: each one's (width, height), None for an anyres image given as its base view alone
+    image_sizes: Sequence[tuple[int, int] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
+
+    def image_features(self) -> list[torch.Tensor]:
+        """The row's images' features, one tensor per image in placeholder order."""
+        if self.features is None:
+            return []
+        return [self.features] if isinstance(self.features, torch.Tensor) else list(self.features)
+
+    def sizes(self) -> list[tuple[int, int] | None]:
+        """Each image's `(width, height)` (None where not given), one per image in placeholder order."""
+        count = len(self.image_features())
+        if self.image_sizes is not None:
+            if len(self.image_sizes) != count:
+                raise ValueError(f"{len(self.image_sizes)} image sizes for {count} images")
+            return list(self.image_sizes)
+        return [self.image_size] * count if count == 1 else [None] * count
 
     def accept(self, token: int, stops: Container[int]) -> list[int]:
         """Record the row's sampled `token`: the tokens to emit (`[]` for a stop token); sets `finish_reason`."""
@@ -132,31 +150,32 @@ class DecodeBatch:
     def _inputs(self, rows: Sequence[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor, Any, dict[str, Any]]:
         """Left-padded `input_ids` and `attention_mask` `[B, T]`, the features and `splice`'s other arguments.
 
-        Without image sizes the features are stacked `[M, N, Dv]` (one tile each); when the rows give their
-        images' sizes (anyres) they go as a list of each row's `[T_i, N, Dv]` with `image_sizes`.
+        The images of all rows, row by row and within a row in placeholder order, are the splice's reading order.
+        For a one-tile model given no sizes the features are stacked `[M, N, Dv]`; for an anyres model (or when
+        rows give sizes) they go as a list of each image's `[T_i, N, Dv]` with `image_sizes` (None: an image
+        given as its base view alone).
         """
         longest = max(len(row.prompt_ids) for row in rows)
         input_ids = torch.full((len(rows), longest), self.model.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)
-        with_image = [row for row in rows if row.features is not None]
-        sized = any(row.image_size is not None for row in with_image)
-        features = []
+        features: list[torch.Tensor] = []
+        sizes: list[tuple[int, int] | None] = []
         for i, row in enumerate(rows):
+            mine = row.image_features()
             n_image = sum(1 for tok in row.prompt_ids if tok == self.model.image_token_id)
-            if n_image != (row.features is not None):
-                given = "given" if row.features is not None else "None"
-                raise ValueError(f"prompt {i} holds {n_image} {IMAGE_TOKEN} tokens but features are {given}")
-            if row.features is not None and not sized:
-                features.append(row.features[0] if row.features.dim() == 3 else row.features)  # [N, Dv]
+            if n_image != len(mine):
+                raise ValueError(f"prompt {i} holds {n_image} {IMAGE_TOKEN} tokens but {len(mine)} images' features")
+            features += mine
+            sizes += row.sizes()
             if row.prompt_ids:
                 input_ids[i, longest - len(row.prompt_ids) :] = torch.tensor(list(row.prompt_ids), dtype=torch.long)
                 attention_mask[i, longest - len(row.prompt_ids) :] = 1
-        if sized:
-            sizes = [row.image_size for row in with_image]
-            if any(size is None for size in sizes):
-                raise ValueError("some rows give their image's size and others do not; an anyres model needs all")
-            return input_ids, attention_mask, [row.features for row in with_image], {"image_sizes": sizes}
-        return input_ids, attention_mask, torch.stack(features) if features else None, {}
+        if not features:
+            return input_ids, attention_mask, None, {}
+        if getattr(self.model, "recipe", None) is not None or any(size is not None for size in sizes):
+            return input_ids, attention_mask, features, {"image_sizes": sizes}
+        stacked = torch.stack([f[0] if f.dim() == 3 else f for f in features])  # [M, N, Dv], one tile each
+        return input_ids, attention_mask, stacked, {}
 
     @torch.no_grad()
     def join(self, rows: Sequence[DecodeRow]) -> None:
@@ -253,6 +272,15 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+def _size_fields(size: Any) -> dict[str, Any]:
+    """`decode_stream`'s per-prompt size as `DecodeRow` fields: one `(w, h)`, or a list of them (or None)."""
+    if size is None:
+        return {}
+    if len(size) == 2 and not any(v is None or isinstance(v, tuple | list) for v in size):  # (w, h) numbers
+        return {"image_size": (int(size[0]), int(size[1]))}
+    return {"image_sizes": list(size)}
+
+
 @torch.no_grad()
 def decode_stream(
     model: Any,
@@ -267,9 +295,10 @@ def decode_stream(
 ) -> Iterator[GenerationStep]:
     """Decode `prompts` together, yielding each step's new tokens (stop tokens are not emitted).
 
-    `prompts` are token id lists, each holding zero or one `<image>` token; `image_features[i]` is
-    `[N, Dv]` for a prompt with an image and None otherwise; for an anyres model it is the image's tile
-    features `[T_i, N, Dv]` and `image_sizes[i]` its `(width, height)`. Greedy at `temperature == 0`, nucleus
+    `prompts` are token id lists, each holding any number of `<image>` tokens; `image_features[i]` is
+    `[N, Dv]` for a prompt with one image, a list of those in placeholder order for several, and None without;
+    for an anyres model each image's are its tile features `[T_i, N, Dv]` and `image_sizes[i]` its
+    `(width, height)` (a list of them for several images). Greedy at `temperature == 0`, nucleus
     sampling otherwise from one generator seeded by `seed` (fresh entropy when None). Stops at
     `stop_token_ids` (default: the model's EOS ids). Finished rows stay in the batch until all are done,
     so every row sees the same batch at every step.
@@ -282,7 +311,7 @@ def decode_stream(
         image_sizes = [None] * len(prompts)
     if len(image_sizes) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(image_sizes)} image_sizes entries")
-    rows = [DecodeRow(prompt, feats, max_new_tokens, temperature, top_p, image_size=size)
+    rows = [DecodeRow(prompt, feats, max_new_tokens, temperature, top_p, **_size_fields(size))
             for prompt, feats, size in zip(prompts, image_features, image_sizes, strict=True)]
     if not rows or max_new_tokens <= 0:
         return

@@ -200,6 +200,13 @@ def fit_inside(width: int, height: int, target_w: int, target_h: int) -> tuple[i
     return min(math.ceil(width * scale_h), target_w), target_h
 
 
+def base_view(image: Image.Image, size: int) -> Image.Image:
+    """AnyRes's base view: the whole RGB image resized to `size` x `size` (bicubic, aspect not kept); unchanged
+    when already that size. Alone it is what OpenAI's `detail: low` sends an anyres model."""
+    image = to_rgb(image)
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
+
+
 def anyres_views(image: Image.Image, recipe: VisionRecipe) -> list[Image.Image]:
     """An image's AnyRes views as RGB PIL images of `recipe.image_size` square: the base view, then the grid's
     tiles row by row (LLaVA-NeXT's order); as many as `vitune.vision_recipe.tiles_for` counts."""
@@ -218,8 +225,7 @@ def anyres_views(image: Image.Image, recipe: VisionRecipe) -> list[Image.Image]:
     canvas.paste(resized, ((grid_w - new_w) // 2, (grid_h - new_h) // 2))
     tiles = [canvas.crop((left, top, left + size, top + size))
              for top in range(0, grid_h, size) for left in range(0, grid_w, size)]
-    base = image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
-    views = [base, *tiles]
+    views = [base_view(image, size), *tiles]
     if len(views) != tiles_for(recipe, width, height):  # the recipe's count is the one the rest of the house uses
         raise RuntimeError(f"{len(views)} views of a {width}x{height} image; the recipe counts "
                            f"{tiles_for(recipe, width, height)}")
@@ -227,9 +233,12 @@ def anyres_views(image: Image.Image, recipe: VisionRecipe) -> list[Image.Image]:
 
 
 def preprocess_tiles(image: Image.Image, recipe: VisionRecipe, mean: Sequence[float],
-                     std: Sequence[float]) -> torch.Tensor:
+                     std: Sequence[float], base_only: bool = False) -> torch.Tensor:
     """Image → normalised float32 tiles `[T, 3, S, S]` by the recipe: one tile for pad and crop (the same pixels
-    as `preprocess`), the base view and the grid's tiles for anyres."""
+    as `preprocess`), the base view and the grid's tiles for anyres (`base_only`: the base view alone, T = 1,
+    OpenAI's `detail: low`; `vision_recipe.visual_tokens(..., base_only=True)` counts it)."""
+    if recipe.image_mode == "anyres" and base_only:
+        return normalize(base_view(image, recipe.image_size), mean, std)[None]
     if recipe.image_mode != "anyres":
         return preprocess(image, recipe.image_size, mean, std, recipe.image_mode)[None]  # type: ignore[arg-type]
     return torch.stack([normalize(view, mean, std) for view in anyres_views(image, recipe)])

@@ -120,9 +120,10 @@ class VisionTower(nn.Module):
             raise ValueError("an anyres tower makes several tiles per image: use preprocess_tiles")
         return image_lib.preprocess(image, self.image_size, self.mean, self.std, self.image_mode)  # type: ignore[arg-type]
 
-    def preprocess_tiles(self, image: Image.Image) -> torch.Tensor:
-        """PIL image → its normalised tiles `[T, 3, H, W]` by this tower's recipe (pad/crop: T = 1)."""
-        return image_lib.preprocess_tiles(image, self.recipe, self.mean, self.std)
+    def preprocess_tiles(self, image: Image.Image, base_only: bool = False) -> torch.Tensor:
+        """PIL image → its normalised tiles `[T, 3, H, W]` by this tower's recipe (pad/crop: T = 1; anyres with
+        `base_only`: the base view alone)."""
+        return image_lib.preprocess_tiles(image, self.recipe, self.mean, self.std, base_only)
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         visual = self.visual
@@ -226,10 +227,15 @@ def encode_images(tower: VisionTower, images: Sequence[Image.Image]) -> torch.Te
     return tower.encode(pixels)
 
 
-def encode_image_tiles(tower: VisionTower, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+def encode_image_tiles(tower: VisionTower, images: Sequence[Image.Image],
+                       base_only: Sequence[bool] = ()) -> list[torch.Tensor]:
     """PIL images → each image's tile features `[T_i, N, D]` by the tower's recipe (pad/crop: `T_i = 1`, the
-    features `encode_images` gives; anyres: the base view, then the grid's tiles), in one tower call."""
+    features `encode_images` gives; anyres: the base view, then the grid's tiles; `base_only[i]`: image i's base
+    view alone, `T_i = 1`), in one tower call."""
     if not images:
         return []
-    tiles = [tower.preprocess_tiles(img) for img in images]  # each [T_i, 3, H, W]
+    only = list(base_only) or [False] * len(images)
+    if len(only) != len(images):
+        raise ValueError(f"{len(only)} base_only flags for {len(images)} images")
+    tiles = [tower.preprocess_tiles(img, low) for img, low in zip(images, only, strict=True)]  # each [T_i, 3, H, W]
     return list(tower.encode(torch.cat(tiles)).split([t.shape[0] for t in tiles]))

@@ -225,8 +225,9 @@ class VisionLanguageModel(nn.Module):
 
         `[M, N, Dv]` (one tile per image) → `[M, N, Dl]`. A sequence of per-image tile features `[T_i, N, Dv]`
         (`[N, Dv]` is one tile) → a list of `[n_i, Dl]`: with an anyres recipe packed by
-        `vitune.model.anyres.pack_image_features` from each image's `(width, height)` in `image_sizes`, else the
-        tiles' features in order. All tiles go through the projector in one call.
+        `vitune.model.anyres.pack_image_features` from each image's `(width, height)` in `image_sizes` (None: the
+        image is its base view alone, one tile kept as it is), else the tiles' features in order. All tiles go
+        through the projector in one call.
         """
         if image_features is None or len(image_features) == 0:
             return None
@@ -243,8 +244,18 @@ class VisionLanguageModel(nn.Module):
             given = "none" if image_sizes is None else len(image_sizes)
             raise ValueError(f"an anyres model needs each image's (width, height): {len(tiles)} images, "
                              f"{given} image_sizes")
-        return [pack_image_features(p, self.recipe, int(w), int(h), self.image_newline)
-                for p, (w, h) in zip(projected, image_sizes, strict=True)]
+        return [self._base_view_only(p, i) if size is None
+                else pack_image_features(p, self.recipe, int(size[0]), int(size[1]), self.image_newline)
+                for i, (p, size) in enumerate(zip(projected, image_sizes, strict=True))]
+
+    @staticmethod
+    def _base_view_only(projected: torch.Tensor, index: int) -> torch.Tensor:
+        """An anyres image given as its base view alone (size None: OpenAI's `detail: low`) → its one tile's
+        features `[N, Dl]`, as `vision_recipe.visual_tokens(..., base_only=True)` counts them."""
+        if projected.shape[0] != 1:
+            raise ValueError(f"image {index} has no size, so it must be its base view alone (one tile), got "
+                             f"{projected.shape[0]} tiles")
+        return projected[0]
 
     def splice(
         self,

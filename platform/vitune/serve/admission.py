@@ -1,9 +1,11 @@
 """Admission into the serving engine: a `ChatRequest` checked and turned into a `Job`, or a `RequestRejected`.
 
-What a request passes before it may wait for the batch: its sampling parameters; its prompt, built by the one
-prompt policy (`vitune.data.prompt.generation_prompt`: the model's template, the request's system prompt, its
-turns and images, the `<image>` placeholders checked against the images); and the context budget (the prompt's
-ids with each image counted as its visual tokens, plus the tokens asked for). Ray- and HTTP-free; the engine
+What a request passes before it may wait for the batch: its sampling parameters; its images (at most
+`max_images`, together at most `max_visual_tokens` visual tokens, each image counted by the engine as
+`vitune.vision_recipe.visual_tokens` for its size and `detail`); its prompt, built by the one prompt policy
+(`vitune.data.prompt.generation_prompt`: the model's template, the request's system prompt, its turns and
+images, the `<image>` placeholders checked against the images); and the context budget (the prompt's ids with
+each image counted as its visual tokens, plus the tokens asked for). Ray- and HTTP-free; the engine
 runs it off the event loop (tokenising a long prompt takes a while).
 """
 
@@ -30,11 +32,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    """One request inside the engine: its decode row (prompt, sampling, progress), image, caller's queue, state."""
+    """One request inside the engine: its decode row (prompt, sampling, progress), images, caller's queue, state."""
 
     request_id: str
     row: DecodeRow  # its payload is this job once it joins the batch
-    image: Image.Image | None
+    images: list[Image.Image]  # in placeholder order
     prompt_tokens: int
     seed: int | None
     text: TextStream
@@ -43,6 +45,7 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     done: bool = False
+    base_only: list[bool] = field(default_factory=list)  # per image: its base view alone (detail: low)
 
 
 def _of_which(visual_tokens: Sequence[int]) -> str:
@@ -58,12 +61,27 @@ class Admission:
     """One model's prompt and budget rules: `job(chat, ...)` admits a request, or raises `RequestRejected`."""
 
     def __init__(self, tokenizer: Any, template_name: str, context_length: int, default_max_tokens: int,
-                 stop_strings: Sequence[str]) -> None:
+                 stop_strings: Sequence[str], max_images: int | None = None,
+                 max_visual_tokens: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.template_name = template_name
         self.context_length = context_length
         self.default_max_tokens = default_max_tokens
         self.stop_strings = list(stop_strings)  # the template's own, after the request's
+        self.max_images = max_images  # None: no limit of its own
+        self.max_visual_tokens = max_visual_tokens  # None: only the context length bounds them
+
+    def check_images(self, visual_tokens: Sequence[int]) -> None:
+        """Refuse more images, or more visual tokens over all images, than this engine takes."""
+        if self.max_images is not None and len(visual_tokens) > self.max_images:
+            raise RequestRejected(f"this server takes at most {self.max_images} images per request, got "
+                                  f"{len(visual_tokens)}", "images", "too_many_images")
+        total = sum(visual_tokens)
+        if self.max_visual_tokens is not None and total > self.max_visual_tokens:
+            each = ", ".join(str(n) for n in visual_tokens)
+            raise RequestRejected(f"the request's images take {total} visual tokens ({each}), over this server's "
+                                  f"limit of {self.max_visual_tokens} per request; send fewer or smaller images, "
+                                  "or detail: low", "images", "too_many_visual_tokens")
 
     def prompt(self, turns: Sequence[dict[str, str]], system: str | None, images: Sequence[object]) -> Prompt:
         """The prompt policy's ids for this model; what it rejects is the request's fault."""
@@ -91,8 +109,10 @@ class Admission:
                                   "max_tokens", "context_length_exceeded")
         return chat.max_tokens
 
-    def job(self, chat: ChatRequest, visual_tokens: Sequence[int], loop: asyncio.AbstractEventLoop) -> Job:
-        """`chat` as a job for the batch; `visual_tokens[i]` is what `chat.images[i]` takes of the context."""
+    def job(self, chat: ChatRequest, visual_tokens: Sequence[int], loop: asyncio.AbstractEventLoop,
+            image_sizes: Sequence[tuple[int, int] | None] | None = None) -> Job:
+        """`chat` as a job for the batch; `visual_tokens[i]` is what `chat.images[i]` takes of the context;
+        `image_sizes` (anyres) what the model packs each image's tiles by (None: its base view alone)."""
         if chat.seed is not None and not SEED_MIN <= chat.seed <= SEED_MAX:
             raise RequestRejected(f"seed must be a 64-bit integer, got {chat.seed}", "seed", "invalid_value")
         if chat.max_tokens is not None and chat.max_tokens < 1:
@@ -100,17 +120,20 @@ class Admission:
         images = chat.images
         if len(visual_tokens) != len(images):
             raise ValueError(f"{len(visual_tokens)} visual-token counts for {len(images)} images")
+        self.check_images(visual_tokens)
         prompt = self.prompt(chat.turns, chat.system, images)
         prompt_tokens = len(prompt.ids) - prompt.num_images + sum(visual_tokens)  # a placeholder → its tokens
         max_tokens = self._max_tokens(chat, prompt_tokens, visual_tokens)
         try:
-            row = DecodeRow(prompt.ids, max_new_tokens=max_tokens, temperature=chat.temperature, top_p=chat.top_p)
+            row = DecodeRow(prompt.ids, max_new_tokens=max_tokens, temperature=chat.temperature, top_p=chat.top_p,
+                            image_sizes=list(image_sizes) if image_sizes is not None else None)
         except ValueError as exc:
             raise RequestRejected(str(exc), "temperature" if chat.temperature < 0 else "top_p") from None
         return Job(
             request_id=chat.request_id,
             row=row,
-            image=chat.image,
+            images=list(images),
+            base_only=[detail == "low" for detail in chat.details],
             prompt_tokens=prompt_tokens,
             seed=chat.seed,
             text=TextStream(self.tokenizer, [*chat.stop, *self.stop_strings]),

@@ -176,8 +176,10 @@ class ChatAPI:
         check_auth_setup(self.cfg, _http_host())
         self.created = int(time.time())
         self.lineage = served_lineage(self.cfg)  # what /v1/models says is served: the folder or registry version
-        # an image as base64, the text (up to 6 bytes a character as a JSON escape) and room for the structure
-        self.max_body = self.cfg.max_image_bytes * 4 // 3 + 6 * self.cfg.max_text_chars + 65_536
+        # each image a request may hold as base64, the text (up to 6 bytes a character as a JSON escape) and room
+        # for the structure
+        images = max(1, self.cfg.max_images_per_request)
+        self.max_body = images * (self.cfg.max_image_bytes * 4 // 3) + 6 * self.cfg.max_text_chars + 65_536
         self.geometry: dict[str, Any] | None = None  # the tower's input, asked of the engine once
         self.health = EngineHealth(engine)
         self.page = resources.files("vitune").joinpath("static/chat.html").read_text(encoding="utf-8")

@@ -1,7 +1,8 @@
 """Continuous batching on one engine: the queue of admitted jobs and the worker thread that decodes them.
 
-Requests wait in one queue; a worker thread owns the running `DecodeBatch` and loops: admit waiting jobs (their
-images through the tower in one `encode_images` call, then one prefill that joins the running rows), sample one
+Requests wait in one queue; a worker thread owns the running `DecodeBatch` and loops: admit waiting jobs (all their
+images, any number per job, through the tower in one `encode_image_tiles` call, each image as its recipe tiles it
+or as its base view alone for `detail: low`; then one prefill that joins the running rows), sample one
 token per row, detokenise and push each row's text to its caller's asyncio queue (so streams get tokens as they
 are made), drop rows that finished (EOS, a stop string, their own `max_tokens`, or their caller going away), and
 run the survivors one step. New jobs join at the next step boundary; nobody waits for a whole batch to end. Each
@@ -27,7 +28,7 @@ import torch
 
 from vitune.config import ServeConfig
 from vitune.model.decoding import DecodeBatch, seeded_generator
-from vitune.model.vision import encode_images
+from vitune.model.vision import encode_image_tiles
 from vitune.serve.admission import Job
 from vitune.serve.errors import EngineError, GenerationFailed, QueueFull, ReplicaClosing, error_event
 
@@ -166,22 +167,28 @@ class ContinuousBatcher:
         with self._cond:
             self._stats["request_failures"] += 1
 
-    def _encode(self, jobs: list[Job]) -> dict[int, torch.Tensor]:
-        """Tower features by job index: one call for all images, and image by image when that fails."""
-        with_image = [i for i, j in enumerate(jobs) if j.image is not None]
+    def _tiles(self, job: Job) -> list[torch.Tensor]:
+        return encode_image_tiles(self.tower, job.images, job.base_only or [False] * len(job.images))
+
+    def _encode(self, jobs: list[Job]) -> dict[int, list[torch.Tensor]]:
+        """Tower features by job index, each job's `[T_i, N, Dv]` per image in placeholder order: one call for
+        all images of all jobs, and job by job when that fails."""
+        with_image = [i for i, j in enumerate(jobs) if j.images]
         if not with_image:
             return {}
+        images = [image for i in with_image for image in jobs[i].images]
+        base_only = [low for i in with_image for low in (jobs[i].base_only or [False] * len(jobs[i].images))]
         try:
-            encoded = encode_images(self.tower, [jobs[i].image for i in with_image])  # M x [N, Dv]
-            return dict(zip(with_image, encoded, strict=True))
+            encoded = iter(encode_image_tiles(self.tower, images, base_only))  # M x [T_i, N, Dv]
+            return {i: [next(encoded) for _ in jobs[i].images] for i in with_image}
         except Exception:  # noqa: BLE001 - find the image at fault and fail its job only
-            logger.warning("encoding %d images together failed; encoding them one by one", len(with_image))
+            logger.warning("encoding %d images together failed; encoding them job by job", len(images))
         features = {}
         for i in with_image:
             try:
-                features[i] = encode_images(self.tower, [jobs[i].image])[0]
+                features[i] = self._tiles(jobs[i])
             except Exception:  # noqa: BLE001
-                self._fail(jobs[i], "encoding the image")
+                self._fail(jobs[i], "encoding the images")
         return features
 
     def _join(self, batch: DecodeBatch, jobs: list[Job]) -> None:
@@ -194,7 +201,7 @@ class ContinuousBatcher:
                 continue
             try:
                 job.row.payload = job
-                job.row.features = features[i] if job.image is not None else None
+                job.row.features = features[i] if job.images else None
                 if job.seed is not None and job.row.temperature > 0:  # its own draws, whoever its neighbours are
                     job.row.generator = seeded_generator(job.seed)
             except Exception:  # noqa: BLE001

@@ -7,7 +7,8 @@ moves requests and events over HTTP and handles. The engine loads its model with
 - admission (`vitune.serve.admission`): a request's parameters checked, its prompt built by the one prompt
   policy (`vitune.data.prompt`: the model folder's own template, its system prompt replaced by the request's,
   the `<image>` placeholders checked against the images; batch evaluation builds its prompts there too) and
-  its context budget checked, each image counted as `_visual_tokens` of it;
+  its image limits (`max_images_per_request`, `max_visual_tokens_per_request`) and context budget checked, each
+  image counted as `visual_tokens` of it (the recipe's count for its size, or its base view's for `detail: low`);
 - continuous batching (`vitune.serve.batching`): the queue and the worker thread that decodes the admitted
   requests through the one decode loop (`vitune.model.decoding`), the same `model.generate` runs; a test
   checks the API's greedy answer equals `model.generate`;
@@ -33,12 +34,12 @@ from vitune.config import ServeConfig
 from vitune.data.prompt import image_first
 from vitune.data.templates import stop_strings, stop_token_ids
 from vitune.model.folder import load_for_inference
-from vitune.model.vision import encode_images
+from vitune.model.vision import encode_image_tiles
 from vitune.references import model_folder
 from vitune.serve.admission import Admission, Job
 from vitune.serve.batching import ContinuousBatcher
 from vitune.serve.errors import EngineError, GenerationFailed, error_event
-from vitune.serve.request import MAX_IMAGES, ChatRequest
+from vitune.serve.request import ChatRequest
 from vitune.serve.stream import coalesce_deltas
 from vitune.vision_recipe import visual_tokens
 
@@ -60,7 +61,8 @@ class ServingEngine:
         lm_limit = getattr(model.lm.config, "max_position_embeddings", None)
         self.context_length = min(limit, lm_limit) if lm_limit else limit
         self.admission = Admission(tokenizer, self.template_name, self.context_length, cfg.default_max_tokens,
-                                   stop_strings(self.template_name))
+                                   stop_strings(self.template_name), cfg.max_images_per_request,
+                                   cfg.max_visual_tokens_per_request)
         # EOS, and the template's own turn end where that is not EOS (plain: "\n", ChatML: <|im_end|>)
         stops = set(model.eos_token_ids) | set(stop_token_ids(self.template_name, tokenizer))
         self.batcher = ContinuousBatcher(model, tower, stops, cfg)
@@ -78,10 +80,15 @@ class ServingEngine:
                     engine.context_length, cfg.max_batch_size)
         return engine
 
-    def _visual_tokens(self, width: int, height: int) -> int:
-        """How many positions of the context an image of `width`×`height` takes: the house's one count
-        (`vitune.vision_recipe.visual_tokens`) for the tower's recipe, which the budget uses."""
-        return visual_tokens(self.tower.recipe, width, height)
+    @property
+    def anyres(self) -> bool:
+        return self.tower.recipe.image_mode == "anyres"
+
+    def visual_tokens(self, width: int, height: int, detail: str | None = None) -> int:
+        """How many positions of the context an image of `width`×`height` takes at OpenAI's `detail`: the
+        house's one count (`vitune.vision_recipe.visual_tokens`) for the tower's recipe (`low`: its base view
+        alone), which the image limits and the context budget use."""
+        return visual_tokens(self.tower.recipe, width, height, base_only=detail == "low")
 
     def info(self) -> dict[str, Any]:
         side = self.tower.image_size
@@ -89,8 +96,10 @@ class ServingEngine:
             "model": self.model_name,
             "template": self.template_name,
             "context_length": self.context_length,
-            "image_positions": self._visual_tokens(side, side),
-            "max_images": MAX_IMAGES,
+            "image_positions": self.visual_tokens(side, side),  # a square image's (anyres: by size)
+            "base_view_positions": self.visual_tokens(side, side, "low"),
+            "max_images": self.cfg.max_images_per_request,
+            "max_visual_tokens": self.cfg.max_visual_tokens_per_request,
             "max_batch_size": self.cfg.max_batch_size,
             # the tower's input geometry: the API replica fits images to it (`vitune.serve.request.fit_to_tower`)
             "image_size": side,
@@ -109,14 +118,20 @@ class ServingEngine:
     def warmup(self) -> None:
         """Run the tower and two decoding steps once, outside any request."""
         image = Image.new("RGB", (self.tower.image_size, self.tower.image_size))
-        features = encode_images(self.tower, [image])
+        features = encode_image_tiles(self.tower, [image])
         prompt = self.admission.prompt([{"from": HUMAN, "value": image_first("hello", 1)}], None, [image])
-        self.model.generate([prompt.ids], [features[0]], max_new_tokens=2)
+        sizes = [image.size] if self.anyres else None
+        self.model.generate([prompt.ids], [features[0]], max_new_tokens=2, image_sizes=sizes)
 
     def prepare(self, chat: ChatRequest, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         """The request as a job for the batch (`vitune.serve.admission`), or `RequestRejected`."""
-        visual = [self._visual_tokens(*image.size) for image in chat.images]
-        return self.admission.job(chat, visual, loop or asyncio.get_running_loop())
+        visual = [self.visual_tokens(*image.size, detail) for image, detail in zip(chat.images, chat.details,
+                                                                                     strict=True)]
+        # anyres packs each image by its size; a `detail: low` image is its base view alone (no size)
+        sizes = ([None if detail == "low" else image.size for image, detail in zip(chat.images, chat.details,
+                                                                                   strict=True)]
+                 if self.anyres else None)
+        return self.admission.job(chat, visual, loop or asyncio.get_running_loop(), sizes)
 
     async def generate(self, chat: ChatRequest) -> AsyncIterator[dict[str, Any]]:
         """Events for one request: `start` (prompt_tokens), `delta`s (text), then `finish`; or one `error`."""

@@ -74,7 +74,9 @@ class TextPart(BaseModel):
 class ImageURL(BaseModel):
     model_config = _STRICT
     url: str
-    detail: Literal["auto", "low", "high"] | None = None  # accepted and ignored: the tower has one resolution
+    # low = the image's base view alone (an anyres model's one downscaled tile); auto/high/None = the model's own
+    # mode (vitune.vision_recipe.visual_tokens counts both)
+    detail: Literal["auto", "low", "high"] | None = None
 
 
 class ImagePart(BaseModel):

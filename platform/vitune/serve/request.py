@@ -1,7 +1,11 @@
-"""An OpenAI chat request → a checked vitune conversation (`ChatRequest`), its image fetched, decoded and fitted.
+"""An OpenAI chat request → a checked vitune conversation (`ChatRequest`), its images fetched, decoded and fitted.
 
-Runs in the API replica: every client mistake here is an `APIError` 4xx naming the field. Images are decoded
-only from common formats and fitted to the tower's input here, so a model replica never handles a large one.
+Runs in the API replica: every client mistake here is an `APIError` 4xx naming the field. A request holds up to
+`max_images_per_request` images (`image_url` parts, in any user message); each becomes one `<image>` placeholder
+in its message's turn, in order over the messages. Images are decoded only from common formats, refused from
+their header's size before any pixel is decoded (`max_image_pixels`; PIL's decompression-bomb guard answers the
+same way), and fitted to the tower's input here (a pad/crop tower's square, an anyres tower's base view for
+`detail: low`), so a model replica never handles a large one.
 Remote image URLs (off by default) are checked before any connection: allow-listed host or bucket, default
 port, every resolved address public; the connection is pinned to the checked address, under one deadline.
 """
@@ -16,6 +20,7 @@ import ipaddress
 import logging
 import socket
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,12 +32,11 @@ from PIL import Image, UnidentifiedImageError
 from vitune import GPT, HUMAN, IMAGE_TOKEN, storage
 from vitune.config import RemoteImagesConfig, ServeConfig
 from vitune.data.prompt import image_first
-from vitune.model.image import ImageError, decode_image, fit_to_square
-from vitune.serve.openai import APIError, ChatCompletionRequest
+from vitune.model.image import ImageError, base_view, decode_image, fit_to_square
+from vitune.serve.openai import APIError, ChatCompletionRequest, ImagePart
 
 logger = logging.getLogger(__name__)
 
-MAX_IMAGES = 1  # the model splices one <image> per sample
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what clients send; PIL's rarer decoders stay shut
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -41,9 +45,11 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 class ChatRequest:
     """A checked chat request in vitune's terms (what crosses from the API replica to a model replica)."""
 
-    turns: list[dict[str, str]]  # {"from": "human"|"gpt", "value": ...}; the image's turn starts with <image>\n
+    turns: list[dict[str, str]]  # {"from": "human"|"gpt", "value": ...}; a turn's images' <image>\n come first
     system: str | None = None
-    image: Image.Image | None = None
+    images: list[Image.Image] = field(default_factory=list)  # in the order of their <image> placeholders
+    # OpenAI's `image_url.detail` of each image (None: not given = auto); "low" = the base view alone
+    details: list[str | None] = field(default_factory=list)
     max_tokens: int | None = None  # None = default_max_tokens, capped by the context left
     temperature: float = 1.0
     top_p: float = 1.0
@@ -52,10 +58,11 @@ class ChatRequest:
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     model: str | None = None  # the served name asked for (a LoRA adapter's, see vitune.serve.adapters); None = default
 
-    @property
-    def images(self) -> list[Image.Image]:
-        """The request's images in the order of their `<image>` placeholders (what the prompt policy checks)."""
-        return [] if self.image is None else [self.image]
+    def __post_init__(self) -> None:
+        if not self.details:
+            self.details = [None] * len(self.images)
+        if len(self.details) != len(self.images):
+            raise ValueError(f"{len(self.details)} image details for {len(self.images)} images")
 
 
 def _host_allowed(host: str, allowed: Sequence[str]) -> bool:
@@ -187,29 +194,54 @@ async def _fetch(url: str, cfg: ServeConfig, param: str) -> bytes:
         return await _fetch_http(url, cfg, param)
 
 
+class ImageTooLarge(ImageError):
+    """An image whose header declares more pixels than the server takes (refused before decoding)."""
+
+
+def header_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """`(width, height)` from the image's header alone (PIL's `open` is lazy: no pixel data is decoded), in one
+    of `IMAGE_FORMATS`; `ImageTooLarge` over `max_pixels` (and for what PIL itself calls a decompression bomb),
+    `ImageError` for anything else."""
+    with warnings.catch_warnings():
+        # the limit below is ours; PIL's bomb warning (over its own MAX_IMAGE_PIXELS) would only be noise
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:  # refuse formats beyond the common ones before any decoder runs
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                width, height = image.size
+        except Image.DecompressionBombError:  # over twice PIL's MAX_IMAGE_PIXELS: PIL refuses to go on
+            raise ImageTooLarge(f"its header declares more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, over the "
+                                f"limit of {max_pixels}") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise ImageError(f"not an image in one of the accepted formats ({', '.join(IMAGE_FORMATS)})") from None
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"it is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    return width, height
+
+
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
-    try:  # the header only: refuse formats beyond the common ones before any decoder runs
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS):
-            pass
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise ImageError(f"not an image in one of the accepted formats ({', '.join(IMAGE_FORMATS)})") from None
-    except Image.DecompressionBombError:
-        raise ImageError("image too large to decode safely") from None
-    return decode_image(data, max_pixels)
+    header_size(data, max_pixels)  # the size from the header, before any pixel is decoded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size was checked above
+        return decode_image(data, max_pixels)
 
 
-def fit_to_tower(image: Image.Image, geometry: dict[str, Any] | None) -> Image.Image:
-    """The image as the tower will take it (`size`×`size`), so the model replica never handles a large one.
+def fit_to_tower(image: Image.Image, geometry: dict[str, Any] | None, detail: str | None = None) -> Image.Image:
+    """The image as the tower will take it, so the model replica never handles a large one: a pad/crop tower's
+    `size`×`size` square; for an anyres tower the base view at `detail="low"` and the image itself otherwise
+    (its tiles depend on its size; `max_image_pixels` bounds it).
 
-    `fit_to_square` is idempotent on its own output, so the engine's preprocessing leaves it unchanged.
+    `fit_to_square` and `base_view` are idempotent on their own output, so the engine's preprocessing leaves
+    the image unchanged.
     """
     if not geometry:
         return image
+    if geometry["image_mode"] == "anyres":
+        return base_view(image, geometry["image_size"]) if detail == "low" else image
     return fit_to_square(image, geometry["image_size"], geometry["image_mean"], geometry["image_mode"])
 
 
 async def load_image(url: str, cfg: ServeConfig, param: str = "messages",
-                     geometry: dict[str, Any] | None = None) -> Image.Image:
+                     geometry: dict[str, Any] | None = None, detail: str | None = None) -> Image.Image:
     """An `image_url` → decoded RGB image (fitted to the tower when `geometry` is given), or `APIError` 400."""
     scheme = urlparse(url).scheme.lower()
     if scheme == "data":
@@ -233,9 +265,9 @@ async def load_image(url: str, cfg: ServeConfig, param: str = "messages",
                        "image_too_large")
     try:
         image = await asyncio.to_thread(_decode, data, cfg.max_image_pixels)
-        return await asyncio.to_thread(fit_to_tower, image, geometry)
+        return await asyncio.to_thread(fit_to_tower, image, geometry, detail)
     except ImageError as exc:
-        code = "image_too_large" if "over the limit" in str(exc) else "invalid_image"
+        code = "image_too_large" if isinstance(exc, ImageTooLarge) or "over the limit" in str(exc) else "invalid_image"
         # the reason in our words; a decoder's own exception text stays in the log
         reason = "cannot decode the image data" if exc.__cause__ is not None else str(exc)
         if exc.__cause__ is not None:
@@ -245,19 +277,21 @@ async def load_image(url: str, cfg: ServeConfig, param: str = "messages",
 
 async def chat_request_from_openai(req: ChatCompletionRequest, cfg: ServeConfig,
                                    geometry: dict[str, Any] | None = None) -> ChatRequest:
-    """Check an OpenAI request's messages and turn them into a `ChatRequest` (image decoded, fitted to the
+    """Check an OpenAI request's messages and turn them into a `ChatRequest` (images decoded, fitted to the
     tower's input when `geometry` (`ServingEngine.info()`) is given).
 
     System (or developer) messages may only open the conversation; then user and assistant alternate,
-    starting and ending with user. One image per request, in a user message; its turn gets the
-    `<image>` token in front (`vitune.data.prompt.image_first`, the placement batch evaluation uses too).
+    starting and ending with user. Up to `cfg.max_images_per_request` images over all user messages: each
+    `image_url` part is one `<image>` placeholder of its message's turn, the message's placeholders in front of
+    its text in part order (`vitune.data.prompt.image_first`, the placement batch evaluation and training use
+    too; vLLM places them so for `<image>` models), and the images go in that order over the messages.
     """
     if req.text_chars > cfg.max_text_chars:
         raise APIError(413, f"the messages hold {req.text_chars} characters of text, over the limit of "
                        f"{cfg.max_text_chars}", "messages", "request_too_large")
     system: list[str] = []
     turns: list[dict[str, str]] = []
-    image_part: tuple[str, str] | None = None  # (url, param)
+    image_parts: list[tuple[str, str, str | None]] = []  # (url, param, detail) in placeholder order
     for i, msg in enumerate(req.messages):
         param = f"messages[{i}]"
         images = msg.image_parts()
@@ -278,24 +312,31 @@ async def chat_request_from_openai(req: ChatCompletionRequest, cfg: ServeConfig,
                            "messages, user and assistant messages alternate, starting with user", f"{param}.role")
         if images and msg.role == "assistant":
             raise APIError(400, "images go in user messages, not assistant messages", f"{param}.content")
-        if images:
-            if image_part is not None or len(images) > 1:
-                raise APIError(400, f"this model takes at most {MAX_IMAGES} image per request", f"{param}.content",
+        for k, part in enumerate(msg.content if isinstance(msg.content, list) else []):
+            if not isinstance(part, ImagePart):
+                continue
+            if len(image_parts) >= cfg.max_images_per_request:  # refused before any image is fetched or decoded
+                raise APIError(400, f"this server takes at most {cfg.max_images_per_request} images per request; "
+                               f"{param}.content[{k}] is image {len(image_parts) + 1}", f"{param}.content[{k}]",
                                "too_many_images")
-            k = next(j for j, p in enumerate(msg.content or []) if not isinstance(p, str) and p.type == "image_url")
-            image_part = (images[0].image_url.url, f"{param}.content[{k}].image_url")
-            text = image_first(text, len(images))
+            image_parts.append((part.image_url.url, f"{param}.content[{k}].image_url", part.image_url.detail))
+        text = image_first(text, len(images))
         turns.append({"from": HUMAN if msg.role == "user" else GPT, "value": text})
     if not turns:
         raise APIError(400, "messages hold no user message", "messages")
     if len(turns) % 2 == 0:
         raise APIError(400, "the last message must be from the user", f"messages[{len(req.messages) - 1}].role")
-    image = await load_image(image_part[0], cfg, image_part[1], geometry) if image_part else None
+    loaded = await asyncio.gather(*(load_image(url, cfg, where, geometry, detail)
+                                    for url, where, detail in image_parts), return_exceptions=True)
+    for outcome in loaded:  # the first bad image in placeholder order answers
+        if isinstance(outcome, BaseException):
+            raise outcome
     temperature, top_p = req.sampling
     return ChatRequest(
         turns=turns,
         system="\n".join(system) if system else None,
-        image=image,
+        images=list(loaded),  # type: ignore[arg-type]
+        details=[detail for _, _, detail in image_parts],
         max_tokens=req.token_limit,
         temperature=temperature,
         top_p=top_p,

@@ -200,6 +200,9 @@ def test_image_path_with_dots_in_names_is_fine():
         ("<image>", "<image>"),
         (" <image>\n ", "<image>"),
         ("no token here ", "no token here "),
+        # several placeholders in one message (interleaved images) stay where they are, as LLaVA-NeXT leaves them
+        ("Compare <image> and <image>.", "Compare <image> and <image>."),
+        ("<image><image>", "<image><image>"),
     ],
 )
 def test_normalize_turn_image_token_like_llava(value, expected):

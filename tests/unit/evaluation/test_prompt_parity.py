@@ -51,7 +51,7 @@ def served(engine: ServingEngine, text: str, image: bytes | None) -> tuple[list[
 
     async def prepare() -> tuple[list[int], Image.Image | None]:
         chat = await chat_request_from_openai(req, engine.cfg, engine.info())  # as the API replica fits it
-        return list(engine.prepare(chat).row.prompt_ids), chat.image
+        return list(engine.prepare(chat).row.prompt_ids), (chat.images or [None])[0]
 
     return asyncio.run(prepare())
 

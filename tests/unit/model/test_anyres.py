@@ -5,6 +5,7 @@ rows of different sizes. Logit parity with transformers' LlavaNext / LlavaOnevis
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from vitune.model.decoding import DecodeBatch, DecodeRow
 from vitune.model.export import write_llava_hf
 from vitune.model.folder import load_for_inference, load_model_folder, save_model_folder
 from vitune.model.image import anyres_views, preprocess, preprocess_tiles
-from vitune.model.llava_hf import NotRepresentable
 from vitune.model.vision import encode_image_tiles, encode_images, load_vision_tower
 from vitune.model.vlm import VisionLanguageModel, build_model, splice_image_features
 from vitune.vision_recipe import VisionRecipe, parse_grid_pinpoints, tiles_for, visual_tokens
@@ -228,8 +228,12 @@ def test_anyres_model_folder_round_trip_and_inference_tower(tokenizer, tmp_path:
     assert served.tower.recipe == tower.recipe  # the tower cuts the tiles the model was trained on
     pad_meta = load_model_folder(str(_pad_folder(tokenizer, tmp_path)))[2]
     assert "vision_recipe" not in pad_meta and "vision_recipe" in meta
-    with pytest.raises(NotRepresentable, match="LLaVA-NeXT"):  # never a plain Llava export that drops the tiles
-        write_llava_hf(loaded, tokenizer, meta, served.tower, tmp_path / "hf")
+    # never a plain Llava export that drops the tiles: LLaVA-NeXT's class, grid and newline
+    write_llava_hf(loaded, tokenizer, meta, served.tower, tmp_path / "hf")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    kind = "LlavaOnevision" if model.recipe.max_tiles else "LlavaNext"  # anyres_max_N is OneVision's
+    assert hf_config["architectures"] == [f"{kind}ForConditionalGeneration"]
+    assert hf_config["image_grid_pinpoints"] == [list(p) for p in model.recipe.grid_pinpoints]
 
 
 def _pad_folder(tokenizer, tmp_path: Path) -> Path:
@@ -267,5 +271,6 @@ def test_rows_of_other_sizes_join_a_running_batch(tokenizer) -> None:
             break
         batch.step()
     assert [out[i] for i in range(3)] == alone
-    with pytest.raises(ValueError, match="some rows give their image's size"):
+    # a row without its image's size is taken as the base view alone (detail: low), which one tile must be
+    with pytest.raises(ValueError, match="image 1 has no size, so it must be its base view alone"):
         DecodeBatch(model).join([rows[0], DecodeRow(prompts[1], feats[1])])

@@ -179,7 +179,7 @@ def test_inverse_cdf_sampling_follows_the_distribution() -> None:
 
 
 def test_rows_are_checked(model: VisionLanguageModel) -> None:
-    with pytest.raises(ValueError, match="prompt 0 holds 1 <image> tokens but features are None"):
+    with pytest.raises(ValueError, match="prompt 0 holds 1 <image> tokens but 0 images' features"):
         model.generate([[1, model.image_token_id]], [None], max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         model.generate([[1]], max_new_tokens=2, temperature=1.0, top_p=0.0)

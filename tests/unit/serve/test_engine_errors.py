@@ -81,7 +81,7 @@ def image() -> Image.Image:
 def test_admission_refusals_keep_the_apis_bodies(engine):
     n = engine.tower.num_patches
     ask = {"from": "human", "value": "<image>\nWhat is it?"}
-    over = rejection(engine, ChatRequest(turns=[ask], image=image(), max_tokens=100_000))
+    over = rejection(engine, ChatRequest(turns=[ask], images=[image()], max_tokens=100_000))
     assert over["param"] == "max_tokens" and over["code"] == "context_length_exceeded"
     assert over["message"].startswith(f"this model's context length is {engine.context_length} tokens; the prompt "
                                       "takes ")
@@ -89,25 +89,25 @@ def test_admission_refusals_keep_the_apis_bodies(engine):
     long = rejection(engine, ChatRequest(turns=[{"from": "human", "value": "one two three " * 400}]))
     assert long["param"] == "messages" and long["code"] == "context_length_exceeded"
     assert "and the prompt takes" in long["message"] and "(the image" not in long["message"]
-    unplaced = rejection(engine, ChatRequest(turns=[{"from": "human", "value": "What is it?"}], image=image()))
+    unplaced = rejection(engine, ChatRequest(turns=[{"from": "human", "value": "What is it?"}], images=[image()]))
     assert unplaced == {"status": 400, "message": "the prompt holds 0 image tokens but the request has an image",
                         "type": "invalid_request_error", "param": "messages", "code": None}
     turn_order = rejection(engine, ChatRequest(turns=[{"from": "gpt", "value": "Hi."}]))
     assert turn_order["param"] == "messages" and turn_order["message"].startswith(
         "the messages do not fit this model's 'vicuna_v1' conversation template: ")
-    assert rejection(engine, ChatRequest(turns=[ask], image=image(), max_tokens=0)) == {
+    assert rejection(engine, ChatRequest(turns=[ask], images=[image()], max_tokens=0)) == {
         "status": 400, "message": "max_tokens must be at least 1, got 0", "type": "invalid_request_error",
         "param": "max_tokens", "code": None}
-    assert rejection(engine, ChatRequest(turns=[ask], image=image(), temperature=-1))["param"] == "temperature"
-    assert rejection(engine, ChatRequest(turns=[ask], image=image(), top_p=0))["param"] == "top_p"
-    assert rejection(engine, ChatRequest(turns=[ask], image=image(), seed=2**64))["code"] == "invalid_value"
+    assert rejection(engine, ChatRequest(turns=[ask], images=[image()], temperature=-1))["param"] == "temperature"
+    assert rejection(engine, ChatRequest(turns=[ask], images=[image()], top_p=0))["param"] == "top_p"
+    assert rejection(engine, ChatRequest(turns=[ask], images=[image()], seed=2**64))["code"] == "invalid_value"
 
 
 def test_the_prompt_budget_counts_each_image_as_its_visual_tokens(engine):
-    chat = ChatRequest(turns=[{"from": "human", "value": "<image>\nWhat is it?"}], image=image(), max_tokens=4)
+    chat = ChatRequest(turns=[{"from": "human", "value": "<image>\nWhat is it?"}], images=[image()], max_tokens=4)
     job = prepare(engine, chat)
-    assert job.prompt_tokens == len(job.row.prompt_ids) - 1 + engine._visual_tokens(64, 64)
-    assert engine.info()["image_positions"] == engine._visual_tokens(engine.tower.image_size, engine.tower.image_size)
+    assert job.prompt_tokens == len(job.row.prompt_ids) - 1 + engine.visual_tokens(64, 64)
+    assert engine.info()["image_positions"] == engine.visual_tokens(engine.tower.image_size, engine.tower.image_size)
 
 
 def test_a_full_queue_and_a_closing_engine_answer_in_events(tiny_model_folder):

@@ -36,8 +36,8 @@ def engine(tmp_path_factory):
 def good(i: int) -> ChatRequest:
     image = Image.new("RGB", (40 + i, 30), (10 * i, 50, 90)) if i % 2 else None
     text = ("<image>\n" if image else "") + f"Question number {i}?"
-    return ChatRequest(turns=[{"from": "human", "value": text}], image=image, max_tokens=12, temperature=0.7,
-                       seed=i)
+    return ChatRequest(turns=[{"from": "human", "value": text}], images=[image] if image else [], max_tokens=12,
+                       temperature=0.7, seed=i)
 
 
 def closed_image() -> Image.Image:
@@ -49,7 +49,7 @@ def closed_image() -> Image.Image:
 HOSTILE = {
     "seed beyond 64 bits": ChatRequest(turns=[{"from": "human", "value": "hi"}], seed=2**70, temperature=1.0,
                                        max_tokens=4),
-    "broken image": ChatRequest(turns=[{"from": "human", "value": "<image>\nhi"}], image=closed_image(),
+    "broken image": ChatRequest(turns=[{"from": "human", "value": "<image>\nhi"}], images=[closed_image()],
                                 max_tokens=4),
     "untokenisable turn": ChatRequest(turns=[{"from": "human", "value": None}], max_tokens=4),  # type: ignore[dict-item]
 }
