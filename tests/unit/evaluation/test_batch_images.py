@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from vitune.config import ModelConfig
+from vitune.data.prompt import PromptRejected
 from vitune.data.tokenizer import load_tokenizer
+from vitune.evaluation import llava_format
 from vitune.evaluation.inference import (
     AnswerBatch,
     GenerationSettings,
@@ -207,3 +209,19 @@ def test_synthetic_requests_keep_a_records_image_list_in_order():
     assert reqs[0]["image"] == ["/data/images/a.png", "/data/images/b.png"]
     assert reqs[1]["image"] is None
     assert request_images(reqs[0]) == reqs[0]["image"]
+
+
+def test_llava_format_questions_of_several_images_keep_their_placeholders_or_get_one_per_image(pad_batch, images):
+    questions = [{"question_id": "q1", "image": "a.png", "text": "What is it?"},
+                 {"question_id": "q2", "image": ["a.png", "b.png"], "text": "Left <image> or right <image>?"},
+                 {"question_id": "q3", "image": ["a.png", "b.png"], "text": "Which is larger?"},
+                 {"question_id": "q4", "image": ["a.png", "b.png"], "text": "Only <image> here?"}]
+    reqs = llava_format.build_requests(questions, "/eval/images")
+    assert reqs[0]["image"] == "/eval/images/a.png" and reqs[0]["conversations"] == single_turn("What is it?", 1)
+    assert reqs[1]["image"] == ["/eval/images/a.png", "/eval/images/b.png"]
+    assert reqs[1]["conversations"][0]["value"] == "Left <image> or right <image>?"  # interleaved, as written
+    assert reqs[2]["conversations"] == single_turn("Which is larger?", 2)
+    # the placeholder count against the images is the one prompt policy's check, for the row that is wrong
+    pad_batch._prepare("q2", images[:2], reqs[1]["conversations"])
+    with pytest.raises(PromptRejected, match="holds 1 image tokens but the request has 2 images"):
+        pad_batch._prepare("q4", images[:2], reqs[3]["conversations"])
