@@ -1,21 +1,27 @@
-"""Batch inference on Ray Data: requests (id, image, conversation) → answers by id, resumable.
+"""Batch inference on Ray Data: requests (id, images, conversation) → answers by id, resumable.
 
 Shared by the benchmarks (ScienceQA, LLaVA-Bench) and the demo's held-out synthetic eval
-(``vitune.evaluation.synthetic``). Each request row is ``{id, image (URI or None), conversations}`` where
-``conversations`` are LLaVA turns ending with the human turn to answer, holding one ``<image>`` token iff
-there is an image. An actor pool of ``AnswerBatch`` callables (one per GPU on a cluster, one or two on CPUs)
-loads the model and its vision tower once through ``vitune.model.folder.load_for_inference`` (the loader
-serving uses too), then per batch: reads and decodes the images, runs ``vitune.model.vision.encode_images``
-(the one image path that features and serving use too), builds each prompt with the one prompt policy
-(``vitune.data.prompt.generation_prompt``: the model's template, the ``<image>`` placeholders checked against
-the row's image; serving builds its prompts there too) and decodes through ``model.generate`` (the one decode
-loop, ``vitune.model.decoding``), greedily by default.
+(``vitune.evaluation.synthetic``). Each request row is ``{id, image, conversations}`` where ``image`` is a URI,
+a list of URIs (several images, as training records' ``"image": [a, b]``) or None, and ``conversations`` are
+LLaVA turns ending with the human turn to answer, holding one ``<image>`` per image in order. An actor pool of
+``AnswerBatch`` callables (one per GPU on a cluster, one or two on CPUs) loads the model and its vision tower
+once through ``vitune.model.folder.load_for_inference`` (the loader serving uses too), then per batch: reads and
+decodes the images, builds each prompt with the one prompt policy (``vitune.data.prompt.generation_prompt``:
+the model's template, the ``<image>`` placeholders checked against the row's images; serving builds its prompts
+there too), encodes every image of the batch in one tower call and decodes through ``model.generate`` (the one
+decode loop, ``vitune.model.decoding``), greedily by default.
+
+Images by the model's recipe: a pad/crop model's images go through ``vitune.model.vision.encode_images`` (one
+tile each, ``[N, Dv]``); an AnyRes model's through ``encode_image_tiles`` (each image's base view and grid
+tiles ``[T_i, N, Dv]``, as serving encodes them) with each image's ``(width, height)`` as ``image_sizes``, so
+one batch mixes images of any size (any visual-token count), several per row, and text-only rows.
 
 Checkpointing: every batch's answers are written as one JSONL shard ``<output>/answers/part-<hash>.jsonl``
 in a single write, before the batch is reported done. A re-run reads the shards and only generates the
 ids that have no answer yet, so an interrupted run resumes where it stopped. Rows that cannot be
-answered (bad image, prompt the policy rejects) get an ``error`` and an empty ``text``; they count as
-answered (deterministic) and the benchmarks report them.
+answered (bad image, prompt the policy rejects, e.g. placeholders that do not match the images) get an ``error``
+naming the request id and an empty ``text``; they count as answered (deterministic) and the benchmarks report
+them. A request whose ``image`` field is neither a URI, a list of URIs nor empty is refused before any work.
 """
 
 from __future__ import annotations
@@ -82,10 +88,25 @@ class InferenceResult:
         return out
 
 
-def single_turn(prompt: str, has_image: bool) -> list[dict[str, str]]:
-    """A one-question conversation; the image token goes first, as LLaVA's eval scripts place it."""
+def single_turn(prompt: str, images: bool | int) -> list[dict[str, str]]:
+    """A one-question conversation; its images' tokens (``True``: one, an int: that many) go first, one per
+    line, as LLaVA's eval scripts place them (the shared policy, ``vitune.data.prompt.image_first``)."""
     text = prompt.replace(IMAGE_TOKEN, "").strip()
-    return [{"from": HUMAN, "value": image_first(text, int(has_image))}]
+    return [{"from": HUMAN, "value": image_first(text, int(images))}]
+
+
+def request_images(request: Mapping[str, Any]) -> list[str]:
+    """A request's image URIs in placeholder order: ``image`` as a URI, a list of URIs, or None / ``""`` / ``[]``
+    for none. Anything else is a ``ValueError`` naming the request id."""
+    image = request.get("image")
+    if image is None or image == "":
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list | tuple) and all(isinstance(u, str) and u for u in image):
+        return list(image)
+    raise ValueError(f"request {request.get('id')!r}: image must be a URI, a list of URIs or empty, "
+                     f"got {image!r:.200}")
 
 
 def answers_uri(output_uri: str) -> str:
@@ -134,46 +155,63 @@ class AnswerBatch:
 
         return decode_image(storage.read_bytes(uri))
 
-    def _prepare(self, rid: str, image: str | None, conversations: list[dict]) -> tuple[list[int], Any]:
-        """The row's prompt ids (the one prompt policy; `PromptRejected` when it refuses) and its decoded image."""
-        images = [image] if image else []
-        prompt = generation_prompt(conversations, self.template, self.tokenizer, images)
-        return prompt.ids, self._load_image(image) if image else None
+    def _prepare(self, rid: str, image: str | Sequence[str] | None,
+                 conversations: list[dict]) -> tuple[list[int], list[Any]]:
+        """The row's prompt ids (the one prompt policy; `PromptRejected` when it refuses) and its decoded images
+        in placeholder order (``image``: a URI, a list of them, or None)."""
+        uris = request_images({"id": rid, "image": image})
+        prompt = generation_prompt(conversations, self.template, self.tokenizer, uris)
+        return prompt.ids, [self._load_image(uri) for uri in uris]
+
+    def _features(self, images: list[list[Any]]) -> tuple[list[Any], list[Any] | None]:
+        """Per row: its images' tower features (None without images) and, for an anyres model, each row's images'
+        ``(width, height)`` (else None). All images of the batch go through the tower in one call."""
+        # deferred: runs in the Ray actor; the driver imports this module without torch
+        from vitune.model.vision import encode_image_tiles, encode_images
+
+        flat = [img for row in images for img in row]
+        anyres = self.tower.recipe.image_mode == "anyres"
+        # pad/crop: [M, N, Dv], one tile each, as before; anyres: M x [T_i, N, Dv], the tiles serving encodes
+        feats = encode_image_tiles(self.tower, flat) if anyres else encode_images(self.tower, flat)
+        per_row: list[Any] = []
+        k = 0
+        for row in images:
+            mine = [feats[k + j] for j in range(len(row))]
+            k += len(row)
+            # one image of a pad model: its [N, Dv] as the one-image path always passed it
+            per_row.append(None if not row else mine[0] if len(row) == 1 and not anyres else mine)
+        sizes = [[img.size for img in row] if row else None for row in images] if anyres else None
+        return per_row, sizes
+
+    def generate_ids(self, prompts: list[list[int]], images: list[list[Any]]) -> list[list[int]]:
+        """Checked prompts and each one's decoded images → each prompt's new token ids, decoded together."""
+        per_prompt, sizes = self._features(images)
+        s = self.settings
+        return self.model.generate(prompts, per_prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                   top_p=s.top_p, stop_token_ids=self.stop_ids, seed=s.seed, image_sizes=sizes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        # deferred: runs in the Ray actor; the driver imports this module without torch
-        from vitune.model.vision import encode_images
-
         ids = [str(x) for x in batch["id"].tolist()]
-        images = [str(x) if x else None for x in batch["image"].tolist()]
+        uris = [json.loads(x) for x in batch["images"].tolist()]  # each row's image URIs, in placeholder order
         convs = [json.loads(c) for c in batch["conversations"].tolist()]
         rows: list[dict[str, Any]] = []
         prompts: list[list[int]] = []
-        pil: list[Any] = []
+        images: list[list[Any]] = []
         slots: list[int] = []  # rows that go to the model
-        for i, (rid, image, conv) in enumerate(zip(ids, images, convs, strict=True)):
+        for i, (rid, row_uris, conv) in enumerate(zip(ids, uris, convs, strict=True)):
             rows.append({"id": rid, "text": "", "new_tokens": 0, "error": None})
             try:
-                prompt, img = self._prepare(rid, image, conv)
+                prompt, imgs = self._prepare(rid, row_uris, conv)
             except Exception as exc:  # noqa: BLE001 - a bad request is recorded, never fatal to the batch
-                rows[i]["error"] = f"{type(exc).__name__}: {exc}"
+                rows[i]["error"] = f"request {rid!r}: {type(exc).__name__}: {exc}"
                 log.warning("request %s not answered: %s", rid, rows[i]["error"])
                 continue
             prompts.append(prompt)
-            pil.append(img)
+            images.append(imgs)
             slots.append(i)
         t0 = time.perf_counter()
         if prompts:
-            with_image = [img for img in pil if img is not None]
-            feats = encode_images(self.tower, with_image)  # [M, N, D]
-            per_prompt, k = [], 0
-            for img in pil:
-                per_prompt.append(feats[k] if img is not None else None)
-                k += img is not None
-            s = self.settings
-            out = self.model.generate(prompts, per_prompt, max_new_tokens=s.max_new_tokens,
-                                      temperature=s.temperature, top_p=s.top_p, stop_token_ids=self.stop_ids,
-                                      seed=s.seed)
+            out = self.generate_ids(prompts, images)
             for i, toks in zip(slots, out, strict=True):
                 text = cut_at_stop(self.tokenizer.decode(toks, skip_special_tokens=True), self.stop_strings)
                 rows[i]["text"] = text.strip()
@@ -225,8 +263,8 @@ def run_batch_inference(
 ) -> InferenceResult:
     """Answer every request not yet answered under ``output_uri``; returns all answers by id.
 
-    ``requests``: ``{id, image (URI or None), conversations}``. When there is work and Ray is not running,
-    it is started with ``ray.init(**ray_init_kwargs)`` (local Ray by default).
+    ``requests``: ``{id, image (a URI, a list of URIs, or None), conversations}``. When there is work and Ray is
+    not running, it is started with ``ray.init(**ray_init_kwargs)`` (local Ray by default).
     """
     settings = settings or GenerationSettings()
     reqs = [dict(r) for r in requests]
@@ -234,6 +272,7 @@ def run_batch_inference(
     if len(set(ids)) != len(ids):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"request ids must be unique; repeated: {dupes[:5]}")
+    images = {i: request_images(r) for i, r in zip(ids, reqs, strict=True)}  # a malformed field fails here
     _check_plan(output_uri, model_folder, settings)
     done = read_answers(output_uri)
     todo = [r for r in reqs if str(r["id"]) not in done]
@@ -255,7 +294,8 @@ def run_batch_inference(
             progress.route_ray_logs()
         num_batches = -(-len(todo) // settings.batch_size)
         size, use_gpu = _pool_size(settings, num_batches)
-        items = [{"id": str(r["id"]), "image": r.get("image") or "",
+        # JSON text columns: a list-valued image column would not share one Arrow type with URI rows
+        items = [{"id": str(r["id"]), "images": json.dumps(images[str(r["id"])]),
                   "conversations": json.dumps(list(r["conversations"]), ensure_ascii=False)} for r in todo]
         # about one block per batch for small jobs, so the actors share them; capped for large ones
         ds = ray.data.from_items(items, override_num_blocks=min(num_batches, 256)).map_batches(

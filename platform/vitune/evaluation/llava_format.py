@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from vitune import storage
+from vitune import HUMAN, IMAGE_TOKEN, storage
 from vitune.config import EvalJobConfig
 from vitune.evaluation.inference import single_turn
 
@@ -143,12 +143,24 @@ def request_ids(questions: Sequence[Mapping[str, Any]]) -> list[str]:
 def build_requests(questions: Sequence[Mapping[str, Any]], images_root: str | None) -> list[dict[str, Any]]:
     """One single-turn request per question, the image first as in ``model_vqa_loader.py``.
 
-    ``images_root`` None: each question's ``image`` is already a URI.
+    ``images_root`` None: each question's ``image`` is already a URI. A question of several images (``image`` a
+    list, as multi-image records write it) keeps a ``text`` that places its own ``<image>`` tokens as written
+    (batch inference refuses the row, naming it, when their count is not the images'); a ``text`` without any
+    gets one per image in front.
     """
+    def uri(name: Any) -> str:
+        return str(name) if images_root is None else storage.join(images_root, str(name))
+
     out = []
     for rid, q in zip(request_ids(questions), questions, strict=True):
-        image = str(q["image"]) if images_root is None else storage.join(images_root, str(q["image"]))
-        out.append({"id": rid, "image": image, "conversations": single_turn(str(q["text"]), True)})
+        text = str(q["text"])
+        if isinstance(q["image"], list):
+            image: str | list[str] = [uri(name) for name in q["image"]]
+            turns = ([{"from": HUMAN, "value": text}] if IMAGE_TOKEN in text
+                     else single_turn(text, len(q["image"])))
+        else:
+            image, turns = uri(q["image"]), single_turn(text, True)
+        out.append({"id": rid, "image": image, "conversations": turns})
     return out
 
 

@@ -34,12 +34,16 @@ def normalize_answer(text: str) -> str:
 
 
 def build_requests(records: Sequence[Mapping[str, Any]], image_root: str) -> list[dict[str, Any]]:
-    """One request per held-out record: its image and its first human turn."""
+    """One request per held-out record: its image (or images, a list as in the record) and its first human turn."""
     requests = []
     for rec in records:
         human = [t for t in rec["conversations"] if t["from"] == "human"][:1]
-        requests.append({"id": rec["id"], "image": storage.join(image_root, rec["image"]) if rec.get("image") else None,
-                         "conversations": human})
+        image = rec.get("image")
+        if isinstance(image, list):  # several images: one URI each, in the record's (placeholder) order
+            image = [storage.join(image_root, name) for name in image] or None
+        elif image:
+            image = storage.join(image_root, image)
+        requests.append({"id": rec["id"], "image": image or None, "conversations": human})
     return requests
 
 
