@@ -1,6 +1,6 @@
 """Feature job throughput: the Ray Data pipeline vs a tight single-process loop, same images, model and machine.
 
-    python benchmarks/feature_throughput.py [--tiny-images 512] [--vit-images 320] [--repeats 2]
+    python benchmarks/feature_throughput.py [--tiny-images 512] [--vit-images 320] [--repeats 2] [--aspect anyres]
 
 For each tower (the tiny preset on 64 px PNGs; ``ViT-B-32`` at 224 px, random init, on 640x480 JPEGs)
 it times, alternately ``--repeats`` times, (a) ``extract_features`` into a fresh local store on a local Ray
@@ -10,6 +10,11 @@ batches with ``vision.encode_images`` (torch's default threads, tower loaded bef
 Prints one JSON object: images/s of each (best of the repeats) and ``ratio`` = ray / loop, plus the
 job's steady rate after its first shard is committed (``steady_ratio``: start-up excluded). The
 machine's load average is recorded, since on a shared machine it moves both numbers.
+
+``--aspect anyres`` runs both towers with LLaVA-NeXT's AnyRes instead of pad: LLaVA-1.6's grid of five
+resolutions scaled to the tower's tile (2x1, 1x2, 2x2, 3x1, 1x3 tiles) and a base view, so a 640x480 photo is
+5 tiles and a 64x64 synthetic image 5; the loop then encodes ``vision.encode_image_tiles`` and the job writes a
+tile store (``features.batch_size`` counts tiles there). Rates stay in images/s.
 """
 
 from __future__ import annotations
@@ -56,21 +61,45 @@ def photo_like_jpegs(root: str, n: int, seed: int = 0) -> str:
     return uri
 
 
+# LLaVA-1.6's grid ([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]) in tiles of the tower
+LLAVA_16_GRID_TILES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+
+def vision_fields(label: str, aspect: str, tile: int) -> dict:
+    """The ``model.vision`` section of a tower: pad, or AnyRes with LLaVA-1.6's grid at ``tile`` px."""
+    if aspect == "pad":
+        return dict(TOWERS[label])
+    grid = [[rows * tile, cols * tile] for rows, cols in LLAVA_16_GRID_TILES]
+    return {**TOWERS[label], "image_aspect_ratio": "anyres", "image_grid_pinpoints": grid}
+
+
 def tight_loop(cfg: FeaturesJobConfig, image_root: str, keys: list[str]) -> float:
-    """Images/s of read → decode → preprocess → encode → fp16 in one process, batch by batch."""
+    """Images/s of read → decode → preprocess → encode → fp16 in one process, batch by batch (anyres: each
+    image's tiles, ``batch_size`` tiles' worth of images per batch, as the job batches them)."""
     import torch
 
     from vitune.model.image import decode_image
-    from vitune.model.vision import encode_images, load_vision_tower
+    from vitune.model.vision import encode_image_tiles, encode_images, load_vision_tower
+    from vitune.vision_recipe import tiles_for
 
     tower = load_vision_tower(cfg.model.vision)
+    anyres = tower.recipe.image_mode == "anyres"
     bs = cfg.features.batch_size
     t0 = time.perf_counter()
-    for i in range(0, len(keys), bs):
-        images = [decode_image(storage.read_bytes(storage.join(image_root, k)), cfg.features.max_pixels)
-                  for k in keys[i:i + bs]]
-        feats = encode_images(tower, images).to(torch.float16).numpy()  # [b, N, D]
-        assert feats.shape[0] == len(images)
+    i = 0
+    while i < len(keys):
+        images = []
+        tiles = 0
+        while i < len(keys) and (not images or tiles < bs):
+            image = decode_image(storage.read_bytes(storage.join(image_root, keys[i])), cfg.features.max_pixels)
+            tiles += tiles_for(tower.recipe, *image.size) if anyres else 1
+            images.append(image)
+            i += 1
+        if anyres:
+            feats = [f.to(torch.float16).numpy() for f in encode_image_tiles(tower, images)]  # each [T, N, D]
+        else:
+            feats = list(encode_images(tower, images).to(torch.float16).numpy())  # b x [N, D]
+        assert len(feats) == len(images)
     return len(keys) / (time.perf_counter() - t0)
 
 
@@ -87,9 +116,13 @@ def ray_job(cfg: FeaturesJobConfig) -> dict:
 
 def bench_tower(label: str, records: str, image_root: str, work: str, args: argparse.Namespace) -> dict:
     from vitune.features.extract import collect_image_keys
+    from vitune.vision_recipe import VisionRecipe
 
     keys, _ = collect_image_keys([records])
-    raw = {"storage": {"root": work}, "tracking": {"enabled": False}, "model": {"vision": TOWERS[label]},
+    tile = VisionRecipe.of(build_config(FeaturesJobConfig, {"storage": {"root": work},
+                                                            "model": {"vision": TOWERS[label]}}).model.vision)
+    vision = vision_fields(label, args.aspect, tile.image_size)
+    raw = {"storage": {"root": work}, "tracking": {"enabled": False}, "model": {"vision": vision},
            "data": {"records": [records], "image_root": image_root},
            "features": {"shard_size": args.shard_size, "batch_size": args.batch_size,
                         "actor_cpus": args.actor_cpus, "preprocess_cpus": args.preprocess_cpus}}
@@ -103,6 +136,7 @@ def bench_tower(label: str, records: str, image_root: str, work: str, args: argp
     best_ray = max(ray_runs, key=lambda x: x["images_per_s"])
     return {
         "images": len(keys),
+        "aspect": args.aspect,
         "loop_images_per_s": round(max(loop_rates), 2),
         "ray_images_per_s": round(best_ray["images_per_s"], 2),
         "ratio": round(best_ray["images_per_s"] / max(loop_rates), 3),
@@ -127,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--actor-cpus", type=float, default=1.0)
     p.add_argument("--preprocess-cpus", type=float, default=1.0)
+    p.add_argument("--aspect", choices=("pad", "anyres"), default="pad")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -150,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "torch_threads": torch.get_num_threads(),
                     "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2)},
         "settings": {"shard_size": args.shard_size, "batch_size": args.batch_size, "actor_cpus": args.actor_cpus,
-                     "preprocess_cpus": args.preprocess_cpus, "repeats": args.repeats},
+                     "preprocess_cpus": args.preprocess_cpus, "repeats": args.repeats, "aspect": args.aspect},
         **results,
     }
     sys.stdout.write(json.dumps(out, indent=2) + "\n")
