@@ -146,7 +146,7 @@ def test_anyres_tiles_and_flat_merge():
 
 def test_the_config_names_anyres_as_llava_next_does():
     """``image_aspect_ratio`` / ``image_grid_pinpoints`` / ``mm_patch_merge_type`` give the recipe the
-    geometry tests above check; the train job refuses it until training takes tiles (the features job takes it)."""
+    geometry tests above check; the features job and the train job take it."""
     from vitune.config import ConfigError, TrainJobConfig
 
     onevision = VisionConfig(image_aspect_ratio="anyres_max_9", image_grid_pinpoints="(1x1),...,(3x3)")
@@ -172,6 +172,10 @@ def test_the_config_names_anyres_as_llava_next_does():
         with pytest.raises(ValueError, match=says):
             VisionConfig(**bad)
     anyres = ["model.vision.image_aspect_ratio=anyres", "model.vision.image_grid_pinpoints=(1x1),...,(2x2)"]
-    with pytest.raises(ConfigError, match="training on them is not supported yet"):
-        load_config(TrainJobConfig, "tiny", anyres)
+    trained = load_config(TrainJobConfig, "tiny", anyres).model.vision  # the train job takes tiles too
+    assert (trained.image_mode, trained.max_tiles) == ("anyres", None)
+    capped = load_config(TrainJobConfig, "tiny", [*anyres, "model.vision.image_aspect_ratio=anyres_max_4"])
+    assert capped.model.vision.max_tiles == 4
+    with pytest.raises(ConfigError, match="needs image_grid_pinpoints"):
+        load_config(TrainJobConfig, "tiny", anyres[:1])
     assert load_config(FeaturesJobConfig, "tiny", anyres).model.vision.image_mode == "anyres"
