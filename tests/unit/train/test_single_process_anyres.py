@@ -180,6 +180,24 @@ def test_anyres_trains_in_align_then_finetune_and_the_folders_serve(tmp_path, st
     assert load_for_inference(layout.model_folder(finetune), device="cpu").model.recipe == tuned.recipe
 
 
+def test_a_tile_shards_rows_decode_as_the_join_task_reads_them(store):
+    """The stream join (``join_with_features``) gets a tile shard's rows as numpy batches: ``features`` bytes and
+    ``num_tiles``; decoded they are the store's ``[T, N, D]``, and a row whose bytes do not add up is refused."""
+    from vitune import storage
+    from vitune.train.data import tiles_from_bytes
+
+    table = storage.read_parquet(store.shard_uris()[0])
+    blobs = table.column("features").to_numpy(zero_copy_only=False)  # what a numpy batch holds: one bytes per row
+    tiles = table.column("num_tiles").to_numpy()
+    want = store.get(SIZES)
+    for key, blob, t in zip(table.column("image_key").to_pylist(), blobs, tiles, strict=True):
+        got = tiles_from_bytes(blob, int(t), (store.num_patches, store.hidden_size), key)
+        assert got.dtype == np.float16 and got.shape[0] == t
+        np.testing.assert_array_equal(got, want[key])
+    with pytest.raises(ValueError, match="'a.png': .* its num_tiles=4 tiles"):
+        tiles_from_bytes(blobs[0], 4, (store.num_patches, store.hidden_size), "a.png")
+
+
 def test_a_pad_folder_gains_the_recipe_and_an_anyres_folder_must_match(tmp_path, store):
     from vitune.model.vlm import build_model
     from vitune.train.driver import check_store_recipe
