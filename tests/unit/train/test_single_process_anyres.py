@@ -102,10 +102,7 @@ def _train(cfg: TrainJobConfig, rows: list[dict], store) -> tuple[list[dict], Wo
 
     metrics: list[dict] = []
     if not dist.is_initialized():
-        # DeepSpeed caches its world group; one from a process group an earlier test destroyed is stale
-        from deepspeed.utils import groups
-
-        groups._WORLD_GROUP = None
+        _forget_deepspeed_world_group()
     run_single_process(cfg, rows, store.feature_dim, store.fingerprint, metrics.append, Keeping)
     return metrics, workers[0]
 
@@ -116,6 +113,14 @@ def process_group():
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+    _forget_deepspeed_world_group()  # the next test's process group is another one
+
+
+def _forget_deepspeed_world_group() -> None:
+    """DeepSpeed caches its world group; one from a destroyed process group is stale in a later run."""
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None
 
 
 def test_rows_count_each_images_own_tokens_and_collate_keeps_tiles_and_sizes(tmp_path, store):
