@@ -111,13 +111,16 @@ class Worker:
         return tokenizer, model.to(self.device).train(), None
 
     def _wrap_lora(self) -> None:
-        """LoRA (``train.lora``): the projector trains, the LM's own weights freeze, adapters wrap its linears."""
+        """LoRA (``train.lora``): the projector (and an anyres model's ``image_newline``) trains, the LM's own weights
+        freeze, adapters wrap its linears."""
         settings = self.cfg.train.lora
         if self._lm_not_rebuildable():
             raise ValueError(f"train.lora.enabled: the base LM of train.init_from={self.cfg.train.init_from} is "
                              "stored in that folder, not named by a path; a LoRA folder names its base, so export "
                              "the LM (or start from a folder whose LM is a path) first")
         self.model.projector.requires_grad_(True)
+        if self.model.image_newline is not None:  # anyres: trains beside the projector, as it does in finetune
+            self.model.image_newline.requires_grad_(True)
         self.model.lm.requires_grad_(False)  # the adapters added below are the LM's only trainable weights
         lm = self.model.lm
         if settings.quantization == "nf4":

@@ -2,8 +2,8 @@
 different sizes, rows tokenized with each image's own visual-token count, collated as per-image tiles + sizes, and
 trained through the real ``Worker.micro_step`` (``benchmarks/train_step.py``'s one-process harness) in align and then
 finetune from the align folder: the loss falls, ``image_newline`` trains in finetune only (LLaVA-NeXT: it is outside
-the projector, so ``mm_tunable_parts=mm_mlp_adapter`` leaves it at its init), and the model folder serves again
-with equal logits."""
+the projector, so ``mm_tunable_parts=mm_mlp_adapter`` leaves it at its init; under LoRA it trains beside the
+projector), and the model folders serve again with equal logits and the trained newline."""
 
 from __future__ import annotations
 
@@ -183,6 +183,16 @@ def test_anyres_trains_in_align_then_finetune_and_the_folders_serve(tmp_path, st
     assert tuned.image_newline is not None
     assert not torch.equal(tuned.image_newline, served.model.image_newline)  # it trained
     assert load_for_inference(layout.model_folder(finetune), device="cpu").model.recipe == tuned.recipe
+
+    # a LoRA finetune from the same folder: its folder (adapter + projector, the LM by path) keeps the newline
+    lora_cfg = _config(tmp_path / "lora", "finetune", f"train.init_from={folder}", "train.lr=5e-3",
+                       "train.lora.enabled=true", "train.lora.r=4", "train.zero_stage=2", "train.epochs=1")
+    metrics, worker = _train(lora_cfg, rows, store)
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+    adapted, _, meta = load_model_folder(layout.model_folder(lora_cfg))
+    assert meta["lm"]["adapter"] and adapted.recipe == tuned.recipe
+    torch.testing.assert_close(adapted.image_newline, worker.model.image_newline.detach().float())
+    assert not torch.equal(adapted.image_newline, served.model.image_newline)  # it trained beside the projector
 
 
 def test_a_tile_shards_rows_decode_as_the_join_task_reads_them(store):
