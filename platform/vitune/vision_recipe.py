@@ -19,7 +19,7 @@ store or a model folder records. From it come:
   LlavaNext / LlavaOnevision processors' for the same configuration (tests/unit/test_visual_tokens.py).
   A ``VisionConfig`` names it as LLaVA-NeXT does (``image_aspect_ratio`` anyres | anyres_max_N,
   ``image_grid_pinpoints``, ``mm_patch_merge_type``; ``aspect_fields``); the feature store holds its tiles
-  (``vitune.features.store``), the train job refuses it for now: training still takes one tile per image. Export
+  (``vitune.features.store``) and training packs them (``vitune.train.data`` carries each image's size). Export
   and import read and write it as transformers' LlavaNext / LlavaOnevision (``vitune.model.llava_next_hf``).
 """
 
@@ -290,3 +290,9 @@ def visual_tokens(recipe: VisionRecipe, width: int, height: int, base_only: bool
         return base + (tiles - 1) * base
     cur_h, cur_w = unpadded_shape(recipe, width, height)
     return base + cur_h * cur_w + cur_h  # the unpadded grid, one image newline per row
+
+
+def model_recipe(vision: Any) -> VisionRecipe | None:
+    """The recipe a model built for a ``VisionConfig`` packs its tiles by: ``VisionRecipe.of`` for anyres (the
+    config's grid, ``mm_patch_merge_type`` and ``anyres_max_N`` cap), None for pad and crop (one tile, as is)."""
+    return VisionRecipe.of(vision) if vision.image_mode == "anyres" else None

@@ -28,7 +28,17 @@ def test_every_preset_counts_its_tokens_from_the_recipe_of_its_config(preset):
     cfg = load_config(FeaturesJobConfig, preset)
     recipe = VisionRecipe.of(cfg.model.vision)  # read from open_clip's config file: no weights, no torch
     counts = {visual_tokens(recipe, w, h) for w, h in SIZES}
-    assert counts == {recipe.tokens_per_tile}  # pad/crop: one tile whatever the size
+    if recipe.image_mode == "anyres":  # a base view + a grid chosen for the size: the count varies with it
+        assert len(counts) > 1 and min(counts) >= recipe.tokens_per_tile  # never less than the base view
+        g, side = recipe.grid, 2 * recipe.image_size
+        assert tiles_for(recipe, side, side) == 1 + 4
+        # a 2x2-tile square: the base view's g*g, then the 2g x 2g grid (nothing to unpad) + a newline per row
+        assert visual_tokens(recipe, side, side) == g * g + 2 * g * (2 * g + 1)
+        assert visual_tokens(recipe, side, side, base_only=True) == recipe.tokens_per_tile
+        if recipe.tower == "ViT-L-14-336":
+            assert visual_tokens(recipe, 672, 672) == 2928  # LLaVA-1.6 at 672x672 (its preset's max_length note)
+    else:
+        assert counts == {recipe.tokens_per_tile}  # pad/crop: one tile whatever the size
     if recipe.tower in PUBLISHED:
         assert recipe.tokens_per_tile == PUBLISHED[recipe.tower]
     assert VisionRecipe.from_fingerprint(recipe.fingerprint()) == recipe  # what a store records reads back
@@ -146,7 +156,7 @@ def test_anyres_tiles_and_flat_merge():
 
 def test_the_config_names_anyres_as_llava_next_does():
     """``image_aspect_ratio`` / ``image_grid_pinpoints`` / ``mm_patch_merge_type`` give the recipe the
-    geometry tests above check; the train job refuses it until training takes tiles (the features job takes it)."""
+    geometry tests above check; the features job and the train job take it."""
     from vitune.config import ConfigError, TrainJobConfig
 
     onevision = VisionConfig(image_aspect_ratio="anyres_max_9", image_grid_pinpoints="(1x1),...,(3x3)")
@@ -172,6 +182,10 @@ def test_the_config_names_anyres_as_llava_next_does():
         with pytest.raises(ValueError, match=says):
             VisionConfig(**bad)
     anyres = ["model.vision.image_aspect_ratio=anyres", "model.vision.image_grid_pinpoints=(1x1),...,(2x2)"]
-    with pytest.raises(ConfigError, match="training on them is not supported yet"):
-        load_config(TrainJobConfig, "tiny", anyres)
+    trained = load_config(TrainJobConfig, "tiny", anyres).model.vision  # the train job takes tiles too
+    assert (trained.image_mode, trained.max_tiles) == ("anyres", None)
+    capped = load_config(TrainJobConfig, "tiny", [*anyres, "model.vision.image_aspect_ratio=anyres_max_4"])
+    assert capped.model.vision.max_tiles == 4
+    with pytest.raises(ConfigError, match="needs image_grid_pinpoints"):
+        load_config(TrainJobConfig, "tiny", anyres[:1])
     assert load_config(FeaturesJobConfig, "tiny", anyres).model.vision.image_mode == "anyres"

@@ -147,17 +147,6 @@ class TrainConfig(Section):
     _init = field_validator("init_from")(_absolute_or_stage)
 
 
-def _one_tile(model: ModelConfig) -> None:
-    """Training takes one tile per image so far: the feature store holds anyres tiles (``[T, N, D]`` per image,
-    vitune.features.store) and the model packs them (vitune.model.anyres, parity-tested), but the train job's
-    dataset and collator still batch one ``[N, D]`` per image."""
-    vision = model.vision
-    if vision.image_mode == "anyres":
-        raise ValueError(f"model.vision.image_aspect_ratio={vision.image_aspect_ratio!r}: the train job takes one "
-                         "tile per image so far (pad or square). The features job can already store this "
-                         "recipe's tiles; training on them is not supported yet")
-
-
 class FeaturesJobConfig(JobConfig):
     """The features job takes every aspect mode: anyres stores hold each image's tiles and size."""
 
@@ -167,16 +156,14 @@ class FeaturesJobConfig(JobConfig):
 
 
 class TrainJobConfig(JobConfig):
+    """A training stage. Every aspect mode trains: an anyres config trains on a tile store's ``[T, N, D]`` per
+    image (the model packs them by its recipe, ``vitune.model.anyres``)."""
+
     stage: Stage = "align"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-
-    @model_validator(mode="after")
-    def _check_tiles(self) -> TrainJobConfig:
-        _one_tile(self.model)
-        return self
 
     @model_validator(mode="after")
     def _check_lora(self) -> TrainJobConfig:

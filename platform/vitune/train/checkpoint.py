@@ -2,7 +2,8 @@
 
 A checkpoint is DeepSpeed's (tag ``ds``) plus ``train_state.json`` (step, epoch, micro-batch in the epoch) on
 rank 0. The model folder is written from rank 0: the full weights (ZeRO-3 shards gathered first), or under
-LoRA the adapter and the projector, naming the base LM and its weights' digest.
+LoRA the adapter and the projector, naming the base LM and its weights' digest. An anyres model's folder also
+holds its ``image_newline`` and its packing recipe (``vitune.model.folder``), so it serves as trained.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def save_full_model(model: VisionLanguageModel, tokenizer: Any, cfg: TrainJobCon
         return
     # a plain copy of the model for saving: ZeRO-3 leaves the engine's parameters partitioned
     clean = build_model(cfg.model, tokenizer, feature_dim,
-                        lm=_lm_copy(model.lm) if cfg.train.zero_stage == 3 else model.lm)
+                        lm=_lm_copy(model.lm) if cfg.train.zero_stage == 3 else model.lm, recipe=model.recipe)
     clean.load_state_dict(state)
     save_model_folder(clean.float(), tokenizer, cfg.model, fingerprint, uri, include_lm=include_lm,
                       extra={"stage": cfg.stage, "steps": steps})
@@ -93,6 +94,8 @@ def save_lora_model(model: VisionLanguageModel, tokenizer: Any, cfg: TrainJobCon
     quantized = settings.quantization != "none"
     base = [] if quantized else list(lora.base_parameters(model.lm))  # 4-bit weights: nothing to compare
     base_state = gathered_params(base, zero_stage, rank)
+    if model.image_newline is not None and not model.image_newline.requires_grad:  # anyres, kept at its init
+        state.update(gathered_params([("image_newline", model.image_newline)], zero_stage, rank))
     if rank != 0:
         return
     lm_width = model.lm.get_input_embeddings().embedding_dim
@@ -103,8 +106,11 @@ def save_lora_model(model: VisionLanguageModel, tokenizer: Any, cfg: TrainJobCon
     meta = {"base_digest": lora.base_digest(base_state.items()) if base_state else None,
             "base_dtype": str(next(iter(base_state.values())).dtype).removeprefix("torch.") if base_state
             else None, "quantization": settings.quantization, **trainable}
-    clean = VisionLanguageModel(projector, model.lm, model.image_token_id,
-                                pad_token_id=model.pad_token_id, eos_token_id=list(model.eos_token_ids))
+    clean = VisionLanguageModel(projector, model.lm, model.image_token_id, pad_token_id=model.pad_token_id,
+                                eos_token_id=list(model.eos_token_ids), recipe=model.recipe)
+    if clean.image_newline is not None:  # anyres: the newline the run trained (or kept at its init)
+        with torch.no_grad():
+            clean.image_newline.copy_(state["image_newline"].float())
     save_model_folder(clean, tokenizer, cfg.model, fingerprint, uri, include_lm=False,
                       extra={"stage": cfg.stage, "steps": steps, "lora": settings.model_dump()},
                       adapter=(lambda d: lora.save_adapter(model.lm, lm_state, d), meta))

@@ -16,6 +16,11 @@ A record may hold several images (LLaVA-NeXT-Interleave): its row carries its im
 and, once joined, one feature array per image in that order; ``collate`` passes the batch's images in reading
 order, which is the order ``vitune.model.vlm.splice_image_features`` consumes them in.
 
+An anyres store (``image_aspect_ratio: anyres`` / ``anyres_max_N``) holds each image's tiles ``[T, N, D]`` and
+its size: a row's images count ``vision_recipe.visual_tokens(model recipe, w, h)`` each (the store's
+``visual_tokens(recipe)``), its rows carry each image's ``(width, height)`` (``with_image_sizes``), and
+``collate`` passes the per-image tile tensors with ``image_sizes`` in the same reading order.
+
 Text-only records (LLaVA-1.5's ShareGPT share) train too: they have no features to join, so they never enter
 the feature stream; each rank takes its share of them from the object store and ``interleave`` mixes them
 into its stream of joined image rows. ``collate`` batches image and text-only rows together (the model splices
@@ -45,6 +50,7 @@ import torch
 from vitune import IGNORE_INDEX
 from vitune.data.masks import MaskError, tokenize_record
 from vitune.data.records import Record, normalize_image_token, read_records_with_errors
+from vitune.features.store import TILE_BYTE_ORDER
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -68,6 +74,8 @@ class TokenizedRow:
     skip: str | None = None
     cut: int = 0  # tokens truncation removed
     visual_tokens: tuple[int, ...] = ()  # the positions each image takes in the LM's sequence, in order
+    # anyres: each image's original (width, height), in order (the model packs its tiles by it); () for pad
+    image_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def has_image(self) -> bool:
@@ -147,6 +155,21 @@ def check_features(rows: Iterable[TokenizedRow], feature_keys: Collection[str]) 
     for row in rows:
         if row.trainable and any(key not in feature_keys for key in row.image_keys):
             row = replace(row, skip=NO_FEATURES)
+        out.append(row)
+    return out
+
+
+def with_image_sizes(rows: Iterable[TokenizedRow], sizes: Mapping[str, tuple[int, int]]) -> list[TokenizedRow]:
+    """Each trainable image row with its images' original ``(width, height)`` (an anyres store's ``size``
+    column, ``FeatureStore.image_sizes``): what ``training_row`` hands the model to pack the tiles by. Run after
+    ``check_features``: a trainable row's keys are all in the store, so a key without a size is an error."""
+    out = []
+    for row in rows:
+        if row.trainable and row.has_image:
+            missing = [key for key in row.image_keys if key not in sizes]
+            if missing:
+                raise ValueError(f"record {row.id!r}: the feature store records no size for image(s) {missing}")
+            row = replace(row, image_sizes=tuple((int(sizes[k][0]), int(sizes[k][1])) for k in row.image_keys))
         out.append(row)
     return out
 
@@ -289,24 +312,41 @@ def interleave(stream: Iterable[dict], extra: Sequence[dict], stream_len: int, s
 
 def training_row(sample: TokenizedRow, feats: np.ndarray | Sequence[np.ndarray] | None) -> dict[str, Any]:
     """One training row: a tokenized sample + its image features (one array for one image, a list in
-    ``<image>`` order for several); ``length`` counts each image's visual tokens (``TokenizedRow.length``)."""
+    ``<image>`` order for several); ``length`` counts each image's visual tokens (``TokenizedRow.length``). A row
+    of an anyres store (``with_image_sizes``) also carries ``image_sizes`` ``[M, 2]``, each image's (w, h)."""
     n_given = 0 if feats is None else len(feats) if isinstance(feats, (list, tuple)) else 1
     if n_given != len(sample.image_keys):
         raise ValueError(f"record {sample.id!r} has {len(sample.image_keys)} image(s) but {n_given} feature "
                          "arrays were joined to it")
-    return {"input_ids": sample.input_ids, "labels": sample.labels, "features": feats,
-            "has_image": feats is not None, "length": sample.length}
+    row = {"input_ids": sample.input_ids, "labels": sample.labels, "features": feats,
+           "has_image": feats is not None, "length": sample.length}
+    if sample.image_sizes:  # anyres only: a pad row is as it always was
+        row["image_sizes"] = np.asarray(sample.image_sizes, dtype=np.int32)  # [M, 2] (width, height)
+    return row
 
 
 # per Ray worker process: the trainable rows of the current run, fetched from the object store once
 _BY_KEY: dict[str, dict[str, list[TokenizedRow]]] = {}
 
 
-def join_with_features(batch: dict[str, np.ndarray], by_key_ref: list) -> dict[str, list]:
+def tiles_from_bytes(blob: bytes, num_tiles: int, tile_shape: tuple[int, int], key: str = "?") -> np.ndarray:
+    """One row of a tile store as Ray Data hands it over (its ``features`` bytes, ``num_tiles``) → ``[T, N, D]``
+    float16 (``vitune.features.store``'s layout: little-endian float16, C order)."""
+    n, d = tile_shape
+    flat = np.frombuffer(blob, dtype=TILE_BYTE_ORDER)
+    if flat.size != num_tiles * n * d:
+        raise ValueError(f"image {key!r}: {flat.size} feature values; its num_tiles={num_tiles} tiles of "
+                         f"[{n}, {d}] take {num_tiles * n * d}")
+    return flat.astype(np.float16, copy=False).reshape(num_tiles, n, d)
+
+
+def join_with_features(batch: dict[str, np.ndarray], by_key_ref: list,
+                       tile_shape: tuple[int, int] | None = None) -> dict[str, list]:
     """Ray Data ``map_batches`` task: a block of feature rows → one training row per record using it.
 
     A task (not an actor) so each epoch's re-execution reuses warm workers; ``by_key_ref`` boxes the
     object-store reference so Ray hands it over unresolved and each process fetches it only once.
+    ``tile_shape`` ``(N, D)``: the block is a tile store's (each row's tiles as bytes + ``num_tiles``).
     """
     import ray  # deferred: only this task needs Ray; the rest of the module runs without it (benchmarks)
 
@@ -316,8 +356,12 @@ def join_with_features(batch: dict[str, np.ndarray], by_key_ref: list) -> dict[s
         _BY_KEY.clear()
         by_key = _BY_KEY[ref.hex()] = ray.get(ref)
     cols: dict[str, list] = defaultdict(list)
-    for key, feats in zip(batch["image_key"], batch["features"], strict=True):
-        for sample in by_key.get(str(key), ()):
+    tiles = batch.get("num_tiles") if tile_shape is not None else None
+    for i, (key, feats) in enumerate(zip(batch["image_key"], batch["features"], strict=True)):
+        samples = by_key.get(str(key), ())
+        if samples and tiles is not None:
+            feats = tiles_from_bytes(feats, int(tiles[i]), tile_shape, str(key))  # [T, N, D]
+        for sample in samples:
             for name, value in training_row(sample, feats).items():
                 cols[name].append(value)
     return dict(cols)
@@ -354,18 +398,41 @@ def row_images(row: dict) -> list[np.ndarray]:
     return [np.asarray(f) for f in feats] if isinstance(feats, (list, tuple)) else [np.asarray(feats)]
 
 
+def row_image_sizes(row: dict) -> list[tuple[int, int]] | None:
+    """An anyres training row's ``(width, height)`` per image in ``<image>`` order; None for a pad row."""
+    sizes = row.get("image_sizes")
+    if sizes is None or not row["has_image"]:
+        return None
+    return [(int(w), int(h)) for w, h in np.asarray(sizes).reshape(-1, 2)]
+
+
 def collate(rows: list[dict], pad_token_id: int) -> dict[str, Any]:
     """``collate_tokens`` + every image's features in reading order (row by row, within a row in ``<image>``
     order, as the splice consumes them): one ``[M, N, Dv]`` tensor when all are ``[N, Dv]`` of one shape (the
-    pad form), else a list of M tensors (counts or tiles that differ per image); None without images."""
+    pad form), else a list of M tensors (counts or tiles that differ per image); None without images.
+
+    Rows of an anyres store add ``image_sizes``: the M images' ``(width, height)`` in the same reading order,
+    which the model packs each image's tiles by (a pad batch has no such key)."""
     feats = [f for r in rows for f in row_images(r)]
     if not feats:
         images: torch.Tensor | list[torch.Tensor] | None = None
     elif all(f.ndim == 2 and f.shape == feats[0].shape for f in feats):
         images = torch.from_numpy(np.stack(feats))  # [M, N, Dv]
     else:
-        images = [torch.from_numpy(f) for f in feats]  # M x [n_i, Dv] or [T_i, N, Dv]
-    return {**collate_tokens(rows, pad_token_id), "image_features": images}
+        # M x [n_i, Dv] or [T_i, N, Dv]; a store's tiles are read-only views of one buffer: torch takes a copy
+        images = [torch.from_numpy(f if f.flags.writeable else f.copy()) for f in feats]
+    out = {**collate_tokens(rows, pad_token_id), "image_features": images}
+    per_row = [(r, row_image_sizes(r)) for r in rows if row_images(r)]
+    if any(sizes is not None for _, sizes in per_row):
+        sizes: list[tuple[int, int]] = []
+        for r, row_sizes in per_row:
+            if row_sizes is None or len(row_sizes) != len(row_images(r)):
+                n = "no" if row_sizes is None else len(row_sizes)
+                raise ValueError(f"a batch mixes anyres rows with a row of {len(row_images(r))} image(s) and {n} "
+                                 "image_sizes: every image row of an anyres store carries each image's size")
+            sizes.extend(row_sizes)
+        out["image_sizes"] = sizes
+    return out
 
 
 def image_features_to(feats: torch.Tensor | Sequence[torch.Tensor] | None,

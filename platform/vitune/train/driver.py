@@ -48,11 +48,14 @@ from vitune.train.data import (
     join_with_features,
     side_rows,
     tokenize_records,
+    with_image_sizes,
 )
 from vitune.train.plan import Plan, deepspeed_config, gradient_accumulation
 from vitune.train.worker import Worker, run_loop
+from vitune.vision_recipe import model_recipe
 
 log = logging.getLogger(__name__)
+ROW_COLUMNS = ("input_ids", "labels", "features", "has_image", "length", "image_sizes")  # a training row's columns
 ADAPTER_TAG = "vitune.adapter"  # on a registered version: "lora" when it holds an adapter, not full weights
 BASE_LM_TAG = "vitune.base_lm"  # ... and the base LM that adapter goes over
 
@@ -60,18 +63,42 @@ BASE_LM_TAG = "vitune.base_lm"  # ... and the base LM that adapter goes over
 def expected_fingerprint(cfg: TrainJobConfig) -> dict[str, Any]:
     """The fingerprint fields a config determines without loading the tower (checked against the store)."""
     v = cfg.model.vision
-    return {"tower": v.name, "pretrained": v.pretrained, "feature_layer": v.feature_layer, "select": v.select,
-            "image_mode": v.image_mode}
+    fp = {"tower": v.name, "pretrained": v.pretrained, "feature_layer": v.feature_layer, "select": v.select,
+          "image_mode": v.image_mode}
+    recipe = model_recipe(v)
+    if recipe is not None:  # anyres: the grid made the tiles (pad and crop fingerprints are as they were)
+        fp["grid_pinpoints"] = recipe.fingerprint()["grid_pinpoints"]
+    return fp
+
+
+def check_store_recipe(cfg: TrainJobConfig, store: FeatureStore) -> None:
+    """Refuse a store whose tiles are not the ones the model's recipe packs (the config's tower, grid and tile
+    size; the merge and anyres_max_N are the model's and no part of the store), or a tile store for a pad model."""
+    recipe = model_recipe(cfg.model.vision)
+    if recipe is None:
+        if store.tiled:
+            raise ValueError(f"feature store {store.uri} holds anyres tiles; model.vision.image_aspect_ratio="
+                             f"{cfg.model.vision.image_aspect_ratio!r} takes one tile per image")
+        return
+    have = store.manifest["fingerprint_id"]
+    if not store.tiled or recipe.fingerprint_id() != have:
+        raise ValueError(f"feature store {store.uri} ({have}, fingerprint {store.fingerprint}) was not made by "
+                         f"model.vision's anyres recipe ({recipe.fingerprint_id()}, {recipe.fingerprint()}): re-run "
+                         "the features job with this model.vision")
 
 
 def training_rows(cfg: TrainJobConfig, store: FeatureStore) -> list[TokenizedRow]:
     """One row per input record, tokenized with the model's tokenizer; a row that cannot train says why."""
     with tempfile.TemporaryDirectory(prefix="vitune-tok-") as tmp:
         tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_source(cfg, tmp))
-    # max_length counts each image's visual tokens, as LLaVA truncates after expanding <image>
+    # max_length counts each image's visual tokens, as LLaVA truncates after expanding <image>; an anyres image
+    # counts what the model's recipe (its merge and anyres_max_N cap) packs its tiles into
+    recipe = model_recipe(cfg.model.vision)
+    counts = store.visual_tokens(recipe) if recipe is not None else store.visual_tokens()
     rows = tokenize_records(cfg.data.records, cfg.model.template, tokenizer, cfg.model.max_length,
-                            image_positions=store.visual_tokens(), max_visual_tokens=cfg.train.max_visual_tokens)
-    return check_features(rows, set(store.keys()))
+                            image_positions=counts, max_visual_tokens=cfg.train.max_visual_tokens)
+    rows = check_features(rows, set(store.keys()))
+    return with_image_sizes(rows, store.image_sizes()) if store.tiled else rows
 
 
 def _tokenizer_source(cfg: TrainJobConfig, tmp: str) -> str:
@@ -91,9 +118,12 @@ def build_dataset(cfg: TrainJobConfig, store: FeatureStore, rows: list[Tokenized
     # a new file order every epoch (reseeded per execution); rows then shuffle in a local buffer
     ds = store.to_ray_dataset(shuffle=FileShuffleConfig(seed=cfg.train.seed))
     # light tasks (half a CPU): they must fit beside the training workers, whose CPUs Ray Data excludes
+    tile_shape = (store.num_patches, store.hidden_size) if store.tiled else None  # a tile store's rows are bytes
     ds = ds.map_batches(join_with_features, batch_size=64, batch_format="numpy", num_cpus=0.5,
-                        fn_kwargs={"by_key_ref": [ray.put(by_image_key(rows))]})
-    joined_mb = samples * store.num_patches * store.hidden_size * 2 / 2**20
+                        fn_kwargs={"by_key_ref": [ray.put(by_image_key(rows))], "tile_shape": tile_shape})
+    tiles = store.num_tiles()
+    per_image = sum(tiles.values()) / len(tiles) if store.tiled and tiles else 1  # tiles of an image, on average
+    joined_mb = samples * per_image * store.num_patches * store.hidden_size * 2 / 2**20
     if joined_mb <= cfg.train.materialize_below_mb:
         # small enough to keep in the object store: epochs then skip re-reading and re-joining, and the
         # per-epoch shuffle happens in each worker's local buffer
@@ -114,8 +144,9 @@ def _ray_train_loop(config: dict) -> None:
         for batch in shard.iter_batches(batch_size=64, batch_format="numpy", local_shuffle_buffer_size=256,
                                         local_shuffle_seed=cfg.train.seed + 97 * epoch + rank):
             n = len(batch["length"])
+            names = [k for k in ROW_COLUMNS if k in batch]  # image_sizes: rows of an anyres store only
             for i in range(n):
-                yield {k: batch[k][i] for k in ("input_ids", "labels", "features", "has_image", "length")}
+                yield {k: batch[k][i] for k in names}
 
     # text-only rows have no features to join, multi-image rows come joined by the driver: each rank takes an
     # equal share of them and mixes it into its stream
@@ -246,6 +277,7 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     init_ray(cfg.ray)
     world = cfg.train.num_workers
     store = FeatureStore.open(layout.features_input(cfg), expect_fingerprint=expected_fingerprint(cfg))
+    check_store_recipe(cfg, store)
     rows = training_rows(cfg, store)
     stats = DataStats.of(rows)
     if not stats.samples:

@@ -24,11 +24,12 @@ from vitune.config import TrainJobConfig
 from vitune.data.tokenizer import load_tokenizer
 from vitune.model import lora
 from vitune.model.folder import load_model_folder
-from vitune.model.vlm import build_model
+from vitune.model.vlm import VisionLanguageModel, build_model
 from vitune.train import checkpoint
 from vitune.train.data import collate, image_features_to
 from vitune.train.plan import Plan, deepspeed_config, lr_lambda, param_groups
 from vitune.train.sampler import grouped_micro_batches, in_order_micro_batches
+from vitune.vision_recipe import VisionRecipe, model_recipe
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +104,23 @@ class Worker:
             if lora.is_lora(model.lm):  # a LoRA folder: train on from its merged weights, which no path names
                 lora.merge_lora(model)
                 meta = {**meta, "lm": {**meta["lm"], "included": True}}
+            model = with_recipe(model, model_recipe(cfg.model.vision), cfg.train.init_from)
             return tokenizer, model.to(self.device).train(), meta
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.lm)
-        return tokenizer, build_model(cfg.model, tokenizer, self.feature_dim).to(self.device).train(), None
+        model = build_model(cfg.model, tokenizer, self.feature_dim, recipe=model_recipe(cfg.model.vision))
+        return tokenizer, model.to(self.device).train(), None
 
     def _wrap_lora(self) -> None:
-        """LoRA (``train.lora``): the projector trains, the LM's own weights freeze, adapters wrap its linears."""
+        """LoRA (``train.lora``): the projector (and an anyres model's ``image_newline``) trains, the LM's own weights
+        freeze, adapters wrap its linears."""
         settings = self.cfg.train.lora
         if self._lm_not_rebuildable():
             raise ValueError(f"train.lora.enabled: the base LM of train.init_from={self.cfg.train.init_from} is "
                              "stored in that folder, not named by a path; a LoRA folder names its base, so export "
                              "the LM (or start from a folder whose LM is a path) first")
         self.model.projector.requires_grad_(True)
+        if self.model.image_newline is not None:  # anyres: trains beside the projector, as it does in finetune
+            self.model.image_newline.requires_grad_(True)
         self.model.lm.requires_grad_(False)  # the adapters added below are the LM's only trainable weights
         lm = self.model.lm
         if settings.quantization == "nf4":
@@ -158,6 +164,7 @@ class Worker:
             attention_mask=batch["attention_mask"].to(self.device),
             labels=batch["labels"].to(self.device),
             image_features=image_features_to(feats, self.device),
+            image_sizes=batch.get("image_sizes"),  # anyres: each image's (w, h), in the features' order
         )
         self.engine.backward(out.loss)
         self.engine.step()
@@ -237,6 +244,25 @@ class Worker:
     def _lm_not_rebuildable(self) -> bool:
         # an LM that came from an earlier folder (not by path) must be carried along
         return bool(self.init_meta and self.init_meta.get("lm", {}).get("included"))
+
+
+def with_recipe(model: VisionLanguageModel, recipe: VisionRecipe | None, source: str) -> VisionLanguageModel:
+    """The model loaded from ``train.init_from`` with the config's packing recipe.
+
+    LLaVA-NeXT aligns its projector on one tile per image and finetunes on anyres tiles: a pad/crop folder
+    under an anyres config keeps its projector and LM and gains the recipe and a freshly initialised
+    ``image_newline`` (spatial_unpad). An anyres folder must pack as the config does.
+    """
+    if model.recipe == recipe:
+        return model
+    if model.recipe is not None:
+        want = "one tile per image" if recipe is None else recipe
+        raise ValueError(f"train.init_from={source} packs anyres tiles by {model.recipe}; model.vision asks for "
+                         f"{want}: set model.vision as that folder was trained, or start from another folder")
+    log.info("train.init_from=%s was trained on one tile per image: it now packs anyres tiles by %s%s", source,
+             recipe, " with a new image_newline" if recipe.patch_merge == "spatial_unpad" else "")
+    return VisionLanguageModel(model.projector, model.lm, model.image_token_id, pad_token_id=model.pad_token_id,
+                               eos_token_id=list(model.eos_token_ids), recipe=recipe)
 
 
 def run_loop(worker: Worker, epoch_rows: Callable[[int], Iterable[dict]], report: Callable[[dict, Path | None], None],
