@@ -152,6 +152,43 @@ def test_greedy_output_equals_model_generate(client, tiny_model_folder):
     assert api.usage.prompt_tokens == len(ids) - 1 + tower.num_patches
 
 
+def test_two_images_over_http_equal_model_generate_with_both(client, tiny_model_folder):
+    """Several images per request end to end: both image_url parts reach the model, in order, each as its own
+    <image> span (each order's answer is model.generate's with the images' features in that order)."""
+    import torch
+
+    from vitune.config import VisionConfig
+    from vitune.data.masks import tokenize_generation_prompt
+    from vitune.data.prompt import image_first
+    from vitune.model.folder import load_model_folder
+    from vitune.model.image import decode_image
+    from vitune.model.vision import encode_images, load_vision_tower
+
+    first, second = png_bytes((60, 40), noise=True), png_bytes((30, 50), color=(20, 200, 40), noise=True)
+
+    def ask(images: list[bytes]):
+        parts = [{"type": "image_url", "image_url": {"url": data_url(b)}} for b in images]
+        message = {"role": "user", "content": [*parts, {"type": "text", "text": "Compare them."}]}
+        return client.chat.completions.create(model=MODEL, messages=[message], max_tokens=24, temperature=0)
+
+    api, swapped = ask([first, second]), ask([second, first])
+    model, tokenizer, meta = load_model_folder(tiny_model_folder)
+    tower = load_vision_tower(VisionConfig(**meta["model"]["vision"]))
+    conversation = [{"from": "human", "value": image_first("Compare them.", 2)}]
+    ids = tokenize_generation_prompt(conversation, meta["model"]["template"], tokenizer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replica runs one thread; keep the float reductions identical
+    try:
+        one, two = encode_images(tower, [decode_image(first), decode_image(second)])  # each [N, D]
+        out = model.generate([ids, ids], [[one, two], [two, one]], max_new_tokens=24, temperature=0.0)
+    finally:
+        torch.set_num_threads(threads)
+    # each order is model.generate's with the images in that order: both reach the model, in order
+    assert api.choices[0].message.content == tokenizer.decode(out[0], skip_special_tokens=True).lstrip()
+    assert swapped.choices[0].message.content == tokenizer.decode(out[1], skip_special_tokens=True).lstrip()
+    assert api.usage.prompt_tokens == swapped.usage.prompt_tokens == len(ids) - 2 + 2 * tower.num_patches
+
+
 def test_stop_sequences_cut_the_answer(client):
     full = client.chat.completions.create(model=MODEL, messages=[image_message()], max_tokens=16, temperature=0)
     text = full.choices[0].message.content
