@@ -4,6 +4,11 @@ Each image holds 1–3 copies of one shape in one colour. Stage-1 records captio
 about colour, shape, count and position in several turns, plus a detailed description and a small
 reasoning question. Held-out eval records carry the expected one-word answer, so training can be shown
 to learn. Same seed → byte-identical images and records.
+
+The detail set (``detail_examples`` / ``generate_detail``) is apart from the demo's data and leaves it as it was:
+96x32 and 32x96 images with a small square of 1-px checks in a colour and its complement, and the question which
+pair checks it. A 32-px pad view blends every pair to the same grey; AnyRes tiles hold the image at full
+resolution (tests/unit/model/test_anyres_learning.py trains on it).
 """
 
 from __future__ import annotations
@@ -223,7 +228,10 @@ DETAIL_SIDE = 16  # the checked square's side in pixels
 
 @dataclass(frozen=True)
 class DetailScene:
-    """One detail image: a ``side``-px square of 1-px checks of ``pair`` at ``(x, y)`` (its top-left), on white."""
+    """One detail image: a ``side``-px square of 1-px checks of ``pair`` at ``(x, y)`` (its top-left), on white.
+
+    ``solid``: the square is filled with the pair's first colour instead, a control that survives the pad view.
+    """
 
     pair: str
     width: int
@@ -231,10 +239,12 @@ class DetailScene:
     x: int
     y: int
     side: int = DETAIL_SIDE
+    solid: bool = False
 
     def render(self) -> Image.Image:
         img = Image.new("RGB", (self.width, self.height), (255, 255, 255))
         even, odd = DETAIL_PAIRS[self.pair]
+        odd = even if self.solid else odd
         pixels = img.load()
         for dy in range(self.side):
             for dx in range(self.side):
@@ -242,11 +252,11 @@ class DetailScene:
         return img
 
 
-def sample_detail_scene(rng: random.Random, pair: str, side: int = DETAIL_SIDE) -> DetailScene:
+def sample_detail_scene(rng: random.Random, pair: str, side: int = DETAIL_SIDE, solid: bool = False) -> DetailScene:
     """A detail scene of ``pair``: one of ``DETAIL_SIZES``, the square anywhere inside it."""
     width, height = rng.choice(DETAIL_SIZES)
     return DetailScene(pair=pair, width=width, height=height, x=rng.randint(0, width - side),
-                       y=rng.randint(0, height - side), side=side)
+                       y=rng.randint(0, height - side), side=side, solid=solid)
 
 
 def detail_record(scene: DetailScene, rel: str, record_id: str) -> dict:
@@ -256,13 +266,14 @@ def detail_record(scene: DetailScene, rel: str, record_id: str) -> dict:
                               {"from": "gpt", "value": scene.pair}]}
 
 
-def detail_examples(seed: int = 0, num_train: int = 128, num_eval: int = 60,
-                    side: int = DETAIL_SIDE) -> dict[str, list[tuple[DetailScene, dict]]]:
+def detail_examples(seed: int = 0, num_train: int = 384, num_eval: int = 60, side: int = DETAIL_SIDE,
+                    solid: bool = False) -> dict[str, list[tuple[DetailScene, dict]]]:
     """Train and held-out detail scenes with their records, from one seed (same seed → same scenes).
 
     Each split is ``[(scene, record)]``; ``scene.render()`` draws the image the record's ``image`` names. The
     pairs are balanced within each split (a cycle over ``DETAIL_PAIRS``, shuffled), so a constant answer scores
-    chance on the held-out split, give or take one record.
+    chance on the held-out split, give or take one record. ``solid``: the control set (see ``DetailScene``), the
+    same scenes with plain squares.
     """
     rng = random.Random(seed)
     names = sorted(DETAIL_PAIRS)
@@ -271,11 +282,11 @@ def detail_examples(seed: int = 0, num_train: int = 128, num_eval: int = 60,
         pairs = [names[i % len(names)] for i in range(n)]
         rng.shuffle(pairs)
         out[split] = [(scene, detail_record(scene, f"images/detail-{split}/{i:05d}.png", f"detail-{split}-{i:05d}"))
-                      for i, scene in enumerate(sample_detail_scene(rng, pair, side) for pair in pairs)]
+                      for i, scene in enumerate(sample_detail_scene(rng, pair, side, solid) for pair in pairs)]
     return out
 
 
-def generate_detail(output_uri: str, seed: int = 0, num_images: int = 128, num_eval_images: int = 60) -> dict:
+def generate_detail(output_uri: str, seed: int = 0, num_images: int = 384, num_eval_images: int = 60) -> dict:
     """Write the detail set under ``output_uri``: ``images/detail-{train,eval}/NNNNN.png``, ``detail_train.json``
     and ``detail_eval.json`` (each record's expected answer in ``answer``); returns their URIs."""
     records = {}
