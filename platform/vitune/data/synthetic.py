@@ -4,6 +4,11 @@ Each image holds 1–3 copies of one shape in one colour. Stage-1 records captio
 about colour, shape, count and position in several turns, plus a detailed description and a small
 reasoning question. Held-out eval records carry the expected one-word answer, so training can be shown
 to learn. Same seed → byte-identical images and records.
+
+The detail set (``detail_examples`` / ``generate_detail``) is apart from the demo's data and leaves it as it was:
+96x32 and 32x96 images with a small square of 1-px checks in a colour and its complement, and the question which
+pair checks it. A 32-px pad view blends every pair to the same grey; AnyRes tiles hold the image at full
+resolution (tests/unit/model/test_anyres_learning.py trains on it).
 """
 
 from __future__ import annotations
@@ -203,3 +208,98 @@ def corpus_texts() -> list[str]:
         scene = _sample_scene(rng)
         texts += [scene.caption(), scene.detail()] + [scene.answer(k) for k in CHECKABLE_KINDS]
     return texts
+
+
+# --- the "detail" set: fine checks that a 32-px pad view averages away and AnyRes tiles resolve ----------------
+# Wide and tall images the LLaVA-1.6 grid at 32-px tiles ([[32, 96], [96, 32], ...] as (h, w)) tiles at full
+# resolution, with no resize: a 96x32 image becomes a base view and three 32-px tiles. The pad path puts the same
+# image on a 96x96 square and shrinks it to 32 px, so each pixel it sees blends about 3x3 of the original (more
+# under bicubic's support). The detail is a small square of 1-px checks in a colour and its complement: every
+# pair blends to the same mid grey, so at pad resolution the square is there but which pair checks it is not.
+DETAIL_SIZES: tuple[tuple[int, int], ...] = ((96, 32), (32, 96))  # (width, height)
+DETAIL_PAIRS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
+    "red and cyan": ((255, 0, 0), (0, 255, 255)),
+    "green and magenta": ((0, 255, 0), (255, 0, 255)),
+    "blue and yellow": ((0, 0, 255), (255, 255, 0)),
+}
+DETAIL_QUESTION = "Which two colors make the fine checks of the small square?"
+DETAIL_SIDE = 16  # the checked square's side in pixels
+
+
+@dataclass(frozen=True)
+class DetailScene:
+    """One detail image: a ``side``-px square of 1-px checks of ``pair`` at ``(x, y)`` (its top-left), on white.
+
+    ``solid``: the square is filled with the pair's first colour instead, a control that survives the pad view.
+    """
+
+    pair: str
+    width: int
+    height: int
+    x: int
+    y: int
+    side: int = DETAIL_SIDE
+    solid: bool = False
+
+    def render(self) -> Image.Image:
+        img = Image.new("RGB", (self.width, self.height), (255, 255, 255))
+        even, odd = DETAIL_PAIRS[self.pair]
+        odd = even if self.solid else odd
+        pixels = img.load()
+        for dy in range(self.side):
+            for dx in range(self.side):
+                pixels[self.x + dx, self.y + dy] = even if (dx + dy) % 2 == 0 else odd
+        return img
+
+
+def sample_detail_scene(rng: random.Random, pair: str, side: int = DETAIL_SIDE, solid: bool = False) -> DetailScene:
+    """A detail scene of ``pair``: one of ``DETAIL_SIZES``, the square anywhere inside it."""
+    width, height = rng.choice(DETAIL_SIZES)
+    return DetailScene(pair=pair, width=width, height=height, x=rng.randint(0, width - side),
+                       y=rng.randint(0, height - side), side=side, solid=solid)
+
+
+def detail_record(scene: DetailScene, rel: str, record_id: str) -> dict:
+    """The LLaVA record of one detail image: the question and the pair's name (also in ``answer``)."""
+    return {"id": record_id, "image": rel, "kind": "detail", "answer": scene.pair,
+            "conversations": [{"from": "human", "value": "<image>\n" + DETAIL_QUESTION},
+                              {"from": "gpt", "value": scene.pair}]}
+
+
+def detail_examples(seed: int = 0, num_train: int = 384, num_eval: int = 60, side: int = DETAIL_SIDE,
+                    solid: bool = False) -> dict[str, list[tuple[DetailScene, dict]]]:
+    """Train and held-out detail scenes with their records, from one seed (same seed → same scenes).
+
+    Each split is ``[(scene, record)]``; ``scene.render()`` draws the image the record's ``image`` names. The
+    pairs are balanced within each split (a cycle over ``DETAIL_PAIRS``, shuffled), so a constant answer scores
+    chance on the held-out split, give or take one record. ``solid``: the control set (see ``DetailScene``), the
+    same scenes with plain squares.
+    """
+    rng = random.Random(seed)
+    names = sorted(DETAIL_PAIRS)
+    out: dict[str, list[tuple[DetailScene, dict]]] = {}
+    for split, n in (("train", num_train), ("eval", num_eval)):
+        pairs = [names[i % len(names)] for i in range(n)]
+        rng.shuffle(pairs)
+        out[split] = [(scene, detail_record(scene, f"images/detail-{split}/{i:05d}.png", f"detail-{split}-{i:05d}"))
+                      for i, scene in enumerate(sample_detail_scene(rng, pair, side, solid) for pair in pairs)]
+    return out
+
+
+def generate_detail(output_uri: str, seed: int = 0, num_images: int = 384, num_eval_images: int = 60) -> dict:
+    """Write the detail set under ``output_uri``: ``images/detail-{train,eval}/NNNNN.png``, ``detail_train.json``
+    and ``detail_eval.json`` (each record's expected answer in ``answer``); returns their URIs."""
+    records = {}
+    for split, examples in detail_examples(seed, num_images, num_eval_images).items():
+        for scene, rec in examples:
+            storage.write_bytes(storage.join(output_uri, rec["image"]), _png(scene.render()))
+        uri = storage.join(output_uri, f"detail_{split}.json")
+        storage.write_text(uri, json.dumps([rec for _, rec in examples], indent=1, ensure_ascii=False) + "\n")
+        records[split] = uri
+    return {"root": output_uri, "image_root": output_uri, "records": records,
+            "num_images": num_images, "num_eval_images": num_eval_images}
+
+
+def detail_chance_accuracy() -> float:
+    """Exact-match accuracy of guessing one pair on the (pair-balanced) held-out detail questions."""
+    return 1 / len(DETAIL_PAIRS)
