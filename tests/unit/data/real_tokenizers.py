@@ -6,6 +6,8 @@
   as the slow sentencepiece tokenizer did; ``first``: only at the start of the text).
 - ``chatml_tokenizer``: a Qwen-style byte-level BPE (``Qwen2Tokenizer``): no BOS, ``<|im_start|>`` and
   ``<|im_end|>`` special tokens.
+- ``llama3_tokenizer``: a Llama-3-Instruct-style byte-level BPE: BOS ``<|begin_of_text|>`` added, the header /
+  ``<|eot_id|>`` special tokens, no unk token, and Meta-Llama-3-8B-Instruct's chat template.
 
 Both get ``<image>`` as a special token, as ``vitune.data.tokenizer.load_tokenizer`` does for any model.
 Nothing is downloaded; the vocabularies are small (a few hundred pieces) but made of multi-character pieces.
@@ -16,8 +18,8 @@ from __future__ import annotations
 import json
 import re
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaTokenizer, PreTrainedTokenizerBase, Qwen2Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Tokenizer
 
 from vitune import IMAGE_TOKEN
 from vitune.data.templates import TEMPLATES, render_conversation
@@ -86,13 +88,41 @@ def chatml_tokenizer() -> PreTrainedTokenizerBase:
     return _with_image_token(tok)
 
 
+# Meta-Llama-3-8B-Instruct's chat template (its tokenizer_config.json), which LLaVA-NeXT's llava_llama_3
+# conversation renders through; the content is trimmed.
+LLAMA_3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+LLAMA_3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def llama3_tokenizer() -> PreTrainedTokenizerBase:
+    """A Llama-3-Instruct-style byte-level BPE: BOS added by the post-processor, EOS ``<|eot_id|>``, no unk."""
+    trained, merges = _train(pre_tokenizers.ByteLevel(add_prefix_space=False), 600, LLAMA_3_SPECIALS,
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab=trained, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    bos = trained["<|begin_of_text|>"]
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   additional_special_tokens=LLAMA_3_SPECIALS[1:])
+    fast.chat_template = LLAMA_3_CHAT_TEMPLATE
+    return _with_image_token(fast)
+
+
 _BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 
 
 def exact_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     """The text ``ids`` stand for, piece by piece with nothing stripped (``decode`` drops a leading space)."""
     pieces = tokenizer.convert_ids_to_tokens(ids)
-    if isinstance(tokenizer, Qwen2Tokenizer):
+    if not isinstance(tokenizer, LlamaTokenizer):  # byte-level pieces
         return "".join(p if p in tokenizer.all_special_tokens else tokenizer.convert_tokens_to_string([p])
                        for p in pieces)
     out = b""
