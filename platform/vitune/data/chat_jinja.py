@@ -21,7 +21,7 @@ from typing import Any
 
 from vitune import IMAGE_TOKEN
 from vitune.data.masks import bos_ids
-from vitune.data.templates import ConversationTemplate, SepStyle, get_template, with_system
+from vitune.data.templates import LLAMA_3_BOS_TEXT, ConversationTemplate, SepStyle, get_template, with_system
 
 _PREAMBLE = """\
 {%- set ns = namespace(system=none, turns=[], images=0) -%}
@@ -103,6 +103,28 @@ _MPT = """\
 {%- endfor -%}
 """
 
+# LLaVA-NeXT's Qwen ChatML: a newline after every <|im_end|>, the roles without theirs
+_CHATML = """\
+{%- set system = SYSTEM if ns.system is none else MPT_SYSTEM + ns.system -%}
+{%- if system -%}{{- system + SEP + '\\n' -}}{%- endif -%}
+{%- for t in ns.turns -%}
+  {{- [USER, ASSISTANT][loop.index0 % 2] + '\\n' + t + SEP + '\\n' -}}
+  {%- if loop.last and loop.index0 % 2 == 0 and add_generation_prompt -%}{{- ASSISTANT + '\\n' -}}{%- endif -%}
+{%- endfor -%}
+"""
+
+# Meta's Llama 3 template as LLaVA-NeXT applies it: the system message always, every content trimmed
+_LLAMA_3 = """\
+{%- set system = SYSTEM if ns.system is none else ns.system -%}
+{{- BOS_TEXT + '<|start_header_id|>system<|end_header_id|>\\n\\n' + (system | trim) + SEP -}}
+{%- for t in ns.turns -%}
+  {{- '<|start_header_id|>' + [USER, ASSISTANT][loop.index0 % 2] + '<|end_header_id|>\\n\\n' + (t | trim) + SEP -}}
+  {%- if loop.last and loop.index0 % 2 == 0 and add_generation_prompt -%}
+    {{- '<|start_header_id|>' + ASSISTANT + '<|end_header_id|>\\n\\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
 _PLAIN = """\
 {%- if ns.turns | length > 2 -%}
   {{ raise_exception('the plain template takes one user and one assistant turn') }}
@@ -122,7 +144,8 @@ _CHAT_TEMPLATE = """\
 {%- endfor -%}
 {%- set messages = conv.messages %}"""
 
-_BODIES = {SepStyle.TWO: _TWO, SepStyle.LLAMA_2: _LLAMA_2, SepStyle.MPT: _MPT}
+_BODIES = {SepStyle.TWO: _TWO, SepStyle.LLAMA_2: _LLAMA_2, SepStyle.MPT: _MPT, SepStyle.CHATML: _CHATML,
+           SepStyle.LLAMA_3: _LLAMA_3}
 
 
 def _literal(text: str) -> str:
@@ -133,9 +156,9 @@ def _literal(text: str) -> str:
 
 def _constants(tpl: ConversationTemplate) -> str:
     # what `with_system` writes in front of a caller's system text (ChatML's system cue)
-    mpt_system = with_system(tpl, "").system if tpl.style is SepStyle.MPT else ""
+    mpt_system = with_system(tpl, "").system if tpl.style in (SepStyle.MPT, SepStyle.CHATML) else ""
     values = {"IMG": IMAGE_TOKEN, "SYSTEM": tpl.system, "USER": tpl.roles[0], "ASSISTANT": tpl.roles[1],
-              "SEP": tpl.sep, "SEP2": tpl.sep2, "MPT_SYSTEM": mpt_system}
+              "SEP": tpl.sep, "SEP2": tpl.sep2, "MPT_SYSTEM": mpt_system, "BOS_TEXT": LLAMA_3_BOS_TEXT}
     return "".join(f"{{%- set {name} = {_literal(value)} -%}}\n" for name, value in values.items())
 
 
@@ -152,7 +175,8 @@ def chat_template_jinja(template: str | ConversationTemplate, tokenizer: Any) ->
         if not isinstance(own, str) or not own:
             raise ValueError(f"template {tpl.name!r} needs a tokenizer with a (single) chat template")
         return head + _NO_SYSTEM + _CHAT_TEMPLATE + own
-    bos = "{{- bos_token -}}\n" if bos_ids(tokenizer) else ""
+    # LLAMA_3 writes "<|begin_of_text|>" as text itself, as vitune's rendering does
+    bos = "{{- bos_token -}}\n" if bos_ids(tokenizer) and tpl.style is not SepStyle.LLAMA_3 else ""
     if tpl.style is SepStyle.PLAIN:
         return head + _NO_SYSTEM + bos + _PLAIN
     return head + bos + _BODIES[tpl.style]

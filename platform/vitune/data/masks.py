@@ -5,7 +5,8 @@ gives the serving-time ids through the same encoder, so they are a prefix of the
 
 Masks are built by tokenizing each segment of ``vitune.data.templates.build_segments`` on its own (no special
 tokens added; ``<image>`` split out and inserted as its single id, as LLaVA's ``tokenizer_image_token`` does),
-then concatenating, with BOS prepended once when the tokenizer adds one. Trained labels are therefore exactly
+then concatenating, with BOS prepended once when the tokenizer adds one (and for templates with
+``unmasked_tokens``, LLaVA-NeXT's Qwen / Llama 3 ones, those tokens trained wherever they occur). Trained labels are therefore exactly
 the tokens of the trained text, for any tokenizer, with no per-tokenizer offset arithmetic. Segment boundaries
 sit where byte-level BPE pre-tokenizers split anyway (the space between ``ASSISTANT:`` and the reply belongs
 to the reply, so ids match tokenizing the whole string for ordinary text); for sentencepiece-style tokenizers
@@ -81,8 +82,20 @@ def _encode(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def _prefix_ids(tpl: ConversationTemplate, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    # a chat template writes its own BOS text (as HF's apply_chat_template(tokenize=True) assumes)
-    return [] if tpl.style is SepStyle.CHAT_TEMPLATE else bos_ids(tokenizer)
+    # a chat template (and Llama 3's, which LLAMA_3 renders) writes its own BOS text, as HF's
+    # apply_chat_template(tokenize=True) assumes
+    return [] if tpl.style in (SepStyle.CHAT_TEMPLATE, SepStyle.LLAMA_3) else bos_ids(tokenizer)
+
+
+def unmasked_token_ids(tpl: ConversationTemplate, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of ``tpl.unmasked_tokens`` in this vocabulary (pieces it does not hold are left out, as
+    ``convert_tokens_to_ids`` gives LLaVA-NeXT no id for them either)."""
+    ids = set()
+    for piece in tpl.unmasked_tokens:
+        i = tokenizer.convert_tokens_to_ids(piece)
+        if isinstance(i, int) and i != tokenizer.unk_token_id:
+            ids.add(i)
+    return ids
 
 
 def tokenize_conversation(
@@ -119,6 +132,8 @@ def tokenize_conversation(
                 raise TemplateError(f"assistant text {seg.text!r} tokenizes to no tokens", "empty_reply")
             input_ids += ids
             labels += ids if seg.trained else [IGNORE_INDEX] * len(ids)
+        unmasked = unmasked_token_ids(tpl, tokenizer)
+        labels = [i if i in unmasked else label for i, label in zip(input_ids, labels, strict=True)]
     except MaskError:
         raise
     except TemplateError as e:

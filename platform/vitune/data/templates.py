@@ -9,8 +9,13 @@ text (trained: the reply and the separator that ends it). The same segments give
 - ``render_generation_prompt``: the conversation so far plus the assistant cue,
 - the token ids and label masks of ``vitune.data.masks``, built from these segments one by one,
 - ``stop_strings`` / ``stop_token_ids``: where generation ends for templates whose turn end is not the
-  tokenizer's EOS (``plain``: its newline separator; ``chatml_direct``: ``<|im_end|>``), as LLaVA's eval
-  scripts stop on ``conv.sep``.
+  tokenizer's EOS (``plain``: its newline separator; ChatML: ``<|im_end|>``; Llama 3: ``<|eot_id|>``), as
+  LLaVA's eval scripts stop on ``conv.sep``.
+
+The LLaVA-NeXT templates (``qwen_1_5`` / ``qwen_2``: ``CHATML``, ``llava_llama_3``: ``LLAMA_3``,
+``mistral_instruct``: ``LLAMA_2`` without ``<s>``) render as its ``llava/conversation.py`` does
+(``tests/unit/data/llava_next_rendered.json``), except that ``llava_llama_3``'s training string ends with
+the last reply: its ``get_prompt()`` always appends the assistant header, which ``preprocess_llama3`` does not.
 
 ``with_system`` gives a template with a caller's system prompt (serving's system messages), or a
 ``TemplateError`` when the template has none.
@@ -38,12 +43,19 @@ class SepStyle(StrEnum):
     TWO = "two"  # "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
     LLAMA_2 = "llama_2"  # "[INST] <<SYS>>..<</SYS>>\n\nq [/INST] a </s><s>[INST] ..."
     MPT = "mpt"  # ChatML: "<|im_start|>user\nq<|im_end|><|im_start|>assistant\na<|im_end|>"
+    CHATML = "chatml"  # LLaVA-NeXT's Qwen ChatML: "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n"
+    LLAMA_3 = "llama_3"  # "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\ns<|eot_id|>..."
     CHAT_TEMPLATE = "chat_template"  # the tokenizer's apply_chat_template
 
 
 @dataclass(frozen=True)
 class ConversationTemplate:
-    """A conversation format as data; ``roles`` are (user, assistant) as written in the prompt."""
+    """A conversation format as data; ``roles`` are (user, assistant) as written in the prompt.
+
+    ``unmasked_tokens``: vocabulary pieces (looked up with ``convert_tokens_to_ids``) whose ids are trained
+    wherever they occur, also inside system and user turns, as LLaVA-NeXT's ``preprocess_qwen`` /
+    ``preprocess_llama3`` do with their ``unmask_tokens_idx``.
+    """
 
     name: str
     style: SepStyle
@@ -51,6 +63,7 @@ class ConversationTemplate:
     roles: tuple[str, str] = ("", "")
     sep: str = ""
     sep2: str = ""
+    unmasked_tokens: tuple[str, ...] = ()
 
 
 class TemplateError(ValueError):
@@ -84,6 +97,14 @@ _LLAVA_LLAMA_2_SYSTEM = (
 )
 _CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
 _CHATML_SYSTEM = "<|im_start|>system\n"  # a ChatML system prompt is this cue + its text
+_QWEN_SYSTEM = _CHATML_SYSTEM + "You are a helpful assistant."
+# preprocess_qwen trains <|im_start|>, <|im_end|> and id 198 (Qwen's "\n" piece, "Ċ") everywhere; odd (the
+# newline and header tokens of user turns are trained too), but it is what LLaVA-NeXT's Qwen models learnt.
+_QWEN_UNMASKED = ("<|im_start|>", "<|im_end|>", "Ċ")
+LLAMA_3_BOS_TEXT = "<|begin_of_text|>"
+# preprocess_llama3's unmask list: its "\n\n" is looked up as a vocabulary piece, which byte-level Llama 3
+# spells "ĊĊ", so it unmasks nothing there; we keep the lookup as written, so only the special tokens are trained.
+_LLAMA_3_UNMASKED = (LLAMA_3_BOS_TEXT, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "\n\n")
 
 TEMPLATES: Mapping[str, ConversationTemplate] = MappingProxyType(
     {
@@ -99,6 +120,14 @@ TEMPLATES: Mapping[str, ConversationTemplate] = MappingProxyType(
             ConversationTemplate(
                 "chatml_direct", SepStyle.MPT, _CHATML_SYSTEM + "Answer the questions.", _CHATML_ROLES, "<|im_end|>"
             ),
+            ConversationTemplate("mistral_instruct", SepStyle.LLAMA_2, "", ("USER", "ASSISTANT"), "", "</s>"),
+            *(
+                ConversationTemplate(name, SepStyle.CHATML, _QWEN_SYSTEM, ("<|im_start|>user", "<|im_start|>assistant"),
+                                     "<|im_end|>", unmasked_tokens=_QWEN_UNMASKED)
+                for name in ("qwen_1_5", "qwen_2")
+            ),
+            ConversationTemplate("llava_llama_3", SepStyle.LLAMA_3, _LLAVA_LLAMA_2_SYSTEM, ("user", "assistant"),
+                                 "<|eot_id|>", unmasked_tokens=_LLAMA_3_UNMASKED),
             ConversationTemplate("chat_template", SepStyle.CHAT_TEMPLATE, roles=("user", "assistant")),
         )
     }
@@ -123,9 +152,9 @@ def with_system(template: str | ConversationTemplate, system: str | None) -> Con
     tpl = get_template(template)
     if system is None:
         return tpl
-    if tpl.style in (SepStyle.TWO, SepStyle.LLAMA_2):
+    if tpl.style in (SepStyle.TWO, SepStyle.LLAMA_2, SepStyle.LLAMA_3):
         return replace(tpl, system=system)
-    if tpl.style is SepStyle.MPT:
+    if tpl.style in (SepStyle.MPT, SepStyle.CHATML):
         return replace(tpl, system=_CHATML_SYSTEM + system)
     raise TemplateError(
         f"the {tpl.name!r} template has no system prompt; put the instruction in the user message", "no_system_prompt"
@@ -198,6 +227,40 @@ def _llama_2_segments(turns: Sequence[Turn], tpl: ConversationTemplate) -> list[
         segments.append(Segment(f"{tpl.sep if k else ''}[INST] {message} [/INST]", False))
         if k + 1 < len(turns):
             segments.append(Segment(f" {turns[k + 1].value} {tpl.sep2}", True))
+    return segments
+
+
+def _header_segments(turns: Sequence[Turn], tpl: ConversationTemplate, generation: bool) -> list[Segment]:
+    """CHATML (Qwen) and LLAMA_3 turns: a header per message, then its text and the turn end.
+
+    LLaVA-NeXT's ``preprocess_qwen`` / ``preprocess_llama3`` train the whole assistant message, its header
+    (``<|im_start|>assistant\\n``, ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``) included, so the
+    header is a trained segment of its own (kept apart from the reply, so the generation prompt, which ends
+    with it, is a prefix of the training ids by construction).
+    """
+    if tpl.style is SepStyle.CHATML:
+        def header(role: str) -> str:
+            return role + "\n"
+        end, opener = tpl.sep + "\n", ""
+        system = tpl.system + end if tpl.system else ""  # conversation.py: no system block for an empty one
+        def clean(text: str) -> str:
+            return text
+    else:  # LLAMA_3: Meta's chat template, which trims every content and always writes the system message
+        def header(role: str) -> str:
+            return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+        end, opener = tpl.sep, LLAMA_3_BOS_TEXT
+        def clean(text: str) -> str:
+            return text.strip()
+        system = header("system") + clean(tpl.system) + end
+    user, assistant = tpl.roles
+    segments, prefix = [], opener + system
+    for k in range(0, len(turns), 2):
+        segments.append(Segment(prefix + header(user) + clean(turns[k].value) + end, False))
+        prefix = ""
+        if k + 1 < len(turns):
+            segments += [Segment(header(assistant), True), Segment(clean(turns[k + 1].value) + end, True)]
+        elif generation:
+            segments.append(Segment(header(assistant), False))
     return segments
 
 
@@ -274,6 +337,8 @@ def build_segments(
         segments = _round_segments(turns, tpl)
     elif tpl.style is SepStyle.LLAMA_2:
         segments = _llama_2_segments(turns, tpl)
+    elif tpl.style in (SepStyle.CHATML, SepStyle.LLAMA_3):
+        segments = _header_segments(turns, tpl, generation)
     else:
         segments = _chat_template_segments(turns, tpl, tokenizer, generation)
     if any(s.trained and IMAGE_TOKEN in s.text for s in segments):
@@ -304,14 +369,16 @@ def render_generation_prompt(
 
 
 def stop_strings(template: str | ConversationTemplate) -> tuple[str, ...]:
-    """Text that ends a reply besides the tokenizer's EOS: the turn end of ``plain`` and ChatML templates.
+    """Text that ends a reply besides the tokenizer's EOS: the turn end of ``plain``, ChatML and Llama-3 templates.
 
     LLaVA's eval scripts stop on ``conv.sep`` for these (``plain`` is trained on caption + ``"\\n"``; ChatML
-    replies end with ``<|im_end|>``). The ``two`` / ``llama_2`` styles end with ``</s>``, which is the EOS the
-    model's stop ids already hold; a chat template ends on the tokenizer's own end-of-turn token.
+    replies end with ``<|im_end|>``, Llama 3's with ``<|eot_id|>``, LLaVA-NeXT's ``stop_token_ids=[128009]``).
+    The ``two`` / ``llama_2`` styles end with ``</s>``, which is the EOS the model's stop ids already hold;
+    a chat template ends on the tokenizer's own end-of-turn token.
     """
     tpl = get_template(template)
-    return (tpl.sep,) if tpl.style in (SepStyle.PLAIN, SepStyle.MPT) and tpl.sep else ()
+    stops_on_sep = (SepStyle.PLAIN, SepStyle.MPT, SepStyle.CHATML, SepStyle.LLAMA_3)
+    return (tpl.sep,) if tpl.style in stops_on_sep and tpl.sep else ()
 
 
 def stop_token_ids(template: str | ConversationTemplate, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -215,7 +215,8 @@ def test_chat_template_renders_vitune_prompt(ws: Workspace, template: str) -> No
         except TemplateError:
             assert "error" in hf, f"{template}: vitune refuses {messages}, the chat template renders {hf}"
             continue
-        bos = ws.tokenizer.bos_token if bos_ids(ws.tokenizer) and tpl.style is not SepStyle.CHAT_TEMPLATE else ""
+        writes_bos = tpl.style in (SepStyle.CHAT_TEMPLATE, SepStyle.LLAMA_3)  # their rendering holds the BOS text
+        bos = ws.tokenizer.bos_token if bos_ids(ws.tokenizer) and not writes_bos else ""
         assert hf.get("text") == bos + text, f"{template}: {messages}"
         if generation:
             assert hf["ids"] == tokenize_generation_prompt(turns, tpl, ws.tokenizer), f"{template}: {messages}"
