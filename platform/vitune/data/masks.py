@@ -3,15 +3,15 @@
 ``tokenize_conversation`` / ``tokenize_record`` give a training sample (ids + labels); ``tokenize_generation_prompt``
 gives the serving-time ids through the same encoder, so they are a prefix of the training ids by construction.
 
-Masks are built by tokenizing each segment of ``vitune.data.templates.build_segments`` on its own (no special
-tokens added; ``<image>`` split out and inserted as its single id, as LLaVA's ``tokenizer_image_token`` does),
-then concatenating, with BOS prepended once when the tokenizer adds one (and for templates with
-``unmasked_tokens``, LLaVA-NeXT's Qwen / Llama 3 ones, those tokens trained wherever they occur). Trained labels are therefore exactly
-the tokens of the trained text, for any tokenizer, with no per-tokenizer offset arithmetic. Segment boundaries
-sit where byte-level BPE pre-tokenizers split anyway (the space between ``ASSISTANT:`` and the reply belongs
-to the reply, so ids match tokenizing the whole string for ordinary text); for sentencepiece-style tokenizers
-a segment may gain the tokenizer's dummy-prefix space, which is LLaVA's own behaviour for its per-chunk
-tokenization. Serving tokenizes prompts through the same segments, so train and serve see the same ids.
+Masks are built by tokenizing each segment of ``vitune.data.templates.build_segments`` on its own (no special tokens
+added; ``<image>`` split out and inserted as its single id, as LLaVA's ``tokenizer_image_token`` does), then
+concatenating, with BOS prepended once when the tokenizer adds one (and for templates with ``unmasked_tokens``,
+LLaVA-NeXT's Qwen / Llama 3 ones, those tokens trained wherever they occur). Trained labels are therefore exactly
+the tokens of the trained text, for any tokenizer, with no per-tokenizer offset arithmetic. Segment boundaries sit
+where byte-level BPE pre-tokenizers split anyway (the space between ``ASSISTANT:`` and the reply belongs to the
+reply, so ids match tokenizing the whole string for ordinary text); for sentencepiece-style tokenizers a segment may
+gain the tokenizer's dummy-prefix space, which is LLaVA's own behaviour for its per-chunk tokenization. Serving
+tokenizes prompts through the same segments, so train and serve see the same ids.
 """
 
 from __future__ import annotations

@@ -42,10 +42,11 @@ RULES = {
     "llava_v1": (" {}</s>", "ASSISTANT:", "USER:"),
     "llama_2": (" {} </s>", "[/INST]", "<s>"),
     "llava_llama_2": (" {} </s>", "[/INST]", "<s>"),
+    "mistral_instruct": (" {} </s>", "[/INST]", "[INST]"),  # LLaVA-NeXT's: llama_2 without <s> and system
     "chatml_direct": ("{}<|im_end|>", "assistant\n", "<|im_start|>"),
 }
 CASES = [
-    *((name, kind) for name in ("vicuna_v1", "llava_v1", "llama_2", "llava_llama_2")
+    *((name, kind) for name in ("vicuna_v1", "llava_v1", "llama_2", "llava_llama_2", "mistral_instruct")
       for kind in ("llama_legacy", "llama")),
     ("chatml_direct", "chatml"),
 ]
@@ -159,19 +160,20 @@ def test_no_off_by_one_at_turn_boundaries(name, kind, tokenizers):
 def test_ids_agree_with_llavas_whole_prompt_tokenization(name, kind, tokenizers):
     """The trained ids are exactly the ids LLaVA's ``tokenizer_image_token`` gives the reply in the whole prompt.
 
-    The prompt ids are identical too, with one known exception: a non-legacy Llama tokenizer (dummy prefix
-    only at the start of the text) writes ``USER:`` after ``</s>`` without the ``▁`` prefix, while vitune
-    tokenizes each later round on its own and so opens it with ``▁USER:``. Prompts are never trained and
-    serving uses the same segments, so train and serve agree; the difference is stated here so that it
-    is visible (LLaVA's ``- 1`` per later round for ``not tokenizer.legacy`` is the same effect seen from
-    its side).
+    The prompt ids are identical too, with one known exception: a non-legacy Llama tokenizer (dummy prefix only at the
+    start of the text) writes ``USER:`` (``mistral_instruct``: ``[INST]``) after ``</s>`` without the ``▁`` prefix,
+    while vitune tokenizes each later round on its own and so opens it with ``▁USER:``. Prompts are never trained
+    and serving uses the same segments, so train and serve agree; the difference is stated here so that it is
+    visible (LLaVA's ``- 1`` per later round for ``not tokenizer.legacy`` is the same effect seen from its side).
     """
     tok = tokenizers[kind]
     for conv in conversations(f"llava-{name}-{kind}"):
         sample = tokenize_conversation(conv, name, tok, max_length=4096)
         ref = llava_ids(render_conversation(conv, name), tok)
-        if name in ("vicuna_v1", "llava_v1") and kind == "llama":
-            assert exact_text(tok, sample.input_ids).replace("</s> USER:", "</s>USER:") == exact_text(tok, ref)
+        if name in ("vicuna_v1", "llava_v1", "mistral_instruct") and kind == "llama":
+            next_round = RULES[name][2]
+            assert (exact_text(tok, sample.input_ids).replace(f"</s> {next_round}", f"</s>{next_round}")
+                    == exact_text(tok, ref))
             assert sample.input_ids != ref or len(conv) == 2
             # LLaVA's trained spans end on its own </s> ids; the trained ids before each are the same
             spans = [sample.input_ids[s:e] for s, e in trained_spans(sample.labels)]
