@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from vitune import IMAGE_TOKEN, __version__, storage
 from vitune.config import VisionConfig
 from vitune.data.chat_jinja import chat_template_jinja
+from vitune.data.templates import stop_token_ids
 from vitune.model import llava_hf, llava_next_hf
 from vitune.model.folder import folder_recipe, load_model_folder
 from vitune.model.lora import merge_lora
@@ -187,7 +188,10 @@ def _write_processor(folder: Path, tokenizer: Any, tower: VisionTower, meta: dic
 def _write_generation_config(folder: Path, tokenizer: Any, meta: dict[str, Any]) -> None:
     from transformers import GenerationConfig  # deferred: only exporting needs it
 
-    stops = list(meta["stop_token_ids"])
+    # vLLM / transformers stop on these ids: the model's EOS ids plus the template's turn end where that is not
+    # the EOS (<|im_end|>, <|eot_id|>, plain's newline), as vitune's own serving stops (vitune.serve.engine)
+    template_stops = stop_token_ids(meta["model"]["template"], tokenizer)
+    stops = list(dict.fromkeys([*meta["stop_token_ids"], *template_stops]))
     GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=stops[0] if len(stops) == 1 else stops,

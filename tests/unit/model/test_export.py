@@ -30,6 +30,8 @@ from vitune.data.templates import (
     TemplateError,
     render_conversation,
     render_generation_prompt,
+    stop_strings,
+    stop_token_ids,
     with_system,
 )
 from vitune.data.tokenizer import load_tokenizer
@@ -220,6 +222,19 @@ def test_chat_template_renders_vitune_prompt(ws: Workspace, template: str) -> No
         assert hf.get("text") == bos + text, f"{template}: {messages}"
         if generation:
             assert hf["ids"] == tokenize_generation_prompt(turns, tpl, ws.tokenizer), f"{template}: {messages}"
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_generation_config_stops_where_vitune_serving_stops(ws: Workspace, template: str) -> None:
+    generation = json.loads((ws.templates[template] / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
+    eos = eos if isinstance(eos, list) else [eos]
+    expected = dict.fromkeys([*ws.cases["linear-pad"].model.eos_token_ids, *stop_token_ids(template, ws.tokenizer)])
+    assert eos == list(expected)
+    # plain's newline is one token here, so it is a stop; the tiny tokenizer spells <|im_end|> / <|eot_id|> in
+    # several tokens, which serving catches as text (test_llava_next_templates checks them as single ids)
+    if template == "plain":
+        assert stop_strings(template) == ("\n",) and len(eos) == len(ws.cases["linear-pad"].model.eos_token_ids) + 1
 
 
 def test_export_holds_what_vllm_reads(ws: Workspace) -> None:
