@@ -16,6 +16,9 @@ The LLaVA-NeXT templates (``qwen_1_5`` / ``qwen_2``: ``CHATML``, ``llava_llama_3
 ``mistral_instruct``: ``LLAMA_2`` without ``<s>``) render as its ``llava/conversation.py`` does
 (``tests/unit/data/llava_next_rendered.json``), except that ``llava_llama_3``'s training string ends with
 the last reply: its ``get_prompt()`` always appends the assistant header, which ``preprocess_llama3`` does not.
+``chatml_direct`` trains each reply + ``<|im_end|>`` as ``preprocess_mpt`` does for tokenizers with a BOS (Yi);
+with a BOS-less one (Qwen) that preprocessor's round lengths come out one short per later round and it drops
+the whole multi-round sample ("tokenization mismatch"), which vitune does not copy.
 
 ``with_system`` gives a template with a caller's system prompt (serving's system messages), or a
 ``TemplateError`` when the template has none.
