@@ -119,3 +119,23 @@ def test_llava_hf_clip_export_refuses_siglip(tower: VisionTower) -> None:
         llava_hf.clip_vision_config(tower.visual)
     with pytest.raises(llava_hf.NotRepresentable, match="not a CLIP ViT"):
         llava_hf.tower_tensors(tower.visual)
+
+
+def test_weights_from_a_local_file(tmp_path, pixels: torch.Tensor) -> None:
+    """`pretrained` may name a local open_clip checkpoint (e.g. open_clip_pytorch_model.bin of
+    timm/ViT-SO400M-14-SigLIP-384): its weights, not the seeded init, make the features; nothing downloads."""
+    import open_clip
+
+    from vitune.model.vision import register_asset_configs
+
+    register_asset_configs()
+    torch.manual_seed(7)  # weights unlike the tower's seeded init
+    clip = open_clip.create_model(TINY)
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(clip.state_dict(), path)
+    loaded = load_vision_tower(VisionConfig(name=TINY, pretrained=str(path)))
+    assert loaded.mean == (0.5, 0.5, 0.5)
+    reference = VisionTower(clip.visual, VisionConfig(name=TINY), open_clip.__version__)
+    torch.testing.assert_close(loaded.encode(pixels), reference.encode(pixels), rtol=0, atol=0)
+    seeded = load_vision_tower(VisionConfig(name=TINY)).encode(pixels)
+    assert (seeded - loaded.encode(pixels)).abs().max() > 1e-2
