@@ -43,7 +43,44 @@ SELECTS = ("patch", "cls_patch")  # LLaVA's mm_vision_select_feature: patch toke
 FINGERPRINT_ID_KEYS = ("tower", "pretrained", "feature_layer", "select", "image_size", "image_mode")
 # Fields of a fingerprint that are recorded but never make two stores incompatible.
 VERSION_FIELDS = ("open_clip_version", "torch_version")
-VITUNE_TOWER_CONFIGS = Path(__file__).parent / "assets" / "open_clip"  # the tiny tower's open_clip config
+VITUNE_TOWER_CONFIGS = Path(__file__).parent / "assets" / "open_clip"  # the tiny towers' open_clip configs
+
+
+@dataclass(frozen=True)
+class TimmTower:
+    """A timm trunk that open_clip builds from ``vision_cfg.timm_model_name`` (SigLIP towers), as vitune knows it.
+
+    open_clip's JSON for a timm tower names the trunk and the image size only; the patch size and width live in
+    timm's model function. They are written here so that a recipe stays torch-free (timm is not imported), and
+    so is the preprocessing that open_clip only attaches to a pretrained tag (SigLIP's ``webli``: mean = std =
+    0.5, bicubic, squash resize), which a random-init tower needs too. tests/unit/model/test_siglip.py checks
+    each entry against the trunk timm builds."""
+
+    patch_size: int
+    width: int
+    depth: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+TIMM_TOWERS: dict[str, TimmTower] = {
+    # google/siglip-so400m-patch14-384, LLaVA-OneVision's tower (open_clip's ViT-SO400M-14-SigLIP-384)
+    "vit_so400m_patch14_siglip_384": TimmTower(patch_size=14, width=1152, depth=27),
+    # vitune's tiny SigLIP-shaped trunk for tests (registered with timm by vitune.model.vision)
+    "vitune_tiny_siglip": TimmTower(patch_size=8, width=64, depth=3),
+}
+
+
+def timm_tower(vision_cfg: Mapping[str, Any], name: str) -> TimmTower | None:
+    """The ``TimmTower`` of an open_clip ``vision_cfg`` (None for a native open_clip ViT); an error listing the
+    supported trunks for any other timm trunk."""
+    trunk = vision_cfg.get("timm_model_name")
+    if trunk is None:
+        return None
+    if trunk not in TIMM_TOWERS:
+        raise ValueError(f"vision tower {name!r} is timm's {trunk!r}; vitune supports the timm trunks "
+                         f"{', '.join(sorted(TIMM_TOWERS))} (SigLIP) and open_clip's native ViTs")
+    return TIMM_TOWERS[trunk]
 
 
 class FingerprintMismatch(ValueError):
@@ -121,7 +158,7 @@ class VisionRecipe:
     select: str
     image_mode: str
     image_size: int
-    patch_size: int | None  # None where open_clip's config does not say (timm towers)
+    patch_size: int | None  # None where neither open_clip's config nor TIMM_TOWERS says
     hidden_size: int | None
     # anyres only: the grid resolutions as (height, width) pixels, the merge, and anyres_max_N's N (None: no cap)
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
@@ -147,6 +184,14 @@ class VisionRecipe:
         size = _side(vision_cfg.get("image_size"))
         if size is None:
             raise ValueError(f"vision tower {vision.name!r} has no square image_size in its open_clip config")
+        timm = timm_tower(vision_cfg, vision.name)
+        if timm is not None:  # SigLIP: the geometry of the named timm trunk; it has no CLS token
+            if vision.select == "cls_patch":
+                raise ValueError(f"vision.select='cls_patch' but tower {vision.name!r} (SigLIP) has no CLS token; "
+                                 "use select='patch' (all patch tokens, as LLaVA-OneVision)")
+            return cls(tower=vision.name, pretrained=vision.pretrained, feature_layer=vision.feature_layer,
+                       select=vision.select, image_size=size, patch_size=timm.patch_size, hidden_size=timm.width,
+                       **aspect_fields(vision, size))
         return cls(tower=vision.name, pretrained=vision.pretrained, feature_layer=vision.feature_layer,
                    select=vision.select, image_size=size, patch_size=_side(vision_cfg.get("patch_size")),
                    hidden_size=int(vision_cfg["width"]) if isinstance(vision_cfg.get("width"), int) else None,

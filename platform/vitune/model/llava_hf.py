@@ -68,8 +68,17 @@ def _check_block(i: int, block: nn.Module) -> None:
         raise NotRepresentable(f"tower block {i} is a cross-attention block")
 
 
+def _check_clip(visual: nn.Module) -> None:
+    from open_clip.transformer import VisionTransformer  # deferred: open_clip is heavy to import
+
+    if not isinstance(visual, VisionTransformer):
+        raise NotRepresentable(f"the tower is a {type(visual).__name__}, not a CLIP ViT; llava-hf's LLaVA holds a "
+                               "CLIPVisionModel (a SigLIP tower maps to SiglipVisionModel: vitune.model.siglip_hf)")
+
+
 def clip_vision_config(visual: nn.Module) -> dict[str, Any]:
     """`CLIPVisionConfig` fields of an open_clip `VisionTransformer`; `NotRepresentable` when not CLIP-shaped."""
+    _check_clip(visual)
     if not isinstance(visual.ln_pre, nn.LayerNorm):
         raise NotRepresentable("the tower has no LayerNorm before its blocks (no_ln_pre), CLIPVisionModel does")
     if visual.conv1.bias is not None:
@@ -106,6 +115,7 @@ def _linear(prefix: str, linear: nn.Module) -> dict[str, torch.Tensor]:
 
 def tower_tensors(visual: nn.Module) -> dict[str, torch.Tensor]:
     """The tower's weights under `CLIPVisionModel` names, prefixed `vision_tower.vision_model.`."""
+    _check_clip(visual)
     width = visual.transformer.width
     out: dict[str, torch.Tensor] = {
         "embeddings.class_embedding": visual.class_embedding,

@@ -1,4 +1,4 @@
-"""The frozen vision tower: any open_clip ViT + pretrained tag → per-patch features `[B, N, D]`.
+"""The frozen vision tower: an open_clip ViT or SigLIP tower + pretrained tag → per-patch features `[B, N, D]`.
 
 `encode_images` is the one function that feature extraction, evaluation and serving call to turn
 images into tower features, so the preprocessing, feature layer and CLS handling cannot drift apart
@@ -11,8 +11,16 @@ Feature layer semantics follow LLaVA / Hugging Face CLIP: the hidden states are 
 k-th transformer block. So `feature_layer=-2` is the output of block L-1 of L; `ln_post` is never
 applied. `select="patch"` drops the CLS token, `select="cls_patch"` keeps it first.
 
-The tiny preset `vitune-tiny-vit` (random init, seeded) is an open_clip model config shipped in
-`vitune/assets/open_clip/`; it is registered with open_clip on first use, never at import.
+SigLIP towers (LLaVA-OneVision's google/siglip-so400m-patch14-384 = open_clip's `ViT-SO400M-14-SigLIP-384`)
+are open_clip `TimmModel`s around a timm ViT with no CLS token: hidden state 0 is the patch embedding plus the
+position embedding, state k the output of block k, as in transformers' `SiglipVisionModel` (no final norm, no
+MAP head). `select` must be `patch` (every patch token). OneVision drops the last of the 27 blocks and takes the
+last remaining state, i.e. `feature_layer=-2` here (LLaVA-NeXT's siglip_encoder.py). The preprocessing is
+SigLIP's (mean = std = 0.5; `vitune.vision_recipe.TIMM_TOWERS`), with or without a pretrained tag.
+
+The tiny presets `vitune-tiny-vit` and `vitune-tiny-siglip` (random init, seeded) are open_clip model configs
+shipped in `vitune/assets/open_clip/`; they (and the tiny timm trunk, `vitune.model.tiny_siglip`) are registered
+on first use, never at import.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from PIL import Image
 from torch import nn
 
 from vitune.model import image as image_lib
-from vitune.vision_recipe import VITUNE_TOWER_CONFIGS, VisionRecipe, aspect_fields
+from vitune.model.tiny_siglip import register_tiny_siglip
+from vitune.vision_recipe import VITUNE_TOWER_CONFIGS, VisionRecipe, aspect_fields, timm_tower, tower_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +49,7 @@ def register_asset_configs() -> None:
     # deferred: open_clip pulls in torch and timm; readers of a fingerprint need neither
     import open_clip
 
+    register_tiny_siglip()
     known = set(open_clip.list_models())
     for path in sorted(VITUNE_TOWER_CONFIGS.glob("*.json")):
         if path.stem not in known:
@@ -58,17 +68,24 @@ def _blocks_for_layer(feature_layer: int, num_layers: int) -> int:
 
 
 class VisionTower(nn.Module):
-    """A frozen open_clip ViT returning the hidden states of one block as per-patch features."""
+    """A frozen open_clip ViT or SigLIP tower returning the hidden states of one block as per-patch features."""
 
     def __init__(self, visual: nn.Module, cfg: Any, open_clip_version: str, recipe: VisionRecipe | None = None) -> None:
         super().__init__()
         # deferred: open_clip pulls in torch and timm; readers of a fingerprint need neither
+        from open_clip.timm_model import TimmModel
         from open_clip.transformer import VisionTransformer
 
-        if not isinstance(visual, VisionTransformer):
+        self.is_siglip = isinstance(visual, TimmModel)
+        if self.is_siglip:
+            timm_tower(tower_config(cfg.name).get("vision_cfg", {}), cfg.name)  # a supported trunk, or an error
+            if cfg.select == "cls_patch":
+                raise ValueError(f"vision.select='cls_patch' but tower {cfg.name!r} (SigLIP) has no CLS token; "
+                                 "use select='patch' (all patch tokens, as LLaVA-OneVision)")
+        elif not isinstance(visual, VisionTransformer):
             raise ValueError(
                 f"vision tower {cfg.name!r} is a {type(visual).__name__}; only open_clip's native "
-                "VisionTransformer towers are supported (not timm or ResNet towers)"
+                "VisionTransformer towers and SigLIP (timm ViT) towers are supported"
             )
         self.visual = visual
         self.cfg = cfg
@@ -79,14 +96,21 @@ class VisionTower(nn.Module):
         self.image_mode: str = cfg.image_mode
         self._open_clip_version = open_clip_version
 
-        height, width = visual.image_size
-        patch_h, patch_w = visual.patch_size
+        if self.is_siglip:
+            trunk = visual.trunk
+            if trunk.cls_token is not None or trunk.num_prefix_tokens:
+                raise ValueError(f"SigLIP tower {cfg.name!r} has prefix tokens; SigLIP's timm trunk has none")
+            (height, width), (patch_h, patch_w) = trunk.patch_embed.img_size, trunk.patch_embed.patch_size
+            self.hidden_size: int = trunk.embed_dim
+            self.num_layers: int = len(trunk.blocks)
+        else:
+            (height, width), (patch_h, patch_w) = visual.image_size, visual.patch_size
+            self.hidden_size = visual.transformer.width
+            self.num_layers = len(visual.transformer.resblocks)
         if height != width or patch_h != patch_w:
             raise ValueError(f"tower {cfg.name!r} is not square ({height}x{width}, patch {patch_h}x{patch_w})")
         self.image_size: int = height
         self.patch_size: int = patch_h
-        self.hidden_size: int = visual.transformer.width
-        self.num_layers: int = len(visual.transformer.resblocks)
         self.num_blocks: int = _blocks_for_layer(cfg.feature_layer, self.num_layers)
         # the recipe of the tower as built (its real geometry), the one source of its fingerprint and token count
         self.recipe = VisionRecipe(tower=cfg.name, pretrained=cfg.pretrained, feature_layer=cfg.feature_layer,
@@ -107,12 +131,16 @@ class VisionTower(nn.Module):
         return super().train(False)
 
     @property
+    def _patch_conv(self) -> nn.Module:
+        return self.visual.trunk.patch_embed.proj if self.is_siglip else self.visual.conv1
+
+    @property
     def device(self) -> torch.device:
-        return self.visual.conv1.weight.device
+        return self._patch_conv.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.visual.conv1.weight.dtype
+        return self._patch_conv.weight.dtype
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image → normalised `[3, H, W]` float32 tensor for this tower (one tile: pad or crop)."""
@@ -135,8 +163,19 @@ class VisionTower(nn.Module):
         x = visual.patch_dropout(x)  # identity in eval mode
         return visual.ln_pre(x)
 
+    def _siglip_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        trunk = self.visual.trunk
+        x = trunk.patch_embed(pixel_values)  # [B, P, D]
+        x = trunk._pos_embed(x)  # + position embedding (no class token to prepend)
+        x = trunk.norm_pre(trunk.patch_drop(x))  # identities for SigLIP in eval mode
+        for block in trunk.blocks[: self.num_blocks]:
+            x = block(x)
+        return x  # [B, P, D]: no final norm, no MAP head
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` → `[B, N, D]` hidden states after `num_blocks` blocks (no ln_post)."""
+        if self.is_siglip:
+            return self._siglip_forward(pixel_values.to(device=self.device, dtype=self.dtype))
         x = self._embed(pixel_values.to(device=self.device, dtype=self.dtype))  # [B, 1+P, D]
         transformer = self.visual.transformer
         if not transformer.batch_first:
@@ -193,10 +232,14 @@ def load_vision_tower(cfg: Any, device: str | torch.device = "cpu", dtype: torch
         )
     tag_cfg = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained) if cfg.pretrained else {}
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    timm = timm_tower(tower_config(cfg.name).get("vision_cfg", {}), cfg.name)
+    # open_clip attaches SigLIP's mean/std to its pretrained tags only; a random-init SigLIP tower needs them too
+    force = {"mean": timm.mean, "std": timm.std} if timm is not None else None
     # Seeded init in a forked RNG so loading a tower never perturbs the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_INIT_SEED)
-        clip = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device="cpu", force_quick_gelu=quick_gelu)
+        clip = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device="cpu", force_quick_gelu=quick_gelu,
+                                      force_preprocess_cfg=force)
     tower = VisionTower(clip.visual, cfg, open_clip.__version__, recipe=recipe)
     del clip
     tower.to(device=device, dtype=dtype)
