@@ -17,7 +17,9 @@ public name is importable from ``vitune.config`` itself.
 from vitune.config.base import (
     MODELS_SCHEME,
     RUNS_SCHEME,
+    STAGE_TUNABLE_PARTS,
     STAGES,
+    TUNABLE_PARTS,
     JobConfig,
     RayConfig,
     Section,
@@ -52,7 +54,8 @@ from vitune.config.training import (
 from vitune.config.tree import ConfigError
 
 __all__ = [
-    "API_KEY_ENV", "KNOWN_SECTIONS", "MODELS_SCHEME", "PRESETS_DIR", "RUNS_SCHEME", "STAGES", "ConfigError",
+    "API_KEY_ENV", "KNOWN_SECTIONS", "MODELS_SCHEME", "PRESETS_DIR", "RUNS_SCHEME", "STAGES", "STAGE_TUNABLE_PARTS",
+    "TUNABLE_PARTS", "ConfigError",
     "DataConfig", "EndpointConfig", "EvalConfig", "EvalJobConfig", "FeaturesConfig", "FeaturesJobConfig",
     "GenerateConfig", "GenerateJobConfig", "GenerateTargets", "JobConfig", "JudgeConfig", "LoraConfig",
     "ModelConfig", "RayConfig", "RemoteImagesConfig", "Section", "ServeConfig", "Stage", "StorageConfig",

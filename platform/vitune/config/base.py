@@ -12,6 +12,13 @@ MODELS_SCHEME = "models:/"  # a registered version in MLflow's registry (``vitun
 RUNS_SCHEME = "runs:/"  # a training run in MLflow (``vitune.references`` resolves it to the folder it wrote)
 Stage = Literal["align", "finetune"]
 STAGES: tuple[str, ...] = get_args(Stage)
+# LLaVA-NeXT's --mm_tunable_parts names, and what each stage tunes when the config names none (LLaVA-NeXT's
+# stage-1 scripts pass "mm_mlp_adapter", its finetune scripts add the LM; vitune's `stage` keeps that default)
+TUNABLE_PARTS: tuple[str, ...] = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model")
+STAGE_TUNABLE_PARTS: dict[str, tuple[str, ...]] = {
+    "align": ("mm_mlp_adapter",),
+    "finetune": ("mm_mlp_adapter", "mm_language_model"),
+}
 
 
 class Section(BaseModel):

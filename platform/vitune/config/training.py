@@ -7,7 +7,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vitune.config.base import JobConfig, Section, Stage, _absolute_or_stage, _absolute_paths
+from vitune.config.base import (
+    STAGE_TUNABLE_PARTS,
+    TUNABLE_PARTS,
+    JobConfig,
+    Section,
+    Stage,
+    _absolute_or_stage,
+    _absolute_paths,
+)
 from vitune.vision_recipe import parse_grid_pinpoints
 
 
@@ -119,6 +127,10 @@ class TrainConfig(Section):
     cpus_per_worker: int = Field(1, gt=0)
     lr: float = Field(2e-3, gt=0)
     mm_projector_lr: float | None = Field(None, gt=0)  # the projector's own learning rate; None = train.lr
+    # LLaVA-NeXT's --mm_tunable_parts: a comma-separated subset of mm_mlp_adapter, mm_language_model (the LM and
+    # an anyres model's image_newline), mm_vision_tower; None = the stage's (align: the projector; finetune: + LM)
+    mm_tunable_parts: str | None = None
+    mm_vision_tower_lr: float | None = Field(None, gt=0)  # LLaVA-NeXT's tower rate; read with mm_vision_tower
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, le=1)
@@ -146,6 +158,32 @@ class TrainConfig(Section):
     _paths = field_validator("output")(_absolute_paths)
     _init = field_validator("init_from")(_absolute_or_stage)
 
+    @field_validator("mm_tunable_parts")
+    @classmethod
+    def _parts(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = [p.strip() for p in v.split(",") if p.strip()]
+        unknown = [p for p in parts if p not in TUNABLE_PARTS]
+        if not parts or unknown:
+            hint = (" (vitune has no vision resampler)" if "mm_vision_resampler" in unknown else "")
+            raise ValueError(f"mm_tunable_parts {v!r}: {', '.join(unknown) or 'no part'} is not a part{hint}; "
+                             f"valid parts: {', '.join(TUNABLE_PARTS)}")
+        if "mm_vision_tower" in parts:
+            # training reads features the frozen tower computed once; a tower in the step needs its pixel store
+            raise ValueError("mm_tunable_parts: mm_vision_tower is not supported yet: vitune trains from the "
+                             "frozen tower's stored features, and a tower that trains needs preprocessed pixels "
+                             "in the step (the pixel store), which is not built; tune mm_mlp_adapter and "
+                             "mm_language_model")
+        return ",".join(p for p in TUNABLE_PARTS if p in parts)  # one spelling, in LLaVA-NeXT's order
+
+    @model_validator(mode="after")
+    def _tower_lr(self) -> TrainConfig:
+        if self.mm_vision_tower_lr is not None and "mm_vision_tower" not in (self.mm_tunable_parts or ""):
+            raise ValueError(f"mm_vision_tower_lr={self.mm_vision_tower_lr} is read only when mm_tunable_parts "
+                             "includes mm_vision_tower")
+        return self
+
 
 class FeaturesJobConfig(JobConfig):
     """The features job takes every aspect mode: anyres stores hold each image's tiles and size."""
@@ -165,6 +203,12 @@ class TrainJobConfig(JobConfig):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @property
+    def tunable_parts(self) -> tuple[str, ...]:
+        """What trains (LLaVA-NeXT's part names): ``train.mm_tunable_parts``, else the stage's default."""
+        named = self.train.mm_tunable_parts
+        return tuple(named.split(",")) if named else STAGE_TUNABLE_PARTS[self.stage]
+
     @model_validator(mode="after")
     def _check_lora(self) -> TrainJobConfig:
         """LoRA is a finetune-stage option; QLoRA's 4-bit base cannot be sharded by ZeRO-3. (Whether this
@@ -173,6 +217,9 @@ class TrainJobConfig(JobConfig):
         if lora.enabled and self.stage != "finetune":
             raise ValueError(f"train.lora.enabled=true needs stage=finetune (stage {self.stage!r} trains no LM "
                              "weights)")
+        if lora.enabled and "mm_language_model" not in self.tunable_parts:
+            raise ValueError(f"train.lora.enabled=true trains adapters on the LM, but train.mm_tunable_parts="
+                             f"{self.train.mm_tunable_parts!r} does not tune mm_language_model")
         if lora.enabled and lora.quantization != "none" and self.train.zero_stage == 3:
             raise ValueError(f"train.lora.quantization={lora.quantization!r} (QLoRA) cannot run with ZeRO-3: it "
                              "partitions parameters and cannot shard a 4-bit base; use train.zero_stage=2")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitune import IGNORE_INDEX, IMAGE_TOKEN
-from vitune.config import STAGES
+from vitune.config import STAGE_TUNABLE_PARTS, STAGES
 from vitune.data import tokenizer as tokenizer_lib
 from vitune.model.anyres import pack_image_features
 from vitune.model.decoding import GenerationStep, decode_stream
@@ -330,25 +330,37 @@ class VisionLanguageModel(nn.Module):
         return outputs
 
     def freeze_for_stage(self, stage: str) -> dict[str, dict[str, int]]:
-        """Set `requires_grad` per stage (align: projector; finetune: projector + LM) and log it.
-
-        An anyres model's `image_newline` trains with the LM, as in LLaVA-NeXT (its `mm_language_model` part
-        is every parameter outside the tower and the projector): frozen at its init in align.
-        """
+        """`freeze` with the stage's default parts (align: the projector; finetune: projector + LM)."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
-        train_groups = {"projector": True, "lm": stage == "finetune"}
+        return self.freeze(STAGE_TUNABLE_PARTS[stage], label=f"stage {stage}")
+
+    def freeze(self, parts: Collection[str], label: str = "tunable parts") -> dict[str, dict[str, int]]:
+        """Set `requires_grad` by LLaVA-NeXT's `mm_tunable_parts` names and log what trains and what is frozen.
+
+        `mm_mlp_adapter` is the projector; `mm_language_model` is every parameter outside the tower and the
+        projector, as LLaVA-NeXT's train.py unfreezes it: the LM and an anyres model's `image_newline` (frozen at
+        its init in align). The tower is not part of this module (`mm_vision_tower` is refused by the config).
+        """
+        unknown = sorted(set(parts) - {"mm_mlp_adapter", "mm_language_model"})
+        if unknown:
+            raise ValueError(f"cannot tune {', '.join(unknown)} here: this model holds the projector "
+                             "(mm_mlp_adapter) and the LM (mm_language_model)")
+        lm_trains = "mm_language_model" in parts
+        train_groups = {"projector": "mm_mlp_adapter" in parts, "lm": lm_trains}
         if self.image_newline is not None:
-            train_groups["image_newline"] = stage == "finetune"
+            train_groups["image_newline"] = lm_trains
         counts: dict[str, dict[str, int]] = {}
         for group, trains in train_groups.items():
             part: nn.Module | nn.Parameter = getattr(self, group)
             part.requires_grad_(trains)
             n_params = part.numel() if isinstance(part, nn.Parameter) else sum(p.numel() for p in part.parameters())
             counts[group] = {"trainable": n_params if trains else 0, "frozen": 0 if trains else n_params}
-            logger.info("stage %s: %s %s (%d parameters)", stage, group, "trains" if trains else "frozen", n_params)
+            logger.info("%s: %s %s (%d parameters)", label, group, "trains" if trains else "frozen", n_params)
         total = sum(c["trainable"] for c in counts.values())
-        logger.info("stage %s: %d trainable parameters in all", stage, total)
+        if not total:
+            raise ValueError(f"{label}: {', '.join(parts) or 'no part'} leaves nothing to train")
+        logger.info("%s: %d trainable parameters in all", label, total)
         return counts
 
 

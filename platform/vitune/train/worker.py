@@ -78,7 +78,7 @@ class Worker:
         if self.lora:
             self._wrap_lora()
         else:
-            self.model.freeze_for_stage(cfg.stage)
+            self.model.freeze(cfg.tunable_parts, label=f"stage {cfg.stage}")
         self.trainable = lora.trainable_summary(self.model)
         if cfg.train.gradient_checkpointing:
             self.model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -111,14 +111,14 @@ class Worker:
         return tokenizer, model.to(self.device).train(), None
 
     def _wrap_lora(self) -> None:
-        """LoRA (``train.lora``): the projector (and an anyres model's ``image_newline``) trains, the LM's own weights
-        freeze, adapters wrap its linears."""
+        """LoRA (``train.lora``): the projector (when mm_mlp_adapter is tuned, as by default) and an anyres model's
+        ``image_newline`` train, the LM's own weights freeze, adapters wrap its linears."""
         settings = self.cfg.train.lora
         if self._lm_not_rebuildable():
             raise ValueError(f"train.lora.enabled: the base LM of train.init_from={self.cfg.train.init_from} is "
                              "stored in that folder, not named by a path; a LoRA folder names its base, so export "
                              "the LM (or start from a folder whose LM is a path) first")
-        self.model.projector.requires_grad_(True)
+        self.model.projector.requires_grad_("mm_mlp_adapter" in self.cfg.tunable_parts)
         if self.model.image_newline is not None:  # anyres: trains beside the projector, as it does in finetune
             self.model.image_newline.requires_grad_(True)
         self.model.lm.requires_grad_(False)  # the adapters added below are the LM's only trainable weights
@@ -239,7 +239,10 @@ class Worker:
             return
         checkpoint.save_full_model(self.model, self.tokenizer, self.cfg, self.feature_dim, fingerprint, uri,
                                    rank=self.rank, steps=self.step,
-                                   include_lm=self.cfg.stage == "finetune" or self._lm_not_rebuildable())
+                                   include_lm=self._lm_trains() or self._lm_not_rebuildable())
+
+    def _lm_trains(self) -> bool:
+        return "mm_language_model" in self.cfg.tunable_parts
 
     def _lm_not_rebuildable(self) -> bool:
         # an LM that came from an earlier folder (not by path) must be carried along
