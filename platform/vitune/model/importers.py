@@ -5,7 +5,10 @@
   export, whose `vitune_export.json` makes the round trip bit for bit); `LlavaNextForConditionalGeneration` /
   `LlavaOnevisionForConditionalGeneration` (llava-hf/llava-v1.6-*) import as an anyres model whose recipe carries
   the checkpoint's grid (and anyres_max_N cap) and whose `image_newline` is the checkpoint's;
-- an official LLaVA folder (`LlavaLlamaForCausalLM`: `model.mm_projector.*` weights, `mm_*` config keys);
+- an official LLaVA folder (`LlavaLlamaForCausalLM`: `model.mm_projector.*` weights, `mm_*` config keys), and the
+  LLaVA-NeXT / OneVision layout of the same code line (lmms-lab/llava-onevision-qwen2-*: `LlavaQwenForCausalLM`,
+  `image_aspect_ratio` anyres / anyres_max_N, `model.image_newline`, a SigLIP tower under
+  `model.vision_tower.vision_tower.vision_model.` without its last block and head) as an anyres model;
 - a stage-1 `mm_projector.bin` (LLaVA's `pretrain_mm_mlp_adapter`), with the LM named by `model_cfg.lm`.
 `ensure_model_folder` is the hook for `train.init_from`: a vitune folder passes through, any other layout
 is imported into a folder named by a hash of its URI (under a work prefix on storage, so every worker reads it).
@@ -32,7 +35,7 @@ from torch import nn
 from vitune import storage
 from vitune.config import ModelConfig
 from vitune.data.tokenizer import load_tokenizer
-from vitune.model import llava_hf, llava_next_hf
+from vitune.model import llava_hf, llava_next_hf, tower_hf
 from vitune.model.export import EXPORT_META
 from vitune.model.folder import META_FILE, save_model_folder
 from vitune.model.vision import load_vision_tower
@@ -49,6 +52,7 @@ HF_TOWERS = {
     "openai/clip-vit-large-patch14": ("ViT-L-14", "openai"),
     "openai/clip-vit-base-patch16": ("ViT-B-16", "openai"),
     "openai/clip-vit-base-patch32": ("ViT-B-32", "openai"),
+    "google/siglip-so400m-patch14-384": ("ViT-SO400M-14-SigLIP-384", "webli"),  # LLaVA-OneVision's tower
 }
 _LLAVA_ARCHS = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral", "LlavaQwenForCausalLM": "qwen2"}
 _LLAVA_ONLY_KEYS = ("image_aspect_ratio", "image_grid_pinpoints", "tokenizer_padding_side", "use_mm_proj",
@@ -121,14 +125,9 @@ def check_fields(found: dict[str, Any], expected: dict[str, Any], source: str) -
 
 def check_tower_weights(tensors: dict[str, torch.Tensor], tower: Any, source: str) -> None:
     """The checkpoint's tower weights (canonical llava-hf names) must be the configured tower's."""
-    expected = llava_hf.tower_tensors(tower.visual)
-    if set(tensors) != set(expected):
-        raise CheckpointMismatch(source, [("tower", tower.name, f"a tower with {len(tensors)} other tensors")])
-    for name, want in expected.items():
-        have = tensors[name]
-        if have.shape != want.shape or not torch.allclose(have.float(), want.float(), rtol=1e-3, atol=1e-3):
-            raise CheckpointMismatch(source, [("tower", f"{tower.name} ({tower.pretrained})",
-                                               f"other vision weights (first at {name})")])
+    problem = tower_hf.check_tower_weights(tensors, tower)
+    if problem is not None:
+        raise CheckpointMismatch(source, [("tower", f"{tower.name} ({tower.pretrained})", problem)])
 
 
 def _check_projector(name: str, model_cfg: ModelConfig, source: str) -> None:
@@ -229,7 +228,7 @@ def _import_llava_hf(path: Path, model_cfg: ModelConfig | None, expected: dict |
         model_cfg = _next_vision(model_cfg, config, source)
     tower = load_vision_tower(model_cfg.vision)
     expected = expected or tower.fingerprint()
-    found = llava_hf.feature_fields(config)
+    found = tower_hf.feature_fields(config)
     if anyres:
         found.update(image_mode="anyres", grid_pinpoints=[list(p) for p in config["image_grid_pinpoints"]])
     if export is not None:
@@ -271,8 +270,32 @@ def tower_identity(mm_vision_tower: str) -> tuple[str, str | None]:
                      f"(known: {', '.join(HF_TOWERS)}, or an open_clip model name)")
 
 
-def official_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """The fingerprint fields an official LLaVA config pins down (`mm_*` keys, `image_aspect_ratio`)."""
+def official_anyres(config: dict[str, Any], tile_size: int) -> dict[str, Any] | None:
+    """An official LLaVA-NeXT / OneVision config's tiling in llava-hf's terms (model_type, pixel grid, cap), for
+    `_next_vision`; None for a single-image (pad / crop) config.
+
+    LLaVA-NeXT's llava_arch.py tiles by `image_aspect_ratio` ("anyres", or OneVision's "anyres_max_N" cap) over
+    `image_grid_pinpoints` (pixel pairs or the "(1x1),...,(6x6)" range form) and packs by `mm_patch_merge_type`;
+    only "spatial_unpad" (unpadded grid + row newline) is what vitune and transformers compute.
+    """
+    aspect = config.get("image_aspect_ratio")
+    if not (isinstance(aspect, str) and aspect.startswith("anyres")):
+        return None
+    merge = config.get("mm_patch_merge_type", "flat")
+    if merge != "spatial_unpad":
+        raise llava_hf.NotRepresentable(f"mm_patch_merge_type {merge!r}: vitune imports LLaVA-NeXT's anyres models "
+                                        "with spatial_unpad (unpadded grid + row newline) only")
+    if "image_grid_pinpoints" not in config:
+        raise llava_hf.NotRepresentable(f"image_aspect_ratio {aspect!r} but the config has no image_grid_pinpoints")
+    pinpoints = [list(p) for p in parse_grid_pinpoints(config["image_grid_pinpoints"], tile_size)]
+    if aspect == "anyres":
+        return {"model_type": "llava_next", "image_grid_pinpoints": pinpoints}
+    return {"model_type": "llava_onevision", "image_grid_pinpoints": pinpoints, "vision_aspect_ratio": aspect}
+
+
+def official_fields(config: dict[str, Any], tile_size: int | None = None) -> dict[str, Any]:
+    """The fingerprint fields an official LLaVA config pins down (`mm_*` keys, `image_aspect_ratio`); an anyres
+    config (LLaVA-NeXT / OneVision) needs the tower's `tile_size` to read its grid."""
     fields: dict[str, Any] = {}
     if "mm_vision_tower" in config:
         fields["tower"], fields["pretrained"] = tower_identity(config["mm_vision_tower"])
@@ -284,8 +307,11 @@ def official_fields(config: dict[str, Any]) -> dict[str, Any]:
         fields["hidden_size"] = config["mm_hidden_size"]
     aspect = config.get("image_aspect_ratio")
     if isinstance(aspect, str) and aspect.startswith("anyres"):
-        raise ValueError(f"image_aspect_ratio {aspect!r} (LLaVA-NeXT tiling) is not vitune's single-image recipe")
-    if "mm_vision_tower" in config:  # LLaVA pads only when asked; otherwise CLIP's resize + centre crop
+        if tile_size is None:
+            raise ValueError(f"image_aspect_ratio {aspect!r} (LLaVA-NeXT tiling): a stage-1 projector has no grid")
+        fields["image_mode"] = "anyres"
+        fields["grid_pinpoints"] = official_anyres(config, tile_size)["image_grid_pinpoints"]
+    elif "mm_vision_tower" in config:  # LLaVA pads only when asked; otherwise CLIP's resize + centre crop
         fields["image_mode"] = "pad" if aspect == "pad" else "crop"
     if config.get("mm_use_im_start_end"):
         raise ValueError("mm_use_im_start_end: vitune has no <im_start>/<im_end> image tokens")
@@ -322,9 +348,14 @@ def _official_tower_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def _import_official(path: Path, model_cfg: ModelConfig, expected: dict | None, source: str):
     config = json.loads((path / "config.json").read_text())
+    tile = VisionRecipe.of(model_cfg.vision).image_size
+    anyres = official_anyres(config, tile)
+    if anyres is not None:  # LLaVA-NeXT / OneVision: the checkpoint's grid and cap make the recipe
+        model_cfg = _next_vision(model_cfg, anyres, source)
     tower = load_vision_tower(model_cfg.vision)
-    check_fields(official_fields(config), expected or tower.fingerprint(), source)
+    check_fields(official_fields(config, tile), expected or tower.fingerprint(), source)
     tensors = read_weights(path)
+    newline = llava_next_hf.pop_newline(tensors) if anyres is not None else None
     tower_state = llava_hf.canonical_names(_official_tower_state(tensors))
     if tower_state:
         check_tower_weights(tower_state, tower, source)
@@ -332,7 +363,8 @@ def _import_official(path: Path, model_cfg: ModelConfig, expected: dict | None, 
     _check_projector(name, model_cfg, source)
     tokenizer = load_tokenizer(str(path))
     lm = _official_lm(config, tensors, tokenizer)
-    return _assemble(model_cfg, tokenizer, tower, lm, state, None), tokenizer, model_cfg, tower.fingerprint(), True
+    model = _assemble(model_cfg, tokenizer, tower, lm, state, None, newline)
+    return model, tokenizer, model_cfg, tower.fingerprint(), True
 
 
 def _import_projector(path: Path, model_cfg: ModelConfig, expected: dict | None, source: str):

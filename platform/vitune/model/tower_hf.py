@@ -43,3 +43,44 @@ def select_strategy(tower: Any, select: str) -> str:
 def additional_tokens(tower: Any) -> int:
     """Tokens per tile beyond the patches that the tower emits (CLIP's CLS) and the processor counts."""
     return 0 if tower.is_siglip else 1
+
+
+def feature_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint fields a llava-hf `config.json` pins down, for a CLIP or a SigLIP `vision_config`."""
+    vision = config.get("vision_config") or {}
+    if vision.get("model_type") != "siglip_vision_model":
+        return llava_hf.feature_fields(config)
+    layer = config.get("vision_feature_layer", -2)
+    strategy = config.get("vision_feature_select_strategy", "default")
+    if not isinstance(layer, int):
+        raise llava_hf.NotRepresentable(f"vision_feature_layer {layer!r}: vitune reads one feature layer")
+    if strategy != "full":  # "default" would drop SigLIP's first patch, which no vitune recipe does
+        raise llava_hf.NotRepresentable(f"vision_feature_select_strategy {strategy!r} on a SigLIP tower: it has no "
+                                        "CLS token, so vitune reads 'full' (every patch)")
+    fields = {"feature_layer": layer, "select": "patch"}
+    fields.update({key: vision[key] for key in ("image_size", "hidden_size") if key in vision})
+    return fields
+
+
+def check_tower_weights(tensors: dict[str, torch.Tensor], tower: Any) -> str | None:
+    """None when the checkpoint's tower weights (llava-hf names) are `tower`'s, else the first that differs.
+
+    A checkpoint may leave out what LLaVA never reads: LLaVA-NeXT's SigLIP tower drops the trunk's last block and
+    its MAP head (multimodal_encoder/siglip_encoder.py), so only blocks past the feature layer and the head may be
+    absent; every tensor present must be the tower's.
+    """
+    expected = tower_tensors(tower)
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        return f"tensors the tower lacks ({unknown[0]}, ...)"
+    used = [f"{llava_hf.TOWER_PREFIX}encoder.layers.{i}." for i in range(tower.num_blocks)]
+    missing = sorted(name for name in set(expected) - set(tensors)
+                     if "encoder.layers." not in name or name.startswith(tuple(used)))
+    missing = [name for name in missing if not (tower.is_siglip and ".head." in name)]
+    if missing:
+        return f"a tower without {missing[0]}"
+    for name, have in tensors.items():
+        want = expected[name]
+        if have.shape != want.shape or not torch.allclose(have.float(), want.float(), rtol=1e-3, atol=1e-3):
+            return f"other vision weights (first at {name})"
+    return None
