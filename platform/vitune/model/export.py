@@ -5,8 +5,9 @@ and `models:/NAME/VERSION` to one first, `vitune.references`) and writes, to a l
 `LlavaForConditionalGeneration.from_pretrained(OUT)` and `AutoProcessor.from_pretrained(OUT)` read with no
 vitune installed:
 
-    config.json               LlavaConfig: the LM's text_config, the tower as a CLIPVisionConfig,
-                              vision_feature_layer / vision_feature_select_strategy from the fingerprint.
+    config.json               LlavaConfig: the LM's text_config, the tower as a CLIPVisionConfig or a
+                              SiglipVisionConfig (`vitune.model.tower_hf`), vision_feature_layer /
+                              vision_feature_select_strategy from the fingerprint ("full" on SigLIP: no CLS).
                               An anyres model: LlavaNextConfig (LlavaOnevisionConfig with anyres_max_N), the
                               grid, and the `image_newline` weight (`vitune.model.llava_next_hf`)
     model.safetensors         weights (sharded with model.safetensors.index.json when large)
@@ -271,7 +272,7 @@ def export_llava_hf(
 
     `dtype` (e.g. "bfloat16") casts every weight; by default the folder's own dtype is kept, which makes
     the export compute what vitune computes. Raises `llava_hf.NotRepresentable` (a `ValueError`) naming
-    the reason for a model the layout cannot hold exactly (e.g. `mlp3x_gelu`, a non-CLIP tower).
+    the reason for a model the layout cannot hold exactly (e.g. `mlp3x_gelu`, a tower neither CLIP nor SigLIP).
     """
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with tempfile.TemporaryDirectory(prefix="vitune-export-") as tmp:

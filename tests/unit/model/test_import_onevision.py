@@ -63,10 +63,10 @@ def _lmms_weights(hf: dict[str, torch.Tensor], num_layers: int, vocab: int) -> d
     return out
 
 
-def _write_lmms(ex: Exported, folder: Path, **overrides) -> Path:
+def _write_lmms(ex: Exported, folder: Path, tokenizer=None, **overrides) -> Path:
     folder.mkdir(parents=True)
     config = json.loads((ex.out / "config.json").read_text())
-    tokenizer = chatml_tokenizer(image_token=False)
+    tokenizer = tokenizer or chatml_tokenizer(image_token=False)
     tokenizer.save_pretrained(str(folder))
     vocab = len(tokenizer)
     text = {k: v for k, v in config["text_config"].items() if k not in ("architectures", "dtype")}
@@ -75,7 +75,7 @@ def _write_lmms(ex: Exported, folder: Path, **overrides) -> Path:
               str(folder / "model.safetensors"))
     official = {**text, "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava", "vocab_size": vocab,
                 "mm_vision_tower": TOWER, "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": ex.tower.hidden_size,
-                "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+                "mm_vision_select_layer": ex.tower.feature_layer, "mm_vision_select_feature": "patch",
                 "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres_max_9",
                 "image_grid_pinpoints": [list(p) for p in recipe.grid_pinpoints], "mm_use_im_start_end": False,
                 "mm_use_im_patch_token": False, "mm_newline_position": "grid", "mm_spatial_pool_mode": "bilinear",
@@ -165,3 +165,25 @@ def test_other_tower_weights_are_refused(exported, tmp_path) -> None:
     save_file(weights, str(source / "model.safetensors"))
     with pytest.raises(CheckpointMismatch, match="tower.*encoder.layers.0.mlp.fc1"):
         import_checkpoint(str(source), str(tmp_path / "out"), _model_cfg())
+
+
+def test_an_official_llava_next_clip_folder_imports_too(tmp_path) -> None:
+    """LLaVA-1.6's official layout (LlavaLlamaForCausalLM, a CLIP tower, image_aspect_ratio anyres) goes through the
+    same import; its logits equal transformers' LlavaNext built from the same weights."""
+    from tests.unit.model.test_export_llava_next import KINDS
+    from tests.unit.model.test_export_llava_next import _export as export_next
+
+    ex = export_next(tmp_path, "next")
+    source = _write_lmms(ex, tmp_path / "llava-v1.6-tiny", tokenizer=ex.tokenizer,
+                         architectures=["LlavaLlamaForCausalLM"], mm_vision_tower=ex.tower.name,
+                         image_aspect_ratio="anyres", mm_tunable_parts="mm_mlp_adapter,mm_language_model")
+    cfg = ModelConfig(vision=VisionConfig(name=ex.tower.name), projector="mlp2x_gelu", template=ex.cfg.template)
+    model, tokenizer, meta = load_model_folder(import_checkpoint(str(source), str(tmp_path / "vitune"), cfg))
+    assert meta["model"]["vision"]["image_aspect_ratio"] == "anyres" and model.recipe == ex.model.recipe
+    assert KINDS["next"].image_grid_pinpoints == meta["model"]["vision"]["image_grid_pinpoints"]
+    tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]))
+    image = _image(333, 77)
+    with torch.no_grad():
+        expected = ex.hf(**_hf_inputs(ex, image)).logits[0]
+    _, got = _logits(model.eval(), tower, tokenizer, meta["model"]["template"], image)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=LOGITS_ATOL)
