@@ -21,7 +21,7 @@ from vitune.vision_recipe import parse_grid_pinpoints
 
 class VisionConfig(Section):
     name: str = "vitune-tiny-vit"  # open_clip model name (CLIP ViT, or SigLIP e.g. ViT-SO400M-14-SigLIP-384)
-    pretrained: str | None = None  # open_clip pretrained tag or a local checkpoint file; None = random init
+    pretrained: str | None = None  # open_clip tag, a local checkpoint file or (SigLIP) HF folder; None = random
     feature_layer: int = -2
     select: Literal["patch", "cls_patch"] = "patch"
     # LLaVA's --image_aspect_ratio: pad (expand2square) | square (resize + centre crop; also read as "crop") |

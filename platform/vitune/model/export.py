@@ -5,8 +5,9 @@ and `models:/NAME/VERSION` to one first, `vitune.references`) and writes, to a l
 `LlavaForConditionalGeneration.from_pretrained(OUT)` and `AutoProcessor.from_pretrained(OUT)` read with no
 vitune installed:
 
-    config.json               LlavaConfig: the LM's text_config, the tower as a CLIPVisionConfig,
-                              vision_feature_layer / vision_feature_select_strategy from the fingerprint.
+    config.json               LlavaConfig: the LM's text_config, the tower as a CLIPVisionConfig or a
+                              SiglipVisionConfig (`vitune.model.tower_hf`), vision_feature_layer /
+                              vision_feature_select_strategy from the fingerprint ("full" on SigLIP: no CLS).
                               An anyres model: LlavaNextConfig (LlavaOnevisionConfig with anyres_max_N), the
                               grid, and the `image_newline` weight (`vitune.model.llava_next_hf`)
     model.safetensors         weights (sharded with model.safetensors.index.json when large)
@@ -41,7 +42,7 @@ from vitune import IMAGE_TOKEN, __version__, storage
 from vitune.config import VisionConfig
 from vitune.data.chat_jinja import chat_template_jinja
 from vitune.data.templates import stop_token_ids
-from vitune.model import llava_hf, llava_next_hf
+from vitune.model import llava_hf, llava_next_hf, tower_hf
 from vitune.model.folder import folder_recipe, load_model_folder
 from vitune.model.lora import merge_lora
 from vitune.model.vision import VisionTower, load_vision_tower
@@ -77,7 +78,7 @@ def _tower_for(meta: dict[str, Any]) -> VisionTower:
 def llava_config(model: VisionLanguageModel, tower: VisionTower, meta: dict[str, Any], act: str,
                  dtype: torch.dtype) -> dict[str, Any]:
     """The `config.json` of the export (validated by building transformers' `LlavaConfig`)."""
-    from transformers import CLIPVisionConfig, LlavaConfig  # deferred: only exporting needs them
+    from transformers import LlavaConfig  # deferred: only exporting needs it
 
     fingerprint = meta["fingerprint"]
     text_config = copy.deepcopy(model.lm.config)
@@ -91,14 +92,14 @@ def llava_config(model: VisionLanguageModel, tower: VisionTower, meta: dict[str,
         config_class, arch = llava_next_hf.config_class(recipe), llava_next_hf.architecture(recipe)
         fields = llava_next_hf.config_fields(recipe)
     config = config_class(
-        vision_config=CLIPVisionConfig(**llava_hf.clip_vision_config(tower.visual)),
+        vision_config=tower_hf.vision_config(tower),
         text_config=text_config,
         image_token_index=meta["image_token_id"],
         **fields,
         projector_hidden_act=act,
         multimodal_projector_bias=True,
         vision_feature_layer=fingerprint["feature_layer"],
-        vision_feature_select_strategy=llava_hf.SELECT_STRATEGY[fingerprint["select"]],
+        vision_feature_select_strategy=tower_hf.select_strategy(tower, fingerprint["select"]),
         tie_word_embeddings=bool(getattr(model.lm.config, "tie_word_embeddings", False)),
     )
     config.architectures = [arch]
@@ -118,7 +119,7 @@ def llava_tensors(model: VisionLanguageModel, tower: VisionTower, projector_name
     """`(projector_hidden_act, all weights under llava-hf names)` in `dtype`, each tensor its own storage."""
     width = model.lm.get_input_embeddings().embedding_dim
     act, projector = llava_hf.projector_tensors(model.projector, projector_name, width, dtype)
-    parts = {**llava_hf.lm_tensors(model.lm), **llava_hf.tower_tensors(tower.visual), **projector}
+    parts = {**llava_hf.lm_tensors(model.lm), **tower_hf.tower_tensors(tower), **projector}
     if model.recipe is not None:
         parts.update(llava_next_hf.newline_tensors(model.image_newline))
     out, seen = {}, set()
@@ -166,7 +167,9 @@ def _write_processor(folder: Path, tokenizer: Any, tower: VisionTower, meta: dic
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.chat_template = jinja
     if tower.recipe.image_mode == "anyres":
-        processor = llava_next_hf.processor(tower.recipe, tokenizer, tower.patch_size, jinja, tower.mean, tower.std)
+        processor = llava_next_hf.processor(tower.recipe, tokenizer, tower.patch_size, jinja, tower.mean, tower.std,
+                                            strategy=tower_hf.select_strategy(tower, tower.recipe.select),
+                                            extra_tokens=tower_hf.additional_tokens(tower))
         processor.save_pretrained(str(folder))
         processor.image_processor.save_pretrained(str(folder))
         return
@@ -176,8 +179,9 @@ def _write_processor(folder: Path, tokenizer: Any, tower: VisionTower, meta: dic
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=tower.patch_size,
-        vision_feature_select_strategy=llava_hf.SELECT_STRATEGY[meta["fingerprint"]["select"]],
-        num_additional_image_tokens=1,  # the CLS token: HF counts it, then drops it under "default"
+        vision_feature_select_strategy=tower_hf.select_strategy(tower, meta["fingerprint"]["select"]),
+        # CLIP's CLS: HF counts it, then drops it under "default"; SigLIP has none to count
+        num_additional_image_tokens=tower_hf.additional_tokens(tower),
         chat_template=jinja,
         image_token=IMAGE_TOKEN,
     )
@@ -268,7 +272,7 @@ def export_llava_hf(
 
     `dtype` (e.g. "bfloat16") casts every weight; by default the folder's own dtype is kept, which makes
     the export compute what vitune computes. Raises `llava_hf.NotRepresentable` (a `ValueError`) naming
-    the reason for a model the layout cannot hold exactly (e.g. `mlp3x_gelu`, a non-CLIP tower).
+    the reason for a model the layout cannot hold exactly (e.g. `mlp3x_gelu`, a tower neither CLIP nor SigLIP).
     """
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with tempfile.TemporaryDirectory(prefix="vitune-export-") as tmp:

@@ -5,7 +5,10 @@
   export, whose `vitune_export.json` makes the round trip bit for bit); `LlavaNextForConditionalGeneration` /
   `LlavaOnevisionForConditionalGeneration` (llava-hf/llava-v1.6-*) import as an anyres model whose recipe carries
   the checkpoint's grid (and anyres_max_N cap) and whose `image_newline` is the checkpoint's;
-- an official LLaVA folder (`LlavaLlamaForCausalLM`: `model.mm_projector.*` weights, `mm_*` config keys);
+- an official LLaVA folder (`LlavaLlamaForCausalLM`: `model.mm_projector.*` weights, `mm_*` config keys), and the
+  LLaVA-NeXT / OneVision layout of the same code line (lmms-lab/llava-onevision-qwen2-*: `LlavaQwenForCausalLM`,
+  `image_aspect_ratio` anyres / anyres_max_N, `model.image_newline`, a SigLIP tower under
+  `model.vision_tower.vision_tower.vision_model.` without its last block and head) as an anyres model;
 - a stage-1 `mm_projector.bin` (LLaVA's `pretrain_mm_mlp_adapter`), with the LM named by `model_cfg.lm`.
 `ensure_model_folder` is the hook for `train.init_from`: a vitune folder passes through, any other layout
 is imported into a folder named by a hash of its URI (under a work prefix on storage, so every worker reads it).
@@ -32,7 +35,7 @@ from torch import nn
 from vitune import storage
 from vitune.config import ModelConfig
 from vitune.data.tokenizer import load_tokenizer
-from vitune.model import llava_hf, llava_next_hf
+from vitune.model import llava_hf, llava_next_hf, llava_official, tower_hf
 from vitune.model.export import EXPORT_META
 from vitune.model.folder import META_FILE, save_model_folder
 from vitune.model.vision import load_vision_tower
@@ -43,19 +46,6 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS = ("vitune", "llava-hf", "llava", "mm_projector")
 PROJECTOR_FILE = "mm_projector.bin"
-# Official LLaVA names its tower by Hugging Face id; these are the open_clip towers with the same weights.
-HF_TOWERS = {
-    "openai/clip-vit-large-patch14-336": ("ViT-L-14-336", "openai"),
-    "openai/clip-vit-large-patch14": ("ViT-L-14", "openai"),
-    "openai/clip-vit-base-patch16": ("ViT-B-16", "openai"),
-    "openai/clip-vit-base-patch32": ("ViT-B-32", "openai"),
-}
-_LLAVA_ARCHS = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral", "LlavaQwenForCausalLM": "qwen2"}
-_LLAVA_ONLY_KEYS = ("image_aspect_ratio", "image_grid_pinpoints", "tokenizer_padding_side", "use_mm_proj",
-                    "tokenizer_model_max_length", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter",
-                    "unfreeze_mm_vision_tower", "architectures", "model_type", "_name_or_path")
-
-
 class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the expected features or model config; names each field that differs."""
 
@@ -101,7 +91,7 @@ def detect_layout(path: Path) -> str:
     if (path / PROJECTOR_FILE).exists() and not has_lm:
         return "mm_projector"
     # official LLaVA v1 configs say model_type "llava" too: the architecture tells them apart
-    if any(arch in _LLAVA_ARCHS for arch in archs) or any(key.startswith("mm_") for key in config):
+    if any(arch in llava_official.LLAVA_ARCHS for arch in archs) or any(key.startswith("mm_") for key in config):
         return "llava"
     hf_types = {"llava": "LlavaForConditionalGeneration", **llava_next_hf.MODEL_TYPES}
     if config.get("model_type") in hf_types or any(arch in hf_types.values() for arch in archs):
@@ -121,14 +111,9 @@ def check_fields(found: dict[str, Any], expected: dict[str, Any], source: str) -
 
 def check_tower_weights(tensors: dict[str, torch.Tensor], tower: Any, source: str) -> None:
     """The checkpoint's tower weights (canonical llava-hf names) must be the configured tower's."""
-    expected = llava_hf.tower_tensors(tower.visual)
-    if set(tensors) != set(expected):
-        raise CheckpointMismatch(source, [("tower", tower.name, f"a tower with {len(tensors)} other tensors")])
-    for name, want in expected.items():
-        have = tensors[name]
-        if have.shape != want.shape or not torch.allclose(have.float(), want.float(), rtol=1e-3, atol=1e-3):
-            raise CheckpointMismatch(source, [("tower", f"{tower.name} ({tower.pretrained})",
-                                               f"other vision weights (first at {name})")])
+    problem = tower_hf.check_tower_weights(tensors, tower)
+    if problem is not None:
+        raise CheckpointMismatch(source, [("tower", f"{tower.name} ({tower.pretrained})", problem)])
 
 
 def _check_projector(name: str, model_cfg: ModelConfig, source: str) -> None:
@@ -229,7 +214,7 @@ def _import_llava_hf(path: Path, model_cfg: ModelConfig | None, expected: dict |
         model_cfg = _next_vision(model_cfg, config, source)
     tower = load_vision_tower(model_cfg.vision)
     expected = expected or tower.fingerprint()
-    found = llava_hf.feature_fields(config)
+    found = tower_hf.feature_fields(config)
     if anyres:
         found.update(image_mode="anyres", grid_pinpoints=[list(p) for p in config["image_grid_pinpoints"]])
     if export is not None:
@@ -256,83 +241,38 @@ def _import_llava_hf(path: Path, model_cfg: ModelConfig | None, expected: dict |
     return model, tokenizer, model_cfg, export["fingerprint"] if export else tower.fingerprint(), True
 
 
-def tower_identity(mm_vision_tower: str) -> tuple[str, str | None]:
-    """`(open_clip name, pretrained tag)` of an official LLaVA `mm_vision_tower` value."""
-    import open_clip  # deferred: open_clip is heavy to import
-
-    from vitune.model.vision import register_asset_configs
-
-    if mm_vision_tower in HF_TOWERS:
-        return HF_TOWERS[mm_vision_tower]
-    register_asset_configs()
-    if mm_vision_tower in open_clip.list_models():
-        return mm_vision_tower, None
-    raise ValueError(f"mm_vision_tower {mm_vision_tower!r} has no known open_clip equivalent "
-                     f"(known: {', '.join(HF_TOWERS)}, or an open_clip model name)")
-
-
-def official_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """The fingerprint fields an official LLaVA config pins down (`mm_*` keys, `image_aspect_ratio`)."""
-    fields: dict[str, Any] = {}
-    if "mm_vision_tower" in config:
-        fields["tower"], fields["pretrained"] = tower_identity(config["mm_vision_tower"])
-    if "mm_vision_select_layer" in config:
-        fields["feature_layer"] = config["mm_vision_select_layer"]
-    if "mm_vision_select_feature" in config:
-        fields["select"] = config["mm_vision_select_feature"]
-    if "mm_hidden_size" in config:
-        fields["hidden_size"] = config["mm_hidden_size"]
-    aspect = config.get("image_aspect_ratio")
-    if isinstance(aspect, str) and aspect.startswith("anyres"):
-        raise ValueError(f"image_aspect_ratio {aspect!r} (LLaVA-NeXT tiling) is not vitune's single-image recipe")
-    if "mm_vision_tower" in config:  # LLaVA pads only when asked; otherwise CLIP's resize + centre crop
-        fields["image_mode"] = "pad" if aspect == "pad" else "crop"
-    if config.get("mm_use_im_start_end"):
-        raise ValueError("mm_use_im_start_end: vitune has no <im_start>/<im_end> image tokens")
-    return fields
-
-
-def projector_state(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
-    """LLaVA `mm_projector` tensors (any prefix) → `(vitune projector name, state dict)` from their keys."""
-    state = {k.split("mm_projector.", 1)[1]: v for k, v in tensors.items() if "mm_projector." in k}
-    if set(state) == {"weight", "bias"}:
-        return "linear", state
-    layers = sorted({int(k.split(".")[0]) for k in state if k.split(".")[0].isdigit()})
-    if not layers or layers != list(range(0, 2 * len(layers), 2)) or len(state) != 2 * len(layers):
-        raise ValueError(f"mm_projector weights {sorted(state)} are neither a Linear nor a LLaVA GELU MLP")
-    return f"mlp{len(layers)}x_gelu", state
-
-
 def _official_lm(config: dict[str, Any], tensors: dict[str, torch.Tensor], tokenizer: Any) -> nn.Module:
     arch = (config.get("architectures") or [""])[0]
-    if arch not in _LLAVA_ARCHS:
-        raise ValueError(f"official LLaVA architecture {arch!r} is not one of {list(_LLAVA_ARCHS)}")
-    text_config = {k: v for k, v in config.items() if not k.startswith("mm_") and k not in _LLAVA_ONLY_KEYS}
-    text_config["model_type"] = _LLAVA_ARCHS[arch]
+    if arch not in llava_official.LLAVA_ARCHS:
+        raise ValueError(f"official LLaVA architecture {arch!r} is not one of {list(llava_official.LLAVA_ARCHS)}")
+    text_config = {k: v for k, v in config.items()
+                   if not k.startswith("mm_") and k not in llava_official.LLAVA_ONLY_KEYS}
+    text_config["model_type"] = llava_official.LLAVA_ARCHS[arch]
     not_lm = ("model.mm_projector.", "model.vision_tower.")
     lm_state = {k: v for k, v in tensors.items() if k.startswith(("model.", "lm_head.")) and not k.startswith(not_lm)}
     _grow_vocab(lm_state, text_config, len(tokenizer))
     return _build_lm(text_config, lm_state)
 
 
-def _official_tower_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefix = "model.vision_tower.vision_tower."  # LLaVA's CLIPVisionTower wraps HF's CLIPVisionModel
-    return {"vision_tower." + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
 def _import_official(path: Path, model_cfg: ModelConfig, expected: dict | None, source: str):
     config = json.loads((path / "config.json").read_text())
+    tile = VisionRecipe.of(model_cfg.vision).image_size
+    anyres = llava_official.official_anyres(config, tile)
+    if anyres is not None:  # LLaVA-NeXT / OneVision: the checkpoint's grid and cap make the recipe
+        model_cfg = _next_vision(model_cfg, anyres, source)
     tower = load_vision_tower(model_cfg.vision)
-    check_fields(official_fields(config), expected or tower.fingerprint(), source)
+    check_fields(llava_official.official_fields(config, tile), expected or tower.fingerprint(), source)
     tensors = read_weights(path)
-    tower_state = llava_hf.canonical_names(_official_tower_state(tensors))
+    newline = llava_next_hf.pop_newline(tensors) if anyres is not None else None
+    tower_state = llava_hf.canonical_names(llava_official.official_tower_state(tensors))
     if tower_state:
         check_tower_weights(tower_state, tower, source)
-    name, state = projector_state(tensors)
+    name, state = llava_official.projector_state(tensors)
     _check_projector(name, model_cfg, source)
     tokenizer = load_tokenizer(str(path))
     lm = _official_lm(config, tensors, tokenizer)
-    return _assemble(model_cfg, tokenizer, tower, lm, state, None), tokenizer, model_cfg, tower.fingerprint(), True
+    model = _assemble(model_cfg, tokenizer, tower, lm, state, None, newline)
+    return model, tokenizer, model_cfg, tower.fingerprint(), True
 
 
 def _import_projector(path: Path, model_cfg: ModelConfig, expected: dict | None, source: str):
@@ -341,8 +281,8 @@ def _import_projector(path: Path, model_cfg: ModelConfig, expected: dict | None,
     expected = expected or tower.fingerprint()
     sibling = file.parent / "config.json"  # LLaVA's stage-1 output folder keeps its config beside the weights
     if sibling.exists():
-        check_fields(official_fields(json.loads(sibling.read_text())), expected, source)
-    name, state = projector_state(load_tensors(file))
+        check_fields(llava_official.official_fields(json.loads(sibling.read_text())), expected, source)
+    name, state = llava_official.projector_state(load_tensors(file))
     _check_projector(name, model_cfg, source)
     first = state["weight"] if "weight" in state else state["0.weight"]  # [Dl, Dv]
     check_fields({"hidden_size": first.shape[1]}, {"hidden_size": tower.hidden_size}, source)

@@ -97,11 +97,15 @@ def image_processor(recipe: VisionRecipe, mean: tuple[float, ...], std: tuple[fl
 
 
 def processor(recipe: VisionRecipe, tokenizer: Any, patch_size: int, jinja: str, mean: tuple[float, ...],
-              std: tuple[float, ...]) -> Any:
-    """The LlavaNext / LlavaOnevision processor: its `<image>` expansion is `visual_tokens(recipe, w, h)`."""
+              std: tuple[float, ...], strategy: str | None = None, extra_tokens: int = 1) -> Any:
+    """The LlavaNext / LlavaOnevision processor: its `<image>` expansion is `visual_tokens(recipe, w, h)`.
+
+    `strategy` / `extra_tokens`: the tower's select strategy and the tokens per tile it emits beyond the patches
+    (CLIP: "default" and its CLS; SigLIP: "full" and none, `vitune.model.tower_hf`).
+    """
     from transformers import LlavaNextProcessor, LlavaOnevisionProcessor  # deferred: only exporting needs them
 
-    strategy = SELECT_STRATEGY[recipe.select]
+    strategy = strategy or SELECT_STRATEGY[recipe.select]
     images = image_processor(recipe, mean, std)
     if recipe.max_tiles is not None:
         from transformers import LlavaOnevisionVideoProcessor
@@ -109,14 +113,14 @@ def processor(recipe: VisionRecipe, tokenizer: Any, patch_size: int, jinja: str,
         # the processor requires a video processor; vitune has no video path, so it only mirrors the tile geometry
         videos = LlavaOnevisionVideoProcessor(size={"height": recipe.image_size, "width": recipe.image_size},
                                               image_mean=list(mean), image_std=list(std), resample=3)
-        # OneVision counts num_image_tokens per tile with the CLS, then drops one under "default"
+        # OneVision counts num_image_tokens per tile with the CLS (if any), then drops one under "default"
         return LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos,
-                                       num_image_tokens=recipe.grid * recipe.grid + 1,
+                                       num_image_tokens=recipe.grid * recipe.grid + extra_tokens,
                                        vision_feature_select_strategy=strategy, chat_template=jinja,
                                        image_token=IMAGE_TOKEN, vision_aspect_ratio=f"anyres_max_{recipe.max_tiles}")
     return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch_size,
                               vision_feature_select_strategy=strategy,
-                              num_additional_image_tokens=1,  # the CLS token: counted, then dropped under "default"
+                              num_additional_image_tokens=extra_tokens,  # CLIP's CLS: dropped under "default"
                               chat_template=jinja, image_token=IMAGE_TOKEN)
 
 

@@ -125,3 +125,65 @@ def siglip_tower_tensors(visual: nn.Module) -> dict[str, torch.Tensor]:
     out.update(_params("head.mlp.fc1", pool.mlp.fc1))
     out.update(_params("head.mlp.fc2", pool.mlp.fc2))
     return out
+
+
+def trunk_state_from_hf(tensors: dict[str, torch.Tensor], visual: nn.Module) -> dict[str, torch.Tensor]:
+    """`SiglipVisionModel` weights (with or without the `vision_model.` prefix) → the timm trunk's state dict.
+
+    The reverse of `siglip_tower_tensors`: q/k/v are stacked back into `attn.qkv`, the head's in-projection split
+    into `q` and `kv`. A checkpoint without the MAP head (`vision_use_head=False`, as LLaVA keeps the tower) leaves
+    the trunk's own head, which LLaVA never reads; any other missing or extra weight is an error.
+    """
+    trunk = _trunk(visual)
+    state = {k.removeprefix("vision_model."): v for k, v in tensors.items()}
+    expected = siglip_tower_tensors(visual)
+    unknown = sorted(set(state) - set(expected))
+    missing = sorted(k for k in set(expected) - set(state) if not k.startswith("head."))
+    if unknown or missing:
+        raise ValueError(f"SigLIP weights do not fit the tower: missing {missing[:3]}, unknown {unknown[:3]}")
+    out = {"patch_embed.proj.weight": state["embeddings.patch_embedding.weight"],
+           "patch_embed.proj.bias": state["embeddings.patch_embedding.bias"],
+           "pos_embed": state["embeddings.position_embedding.weight"][None],  # [P, D] → [1, P, D]
+           "norm.weight": state["post_layernorm.weight"], "norm.bias": state["post_layernorm.bias"]}
+    for i in range(len(trunk.blocks)):
+        hf, timm = f"encoder.layers.{i}", f"blocks.{i}"
+        for kind in ("weight", "bias"):
+            out[f"{timm}.attn.qkv.{kind}"] = torch.cat([state[f"{hf}.self_attn.{n}.{kind}"]
+                                                        for n in ("q_proj", "k_proj", "v_proj")])
+            for src, dst in (("self_attn.out_proj", "attn.proj"), ("layer_norm1", "norm1"),
+                             ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                out[f"{timm}.{dst}.{kind}"] = state[f"{hf}.{src}.{kind}"]
+    if "head.probe" in state:
+        width = trunk.embed_dim
+        out["attn_pool.latent"] = state["head.probe"]
+        for kind in ("weight", "bias"):
+            in_proj = state[f"head.attention.in_proj_{kind}"]  # [3D, ...]: q, then k and v
+            out[f"attn_pool.q.{kind}"], out[f"attn_pool.kv.{kind}"] = in_proj[:width], in_proj[width:]
+            for src, dst in (("attention.out_proj", "proj"), ("layernorm", "norm"), ("mlp.fc1", "mlp.fc1"),
+                             ("mlp.fc2", "mlp.fc2")):
+                out[f"attn_pool.{dst}.{kind}"] = state[f"head.{src}.{kind}"]
+    return out
+
+
+def load_hf_folder(visual: nn.Module, folder: str) -> None:
+    """Load a local `SiglipVisionModel.save_pretrained` folder's weights into open_clip's SigLIP tower, in place."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(folder)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != "siglip_vision_model":
+        raise ValueError(f"{folder}: config.json model_type {model_type!r}; a SigLIP tower folder is a "
+                         "SiglipVisionModel save ('siglip_vision_model')")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no *.safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    state = trunk_state_from_hf(tensors, visual)
+    missing, unexpected = visual.trunk.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("attn_pool.") for k in missing):
+        raise ValueError(f"SigLIP weights do not fit the trunk: missing {missing[:3]}, unexpected {unexpected[:3]}")

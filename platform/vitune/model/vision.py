@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -230,7 +231,10 @@ def load_vision_tower(cfg: Any, device: str | torch.device = "cpu", dtype: torch
         raise ValueError(
             f"unknown vision tower {cfg.name!r}; valid open_clip names: {', '.join(open_clip.list_models())}"
         )
-    tag_cfg = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained) if cfg.pretrained else {}
+    # a local transformers SigLIP folder (SiglipVisionModel.save_pretrained): built randomly, then its weights
+    hf_folder = cfg.pretrained if cfg.pretrained and Path(cfg.pretrained, "config.json").is_file() else None
+    pretrained = None if hf_folder else cfg.pretrained
+    tag_cfg = open_clip.get_pretrained_cfg(cfg.name, pretrained) if pretrained else {}
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
     timm = timm_tower(tower_config(cfg.name).get("vision_cfg", {}), cfg.name)
     # open_clip attaches SigLIP's mean/std to its pretrained tags only; a random-init SigLIP tower needs them too
@@ -238,8 +242,15 @@ def load_vision_tower(cfg: Any, device: str | torch.device = "cpu", dtype: torch
     # Seeded init in a forked RNG so loading a tower never perturbs the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_INIT_SEED)
-        clip = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device="cpu", force_quick_gelu=quick_gelu,
+        clip = open_clip.create_model(cfg.name, pretrained=pretrained, device="cpu", force_quick_gelu=quick_gelu,
                                       force_preprocess_cfg=force)
+    if hf_folder:
+        if timm is None:
+            raise ValueError(f"vision.pretrained {hf_folder!r} is a transformers folder; vitune reads those for "
+                             f"SigLIP towers only, and {cfg.name!r} is not one")
+        from vitune.model.siglip_hf import load_hf_folder  # deferred: only this path needs the map
+
+        load_hf_folder(clip.visual, hf_folder)
     tower = VisionTower(clip.visual, cfg, open_clip.__version__, recipe=recipe)
     del clip
     tower.to(device=device, dtype=dtype)

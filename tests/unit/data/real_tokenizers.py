@@ -78,14 +78,15 @@ def llama_tokenizer(legacy: bool) -> PreTrainedTokenizerBase:
     return _with_image_token(tok)
 
 
-def chatml_tokenizer() -> PreTrainedTokenizerBase:
-    """A Qwen-style byte-level BPE with ChatML special tokens and no BOS."""
+def chatml_tokenizer(image_token: bool = True) -> PreTrainedTokenizerBase:
+    """A Qwen-style byte-level BPE with ChatML special tokens and no BOS (without ``<image>``: as an official
+    LLaVA-NeXT / OneVision folder ships it, whose code splices images by the index -200 instead)."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trained, merges = _train(pre_tokenizers.ByteLevel(add_prefix_space=False), 600, specials,
                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok = Qwen2Tokenizer(vocab=trained, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                          additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    return _with_image_token(tok)
+    return _with_image_token(tok) if image_token else tok
 
 
 # Meta-Llama-3-8B-Instruct's chat template (its tokenizer_config.json), which LLaVA-NeXT's llava_llama_3

@@ -139,3 +139,37 @@ def test_weights_from_a_local_file(tmp_path, pixels: torch.Tensor) -> None:
     torch.testing.assert_close(loaded.encode(pixels), reference.encode(pixels), rtol=0, atol=0)
     seeded = load_vision_tower(VisionConfig(name=TINY)).encode(pixels)
     assert (seeded - loaded.encode(pixels)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("use_head", [True, False], ids=["with-head", "no-head"])
+def test_weights_from_a_local_transformers_folder(tmp_path, pixels: torch.Tensor, use_head: bool) -> None:
+    """`pretrained` may name a local `SiglipVisionModel.save_pretrained` folder (e.g. google/siglip-so400m's
+    vision part, or LLaVA's `vision_use_head=False` tower): siglip_hf's map in reverse loads it into open_clip's
+    tower, whose features and pooled output are then the folder's model's; nothing downloads."""
+    import open_clip
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from vitune.model.vision import register_asset_configs
+
+    register_asset_configs()
+    torch.manual_seed(11)  # weights unlike the tower's seeded init
+    visual = open_clip.create_model(TINY).visual
+    config = SiglipVisionConfig(**siglip_vision_config(visual), vision_use_head=use_head)
+    hf = SiglipVisionModel(config).eval()
+    state = {k: v for k, v in siglip_tower_tensors(visual).items() if use_head or not k.startswith("head.")}
+    hf.load_state_dict(state, strict=True)
+    hf.save_pretrained(str(tmp_path / "siglip"))
+    loaded = load_vision_tower(VisionConfig(name=TINY, pretrained=str(tmp_path / "siglip")))
+    with torch.no_grad():
+        hidden = hf(pixel_values=pixels, output_hidden_states=True)
+    torch.testing.assert_close(loaded.encode(pixels), hidden.hidden_states[-2], rtol=0, atol=ATOL)
+    if use_head:
+        with torch.no_grad():
+            pooled = loaded.visual.trunk.forward_head(loaded.visual.trunk.forward_features(pixels))
+        torch.testing.assert_close(pooled, hidden.pooler_output, rtol=0, atol=ATOL)
+
+
+def test_a_clip_tower_refuses_a_transformers_folder(tmp_path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "siglip_vision_model"}')
+    with pytest.raises(ValueError, match="SigLIP towers only"):
+        load_vision_tower(VisionConfig(name="vitune-tiny-vit", pretrained=str(tmp_path)))

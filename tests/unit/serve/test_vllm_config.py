@@ -15,7 +15,8 @@ engine give.
 
 serving/vllm_llava_next.yaml (an AnyRes model exported as LlavaNextForConditionalGeneration) goes through the same
 Ray validation in the same subprocess, and is checked against a tiny anyres export the same way; its context must
-also hold the largest image's tokens.
+also hold the largest image's tokens. serving/vllm_onevision.yaml (a SigLIP + Qwen2 anyres_max_9 model exported as
+LlavaOnevisionForConditionalGeneration) likewise, against a tiny SigLIP + Qwen2 OneVision export.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .tiny_models import export_tiny
 ROOT = Path(__file__).resolve().parents[3]
 VLLM_YAML = ROOT / "serving" / "vllm.yaml"
 NEXT_YAML = ROOT / "serving" / "vllm_llava_next.yaml"
+ONEVISION_YAML = ROOT / "serving" / "vllm_onevision.yaml"
 # the tiny tower's 32-px tiles on LLaVA-1.6's grid ([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
 NEXT_GRID_PX = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
 CHECK = Path(__file__).with_name("ray_llm_check.py")
@@ -82,7 +84,8 @@ def ray_llm(tmp_path_factory) -> dict[str, Any]:
         config = copy.deepcopy(configs[0])
         _llm(config).update(change)
         configs.append(config)
-    configs.append(_vllm_config(NEXT_YAML))  # last: serving/vllm_llava_next.yaml
+    configs.append(_vllm_config(NEXT_YAML))  # then serving/vllm_llava_next.yaml
+    configs.append(_vllm_config(ONEVISION_YAML))  # last: serving/vllm_onevision.yaml
     (tmp / "spec.json").write_text(json.dumps({"configs": configs, "api_key": API_KEY}))
     env = {k: v for k, v in os.environ.items() if k != "VITUNE_API_KEY"} | {"PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(CHECK), str(tmp / "spec.json"), str(tmp / "out.json")], check=True,
@@ -90,7 +93,8 @@ def ray_llm(tmp_path_factory) -> dict[str, Any]:
     return json.loads((tmp / "out.json").read_text())
 
 
-@pytest.mark.parametrize(("index", "path"), [(0, VLLM_YAML), (-1, NEXT_YAML)], ids=["vllm", "llava_next"])
+@pytest.mark.parametrize(("index", "path"), [(0, VLLM_YAML), (-2, NEXT_YAML), (-1, ONEVISION_YAML)],
+                         ids=["vllm", "llava_next", "onevision"])
 def test_vllm_yaml_validates_against_ray_serve_llms_models(ray_llm, index, path):
     first = ray_llm["results"][index]
     assert first["ok"], first.get("error")
@@ -110,7 +114,7 @@ def test_ray_refuses_broken_variants(ray_llm, index, expected):
     assert not result["ok"] and expected in result["error"]
 
 
-@pytest.mark.parametrize("index", [0, -1], ids=["vllm", "llava_next"])
+@pytest.mark.parametrize("index", [0, -2, -1], ids=["vllm", "llava_next", "onevision"])
 def test_autoscaling_targets_are_explicit_and_scale(ray_llm, index):
     app = ray_llm["results"][index]["apps"]["vllm"]
     for name, deployment in (("LLM", app["llm_configs"][0]["deployment_config"]),
@@ -131,7 +135,7 @@ def test_both_engines_name_the_same_model():
     assert _llm(_vllm_config())["model_loading_config"]["model_id"] == ServeConfig(**app["args"]).model_name()
 
 
-@pytest.mark.parametrize("path", [VLLM_YAML, NEXT_YAML], ids=["vllm", "llava_next"])
+@pytest.mark.parametrize("path", [VLLM_YAML, NEXT_YAML, ONEVISION_YAML], ids=["vllm", "llava_next", "onevision"])
 def test_engine_kwargs_are_vllm_arguments_and_plain(path):
     engine = _llm(_vllm_config(path))["engine_kwargs"]
     assert set(engine) <= VLLM_ARGS, set(engine) - VLLM_ARGS
@@ -245,3 +249,59 @@ def test_llava_next_yaml_differs_from_vllm_yaml_only_in_the_model():
     assert _app(plain)["args"]["ingress_cls_config"] == _app(nxt)["args"]["ingress_cls_config"]
     assert _app(plain)["args"]["ingress_deployment_config"] == _app(nxt)["args"]["ingress_deployment_config"]
     assert a["model_loading_config"]["model_id"] != b["model_loading_config"]["model_id"]  # two models, two ids
+
+
+# ------------------------------------------------ serving/vllm_onevision.yaml over a SigLIP + Qwen2 OneVision export
+
+
+@pytest.fixture(scope="module")
+def onevision_export(tmp_path_factory):
+    from tests.unit.model.test_export_siglip import _export
+
+    return _export(tmp_path_factory.mktemp("export-onevision"), "onevision")
+
+
+def test_onevision_export_holds_every_file_vllm_reads(onevision_export):
+    out = onevision_export.out
+    missing = [name for name in (*VLLM_READS, "model.safetensors") if not (out / name).is_file()]
+    assert not missing
+    config = json.loads((out / "config.json").read_text())
+    # what vLLM's LlavaOnevision builds from: its class, a SigLIP tower config, the cap and the grid
+    assert config["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
+    assert config["vision_config"]["model_type"] == "siglip_vision_model"
+    assert config["text_config"]["architectures"] == ["Qwen2ForCausalLM"]
+    assert config["vision_aspect_ratio"] == "anyres_max_9" and config["vision_feature_select_strategy"] == "full"
+    processor = json.loads((out / "processor_config.json").read_text())
+    assert processor["vision_feature_select_strategy"] == "full"
+    assert processor["num_image_tokens"] == onevision_export.tower.num_patches  # no CLS counted
+
+
+def test_onevision_chat_template_and_overrides_are_the_exports_own(onevision_export):
+    llm = _llm(_vllm_config(ONEVISION_YAML))
+    template = llm["engine_kwargs"]["chat_template"]
+    assert template == f"{llm['model_loading_config']['model_source'].rstrip('/')}/chat_template.jinja"
+    meta = json.loads((onevision_export.out / EXPORT_META).read_text())
+    assert llm["engine_kwargs"].get("hf_overrides", {}) == meta["vllm_hf_overrides"] == {}
+    assert "<|im_start|>" in (onevision_export.out / "chat_template.jinja").read_text()  # qwen_1_5: ChatML
+
+
+def test_onevision_context_is_vitune_engines_and_holds_the_largest_image(onevision_export):
+    from vitune.vision_recipe import visual_tokens
+
+    meta = json.loads((onevision_export.out / EXPORT_META).read_text())
+    text_config = json.loads((onevision_export.out / "config.json").read_text())["text_config"]
+    engine = _llm(_vllm_config(ONEVISION_YAML))["engine_kwargs"]
+    assert engine["max_model_len"] == min(meta["model"]["max_length"], text_config["max_position_embeddings"])
+    recipe = onevision_export.model.recipe
+    largest = max(visual_tokens(recipe, w, h) for h, w in recipe.grid_pinpoints)
+    assert engine["max_model_len"] >= largest + 64  # room for a prompt beside the image
+
+
+def test_onevision_yaml_differs_from_vllm_yaml_only_in_the_model():
+    plain, ov = _vllm_config(VLLM_YAML), _vllm_config(ONEVISION_YAML)
+    a, b = _llm(plain), _llm(ov)
+    assert a["deployment_config"] == b["deployment_config"] and a["accelerator_type"] == b["accelerator_type"]
+    assert _app(plain)["args"]["ingress_cls_config"] == _app(ov)["args"]["ingress_cls_config"]
+    assert _app(plain)["args"]["ingress_deployment_config"] == _app(ov)["args"]["ingress_deployment_config"]
+    assert b["model_loading_config"]["model_id"] not in {a["model_loading_config"]["model_id"],
+                                                         _llm(_vllm_config(NEXT_YAML))["model_loading_config"]["model_id"]}
