@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from vitune.config import JobConfig, load_config
+from vitune.family import FAMILY_TAG
 from vitune.tracking import resolve_tracking_uri
 
 EXAMPLE = """examples:
@@ -38,7 +39,7 @@ def list_versions(tracking_uri: str, name: str | None = None) -> list[dict[str, 
             rows.append({"name": model, "version": str(v.version), "run_id": v.run_id,
                          "created": v.creation_timestamp, "scores": scores,
                          "data_digest": tags.get("vitune.data.digest"),
-                         "features": tags.get("vitune.features.fingerprint")})
+                         "features": tags.get("vitune.features.fingerprint"), "family": tags.get(FAMILY_TAG)})
     return rows
 
 
@@ -53,6 +54,8 @@ def render(rows: list[dict[str, Any]], tracking_uri: str) -> str:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"] / 1000)) if r["created"] else "?"
         scores = "  ".join(f"{k}={v}" for k, v in r["scores"].items()) or "not evaluated"
         lines.append(f"  models:/{r['name']}/{r['version']}  {when}  run {r['run_id']}")
+        if r.get("family"):
+            lines.append(f"      family    {r['family']}")
         lines.append(f"      scores    {scores}")
         if r["data_digest"] or r["features"]:
             lines.append(f"      lineage   data {r['data_digest'] or '?'}, features {r['features'] or '?'}")

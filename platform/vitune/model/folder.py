@@ -35,6 +35,7 @@ from torch import nn
 
 from vitune import __version__, storage
 from vitune.config import VisionConfig
+from vitune.family import model_family
 from vitune.layout import MODEL_META_FILE
 from vitune.model import lora
 from vitune.model.projector import build_projector
@@ -83,6 +84,7 @@ def _write_folder(
         "format_version": FORMAT_VERSION,
         "vitune_version": __version__,
         "model": model_cfg.model_dump(mode="json"),
+        "family": model_family(model_cfg, getattr(model.lm.config, "model_type", None)),
         "fingerprint": fingerprint,
         "image_token_id": model.image_token_id,
         "pad_token_id": model.pad_token_id,

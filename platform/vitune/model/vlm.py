@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -42,6 +44,7 @@ from vitune.vision_recipe import VisionRecipe
 logger = logging.getLogger(__name__)
 
 TINY_LM = "tiny"
+TINY_QWEN2_LM = tokenizer_lib.TINY_QWEN2
 _INIT_SEED = 0
 ImageEmbeds = torch.Tensor | Sequence[torch.Tensor]  # [M, N, D], or one [n_i, D] per image
 
@@ -364,6 +367,13 @@ class VisionLanguageModel(nn.Module):
         return counts
 
 
+def _seeded(build: Any) -> nn.Module:
+    """``build()`` under the fixed init seed, leaving the caller's RNG untouched: the same weights every time."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_INIT_SEED)
+        return build()
+
+
 def build_tiny_lm(tokenizer: Any) -> nn.Module:
     """A tiny random Llama (hidden 64, 2 layers) sized to `tokenizer`; the same weights every time."""
     # deferred: transformers is slow to import and not every caller needs it
@@ -382,16 +392,57 @@ def build_tiny_lm(tokenizer: Any) -> nn.Module:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_INIT_SEED)
-        return LlamaForCausalLM(config)
+    return _seeded(lambda: LlamaForCausalLM(config))
+
+
+def build_tiny_qwen2_lm(tokenizer: Any) -> nn.Module:
+    """A tiny random Qwen2 (hidden 64, 2 layers, GQA 4 query / 2 KV heads, q/k/v bias and tied embeddings as
+    Qwen2-0.5B) sized to `tokenizer`; the same weights every time."""
+    # deferred: transformers is slow to import and not every caller needs it
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=1000000.0,  # Qwen2's
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return _seeded(lambda: Qwen2ForCausalLM(config))
+
+
+@dataclass(frozen=True)
+class TinyLM:
+    """A tiny random LM preset: its builder and the offline tokenizer (`vitune.data.tokenizer`) it is sized to."""
+
+    build: Any  # (tokenizer) -> nn.Module
+    tokenizer: str
+
+
+# `ModelConfig.lm` names that build a tiny random LM instead of loading a checkpoint; a config's `tokenizer:
+# null` falls back to the lm name, which is also its tokenizer's name here
+TINY_LMS = MappingProxyType({
+    TINY_LM: TinyLM(build_tiny_lm, tokenizer="tiny"),
+    TINY_QWEN2_LM: TinyLM(build_tiny_qwen2_lm, tokenizer=tokenizer_lib.TINY_QWEN2),
+})
 
 
 def load_lm(path: str, tokenizer: Any, dtype: torch.dtype | None = None) -> nn.Module:
-    """`"tiny"` → `build_tiny_lm`; otherwise a Hugging Face causal LM, embeddings grown to the tokenizer."""
-    if path == TINY_LM:
-        lm = build_tiny_lm(tokenizer)
+    """A `TINY_LMS` name → that tiny random LM; otherwise a Hugging Face causal LM, embeddings grown to the
+    tokenizer."""
+    if path in TINY_LMS:
+        lm = TINY_LMS[path].build(tokenizer)
         return lm.to(dtype) if dtype is not None else lm
+    if path.startswith("tiny") and not os.path.exists(path):
+        # a mistyped preset name would otherwise go to the Hub and fail there with a less useful error
+        raise ValueError(f"unknown tiny LM {path!r}; the tiny LMs are {sorted(TINY_LMS)}")
     # deferred: transformers is slow to import and not every caller needs it
     from transformers import AutoModelForCausalLM
 

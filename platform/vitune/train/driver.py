@@ -28,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from vitune import layout, storage
 from vitune.config import RUNS_SCHEME, TrainJobConfig, dump_config
 from vitune.data.tokenizer import load_tokenizer
+from vitune.family import FAMILY_TAG, model_family
 from vitune.features.store import FeatureStore
 from vitune.lineage import log_training_inputs
 from vitune.model.export import export_llava_hf
@@ -309,7 +310,8 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
         raise
     folder = layout.model_folder(cfg)
     metrics = dict(result.metrics or {})
-    tracker.set_tags({MODEL_FOLDER_TAG: folder})
+    family = model_family(cfg.model)
+    tracker.set_tags({MODEL_FOLDER_TAG: folder, FAMILY_TAG: family})
     if cfg.train.lora.enabled:  # the run's artifact "model" is the LoRA folder: adapter/ + projector, no LM
         tracker.set_tags({ADAPTER_TAG: f"{RUNS_SCHEME}{tracker.run_id}/model/adapter", BASE_LM_TAG: cfg.model.lm})
     _log_model_folder(tracker, folder)
@@ -320,7 +322,7 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
     if cfg.stage == "finetune" and tracker.active:
         llava_hf = _log_llava_hf_export(tracker, folder)
         if cfg.tracking.registered_model:
-            tags = {**lineage_tags, "vitune.finetune_run": tracker.run_id}
+            tags = {**lineage_tags, "vitune.finetune_run": tracker.run_id, FAMILY_TAG: family}
             if llava_hf:
                 tags[LLAVA_HF_TAG] = llava_hf
             if cfg.train.lora.enabled:  # the version is an adapter (+ projector) over a base it names
