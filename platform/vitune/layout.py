@@ -5,6 +5,8 @@ Under ``storage.root`` (a local folder or ``s3://bucket/prefix``)::
     data/                        the synthetic set (``vitune demo``): images + captions/instruct/eval.json
     features/<fingerprint id>/   a feature store (``vitune.features.store`` describes its inside; one writer at
                                  a time holds its lease, ``vitune.features.lease``)
+    pixels/<fingerprint id>/     a pixel store: the preprocessed tiles a training tower reads
+                                 (``features.form=pixels``, ``vitune.features.pixels``)
     train/<stage>/               config.yaml, summary.json, ray/ (Ray Train checkpoints), model/ (the model folder)
     eval/<benchmark>/<name>/     answers, results, report (``vitune.evaluation.run``)
     generate/                    records/<kind>.json, errors/errors.jsonl, summary.json
@@ -33,7 +35,7 @@ from vitune.config import (
     SyntheticJobConfig,
     TrainJobConfig,
 )
-from vitune.vision_recipe import VisionRecipe
+from vitune.vision_recipe import VisionRecipe, fingerprint_id, preprocess_stats
 
 MODEL_META_FILE = "vitune_model.json"  # a model folder's description (``vitune.model.folder`` writes the rest)
 FEATURE_MANIFEST = "manifest.json"  # written last in a feature store (``vitune.features.store`` writes the rest)
@@ -53,12 +55,21 @@ def synthetic_data(cfg: SyntheticJobConfig) -> str:
     return storage.join(cfg.storage.root, "data")
 
 
+def pixel_fingerprint_id(cfg: WithFeatures) -> str:
+    """The id of the pixel store a config names, from its vision config alone (no tower built)."""
+    mean, std = preprocess_stats(cfg.model.vision)
+    return fingerprint_id(VisionRecipe.of(cfg.model.vision).pixel_fingerprint(mean, std, cfg.features.pixel_dtype))
+
+
 def _default_features(cfg: WithFeatures, fp_id: str | None) -> str:
+    if cfg.store_form == "pixels":  # the pixel store's own folder: never one of a feature store
+        return storage.join(cfg.storage.root, "pixels", fp_id or pixel_fingerprint_id(cfg))
     return storage.join(cfg.storage.root, "features", fp_id or VisionRecipe.of(cfg.model.vision).fingerprint_id())
 
 
 def features_output(cfg: WithFeatures, fp_id: str | None = None) -> str:
-    """The store the feature job writes: ``features.output``, else ``data.features``, else by fingerprint."""
+    """The store the feature job writes: ``features.output``, else ``data.features``, else by fingerprint
+    (``features/<id>``, or ``pixels/<id>`` for the pixel store: ``cfg.store_form``)."""
     return cfg.features.output or cfg.data.features or _default_features(cfg, fp_id)
 
 

@@ -30,7 +30,7 @@ import importlib.util
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,15 @@ PATCH_MERGES = ("flat", "spatial_unpad")  # LLaVA-NeXT's mm_patch_merge_type for
 SELECTS = ("patch", "cls_patch")  # LLaVA's mm_vision_select_feature: patch tokens only | CLS first, then patches
 # What makes two feature stores interchangeable (the fingerprint id hashes these).
 FINGERPRINT_ID_KEYS = ("tower", "pretrained", "feature_layer", "select", "image_size", "image_mode")
+# What makes two pixel stores interchangeable (``pixel_fingerprint``): the preprocessing only, never the tower's
+# weights, layer or selection (a pixel store serves every tower of that preprocessing); the mode's extras
+# (``grid_pinpoints`` for anyres, ``pad_fill`` for pad, ``mean``/``std`` for normalised bf16) join when present.
+PIXEL_FINGERPRINT_ID_KEYS = ("form", "pixel_dtype", "image_size", "image_mode")
+PIXEL_FINGERPRINT_EXTRA_KEYS = ("grid_pinpoints", "pad_fill", "mean", "std")
+STORE_FORMS = ("features", "pixels")  # what a store on storage holds: tower features | preprocessed tiles
+PIXEL_DTYPES = ("uint8", "bf16")  # a pixel store's tiles: 0-255 before normalisation | normalised bfloat16
 # Fields of a fingerprint that are recorded but never make two stores incompatible.
-VERSION_FIELDS = ("open_clip_version", "torch_version")
+VERSION_FIELDS = ("open_clip_version", "torch_version", "pillow_version")
 VITUNE_TOWER_CONFIGS = Path(__file__).parent / "assets" / "open_clip"  # the tiny towers' open_clip configs
 
 
@@ -116,7 +123,10 @@ def check_fingerprint(expected: Mapping[str, Any] | None, found: Mapping[str, An
 
 
 def fingerprint_id(fp: Mapping[str, Any]) -> str:
-    """Short stable hash of the fields of a fingerprint that determine the features."""
+    """Short stable hash of the fields of a fingerprint that determine the features (a pixel store's: the
+    pixels, ``pixel_fingerprint``)."""
+    if fp.get("form") == "pixels":
+        return _pixel_fingerprint_id(fp)
     missing = [key for key in FINGERPRINT_ID_KEYS if key not in fp]
     if missing:
         raise ValueError(f"fingerprint lacks {missing}; it needs {list(FINGERPRINT_ID_KEYS)}")
@@ -124,6 +134,21 @@ def fingerprint_id(fp: Mapping[str, Any]) -> str:
     if fp.get("grid_pinpoints"):  # anyres: the grid is part of what made the tiles
         fields["grid_pinpoints"] = fp["grid_pinpoints"]
     payload = json.dumps(fields, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def pad_fill(mean: Sequence[float]) -> tuple[int, int, int]:
+    """The canvas colour LLaVA v1.5 pads with: the normalisation mean in 0–255, truncated."""
+    return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
+
+
+def _pixel_fingerprint_id(fp: Mapping[str, Any]) -> str:
+    missing = [key for key in PIXEL_FINGERPRINT_ID_KEYS if key not in fp]
+    if missing:
+        raise ValueError(f"pixel fingerprint lacks {missing}; it needs {list(PIXEL_FINGERPRINT_ID_KEYS)}")
+    fields = {key: fp[key] for key in (*PIXEL_FINGERPRINT_ID_KEYS, *PIXEL_FINGERPRINT_EXTRA_KEYS) if key in fp}
+    # a distinct prefix: no pixel store id can equal a feature store id, so the two never share a folder
+    payload = "pixels:" + json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -244,6 +269,26 @@ class VisionRecipe:
     def fingerprint_id(self) -> str:
         return fingerprint_id(self.fingerprint())
 
+    def pixel_fingerprint(self, mean: Sequence[float], std: Sequence[float], dtype: str = "uint8") -> dict[str, Any]:
+        """The fingerprint of a pixel store of this recipe's preprocessing (``vitune.features.pixels``).
+
+        It covers what the stored tiles depend on and nothing else: the tile size and aspect mode, the grid for
+        anyres, the pad canvas colour for pad (the mean in 0-255, ``image.pad_fill``), and for ``bf16`` (tiles
+        stored normalised) the mean and std. The tower's name, weights, layer and selection are not in it: one
+        uint8 anyres store serves a CLIP and a SigLIP tower of the same tile size alike.
+        """
+        if dtype not in PIXEL_DTYPES:
+            raise ValueError(f"unknown pixel dtype {dtype!r}; valid: {', '.join(PIXEL_DTYPES)}")
+        fp: dict[str, Any] = {"form": "pixels", "pixel_dtype": dtype, "image_size": self.image_size,
+                              "image_mode": self.image_mode}
+        if self.image_mode == "anyres":
+            fp["grid_pinpoints"] = [list(p) for p in self.grid_pinpoints]
+        if self.image_mode == "pad":  # the canvas is filled with the mean colour before the resize
+            fp["pad_fill"] = list(pad_fill(mean))
+        if dtype == "bf16":  # normalised before storing: the affine is baked into the values
+            fp["mean"], fp["std"] = [float(m) for m in mean], [float(s) for s in std]
+        return fp
+
 
 def aspect_fields(vision: Any, tile_size: int) -> dict[str, Any]:
     """A ``VisionConfig``'s aspect mode as recipe fields: the mode, and for anyres the grid in pixels, the
@@ -335,6 +380,22 @@ def visual_tokens(recipe: VisionRecipe, width: int, height: int, base_only: bool
         return base + (tiles - 1) * base
     cur_h, cur_w = unpadded_shape(recipe, width, height)
     return base + cur_h * cur_w + cur_h  # the unpadded grid, one image newline per row
+
+
+def preprocess_stats(vision: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(mean, std)`` a tower built for a ``VisionConfig`` normalises with, without building it: open_clip's
+    defaults, then its pretrained tag's, SigLIP's forced as ``vitune.model.vision.load_vision_tower`` forces
+    them. A pixel store's fingerprint needs them where no tower is loaded (``vitune.layout``); a test checks them
+    against built towers. Imports open_clip (and torch) when called, never at import."""
+    timm = timm_tower(tower_config(vision.name).get("vision_cfg", {}), vision.name)
+    if timm is not None:
+        return tuple(timm.mean), tuple(timm.std)
+    import open_clip  # deferred: pulls in torch
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    tag_cfg = open_clip.get_pretrained_cfg(vision.name, vision.pretrained) if vision.pretrained else {}
+    mean, std = tag_cfg.get("mean", OPENAI_DATASET_MEAN), tag_cfg.get("std", OPENAI_DATASET_STD)
+    return tuple(float(m) for m in mean), tuple(float(x) for x in std)
 
 
 def model_recipe(vision: Any) -> VisionRecipe | None:

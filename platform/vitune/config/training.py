@@ -103,6 +103,10 @@ class FeaturesConfig(Section):
     actor_cpus: float = Field(1.0, gt=0)  # CPUs each tower actor reserves (on CPU, torch threads share all CPUs)
     preprocess_cpus: float = Field(1.0, gt=0)  # CPUs each decode+preprocess task reserves
     max_pixels: int = Field(64_000_000, gt=0)  # images over this (width x height) are quarantined
+    # what the store holds: the frozen tower's features, or the preprocessed tiles a training tower reads
+    # (the pixel store, ``vitune.features.pixels``). None = the recipe's pick: pixels when the tower trains
+    form: Literal["features", "pixels"] | None = None
+    pixel_dtype: Literal["uint8", "bf16"] = "uint8"  # pixel store: 0-255 before normalisation | normalised bf16
 
     _paths = field_validator("output")(_absolute_paths)
 
@@ -192,6 +196,11 @@ class FeaturesJobConfig(JobConfig):
     data: DataConfig = Field(default_factory=DataConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
 
+    @property
+    def store_form(self) -> str:
+        """The store this job writes: ``features.form``, else features (a frozen tower's, computed once)."""
+        return self.features.form or "features"
+
 
 class TrainJobConfig(JobConfig):
     """A training stage. Every aspect mode trains: an anyres config trains on a tile store's ``[T, N, D]`` per
@@ -208,6 +217,25 @@ class TrainJobConfig(JobConfig):
         """What trains (LLaVA-NeXT's part names): ``train.mm_tunable_parts``, else the stage's default."""
         named = self.train.mm_tunable_parts
         return tuple(named.split(",")) if named else STAGE_TUNABLE_PARTS[self.stage]
+
+    @property
+    def store_form(self) -> str:
+        """The store this run reads, picked by the recipe: pixels when the tower trains (it runs in the step),
+        else the frozen tower's features (computed once, no image decoded in training)."""
+        return "pixels" if "mm_vision_tower" in self.tunable_parts else "features"
+
+    @model_validator(mode="after")
+    def _check_form(self) -> TrainJobConfig:
+        if self.features.form is not None and self.features.form != self.store_form:
+            why = ("the tower trains (train.mm_tunable_parts has mm_vision_tower), so it must run in the step on "
+                   "preprocessed pixels: stored features are of the frozen tower's weights"
+                   if self.store_form == "pixels" else
+                   f"the tower is frozen (tuned parts: {', '.join(self.tunable_parts)}), so its features are "
+                   "computed once and training reads them; a pixel store would run the tower in every step for "
+                   "the same features")
+            raise ValueError(f"features.form={self.features.form!r} but this run reads a {self.store_form} store: "
+                             f"{why}. Set features.form={self.store_form} or leave it unset")
+        return self
 
     @model_validator(mode="after")
     def _check_lora(self) -> TrainJobConfig:

@@ -54,10 +54,25 @@ class PreprocessSpec:
     std: tuple[float, ...]
     image_mode: str
     recipe: VisionRecipe | None = None  # the tower's; anyres needs it (the grid), pad and crop do not
+    # the pixel store's uint8 form: the tiles' 0-255 values before normalisation (``image.tiles_uint8``)
+    uint8: bool = False
 
     @classmethod
-    def from_tower(cls, tower: Any) -> PreprocessSpec:
-        return cls(tower.image_size, tuple(tower.mean), tuple(tower.std), tower.image_mode, tower.recipe)
+    def from_tower(cls, tower: Any, uint8: bool = False) -> PreprocessSpec:
+        return cls(tower.image_size, tuple(tower.mean), tuple(tower.std), tower.image_mode, tower.recipe, uint8)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """What ``load_shard`` hands on: normalised float32, or uint8 before normalisation."""
+        return np.dtype(np.uint8 if self.uint8 else np.float32)
+
+    def views(self, img: Image.Image) -> np.ndarray:
+        """The image's tiles ``[T, 3, S, S]`` as ``load_shard`` stores them (``dtype``)."""
+        if self.uint8:
+            if self.recipe is None:
+                raise ValueError("a uint8 preprocessing spec needs the tower's recipe (PreprocessSpec.from_tower)")
+            return image_lib.tiles_uint8(img, self.recipe, self.mean)
+        return self.tiles(img).numpy() if self.tiled else self(img).numpy()[None]
 
     @property
     def tiled(self) -> bool:
@@ -85,10 +100,10 @@ READ_TRIES = 3
 
 
 def shard_pixel_bytes(spec: PreprocessSpec, shard_size: int) -> int:
-    """The most float32 pixel bytes one shard's preprocessing holds: ``[n, 3, S, S]``, anyres up to
-    ``[n * T_max, 3, S, S]`` (every image cut into the largest grid)."""
+    """The most pixel bytes (float32, or uint8 for the pixel store) one shard's preprocessing holds:
+    ``[n, 3, S, S]``, anyres up to ``[n * T_max, 3, S, S]`` (every image cut into the largest grid)."""
     tiles = tiles_per_image_at_most(spec.recipe) if spec.tiled and spec.recipe is not None else 1
-    return shard_size * tiles * 3 * spec.image_size**2 * 4
+    return shard_size * tiles * 3 * spec.image_size**2 * spec.dtype.itemsize
 
 
 def _read(fs: Any, path: str) -> bytes:
@@ -115,7 +130,8 @@ def _binary_column(buffers: list[pa.Buffer]) -> pa.LargeBinaryArray:
 
 def load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixels: int,
                s3_endpoint_url: str | None = None) -> pa.Table:
-    """CPU task: one row per shard → its preprocessed pixels ``[n, 3, S, S]`` + quarantined images."""
+    """CPU task: one row per shard → its preprocessed pixels ``[sum T, 3, S, S]`` (``spec.dtype``) + quarantined
+    images."""
     # for this call only: the pooled worker process runs other jobs' tasks afterwards
     with storage.s3.s3_endpoint(s3_endpoint_url):
         return _load_shard(batch, image_root, spec, max_pixels)
@@ -131,7 +147,7 @@ def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixe
     for shard, keys in zip(batch.column("shard").to_pylist(), batch.column("keys").to_pylist(), strict=True):
         t0 = time.perf_counter()
         pixels = np.empty((len(keys) * tiles_at_most, 3, spec.image_size, spec.image_size),
-                          dtype=np.float32)  # [n * T_max, 3, S, S]
+                          dtype=spec.dtype)  # [n * T_max, 3, S, S]
         tiles: list[int] = []  # tiles of each good image
         filled = 0  # pixel rows written: sum(tiles)
         ok_keys: list[str] = []
@@ -143,7 +159,7 @@ def _load_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixe
                 data = _read(fs, posixpath.join(base, key))
                 nbytes += len(data)
                 image = image_lib.decode_image(data, max_pixels=max_pixels)
-                views = spec.tiles(image).numpy() if spec.tiled else spec(image).numpy()[None]  # [T, 3, S, S]
+                views = spec.views(image)  # [T, 3, S, S]
                 pixels[filled:filled + len(views)] = views
             except FileNotFoundError:
                 reason = "missing file"
@@ -241,6 +257,72 @@ class EncodeShard:
             })
         self._last_done = time.perf_counter()
         return pa.Table.from_pylist(results)
+
+
+def write_pixel_shards(batch: pa.Table, output: str, fp_id: str, pixel_dtype: str, tile_size: int) -> pa.Table:
+    """The pixel store's second stage (the sibling of ``EncodeShard``, with no tower): ``load_shard``'s rows
+    → each shard's errors file, then its pixel shard (``pixels.pixel_shard_table``) in one atomic write; one
+    result row per shard, as ``EncodeShard`` returns. ``pixel_dtype`` uint8 stores the loaded tiles as they
+    are (``load_shard`` ran a uint8 spec); bf16 rounds the loaded normalised float32 tiles."""
+    from vitune.features.pixels import pixel_shard_table  # the reader's module; no Ray, no torch
+
+    results: list[dict[str, Any]] = []
+    for i, row in enumerate(batch.drop_columns(["pixels"]).to_pylist()):
+        shard, keys, errors, tiles = row["shard"], row["keys"], json.loads(row["errors"]), row["tiles"]
+        t0 = time.perf_counter()
+        raw = batch.column("pixels")[i].as_buffer()
+        if pixel_dtype == "uint8":
+            pixels = np.frombuffer(raw, dtype=np.uint8)
+        else:  # bf16: round float32 to nearest even, kept as its bit patterns (numpy has no bfloat16)
+            values = torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy())
+            pixels = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        pixels = pixels.reshape(sum(tiles), 3, tile_size, tile_size)
+        t1 = time.perf_counter()
+        errors_file = None
+        if errors:  # errors first, the shard last: the shard file is the commit of both
+            errors_file = errors_name(shard)
+            storage.write_jsonl(storage.join(output, errors_file), [{**e, "shard": shard} for e in errors])
+        meta = {"shard": shard, "fingerprint_id": fp_id, "quarantined": len(errors), "errors": errors_file}
+        nbytes = write_shard(storage.join(output, shard_name(shard)),
+                             pixel_shard_table(keys, pixels, tiles, row["sizes"], meta))
+        results.append({
+            "shard": shard, "rows": len(keys), "quarantined": len(errors), "bytes": nbytes,
+            "bytes_read": row["bytes_read"], "load_s": row["load_s"], "encode_s": t1 - t0,  # encode: the cast
+            "write_s": time.perf_counter() - t1, "wait_s": 0.0, "fused": False,  # no tower actor to fuse into
+            "done_at": time.time(),
+        })
+    return pa.Table.from_pylist(results)
+
+
+def store_pixel_shard(batch: pa.Table, image_root: str, spec: PreprocessSpec, max_pixels: int, output: str,
+                      fp_id: str, pixel_dtype: str, s3_endpoint_url: str | None = None) -> pa.Table:
+    """CPU task of the pixel store: read, decode and preprocess one shard's images, then write its shard
+    (``load_shard`` then ``write_pixel_shards``: one task, so the tiles never cross the object store)."""
+    with storage.s3.s3_endpoint(s3_endpoint_url):
+        return write_pixel_shards(_load_shard(batch, image_root, spec, max_pixels), output, fp_id, pixel_dtype,
+                                  spec.image_size)
+
+
+def run_pixel_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], out: str, fp_id: str,
+                     spec: PreprocessSpec, image_root: str) -> tuple[list[dict[str, Any]], None]:
+    """``run_shards`` for the pixel store: no tower, so one stage of CPU tasks (``store_pixel_shard``), as many
+    at once as the cluster's CPUs over ``features.preprocess_cpus``; one result row per shard."""
+    log.info("storing the pixels of %d shards (%s), tasks of %s CPU", len(todo), cfg.features.pixel_dtype,
+             cfg.features.preprocess_cpus)
+    ds = ray.data.from_items([{"shard": i, "keys": keys} for i, keys in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        store_pixel_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.features.preprocess_cpus,
+        memory=shard_pixel_bytes(spec, cfg.features.shard_size) * 3 + 256 * 2**20,  # tiles, their cast, Parquet
+        fn_kwargs={"image_root": image_root, "spec": spec, "max_pixels": cfg.features.max_pixels, "output": out,
+                   "fp_id": fp_id, "pixel_dtype": cfg.features.pixel_dtype,
+                   "s3_endpoint_url": cfg.storage.s3_endpoint_url},
+    )
+    results = []
+    with Progress("pixels", sum(len(keys) for _, keys in todo), "images") as progress:
+        for row in ds.iter_rows():
+            results.append(row)
+            progress.update(row["rows"] + row["quarantined"])
+    return results, None
 
 
 @dataclass(frozen=True)

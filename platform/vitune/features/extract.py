@@ -15,6 +15,10 @@ duplicates, finished shards untouched) and a run over a complete store computes 
 run at a time writes a store: it holds the store's lease (``vitune.features.lease``) from the plan to the
 manifest; a concurrent run waits, then finds the store complete. The
 store's URI is ``vitune.layout.features_output``: ``<storage.root>/features/<fingerprint id>`` by default.
+
+With ``features.form=pixels`` the same run writes the pixel store (``vitune.features.pixels``): the same plan,
+lease, reuse and manifest; its fingerprint is the preprocessing's, its shards are written by CPU tasks alone
+(``encode.run_pixel_shards``: decode, preprocess, write; no tower) under ``<storage.root>/pixels/<id>``.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+import PIL
+
 from vitune import layout, storage
 from vitune.config import FeaturesJobConfig
 from vitune.data.records import read_records_with_errors
-from vitune.features.encode import PreprocessSpec, run_shards
+from vitune.features.encode import PreprocessSpec, run_pixel_shards, run_shards
 from vitune.features.lease import StoreLease
+from vitune.features.pixels import PIXELS_FORMAT_VERSION, pixel_schema
 from vitune.features.store import (
     ERRORS_DIR,
     FORMAT_VERSION,
@@ -42,7 +49,7 @@ from vitune.features.store import (
     shard_problem,
     write_manifest,
 )
-from vitune.model.vision import load_vision_tower
+from vitune.model.vision import load_vision_tower, pixel_fingerprint
 from vitune.runtime import connect, init_ray
 from vitune.vision_recipe import fingerprint_diffs, fingerprint_id
 
@@ -101,7 +108,8 @@ def _check_plan(out: str, plan: dict[str, Any], write: bool) -> bool:
     diffs = fingerprint_diffs(plan["fingerprint"], have.get("fingerprint", {}))
     if diffs:
         detail = "; ".join(f"{f}: expected {w!r}, found {h!r}" for f, w, h in diffs)
-        raise ValueError(f"{out} holds features of another vision tower ({detail}); set features.output elsewhere")
+        raise ValueError(f"{out} holds a store of another vision tower or form ({detail}); set features.output "
+                         "elsewhere")
     for field in ("shard_size", "max_pixels", "num_images", "keys_sha256"):
         if have.get(field) != plan[field]:
             raise ValueError(
@@ -196,10 +204,17 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
     connect(cfg)  # Ray only once there are shards to compute: a complete store needs none
     # The driver loads the tower on CPU once for what defines the store: fingerprint, [N, D], preprocessing.
     tower = load_vision_tower(cfg.model.vision)
-    fp = tower.fingerprint()
+    pixels = cfg.store_form == "pixels"  # the pixel store: the same job, the tiles before the tower stored
+    if pixels:
+        dtype = cfg.features.pixel_dtype
+        fp = {**pixel_fingerprint(tower, dtype), "pillow_version": PIL.__version__}  # PIL's resize makes them
+        spec = PreprocessSpec.from_tower(tower, uint8=dtype == "uint8")
+        shape, store_schema = (3, tower.image_size), pixel_schema(dtype, tower.image_size)
+        compute, format_version = run_pixel_shards, PIXELS_FORMAT_VERSION
+    else:
+        fp, spec = tower.fingerprint(), PreprocessSpec.from_tower(tower)
+        shape, store_schema, compute, format_version = (tower.num_patches, tower.hidden_size), None, run_shards, None
     fp_id = fingerprint_id(fp)
-    spec = PreprocessSpec.from_tower(tower)
-    n_patches, dim = tower.num_patches, tower.hidden_size
     del tower
     out = layout.features_output(cfg, fp_id)
     keys, record_stats = collect_image_keys(cfg.data.records)
@@ -233,7 +248,7 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
         t_pipe, t_pipe_wall = time.perf_counter(), time.time()
         if todo:
             init_ray(cfg.ray)
-            computed, pool = run_shards(cfg, todo, out, fp_id, spec, image_root)
+            computed, pool = compute(cfg, todo, out, fp_id, spec, image_root)
         if interrupted:
             raise SimulatedInterruption(f"{FAIL_AFTER_ENV}: stopped after {len(computed)} shards, before the manifest")
         last_run = {
@@ -247,9 +262,9 @@ def extract_features(cfg: FeaturesJobConfig, fail_after_shards: int | None = Non
         infos = [*computed, *reused.values()]
         _check_written(out, shards, infos)
         lease.check()  # the manifest is the commit: only the lease's holder may write it
-        manifest = write_manifest(out, shards, fp, (n_patches, dim), infos, {
+        manifest = write_manifest(out, shards, fp, shape, infos, {
             "shard_size": cfg.features.shard_size, "config": cfg.model_dump(mode="json"), "image_root": image_root,
-            "record_counts": record_stats, "last_run": last_run})
+            "record_counts": record_stats, "last_run": last_run}, schema=store_schema, format_version=format_version)
         _cleanup_temp_files(out)
     return _summary(manifest, out, computed=len(computed), wall_s=time.perf_counter() - t_start,
                     timings=last_run["timings"])

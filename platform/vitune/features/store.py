@@ -224,10 +224,13 @@ def shard_problem(uri: str, keys: Sequence[str], fp_id: str, size: int | None = 
 
 
 def write_manifest(out: str, shards: Sequence[Sequence[str]], fp: dict[str, Any], shape: tuple[int, int],
-                   computed: Sequence[dict[str, Any]] = (), extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   computed: Sequence[dict[str, Any]] = (), extra: dict[str, Any] | None = None,
+                   schema: dict[str, Any] | None = None, format_version: int | None = None) -> dict[str, Any]:
     """Check every planned shard (this run's results, else its file's footer) and write ``manifest.json`` last.
 
-    Raises if any shard is missing or if images in != features out + quarantined.
+    Raises if any shard is missing or if images in != features out + quarantined. ``schema`` and
+    ``format_version`` are given by a store of another payload (the pixel store, ``vitune.features.pixels``);
+    by default they are the feature store's for ``shape`` ``(N, D)``.
     """
     fp_id = fingerprint_id(fp)
     by_shard = {r["shard"]: r for r in computed}
@@ -250,13 +253,14 @@ def write_manifest(out: str, shards: Sequence[Sequence[str]], fp: dict[str, Any]
     total_bytes = sum(e["bytes"] for e in entries)
     extra = dict(extra or {})
     tiled = is_tiled(fp)
-    schema: dict[str, Any] = {"columns": [KEY_COLUMN, FEATURES_COLUMN], "num_patches": shape[0],
-                              "hidden_size": shape[1], "shape": list(shape), "dtype": FEATURE_DTYPE}
-    if tiled:  # shape is per tile; each row holds num_tiles of them
-        schema.update(columns=[KEY_COLUMN, FEATURES_COLUMN, TILES_COLUMN, SIZE_COLUMN], layout=TILES_LAYOUT,
-                      encoding=f"{FEATURE_DTYPE} bytes of [num_tiles, N, D], C order, little-endian")
+    if schema is None:
+        schema = {"columns": [KEY_COLUMN, FEATURES_COLUMN], "num_patches": shape[0],
+                  "hidden_size": shape[1], "shape": list(shape), "dtype": FEATURE_DTYPE}
+        if tiled:  # shape is per tile; each row holds num_tiles of them
+            schema.update(columns=[KEY_COLUMN, FEATURES_COLUMN, TILES_COLUMN, SIZE_COLUMN], layout=TILES_LAYOUT,
+                          encoding=f"{FEATURE_DTYPE} bytes of [num_tiles, N, D], C order, little-endian")
     manifest = {
-        "format_version": TILES_FORMAT_VERSION if tiled else FORMAT_VERSION,
+        "format_version": format_version or (TILES_FORMAT_VERSION if tiled else FORMAT_VERSION),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "fingerprint": fp,
         "fingerprint_id": fp_id,
@@ -312,15 +316,24 @@ class FeatureStore:
         self._shards: list[dict[str, Any]] = manifest["shards"]
         self._first_keys = [s["key_range"][0] for s in self._shards]
 
-    @classmethod
-    def open(cls, uri: str, expect_fingerprint: Mapping[str, Any] | None = None) -> FeatureStore:
-        """Open the store at ``uri``; refuse it if its fingerprint differs from ``expect_fingerprint``."""
+    @staticmethod
+    def read_manifest(uri: str) -> dict[str, Any]:
+        """The manifest of the finished store at ``uri`` (either form); a missing one is explained."""
         manifest_uri = storage.join(uri, MANIFEST)
         if not storage.exists(manifest_uri):
             hint = (" (shards exist: the job was interrupted; re-run it to finish)" if storage.exists(
                 storage.join(uri, PLAN)) else " (run jobs/extract_features.py with the same config first)")
             raise FileNotFoundError(f"no feature store at {uri}: {MANIFEST} is missing{hint}")
-        manifest = storage.read_json(manifest_uri)
+        return storage.read_json(manifest_uri)
+
+    @classmethod
+    def open(cls, uri: str, expect_fingerprint: Mapping[str, Any] | None = None) -> FeatureStore:
+        """Open the store at ``uri``; refuse it if its fingerprint differs from ``expect_fingerprint``."""
+        manifest = cls.read_manifest(uri)
+        if manifest.get("fingerprint", {}).get("form") == "pixels":
+            raise ValueError(f"{uri} is a pixel store (preprocessed tiles, features.form=pixels), not tower "
+                             "features: a frozen tower trains from a feature store; a pixel store is read by "
+                             "vitune.features.pixels.PixelStore when the tower trains")
         if manifest.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"feature store {uri} has format_version {manifest.get('format_version')!r}; "
                              f"this reader knows {', '.join(map(str, READABLE_VERSIONS))}")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vitune.vision_recipe import VisionRecipe, select_best_resolution, tiles_for
+from vitune.vision_recipe import VisionRecipe, pad_fill, select_best_resolution, tiles_for
 
 logger = logging.getLogger(__name__)
 
@@ -125,11 +125,6 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
     # "F" is taken to be in [0, 1] already.
     array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
     return Image.fromarray(array, mode="L")
-
-
-def pad_fill(mean: Sequence[float]) -> tuple[int, int, int]:
-    """The canvas colour LLaVA v1.5 pads with: the normalisation mean in 0–255, truncated."""
-    return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -230,6 +225,42 @@ def anyres_views(image: Image.Image, recipe: VisionRecipe) -> list[Image.Image]:
         raise RuntimeError(f"{len(views)} views of a {width}x{height} image; the recipe counts "
                            f"{tiles_for(recipe, width, height)}")
     return views
+
+
+def tile_views(image: Image.Image, recipe: VisionRecipe, mean: Sequence[float]) -> list[Image.Image]:
+    """The RGB `S` x `S` PIL views the tower sees for an image, before normalisation: one for pad and crop
+    (`fit_to_square`), the base view and the grid's tiles for anyres (`anyres_views`)."""
+    if recipe.image_mode == "anyres":
+        return anyres_views(image, recipe)
+    return [fit_to_square(image, recipe.image_size, mean, recipe.image_mode)]  # type: ignore[arg-type]
+
+
+def tiles_uint8(image: Image.Image, recipe: VisionRecipe, mean: Sequence[float]) -> np.ndarray:
+    """The image's tiles as the 0-255 values PIL's resize produced, `[T, 3, S, S]` uint8: `preprocess_tiles`
+    before its normalisation (`normalize_uint8` of this is `preprocess_tiles`, bit for bit)."""
+    return np.stack([np.asarray(view, dtype=np.uint8).transpose(2, 0, 1) for view in tile_views(image, recipe, mean)])
+
+
+def normalize_table(mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """`[3, 256]` float32: channel c's normalised value of each 0-255 level, computed as `normalize` does."""
+    levels = np.arange(256, dtype=np.float32)[:, None].repeat(3, axis=1)[None]  # [1, 256, 3]: an image row
+    return normalize(Image.fromarray(levels.astype(np.uint8), mode="RGB"), mean, std)[:, 0, :]  # [3, 256]
+
+
+def normalize_uint8(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                    table: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 tiles `[..., 3, S, S]` → the float32 `normalize` gives for them, on the tiles' device.
+
+    A lookup in `normalize_table` rather than `(x / 255 - mean) / std` on the device: a GPU divides by a scalar
+    as a multiply by its reciprocal, which can round the last bit differently; the table is computed once on
+    the CPU by `normalize` itself, so the result equals the CPU preprocessing exactly on any device. `table`
+    (e.g. kept on the device by the caller) saves recomputing it.
+    """
+    if pixels.dtype != torch.uint8 or pixels.shape[-3] != 3:
+        raise ValueError(f"expected uint8 tiles [..., 3, S, S], got {pixels.dtype} {tuple(pixels.shape)}")
+    lut = (normalize_table(mean, std) if table is None else table).to(pixels.device)  # [3, 256]
+    channels = torch.arange(3, device=pixels.device).view(3, 1, 1)  # [3, 1, 1]
+    return lut[channels, pixels.long()]  # [..., 3, S, S] float32
 
 
 def preprocess_tiles(image: Image.Image, recipe: VisionRecipe, mean: Sequence[float],

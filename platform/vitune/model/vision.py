@@ -273,6 +273,11 @@ def load_vision_tower(cfg: Any, device: str | torch.device = "cpu", dtype: torch
     return tower
 
 
+def pixel_fingerprint(tower: VisionTower, dtype: str = "uint8") -> dict[str, Any]:
+    """The fingerprint of the pixel store this tower's preprocessing makes (`VisionRecipe.pixel_fingerprint`)."""
+    return tower.recipe.pixel_fingerprint(tower.mean, tower.std, dtype)
+
+
 def encode_images(tower: VisionTower, images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL images → `[B, N, D]` tower features: preprocess, stack, encode. The one shared path."""
     if not images:
