@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import logging
+import math
 import threading
 import time
 
@@ -292,13 +293,21 @@ def test_request_timeout_answers_503_and_stops_the_work(serve_http, tiny_model_f
             "temperature": 0.8}
     # the whole answer's length, from the app without the short timeout: the first seed with a long one
     for seed in range(20):
+        t0 = time.perf_counter()
         whole = httpx.post(f"{fault_app}/v1/chat/completions", json={**long, "seed": seed}, timeout=120).json()
+        whole_s = time.perf_counter() - t0
         if whole["usage"]["completion_tokens"] >= 200:
             break
     full_tokens = whole["usage"]["completion_tokens"]
     assert full_tokens >= 200, whole["usage"]
+    t0 = time.perf_counter()
+    httpx.post(f"{fault_app}/v1/chat/completions", json={**long, "max_tokens": 2}, timeout=120).raise_for_status()
+    short_s = time.perf_counter() - t0
+    # 0.3 s, or less on a machine fast enough to decode the whole answer in about that: between the short and the
+    # whole answer's times (their geometric mean), so the short one fits and the long one cannot
+    timeout_s = round(min(0.3, max(math.sqrt(whole_s * short_s), 0.02)), 3)
     url = serve_http.deploy("vitune-timeout", "/timeout", {"model": tiny_model_folder, "served_model_name": MODEL,
-                                                           "request_timeout_s": 0.3})
+                                                           "request_timeout_s": timeout_s})
     try:
         short = httpx.post(f"{url}/v1/chat/completions", json={**long, "max_tokens": 2}, timeout=120)
         assert short.status_code == 200, short.text  # in time (and the API replica has the tower's geometry)
@@ -311,8 +320,8 @@ def test_request_timeout_answers_503_and_stops_the_work(serve_http, tiny_model_f
         decoded = engine.stats.remote().result()["tokens"] - before
     finally:
         serve.delete("vitune-timeout")
-    log.warning("FIGURES request_timeout_s=0.3: 503 timeout; %d of the answer's %d tokens decoded before the "
-                "replica dropped it", decoded, full_tokens)
+    log.warning("FIGURES request_timeout_s=%s (whole answer %.2f s, short %.2f s): 503 timeout; %d of the answer's "
+                "%d tokens decoded before the replica dropped it", timeout_s, whole_s, short_s, decoded, full_tokens)
     assert 0 < decoded < full_tokens, (decoded, full_tokens)  # it was decoding, and stopped
 
 
