@@ -15,6 +15,14 @@ machine's load average is recorded, since on a shared machine it moves both numb
 resolutions scaled to the tower's tile (2x1, 1x2, 2x2, 3x1, 1x3 tiles) and a base view, so a 640x480 photo is
 5 tiles and a 64x64 synthetic image 5; the loop then encodes ``vision.encode_image_tiles`` and the job writes a
 tile store (``features.batch_size`` counts tiles there). Rates stay in images/s.
+
+``--form pixels`` times the pixel store's job instead (``features.form=pixels``, uint8 tiles; no tower runs)
+against a loop doing the same read, decode, preprocess and shard write in one process (``bench_pixels``).
+Measured 2026-12-07 on this 2-core machine (otherwise idle, load 0.2-1.5), ``--form pixels --tiny-images 0
+--vit-images 1024 --shard-size 64`` (640x480 JPEGs, 224-px tiles, best of 2): pad 279 vs 249 images/s, ratio
+1.12 (steady 1.16), 116 KiB/image; ``--aspect anyres`` (5 tiles each) 136 vs 116 images/s, ratio 1.17 (steady
+1.23), 605 KiB/image. With 32-image shards (0.15 s tasks) Ray Data's per-task overhead on 2 cores held the
+pad ratio at 0.85-0.89: shards of that size want a bigger machine, or ``features.shard_size`` 64 and up.
 """
 
 from __future__ import annotations
@@ -151,6 +159,65 @@ def bench_tower(label: str, records: str, image_root: str, work: str, args: argp
     }
 
 
+def pixel_tight_loop(cfg: FeaturesJobConfig, image_root: str, keys: list[str], out: str) -> float:
+    """Images/s of the pixel store's work in one process: read → decode → preprocess to uint8 tiles → write
+    each shard of ``features.shard_size`` images (the store's own table and writer), no Ray."""
+    from vitune.features.pixels import pixel_shard_table
+    from vitune.features.store import shard_name, write_shard
+    from vitune.model.image import decode_image, tiles_uint8
+    from vitune.model.vision import load_vision_tower
+
+    tower = load_vision_tower(cfg.model.vision)  # for its preprocessing only, as the job's driver
+    t0 = time.perf_counter()
+    for shard, start in enumerate(range(0, len(keys), cfg.features.shard_size)):
+        batch = keys[start:start + cfg.features.shard_size]
+        tiles, sizes = [], []
+        for key in batch:
+            image = decode_image(storage.read_bytes(storage.join(image_root, key)), cfg.features.max_pixels)
+            tiles.append(tiles_uint8(image, tower.recipe, tower.mean))  # [T, 3, S, S]
+            sizes.append(image.size)
+        table = pixel_shard_table(batch, np.concatenate(tiles), [len(t) for t in tiles], sizes, {"shard": shard})
+        write_shard(storage.join(out, shard_name(shard)), table)
+    return len(keys) / (time.perf_counter() - t0)
+
+
+def bench_pixels(label: str, records: str, image_root: str, work: str, args: argparse.Namespace) -> dict:
+    """``--form pixels``: the pixel job (``features.form=pixels``, uint8) vs ``pixel_tight_loop``, best of the
+    repeats; ``steady_ratio`` is the job's rate after its first committed shard over the loop's."""
+    from vitune.features.extract import collect_image_keys, extract_features
+    from vitune.vision_recipe import VisionRecipe
+
+    keys, _ = collect_image_keys([records])
+    tile = VisionRecipe.of(build_config(FeaturesJobConfig, {"storage": {"root": work},
+                                                            "model": {"vision": TOWERS[label]}}).model.vision)
+    raw = {"storage": {"root": work}, "tracking": {"enabled": False},
+           "model": {"vision": vision_fields(label, args.aspect, tile.image_size)},
+           "data": {"records": [records], "image_root": image_root},
+           "features": {"shard_size": args.shard_size, "preprocess_cpus": args.preprocess_cpus, "form": "pixels"}}
+    loops, runs = [], []
+    for r in range(args.repeats):
+        cfg = build_config(FeaturesJobConfig, raw, [f"features.output={work}/pixels-{label}-{r}"])
+        loops.append(pixel_tight_loop(cfg, image_root, keys, f"{work}/pixel-loop-{label}-{r}"))
+        summary = extract_features(cfg)
+        runs.append(storage.read_json(storage.join(summary["output"], "manifest.json")))
+        log.info("%s pixels repeat %d: loop %.1f images/s, ray %.1f images/s", label, r, loops[-1],
+                 runs[-1]["last_run"]["timings"]["images_per_s"])
+    best = max(runs, key=lambda m: m["last_run"]["timings"]["images_per_s"])
+    timings, loop = best["last_run"]["timings"], max(loops)
+    return {
+        "images": len(keys), "aspect": args.aspect, "form": "pixels", "pixel_dtype": "uint8",
+        "loop_images_per_s": round(loop, 2),
+        "ray_images_per_s": round(timings["images_per_s"], 2),
+        "ratio": round(timings["images_per_s"] / loop, 3),
+        "ray_steady_images_per_s": round(timings["steady_images_per_s"], 2) if timings["steady_images_per_s"] else None,
+        "steady_ratio": round(timings["steady_images_per_s"] / loop, 3) if timings["steady_images_per_s"] else None,
+        "all_loop_images_per_s": [round(x, 2) for x in loops],
+        "all_ray_images_per_s": [round(m["last_run"]["timings"]["images_per_s"], 2) for m in runs],
+        "bytes_per_image": round(best["bytes_per_image"], 1),
+        "ray_timings_s": {k: round(v, 2) for k, v in timings.items() if v is not None},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny-images", type=int, default=512)
@@ -162,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--actor-cpus", type=float, default=1.0)
     p.add_argument("--preprocess-cpus", type=float, default=1.0)
     p.add_argument("--aspect", choices=("pad", "anyres"), default="pad")
+    p.add_argument("--form", choices=("features", "pixels"), default="features")  # pixels: bench_pixels
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -172,13 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     load_before = os.getloadavg()[0]
     results = {}
+    bench_tower_or_pixels = bench_pixels if args.form == "pixels" else bench_tower
     with tempfile.TemporaryDirectory(prefix="vitune-bench-") as work:
         if args.tiny_images:
             data = synthetic.generate(f"{work}/tiny-data", num_images=args.tiny_images, num_eval_images=0)
-            results["tiny"] = bench_tower("tiny", data["records"]["captions"], data["image_root"], work, args)
+            results["tiny"] = bench_tower_or_pixels("tiny", data["records"]["captions"], data["image_root"], work, args)
         if args.vit_images:
             records = photo_like_jpegs(f"{work}/vit-data", args.vit_images)
-            results["vit_b_32_224"] = bench_tower("vit_b_32_224", records, f"{work}/vit-data", work, args)
+            results["vit_b_32_224"] = bench_tower_or_pixels("vit_b_32_224", records, f"{work}/vit-data", work, args)
     ray.shutdown()
     out = {
         "benchmark": "feature_throughput",

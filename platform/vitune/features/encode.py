@@ -312,7 +312,8 @@ def run_pixel_shards(cfg: FeaturesJobConfig, todo: list[tuple[int, list[str]]], 
     ds = ray.data.from_items([{"shard": i, "keys": keys} for i, keys in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         store_pixel_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.features.preprocess_cpus,
-        memory=shard_pixel_bytes(spec, cfg.features.shard_size) * 3 + 256 * 2**20,  # tiles, their cast, Parquet
+        # the tiles, their cast and the Parquet buffer, over a worker's own ~400 MiB (torch, PIL, pyarrow loaded)
+        memory=shard_pixel_bytes(spec, cfg.features.shard_size) * 3 + 512 * 2**20,
         fn_kwargs={"image_root": image_root, "spec": spec, "max_pixels": cfg.features.max_pixels, "output": out,
                    "fp_id": fp_id, "pixel_dtype": cfg.features.pixel_dtype,
                    "s3_endpoint_url": cfg.storage.s3_endpoint_url},
