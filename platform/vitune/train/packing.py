@@ -1,0 +1,55 @@
+"""Packing samples into rows up to a token budget: the packer, torch-free.
+
+A packed row holds several whole samples back to back; a sample's length is its length after the visual-token
+splice (text tokens plus every image's visual tokens), so the budget is what the language model sees. The
+packer is first-fit-decreasing: samples longest first, each into the first row with room, a new row when none
+has it. FFD uses at most 11/9·OPT + 1 rows, and on the length mixes LLaVA data has it is within a row of the
+optimum; it needs the whole window in hand, which the length-grouped stream gives (train/sampler.py).
+
+A sample longer than the budget is an error naming it, not a silent truncation: the budget is a config value
+and the caller decides (``train.model_max_length`` bounds samples already).
+
+Pure Python on purpose: the GPU benchmark (benchmarks/gpu/) imports it with only torch and transformers there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed into rows whose totals are at most ``budget``.
+
+    Rows come out in the order they were opened (the first holds the longest sample); within a row the
+    indices keep the order they were placed in, longest first. Ties keep the input order, so the result is
+    a pure function of its input.
+    """
+    if budget <= 0:
+        raise ValueError(f"packing budget must be positive, got {budget}")
+    for i, n in enumerate(lengths):
+        if n > budget:
+            raise ValueError(f"sample {i} has {n} tokens, more than the packing budget of {budget}")
+        if n <= 0:
+            raise ValueError(f"sample {i} has {n} tokens; a packed sample needs at least one")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(budget - lengths[i])
+    return rows
+
+
+def position_ids(lengths: Sequence[int]) -> list[int]:
+    """Position ids of one packed row: ``0..n-1`` for each sample in turn (they restart at each boundary).
+
+    transformers reads the restarts as sample boundaries when no 2-D attention mask is passed
+    (masking_utils ``find_packed_sequence_indices``), and flash-attention derives ``cu_seqlens`` from them.
+    """
+    return [p for n in lengths for p in range(n)]
+
