@@ -1,6 +1,6 @@
 """Stage-2 training-step throughput on one GPU, packing on and off: tokens/s, MFU, peak memory, data wait.
 
-    python benchmarks/gpu/stage2_step.py                 # the 7B (LLaVA-1.6) and 0.5B (OneVision) shapes
+    python benchmarks/gpu/stage2_step.py                 # 7B as LLaVA-1.5 (pad) and 1.6 (anyres), 0.5B OneVision
     python benchmarks/gpu/stage2_step.py --tiny          # tiny shapes on CPU, in seconds (the CPU test runs it)
 
 Needs only torch and transformers (no Ray, DeepSpeed, open_clip or network): the language models are built at
@@ -137,13 +137,15 @@ SHAPES = {
 }
 _tiny_llama = _tiny(LLAMA_2_7B, _clip_336("anyres"), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
+_tiny_llama_pad = (_tiny_llama[0], dataclasses.replace(_tiny_llama[1], image_mode="pad", grid_pinpoints=()))
 _tiny_qwen = _tiny(QWEN2_0_5B, _siglip_384(), hidden_size=56, intermediate_size=112, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, vocab_size=640, max_position_embeddings=512)
 TINY_SHAPES = {
+    "tiny-llava-pad": Shape("tiny-llava-pad", *_tiny_llama_pad, max_length=384, batch=2, text_scale=0.1),
     "tiny-llava": Shape("tiny-llava", *_tiny_llama, max_length=384, batch=2, text_scale=0.1),
     "tiny-qwen2": Shape("tiny-qwen2", *_tiny_qwen, max_length=512, batch=2, text_scale=0.1),
 }
-DEFAULT_SHAPES = ("llava-7b", "qwen2-0.5b")
+DEFAULT_SHAPES = ("llava-7b-pad", "llava-7b", "qwen2-0.5b")
 
 
 def shape_named(name: str) -> Shape:
@@ -579,7 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps a case (default 15; --tiny 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --tiny 1)")
     p.add_argument("--samples", type=int, default=2048, help="samples drawn from the mix a case")
-    p.add_argument("--window", type=int, default=64, help="samples the packer sees at once")
+    p.add_argument("--batch", type=int, default=None, help="samples (off) / rows (on) a step, for every shape "
+                   "(default the shape's: 2)")
+    p.add_argument("--window", type=int, default=256, help="samples the packer sees at once")
     p.add_argument("--pack-budget", type=int, default=None, help="tokens a packed row holds (default max_length)")
     p.add_argument("--attn", choices=("auto", "sdpa", "flash_attention_2", "eager"), default="auto")
     p.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off (on by default)")
@@ -599,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [shape_named(n) for n in (args.shapes or (TINY_SHAPES if args.tiny else DEFAULT_SHAPES))]
     except ValueError as e:
         p.error(str(e))
+    if args.batch is not None:
+        if args.batch < 1:
+            p.error("--batch must be at least 1")
+        shapes = [dataclasses.replace(s, batch=args.batch) for s in shapes]
     device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
     name, peak = device_peak(device, args.peak_tflops)
     attn = pick_attention(args.attn, device)
@@ -619,20 +627,27 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
     sys.stdout.flush()
     rows = []
+    model = optimizer = built = None
     for shape in shapes:
-        model = optimizer = None
-        try:
-            t_build = time.perf_counter()
-            model = build_model(shape, attn, device, torch.bfloat16, not args.no_checkpointing)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
-            log.info("%s: %.1fM parameters, built in %.1f s", shape.name,
-                     sum(q.numel() for q in model.parameters()) / 1e6, time.perf_counter() - t_build)
-        except Exception as e:  # noqa: BLE001 - reported as this shape's rows, the run goes on and exits 1
-            rows += [_failure(shape, packed, attn, e) for packed in modes]
-            sys.stdout.write("".join(format_row(r) + "\n" for r in rows[-len(modes):]))
-            model = optimizer = None
+        # shapes that differ in their recipe only (llava-7b-pad, llava-7b) share one model and optimizer
+        key = (json.dumps(shape.lm, sort_keys=True), shape.recipe.hidden_size)
+        if key != built:
+            model = optimizer = built = None
             _free(device)
-            continue
+            try:
+                t_build = time.perf_counter()
+                model = build_model(shape, attn, device, torch.bfloat16, not args.no_checkpointing)
+                optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+                built = key
+                log.info("%s: %.1fM parameters, built in %.1f s", shape.name,
+                         sum(q.numel() for q in model.parameters()) / 1e6, time.perf_counter() - t_build)
+            except Exception as e:  # noqa: BLE001 - reported as this shape's rows, the run goes on and exits 1
+                rows += [_failure(shape, packed, attn, e) for packed in modes]
+                sys.stdout.write("".join(format_row(r) + "\n" for r in rows[-len(modes):]))
+                model = optimizer = None
+                _free(device)
+                continue
+        model.recipe = shape.recipe
         for packed in modes:
             try:
                 row = run_case(model, optimizer, shape, packed, attn, args, device, peak)
@@ -643,8 +658,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             sys.stdout.write(format_row(row) + "\n")
             sys.stdout.flush()
-        del model, optimizer
-        _free(device)
+    model = optimizer = None
+    _free(device)
     elapsed = time.perf_counter() - t_start
     failed = [r for r in rows if r["status"] != "ok"]
     sys.stdout.write(f"\nelapsed: {elapsed:.0f} s; {len(rows) - len(failed)} of {len(rows)} cases ok\n")
