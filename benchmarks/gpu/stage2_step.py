@@ -73,7 +73,7 @@ from vitune.vision_recipe import VisionRecipe, tiles_for, visual_tokens  # noqa:
 log = logging.getLogger("benchmarks.gpu.stage2_step")
 
 # bf16 dense peak TFLOPs (no sparsity), matched on torch.cuda.get_device_name(): first match wins
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 # (width, height, weight): the image sizes of LLaVA-665K's sources, roughly as often as they occur there
 IMAGE_SIZES = ((640, 480, 0.35), (640, 427, 0.20), (480, 640, 0.10), (500, 375, 0.10), (1280, 720, 0.10),
@@ -321,17 +321,21 @@ class Prefetcher:
     def _run(self, make: Iterator[Batch]) -> None:
         try:
             for batch in make:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put(batch):
                     return
-            self._queue.put(self._DONE)
+            self._put(self._DONE)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            self._queue.put(e)
+            self._put(e)
+
+    def _put(self, item: object) -> bool:
+        """Queue ``item`` unless the consumer has closed the feed (then False: it reads no more)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def next(self) -> Batch:
         item = self._queue.get()
@@ -634,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         if key != built:
             model = optimizer = built = None
             _free(device)
+            error = None
             try:
                 t_build = time.perf_counter()
                 model = build_model(shape, attn, device, torch.bfloat16, not args.no_checkpointing)
@@ -642,8 +647,10 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s: %.1fM parameters, built in %.1f s", shape.name,
                          sum(q.numel() for q in model.parameters()) / 1e6, time.perf_counter() - t_build)
             except Exception as e:  # noqa: BLE001 - reported as this shape's rows, the run goes on and exits 1
-                rows += [_failure(shape, packed, attn, e) for packed in modes]
-                sys.stdout.write("".join(format_row(r) + "\n" for r in rows[-len(modes):]))
+                error = [_failure(shape, packed, attn, e) for packed in modes]
+            if error:  # out of the except block: its traceback, which holds the tensors, is gone
+                rows += error
+                sys.stdout.write("".join(format_row(r) + "\n" for r in error))
                 model = optimizer = None
                 _free(device)
                 continue
@@ -652,8 +659,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 row = run_case(model, optimizer, shape, packed, attn, args, device, peak)
             except Exception as e:  # noqa: BLE001 - as above
-                optimizer.zero_grad(set_to_none=True)
                 row = _failure(shape, packed, attn, e)
+            if row["status"] != "ok":  # free the failed step's tensors (an OOM's) before the next case
+                optimizer.zero_grad(set_to_none=True)
                 _free(device)
             rows.append(row)
             sys.stdout.write(format_row(row) + "\n")

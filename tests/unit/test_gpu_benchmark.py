@@ -83,7 +83,7 @@ def bench():
 
 def test_a_failing_case_exits_non_zero(bench, capsys, caplog) -> None:
     # a packing budget under the longest sample: the packer refuses it, the row says so, the run exits 1
-    assert bench.main(["--tiny", "--shapes", "tiny-qwen2", "--steps", "1", "--pack-budget", "64"]) == 1
+    assert bench.main(["--tiny", "--shapes", "tiny-qwen2", "--steps", "1", "--warmup", "0", "--pack-budget", "64"]) == 1
     rows = {r["packing"]: r for r in _rows(capsys.readouterr().out)}
     assert rows["off"]["status"] == "ok" and rows["on"]["status"] == "FAILED (ValueError)"
     assert "more than the packing budget of 64" in caplog.text
@@ -102,3 +102,20 @@ def test_unknown_shape_lists_the_valid_ones(bench, capsys) -> None:
         bench.main(["--shapes", "llava-70b"])
     assert stop.value.code == 2
     assert "llava-7b" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_a_failed_row_and_the_other_cases_run(bench, capsys, monkeypatch) -> None:
+    import torch
+
+    real = bench.run_case
+
+    def packed_runs_out(model, optimizer, shape, packed, *args):
+        if packed:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, optimizer, shape, packed, *args)
+
+    monkeypatch.setattr(bench, "run_case", packed_runs_out)
+    assert bench.main(["--tiny", "--shapes", "tiny-qwen2", "tiny-llava", "--steps", "1", "--warmup", "0"]) == 1
+    rows = {(r["model"], r["packing"]): r["status"] for r in _rows(capsys.readouterr().out)}
+    assert rows == {("tiny-qwen2", "off"): "ok", ("tiny-qwen2", "on"): "FAILED (OOM)",
+                    ("tiny-llava", "off"): "ok", ("tiny-llava", "on"): "FAILED (OOM)"}
