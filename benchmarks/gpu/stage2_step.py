@@ -132,7 +132,7 @@ SHAPES = {
     # LLaVA-1.6 Vicuna-7B: Llama-2-7B, mlp2x_gelu from CLIP-336, anyres; model_max_length 4096 as its scripts
     "llava-7b": Shape("llava-7b", LLAMA_2_7B, _clip_336("anyres"), max_length=4096, batch=2),
     "llava-7b-pad": Shape("llava-7b-pad", LLAMA_2_7B, _clip_336("pad"), max_length=4096, batch=2),  # LLaVA-1.5
-    # LLaVA-OneVision Qwen2-0.5B: SigLIP-384, anyres_max_9 (up to 10 tiles before the cap, 7.3k tokens)
+    # LLaVA-OneVision Qwen2-0.5B: SigLIP-384, anyres_max_9 (IMAGE_SIZES make 2-9 tiles, 1,485-5,967 visual tokens)
     "qwen2-0.5b": Shape("qwen2-0.5b", QWEN2_0_5B, _siglip_384(), max_length=8192, batch=2),
 }
 _tiny_llama = _tiny(LLAMA_2_7B, _clip_336("anyres"), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
