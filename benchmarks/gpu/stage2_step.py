@@ -24,7 +24,9 @@ packs each window first-fit-decreasing into rows of at most the budget (the shap
 2-D mask: position ids restart at each sample and transformers reads the restarts as boundaries (SDPA:
 ``masking_utils.find_packed_sequence_indices`` builds a block-diagonal causal mask; flash-attention 2: the
 micro-batch is flattened into one row with no padding at all and ``cu_seqlens`` come from the position ids).
-Each sample's first label is ignored, so no token is trained to predict the next sample.
+Each sample's first label is ignored, so no token is trained to predict the next sample. Before the cases,
+``packing_check`` shows on the machine itself that a packed sample's logits equal the sample's alone and that
+a row whose positions do not restart gives different ones (the run stops with exit 1 otherwise).
 
 The sample mix (``sample_mix``), stated: LLaVA-665K's shape, about 6% text-only conversations (its ShareGPT
 share) and single-image ones otherwise; an image's size drawn from ``IMAGE_SIZES`` (COCO, GQA/VG, TextVQA-like
