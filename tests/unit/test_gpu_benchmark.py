@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import site
 import subprocess
 import sys
 import sysconfig
@@ -24,15 +25,17 @@ ABSENT = ("ray", "deepspeed", "open_clip", "open_clip_torch", "pydantic", "pydan
 
 
 def _stripped_site(tmp: Path) -> Path:
-    """site-packages as links, less the ``ABSENT`` packages, their metadata and every .pth file."""
-    site = Path(sysconfig.get_paths()["purelib"])
+    """This Python's site-packages as links in one folder, less the ``ABSENT`` packages, their metadata and
+    every .pth file (the first folder holding a name wins, as on ``sys.path``)."""
+    paths = sysconfig.get_paths()
     out = tmp / "site"
     out.mkdir()
-    for entry in site.iterdir():
-        top = entry.name.split("-")[0].split(".")[0].lower()
-        if top in ABSENT or entry.suffix == ".pth":
-            continue
-        (out / entry.name).symlink_to(entry)
+    for folder in dict.fromkeys([paths["purelib"], paths["platlib"], *site.getsitepackages()]):
+        for entry in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+            top = entry.name.split("-")[0].split(".")[0].lower()
+            if top in ABSENT or entry.suffix == ".pth" or (out / entry.name).exists():
+                continue
+            (out / entry.name).symlink_to(entry)
     return out
 
 
