@@ -24,12 +24,17 @@ tile store (``features.batch_size`` counts tiles there). Rates stay in images/s.
 
 ``--form pixels`` times the pixel store's job instead (``features.form=pixels``, uint8 tiles; no tower runs)
 against a loop doing the same read, decode, preprocess and shard write in one process (``bench_pixels``); the
-same rows (medians, start-up apart). Measured 2026-12-07 on this 2-core machine (otherwise idle, load 0.2-1.5),
-``--form pixels --tiny-images 0 --vit-images 1024 --shard-size 64`` (640x480 JPEGs, 224-px tiles, best of 2,
-before the medians): pad 279 vs 249 images/s, ratio 1.12 (steady 1.16), 116 KiB/image; ``--aspect anyres``
-(5 tiles each) 136 vs 116 images/s, ratio 1.17 (steady 1.23), 605 KiB/image. With 32-image shards (0.15 s
-tasks) Ray Data's per-task overhead on 2 cores held the pad ratio at 0.85-0.89: shards of that size want a
-bigger machine, or ``features.shard_size`` 64 and up.
+same rows (medians, start-up apart) plus bytes per image.
+
+Measured 2026-12-07 on a 2-core machine shared with other jobs (1-minute load 1.6-13, so single runs swing by
+2x; medians of 3 runs, two rounds), ViT-B-32 at 224 px: pad (320 JPEGs) ratio 1.08 / 1.01, steady 1.40 / 1.21,
+cold 1.06 / 0.69, 9-11 s of start-up a run; anyres (160, 5 tiles each) ratio 1.33 / 1.18, steady 1.48 / 1.35;
+``--form pixels --tiny-images 0 --vit-images 1024 --shard-size 64``: pad ratio 0.90 / 0.91, steady 0.91 / 0.96,
+116 KiB/image; anyres ratio 1.27 / 0.96, steady 1.30 / 1.05, 605 KiB/image. A process's first run also starts
+Ray's worker processes (pixels: 3-8 s of start-up against 0.3-0.9 s in the later runs), which ``cold_ratio``
+keeps (0.15-0.52 for the pixel job, whose whole run is 5-10 s). With 32-image shards (0.15 s tasks) Ray Data's
+per-task overhead on 2 cores held the pixel pad ratio at 0.85-0.89 (h-pixel's runs): shards of that size want
+a bigger machine, or ``features.shard_size`` 64 and up.
 """
 
 from __future__ import annotations
