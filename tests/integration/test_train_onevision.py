@@ -8,10 +8,12 @@ job's actors run: the folder's tower, prompt policy and the template's stops), a
 answers them in transformers alone (`LlavaOnevisionForConditionalGeneration` and its processor's chat template)
 within 0.05 of vitune.
 
-Why this many steps: the tiny SigLIP + Qwen2 learns the set more slowly than the tiny CLIP + Llama (measured in
-one process, 256 images, lr 2e-3: held-out 0.33 after 300 finetune steps, 0.60 after 400, 0.70 after 500; the
-tiny Llama on vicuna_v1 is at 0.60 after 100). preprocess_qwen's mask trains every ChatML header token beside
-the answer, and 48 steps left the model answering "<|im_start|>assistant" (the first version of this test).
+Why these steps and a held learning rate: the tiny model first learns the answers' priors (every colour question
+"red", every shape "circle") and reads the image only later; under the preset's cosine decay the late steps come
+at too small a rate for that. Measured through the real per-worker loop in one process on this test's data (240
+finetune steps of 16, lr 2e-3): cosine 0.26, constant 0.57 held-out; through Ray with cosine, 240-400 steps gave
+0.26-0.37. With tied embeddings (tiny-qwen2's first version) it was slower still (0.27 vs 0.64 after 200 steps),
+and the first version of this test, 48 steps, left it answering "<|im_start|>assistant".
 `onevision_model_folder` returns the trained folder."""
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 
 import numpy as np
@@ -34,9 +35,10 @@ pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
 PRESET = "tiny-onevision"
 FAMILY = "siglip + qwen2, anyres_max_4"
-NUM_IMAGES, NUM_EVAL, FINETUNE_EPOCHS = int(os.environ.get("VT_N", 256)), 32, int(os.environ.get("VT_E", 25))
-ALIGN_EPOCHS = int(os.environ.get("VT_A", 6))
-MIN_ACCURACY = 0.5  # chance is 0.306 (colour 1/4, shape 1/3, count 1/3)
+NUM_IMAGES, NUM_EVAL, ALIGN_EPOCHS, FINETUNE_EPOCHS = 256, 32, 2, 20  # 32 align and 320 finetune steps of 16
+# finetune at the preset's lr, held (see the module docstring: under cosine decay the tiny model never got to the image)
+FINETUNE_SCHEDULE = "train.lr_schedule=constant"
+MIN_ACCURACY = 0.45  # chance is 0.306 (colour 1/4, shape 1/3, count 1/3)
 MAX_EXPORT_GAP = 0.05
 
 
@@ -63,7 +65,7 @@ def onevision_model_folder(root: str) -> dict:
         "stage=align", *base, f"data.records={json.dumps([recs['captions']])}", f"train.epochs={ALIGN_EPOCHS}"]))
     finetune = run_training(load_config(TrainJobConfig, PRESET, [
         "stage=finetune", *base, f"data.records={json.dumps([recs['instruct']])}",
-        f"train.epochs={FINETUNE_EPOCHS}", f"train.init_from={align['model_folder']}"]))
+        f"train.epochs={FINETUNE_EPOCHS}", FINETUNE_SCHEDULE, f"train.init_from={align['model_folder']}"]))
     return {"root": root, "data": data, "features": feats, "align": align, "finetune": finetune}
 
 
@@ -121,7 +123,6 @@ def test_finetune_loss_falls_and_mlflow_records_the_family(trained, capsys):
     from mlflow.tracking import MlflowClient
 
     from vitune.cli import models as models_cli
-
     from vitune.family import FAMILY_TAG
     from vitune.tracking import resolve_tracking_uri
 

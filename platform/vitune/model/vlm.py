@@ -396,8 +396,13 @@ def build_tiny_lm(tokenizer: Any) -> nn.Module:
 
 
 def build_tiny_qwen2_lm(tokenizer: Any) -> nn.Module:
-    """A tiny random Qwen2 (hidden 64, 2 layers, GQA 4 query / 2 KV heads, q/k/v bias and tied embeddings as
-    Qwen2-0.5B) sized to `tokenizer`; the same weights every time."""
+    """A tiny random Qwen2 (hidden 64, 2 layers, GQA 4 query / 2 KV heads, q/k/v bias) sized to `tokenizer`; the
+    same weights every time.
+
+    Untied output embeddings, as Qwen2-7B (Qwen2-0.5B ties them; the export tests build a tied Qwen2 of their own):
+    tied at width 64, the model learned to read the image about 3x slower on the synthetic set (one process, lr
+    2e-3, 200 finetune steps: held-out 0.27, the answer priors only, against 0.64 untied).
+    """
     # deferred: transformers is slow to import and not every caller needs it
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -413,7 +418,7 @@ def build_tiny_qwen2_lm(tokenizer: Any) -> nn.Module:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
     return _seeded(lambda: Qwen2ForCausalLM(config))
 
