@@ -110,8 +110,8 @@ def param_groups(model: VisionLanguageModel, lr: float, projector_lr: float | No
                  tower_lr: float | None = None) -> list[dict[str, Any]]:
     """The optimizer's groups as LLaVA-NeXT's ``create_optimizer``: the trainable parameters at ``lr``, the
     projector's at ``mm_projector_lr`` and the tower's at ``mm_vision_tower_lr`` when given (else ``lr``), each
-    split into a group with ``weight_decay`` and one without (biases and norm weights). Empty groups are left
-    out; every group names its ``part`` (what the loop logs)."""
+    split into a group with ``weight_decay`` and one without (biases and norm weights) when ``weight_decay`` is
+    not 0. Empty groups are left out; every group names its ``part`` (what the loop logs)."""
     skip = no_decay_names(model)
     own = {"projector": projector_lr, "vision_tower": tower_lr}  # named parts with a rate of their own
     parts: dict[str, list[tuple[str, Any]]] = {"rest": [], "projector": [], "vision_tower": []}
@@ -122,8 +122,9 @@ def param_groups(model: VisionLanguageModel, lr: float, projector_lr: float | No
     groups = []
     for part, named in parts.items():
         rate = own.get(part) or lr
-        decayed = [p for n, p in named if n not in skip]
-        for params, decay in ((decayed, weight_decay), ([p for n, p in named if n in skip], 0.0)):
+        # without weight decay the split changes nothing: one group per part
+        split = (([p for n, p in named if n not in skip], weight_decay), ([p for n, p in named if n in skip], 0.0))
+        for params, decay in split if weight_decay else (([p for _, p in named], 0.0),):
             if params:
                 groups.append({"params": params, "lr": rate, "weight_decay": decay, "part": part})
     return groups
