@@ -152,3 +152,40 @@ def test_a_tuned_tower_trains_saves_serves_and_exports(tmp_path) -> None:
     torch.testing.assert_close(hf["logits"], logits(loaded.tower), rtol=0, atol=LOGITS_ATOL)
     # the export holds the trained tower: the pretrained one gives other logits
     assert (hf["logits"] - logits(fresh)).abs().max() > 100 * LOGITS_ATOL
+
+
+def test_the_pipeline_derives_the_pixel_store_when_a_stage_tunes_the_tower(tmp_path) -> None:
+    import yaml
+
+    from vitune.config.loading import resolve_preset
+    from vitune.pipeline import step_configs
+
+    preset = yaml.safe_load(Path(resolve_preset("tiny")).read_text())
+    assert {s: c.store_form for s, c in step_configs(str(resolve_preset("tiny"))).items() if s != "eval"} == {
+        "features": "features", "align": "features", "finetune": "features"}
+    preset["stages"]["finetune"]["train"]["mm_tunable_parts"] = TOWER_PARTS
+    path = tmp_path / "tower.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    configs = step_configs(str(path))
+    # one store for the pipeline: the finetune tunes the tower, the align runs its frozen tower on the same pixels
+    assert {s: c.store_form for s, c in configs.items() if s != "eval"} == {
+        "features": "pixels", "align": "pixels", "finetune": "pixels"}
+    assert configs["finetune"].tower_trains and not configs["align"].tower_trains
+
+
+@pytest.mark.parametrize("extra", [["train.zero_stage=3"], ["train.lora.enabled=true", "train.lora.r=4"]],
+                         ids=["zero3", "lora"])
+def test_the_tower_trains_and_is_saved_under_zero3_and_beside_lora(tmp_path, extra) -> None:
+    from vitune.model.folder import load_for_inference
+    from vitune.model.vision import load_vision_tower
+
+    tower, _, pixels = _pixel_store(tmp_path, VisionConfig())
+    cfg = _cfg(tmp_path, f"data.records=[{_records(tmp_path)}]", "train.max_steps=2", "train.epochs=4",
+               f"train.mm_tunable_parts={TOWER_PARTS}", "train.mm_vision_tower_lr=2e-2", *extra)
+    _, worker = _run(cfg, _rows(cfg, pixels.get(SIZES), tower.num_patches), tower.hidden_size)
+    assert worker.trainable["trainable_vision_tower"] == sum(p.numel() for p in tower.parameters())
+    loaded = load_for_inference(str(tmp_path / "train" / "finetune" / "model"), device="cpu")
+    fresh = load_vision_tower(VisionConfig())
+    moved = [n for (n, p0), p1 in zip(fresh.named_parameters(), loaded.tower.parameters(), strict=True)
+             if not torch.equal(p0, p1)]
+    assert len(moved) > len(list(fresh.parameters())) // 2
