@@ -185,7 +185,19 @@ def test_the_tower_trains_and_is_saved_under_zero3_and_beside_lora(tmp_path, ext
     _, worker = _run(cfg, _rows(cfg, pixels.get(SIZES), tower.num_patches), tower.hidden_size)
     assert worker.trainable["trainable_vision_tower"] == sum(p.numel() for p in tower.parameters())
     loaded = load_for_inference(str(tmp_path / "train" / "finetune" / "model"), device="cpu")
+    assert bool(loaded.meta["lm"].get("adapter")) == worker.lora == cfg.train.lora.enabled
     fresh = load_vision_tower(VisionConfig())
     moved = [n for (n, p0), p1 in zip(fresh.named_parameters(), loaded.tower.parameters(), strict=True)
              if not torch.equal(p0, p1)]
     assert len(moved) > len(list(fresh.parameters())) // 2
+
+
+def test_a_served_adapter_with_its_own_trained_tower_is_refused() -> None:
+    from vitune.serve.adapters import _same_base
+
+    fp = {"tower": "vitune-tiny-vit", "tower_weights": "trained"}
+    base = {"lm": {"adapter": "adapter", "source": "tiny", "base_digest": "d"}, "fingerprint": fp,
+            "vision_tower": {"trained": True}}
+    _same_base("plain", {**base, "vision_tower": None}, base)  # the same features, the served model's tower
+    with pytest.raises(ValueError, match="adapters.other: its run trained its own vision tower"):
+        _same_base("other", base, base)
