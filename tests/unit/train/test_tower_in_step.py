@@ -5,8 +5,6 @@ folder keeps them, evaluation's loader uses them and transformers alone computes
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from PIL import Image
 
 from benchmarks.train_step import run_single_process
 from tests.unit.features.test_pixel_store import SIZES, _feature_store, _pixel_store, _png
-from tests.unit.model.test_export import CONVERSATION, LOGITS_ATOL, REFERENCE, vitune_turns
+from tests.unit.model.test_export import CONVERSATION, LOGITS_ATOL, vitune_turns
 from vitune.config import ConfigError, TrainJobConfig, VisionConfig, load_config
 from vitune.data.records import read_records
 from vitune.data.tokenizer import load_tokenizer
@@ -133,12 +131,19 @@ def test_a_tuned_tower_trains_saves_serves_and_exports(tmp_path) -> None:
     image_path = tmp_path / "image.png"
     image_path.write_bytes(_png((48, 20), 9))
     hf_folder = export_llava_hf(folder, str(tmp_path / "hf"))
-    spec = {"parity": [{"name": "tower", "folder": hf_folder, "image": str(image_path), "messages": CONVERSATION}]}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    subprocess.run([sys.executable, str(REFERENCE), str(tmp_path / "spec.json"), str(tmp_path / "out.pt")],
-                   check=True, cwd=tmp_path, timeout=300)
-    hf = torch.load(tmp_path / "out.pt", weights_only=False)["parity"]["tower"]
-    assert hf["loading"]["missing_keys"] == [] and hf["loading"]["unexpected_keys"] == []
+    # transformers alone on the export (in this process: its model code, not vitune's, computes the logits)
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    hf_model, info = LlavaForConditionalGeneration.from_pretrained(hf_folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = AutoProcessor.from_pretrained(hf_folder, backend="pil")  # vitune resizes with PIL
+    messages = [{**m, "content": [{**part, "image": Image.open(image_path).convert("RGB")} if part["type"] == "image"
+                                  else part for part in m["content"]]} if isinstance(m["content"], list) else m
+                for m in CONVERSATION]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        hf = {"logits": hf_model.eval()(**inputs).logits[0]}
 
     from vitune.data.masks import tokenize_generation_prompt
 
