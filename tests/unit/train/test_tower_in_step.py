@@ -128,6 +128,13 @@ def test_a_tuned_tower_trains_saves_serves_and_exports(tmp_path) -> None:
     for p0, p1 in zip(trained.parameters(), loaded.tower.parameters(), strict=True):
         assert torch.equal(p0.detach().cpu(), p1)  # evaluation and serving answer with the trained tower
 
+    # a folder's trained tower cannot go on training from the pretrained tower's feature store
+    from vitune.train.plan import Plan
+
+    again = _cfg(tmp_path / "again", f"data.records=[{cfg.data.records[0]}]", f"train.init_from={folder}")
+    with pytest.raises(ValueError, match="holds a trained vision tower, and a feature store holds the pretrained"):
+        Worker(again, Plan(8, 1, 4, 1, 1.0, None), 0, 1, tower.hidden_size)
+
     image_path = tmp_path / "image.png"
     image_path.write_bytes(_png((48, 20), 9))
     hf_folder = export_llava_hf(folder, str(tmp_path / "hf"))
