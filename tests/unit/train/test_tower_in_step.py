@@ -14,14 +14,15 @@ import torch.distributed as dist
 from PIL import Image
 
 from benchmarks.train_step import run_single_process
-from tests.unit.features.test_pixel_store import SIZES, _feature_store, _pixel_store, _png
+from tests.unit.features.test_pixel_store import ANYRES, SIZES, _feature_store, _pixel_store, _png
 from tests.unit.model.test_export import CONVERSATION, LOGITS_ATOL, vitune_turns
 from vitune.config import ConfigError, TrainJobConfig, VisionConfig, load_config
 from vitune.data.records import read_records
 from vitune.data.tokenizer import load_tokenizer
-from vitune.train.data import tokenize_row, training_row
+from vitune.train.data import tokenize_row, training_row, with_image_sizes
 from vitune.train.plan import param_groups
 from vitune.train.worker import Worker
+from vitune.vision_recipe import model_recipe
 
 TOWER_PARTS = "mm_vision_tower,mm_mlp_adapter,mm_language_model"
 
@@ -42,10 +43,14 @@ def _records(tmp_path: Path) -> str:
     return str(path)
 
 
-def _rows(cfg: TrainJobConfig, per_image: dict[str, np.ndarray], tokens: int) -> list[dict]:
+def _rows(cfg: TrainJobConfig, per_image: dict[str, np.ndarray], tokens: int | dict[str, int],
+          sizes: dict[str, tuple[int, int]] | None = None) -> list[dict]:
+    """Training rows of the records over one store's arrays; ``sizes`` (anyres) gives each image's size."""
     tok = load_tokenizer("tiny")
-    return [training_row(tokenize_row(r, cfg.model.template, tok, cfg.model.max_length, tokens), per_image[r.images[0]])
+    rows = [tokenize_row(r, cfg.model.template, tok, cfg.model.max_length, tokens)
             for r in read_records(cfg.data.records[0])]
+    rows = with_image_sizes(rows, sizes) if sizes else rows
+    return [training_row(row, per_image[row.image_keys[0]]) for row in rows]
 
 
 def _run(cfg: TrainJobConfig, rows: list[dict], feature_dim: int) -> tuple[list[dict], Worker]:
@@ -80,19 +85,27 @@ def test_the_form_follows_the_tower_and_the_wrong_one_is_refused() -> None:
     assert load_config(TrainJobConfig, "tiny", []).store_form == "features"
 
 
-def test_one_step_from_either_store_gives_the_same_loss_with_the_tower_frozen(tmp_path) -> None:
-    vision = VisionConfig()
+@pytest.mark.parametrize("vision", [VisionConfig(), ANYRES], ids=["pad", "anyres"])
+def test_one_step_from_either_store_gives_the_same_loss_with_the_tower_frozen(tmp_path, vision) -> None:
     tower, _, pixels = _pixel_store(tmp_path, vision)
     features = _feature_store(tmp_path, vision)
     records = _records(tmp_path)
-    common = (f"data.records=[{records}]", "train.max_steps=1")
+    common = [f"data.records=[{records}]", "train.max_steps=1"]
+    if vision.image_mode == "anyres":
+        grid = json.dumps(vision.image_grid_pinpoints)
+        common += ["model.vision.image_aspect_ratio=anyres", f"model.vision.image_grid_pinpoints={grid}"]
     cfg_f = _cfg(tmp_path / "f", *common)
     cfg_p = _cfg(tmp_path / "p", *common, "features.form=pixels")
-    loss_f, _ = _run(cfg_f, _rows(cfg_f, features.get(SIZES), tower.num_patches), tower.hidden_size)
-    loss_p, worker = _run(cfg_p, _rows(cfg_p, pixels.get(SIZES), tower.num_patches), tower.hidden_size)
+    recipe = model_recipe(cfg_f.model.vision)
+    tokens = features.visual_tokens(recipe) if recipe is not None else tower.num_patches
+    sizes = features.image_sizes() if recipe is not None else None
+    assert recipe is None or pixels.visual_tokens(recipe) == tokens
+    loss_f, _ = _run(cfg_f, _rows(cfg_f, features.get(SIZES), tokens, sizes), tower.hidden_size)
+    loss_p, worker = _run(cfg_p, _rows(cfg_p, pixels.get(SIZES), tokens, sizes), tower.hidden_size)
     assert worker.model.vision_tower is not None and not any(
         p.requires_grad for p in worker.model.vision_tower.parameters())
     assert worker.trainable.get("trainable_vision_tower", 0) == 0
+    assert worker.model.recipe == recipe  # anyres: the tiles are packed by the recipe in both runs
     # the feature store rounds features to fp16; everything else is the same fp32 computation
     assert loss_p[0]["loss"] == pytest.approx(loss_f[0]["loss"], rel=1e-4)
     assert loss_p[0]["loss"] > 1.0  # a real loss, not a degenerate zero
