@@ -13,7 +13,7 @@ from typing import Any
 
 FAMILY_TAG = "vitune.family"
 
-# the tiny random LMs (vitune.model.vlm.TINY_LMS) by the architecture each one builds
+# the tiny random LMs (vitune.model.lm.TINY_LMS) by the architecture each one builds
 _TINY_LM_FAMILIES = {"tiny": "llama", "tiny-qwen2": "qwen2"}
 # LM name fragments, most specific first (Qwen2.5 and Qwen2 share the qwen2 architecture; Llama 3 differs from
 # Llama 2 / Vicuna in tokenizer and template, not in model_type, so only its name tells them apart)

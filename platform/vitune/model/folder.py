@@ -41,9 +41,10 @@ from vitune.config import VisionConfig
 from vitune.family import model_family
 from vitune.layout import MODEL_META_FILE
 from vitune.model import lora
+from vitune.model.lm import load_lm
 from vitune.model.projector import build_projector
 from vitune.model.vision import VisionTower, load_vision_tower
-from vitune.model.vlm import VisionLanguageModel, load_lm
+from vitune.model.vlm import VisionLanguageModel
 from vitune.vision_recipe import FingerprintMismatch, VisionRecipe, check_fingerprint
 
 logger = logging.getLogger(__name__)

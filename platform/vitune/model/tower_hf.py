@@ -3,11 +3,12 @@
 llava-hf keeps either tower under `vision_tower.vision_model.` (transformers 5 strips the `vision_model.` level on
 load, `conversion_mapping`'s CLIPVisionModel rule, which SiglipVisionModel shares). The two differ in what the
 select strategy means: transformers' "default" drops the first token (CLIP's CLS), "full" keeps all. vitune's
-`select="patch"` is thus "default" on CLIP and "full" on SigLIP, which has no CLS (as llava-hf's OneVision
-configs say), and a SigLIP processor counts no additional token. The SigLIP tower goes out headless
+`select="patch"` is thus "default" on CLIP and "full" on SigLIP, which has no CLS (as llava-hf's OneVision configs
+say), and a SigLIP processor counts no additional token. The SigLIP tower goes out headless
 (`vision_use_head=False`, no `head.*` tensors), as llava-hf's OneVision configs and LLaVA-NeXT's encoder: LLaVA
-reads a hidden state, never the MAP head's pooled output, so the head would be weights nothing reads. vitune's `feature_layer` indexes the same
-`hidden_states` tuple transformers does on both towers (entry 0 the embeddings), so it is written unchanged.
+reads a hidden state, never the MAP head's pooled output, so the head would be weights nothing reads. vitune's
+`feature_layer` indexes the same `hidden_states` tuple transformers does on both towers (entry 0 the embeddings), so
+it is written unchanged.
 """
 
 from __future__ import annotations

@@ -29,8 +29,9 @@ from vitune.model import llava_hf
 from vitune.model.export import export_llava_hf
 from vitune.model.folder import load_for_inference, save_model_folder
 from vitune.model.importers import CheckpointMismatch, import_checkpoint
+from vitune.model.lm import build_tiny_lm
 from vitune.model.vision import encode_image_tiles, load_vision_tower
-from vitune.model.vlm import build_model, build_tiny_lm
+from vitune.model.vlm import build_model
 from vitune.vision_recipe import parse_grid_pinpoints, visual_tokens
 
 LOGITS_ATOL = 1e-4

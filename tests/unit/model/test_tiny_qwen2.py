@@ -10,7 +10,8 @@ from vitune.data import tokenizer as tokenizer_lib
 from vitune.data.masks import tokenize_conversation
 from vitune.data.templates import stop_token_ids
 from vitune.data.tokenizer import load_tokenizer
-from vitune.model.vlm import TINY_LMS, build_model, load_lm
+from vitune.model.lm import TINY_LMS, load_lm
+from vitune.model.vlm import build_model
 
 CONV = [
     {"from": "human", "value": "<image>\nWhat color is the square?"},
