@@ -53,3 +53,31 @@ def position_ids(lengths: Sequence[int]) -> list[int]:
     """
     return [p for n in lengths for p in range(n)]
 
+
+
+def balanced_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """``first_fit_decreasing``'s rows, rebalanced when that shortens the longest row: what a micro-batch packs by.
+
+    A packed micro-batch is a ``[rows, width]`` tensor whose width is its longest row, so the positions it
+    computes are ``rows × longest``. FFD minimises the row count but fills the first rows to the budget and
+    leaves the last one short, which is padding. Keeping FFD's count, longest-processing-time (each sample,
+    longest first, to the row with the fewest tokens so far) evens the rows; it is taken when no row goes over
+    the budget and its longest row is shorter than FFD's. Deterministic, as both are.
+    """
+    rows = first_fit_decreasing(lengths, budget)
+    if len(rows) < 2:
+        return rows
+    balanced: list[list[int]] = [[] for _ in rows]
+    totals = [0] * len(rows)
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        r = totals.index(min(totals))
+        balanced[r].append(i)
+        totals[r] += lengths[i]
+    longest = max(sum(lengths[i] for i in row) for row in rows)
+    return balanced if max(totals) <= budget and max(totals) < longest else rows
+
+
+def padding_share(lengths: Sequence[int], rows: Sequence[Sequence[int]]) -> float:
+    """The share of a packed micro-batch's ``rows × longest row`` positions that hold no sample token."""
+    totals = [sum(lengths[i] for i in row) for row in rows]
+    return 1.0 - sum(totals) / max(len(totals) * max(totals, default=0), 1)
