@@ -47,6 +47,9 @@ def _rows(tok, cfg: TrainJobConfig) -> list[dict]:
         assert sample.trainable, sample.skip
         images = [feats[k] for k in record.images] or None
         rows.append(training_row(sample, images))
+    # one row trains on every token, its first included (a pretraining-style sample): packed, the token before
+    # it is another sample's, which must not learn to predict it
+    rows[2] = {**rows[2], "labels": rows[2]["input_ids"].copy()}
     return rows
 
 
