@@ -56,25 +56,27 @@ def position_ids(lengths: Sequence[int]) -> list[int]:
 
 
 def balanced_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """``first_fit_decreasing``'s rows, rebalanced when that shortens the longest row: what a micro-batch packs by.
+    """The rows of a micro-batch's samples that compute the fewest positions: what ``collate_packed`` packs by.
 
-    A packed micro-batch is a ``[rows, width]`` tensor whose width is its longest row, so the positions it
-    computes are ``rows × longest``. FFD minimises the row count but fills the first rows to the budget and
-    leaves the last one short, which is padding. Keeping FFD's count, longest-processing-time (each sample,
-    longest first, to the row with the fewest tokens so far) evens the rows; it is taken when no row goes over
-    the budget and its longest row is shorter than FFD's. Deterministic, as both are.
+    A packed micro-batch is a ``[rows, width]`` tensor whose width is its longest row, so it computes
+    ``rows × longest`` positions. FFD minimises the row count but fills the first rows to the budget and
+    leaves the last one short, which is padding; with one row more the rows may even out. So the candidates
+    are FFD's rows and, for every row count from FFD's up to one sample a row, longest-processing-time's
+    (each sample, longest first, to the row with the fewest tokens so far), kept when no row is over the
+    budget; the fewest positions win, then the fewest rows. Deterministic; quadratic in the micro-batch size.
     """
-    rows = first_fit_decreasing(lengths, budget)
-    if len(rows) < 2:
-        return rows
-    balanced: list[list[int]] = [[] for _ in rows]
-    totals = [0] * len(rows)
-    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
-        r = totals.index(min(totals))
-        balanced[r].append(i)
-        totals[r] += lengths[i]
-    longest = max(sum(lengths[i] for i in row) for row in rows)
-    return balanced if max(totals) <= budget and max(totals) < longest else rows
+    best = first_fit_decreasing(lengths, budget)
+    best_cost = len(best) * max((sum(lengths[i] for i in row) for row in best), default=0)
+    for count in range(len(best), len(lengths) + 1):
+        rows: list[list[int]] = [[] for _ in range(count)]
+        totals = [0] * count
+        for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+            r = totals.index(min(totals))
+            rows[r].append(i)
+            totals[r] += lengths[i]
+        if max(totals) <= budget and count * max(totals) < best_cost:
+            best, best_cost = rows, count * max(totals)
+    return best
 
 
 def padding_share(lengths: Sequence[int], rows: Sequence[Sequence[int]]) -> float:
