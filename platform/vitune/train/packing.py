@@ -6,6 +6,14 @@ packer is first-fit-decreasing: samples longest first, each into the first row w
 has it. FFD uses at most 11/9·OPT + 1 rows, and on the length mixes LLaVA data has it is within a row of the
 optimum; it needs the whole window in hand, which the length-grouped stream gives (train/sampler.py).
 
+What a packed micro-batch holds is what it held padded: the sampler's (``train/sampler.py``: LLaVA's modality /
+length megabatches, or random) micro-batch of ``train.micro_batch_size`` samples, laid out in fewer, fuller rows
+(``balanced_rows``; ``train/data.py`` ``collate_packed``). So modality grouping, the step plan (micro-batches per
+epoch), the loss normalisation (the mean over the micro-batch's label tokens) and a resumed run's micro-batch
+index are unchanged, and the packed stream is a pure function of the seed and the row stream, as the padded one
+is. Packing across micro-batches (a token budget per micro-batch, a varying sample count) would pack tighter but
+make the step count data-dependent and differ between ranks.
+
 A sample longer than the budget is an error naming it, not a silent truncation: the budget is a config value
 and the caller decides (``train.model_max_length`` bounds samples already).
 

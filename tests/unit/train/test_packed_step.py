@@ -127,3 +127,18 @@ def test_positions_restart_at_each_sample_and_after_the_padding() -> None:
     segments = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [3, 3, 4, 4, 4, 4, 4, 4]])
     expected = [position_ids([3, 2, 1, 2]), position_ids([2, 6])]
     assert packed_position_ids(segments).tolist() == expected
+
+
+def test_flash_attention_takes_packed_samples_in_one_row() -> None:
+    # transformers reads packed boundaries from position ids for a batch of one row only (flash's cu_seqlens)
+    model, tok, rows = _setup("tiny", "sdpa")
+    batch = collate_packed(rows, tok.pad_token_id, 2 * max(r["length"] for r in rows))
+    model.lm.config._attn_implementation = "flash_attention_2"  # the guard runs before any attention kernel
+    with pytest.raises(ValueError, match="takes packed samples as one row"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              image_features=batch["image_features"], segment_ids=batch["segment_ids"])
+
+
+def test_a_packing_budget_below_max_length_names_both_fields() -> None:
+    with pytest.raises(ValueError, match=r"train.packing_budget=100 is below model.max_length=512"):
+        load_config(TrainJobConfig, "tiny", ["model.max_length=512", "train.packing_budget=100"])
