@@ -48,6 +48,7 @@ from vitune.data.tokenizer import load_tokenizer
 from vitune.model.image import decode_image
 from vitune.model.vision import VisionTower, encode_images, load_vision_tower
 from vitune.train.data import collate, collate_tokens, row_images, tokenize_row, training_row
+from vitune.train.packing import default_budget
 from vitune.train.plan import Plan, gradient_accumulation
 from vitune.train.sampler import grouped_micro_batches
 from vitune.train.worker import Worker, run_loop
@@ -198,7 +199,7 @@ def epoch_padding_share(cfg: TrainJobConfig, rows: list[dict], sampler: str) -> 
     groups = (in_order_micro_batches(order, t.micro_batch_size) if sampler == "random"
               else grouped_micro_batches(order, t.micro_batch_size, gradient_accumulation(cfg, 1), t.seed))
     pad = load_tokenizer(cfg.model.tokenizer or cfg.model.lm).pad_token_id
-    budget = t.packing_budget or cfg.model.max_length
+    budget = t.packing_budget or default_budget(cfg.model.max_length)
     batches = [collate_packed(g, pad, budget) if sampler == "packed" else collate_tokens(g, pad) for g in groups]
     return padding_share(batches)
 

@@ -150,7 +150,7 @@ class TrainConfig(Section):
     # pack each micro-batch's samples several to a row (vitune.train.packing, data.collate_packed): the same
     # samples, loss and gradients as padded rows, fewer positions; attention never crosses a sample boundary
     packing: bool = True
-    packing_budget: int | None = Field(None, gt=0)  # positions per packed row; None = model.max_length
+    packing_budget: int | None = Field(None, gt=0)  # positions a packed row; None = packing.default_budget
     # per-sample budget of visual tokens (all its images together); a record over it is skipped and counted as
     # visual_token_budget. None = no budget (model.max_length still bounds text + visual tokens)
     max_visual_tokens: int | None = Field(None, gt=0)

@@ -27,6 +27,7 @@ from vitune.model.folder import load_model_folder
 from vitune.model.vlm import VisionLanguageModel, build_model
 from vitune.train import checkpoint
 from vitune.train.data import collate, collate_packed, image_features_to
+from vitune.train.packing import default_budget
 from vitune.train.plan import Plan, deepspeed_config, lr_lambda, param_groups
 from vitune.train.sampler import grouped_micro_batches, in_order_micro_batches
 from vitune.vision_recipe import VisionRecipe, model_recipe
@@ -152,8 +153,8 @@ class Worker:
         t = self.cfg.train
         if t.packing and len(rows) > 1:
             one_row = (getattr(self.model.lm.config, "_attn_implementation", None) or "").startswith("flash")
-            return collate_packed(rows, self.model.pad_token_id, t.packing_budget or self.cfg.model.max_length,
-                                  one_row=one_row)
+            budget = t.packing_budget or default_budget(self.cfg.model.max_length)
+            return collate_packed(rows, self.model.pad_token_id, budget, one_row=one_row)
         return collate(rows, self.model.pad_token_id)
 
     def micro_batches(self, rows: Iterable[dict]) -> Iterator[dict]:
