@@ -1,15 +1,21 @@
 """Feature job throughput: the Ray Data pipeline vs a tight single-process loop, same images, model and machine.
 
-    python benchmarks/feature_throughput.py [--tiny-images 512] [--vit-images 320] [--repeats 2] [--aspect anyres]
+    python benchmarks/feature_throughput.py [--tiny-images 512] [--vit-images 320] [--runs 3] [--aspect anyres]
 
 For each tower (the tiny preset on 64 px PNGs; ``ViT-B-32`` at 224 px, random init, on 640x480 JPEGs)
-it times, alternately ``--repeats`` times, (a) ``extract_features`` into a fresh local store on a local Ray
-of ``--num-cpus`` CPUs, end to end from the first dataset row to the last shard written, tower actor
-start-up included; (b) one process reading, decoding, preprocessing and encoding the same images in
-batches with ``vision.encode_images`` (torch's default threads, tower loaded before the clock starts).
-Prints one JSON object: images/s of each (best of the repeats) and ``ratio`` = ray / loop, plus the
-job's steady rate after its first shard is committed (``steady_ratio``: start-up excluded). The
-machine's load average is recorded, since on a shared machine it moves both numbers.
+it times, alternately ``--runs`` times, (a) ``extract_features`` into a fresh local store on a local Ray
+of ``--num-cpus`` CPUs, from the first dataset row to the last shard written; (b) one process reading,
+decoding, preprocessing and encoding the same images in batches with ``vision.encode_images`` (torch's
+default threads, tower loaded before the clock starts). Prints one JSON object whose rates are medians over
+the runs (a best-of on a shared machine picks the luckiest run), with start-up kept apart from the rate:
+
+- ``ray_init_s``: ``ray.init`` of the local cluster, once per process (a job on a running cluster skips it);
+- ``ray_startup_s``: each run's time to its first committed shard (actor start, tower load, first batch);
+- ``ratio`` = the job's end-to-end rate (its start-up included, ``ray.init`` not) / the loop's;
+- ``steady_ratio`` = the job's rate after its first committed shard / the loop's (start-up excluded);
+- ``cold_ratio``: the first run with ``ray.init`` added, what a fresh ``vitune features`` on a laptop sees.
+
+The per-run lists are there too, and the machine's load average, since on a shared machine it moves both.
 
 ``--aspect anyres`` runs both towers with LLaVA-NeXT's AnyRes instead of pad: LLaVA-1.6's grid of five
 resolutions scaled to the tower's tile (2x1, 1x2, 2x2, 3x1, 1x3 tiles) and a base view, so a 640x480 photo is
@@ -17,12 +23,18 @@ resolutions scaled to the tower's tile (2x1, 1x2, 2x2, 3x1, 1x3 tiles) and a bas
 tile store (``features.batch_size`` counts tiles there). Rates stay in images/s.
 
 ``--form pixels`` times the pixel store's job instead (``features.form=pixels``, uint8 tiles; no tower runs)
-against a loop doing the same read, decode, preprocess and shard write in one process (``bench_pixels``).
-Measured 2026-12-07 on this 2-core machine (otherwise idle, load 0.2-1.5), ``--form pixels --tiny-images 0
---vit-images 1024 --shard-size 64`` (640x480 JPEGs, 224-px tiles, best of 2): pad 279 vs 249 images/s, ratio
-1.12 (steady 1.16), 116 KiB/image; ``--aspect anyres`` (5 tiles each) 136 vs 116 images/s, ratio 1.17 (steady
-1.23), 605 KiB/image. With 32-image shards (0.15 s tasks) Ray Data's per-task overhead on 2 cores held the
-pad ratio at 0.85-0.89: shards of that size want a bigger machine, or ``features.shard_size`` 64 and up.
+against a loop doing the same read, decode, preprocess and shard write in one process (``bench_pixels``); the
+same rows (medians, start-up apart) plus bytes per image.
+
+Measured 2026-12-07 on a 2-core machine shared with other jobs (1-minute load 1.6-13, so single runs swing by
+2x; medians of 3 runs, two rounds), ViT-B-32 at 224 px: pad (320 JPEGs) ratio 1.08 / 1.01, steady 1.40 / 1.21,
+cold 1.06 / 0.69, 9-11 s of start-up a run; anyres (160, 5 tiles each) ratio 1.33 / 1.18, steady 1.48 / 1.35;
+``--form pixels --tiny-images 0 --vit-images 1024 --shard-size 64``: pad ratio 0.90 / 0.91, steady 0.91 / 0.96,
+116 KiB/image; anyres ratio 1.27 / 0.96, steady 1.30 / 1.05, 605 KiB/image. A process's first run also starts
+Ray's worker processes (pixels: 3-8 s of start-up against 0.3-0.9 s in the later runs), which ``cold_ratio``
+keeps (0.15-0.52 for the pixel job, whose whole run is 5-10 s). With 32-image shards (0.15 s tasks) Ray Data's
+per-task overhead on 2 cores held the pixel pad ratio at 0.85-0.89 (h-pixel's runs): shards of that size want
+a bigger machine, or ``features.shard_size`` 64 and up.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import io
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -112,17 +125,47 @@ def tight_loop(cfg: FeaturesJobConfig, image_root: str, keys: list[str]) -> floa
 
 
 def ray_job(cfg: FeaturesJobConfig) -> dict:
+    """One feature job into a fresh store: its manifest (``last_run`` holds timings, pool, fused preprocessing)."""
     from vitune.features.extract import extract_features
 
     summary = extract_features(cfg)
-    manifest = storage.read_json(storage.join(summary["output"], "manifest.json"))
-    run = manifest["last_run"]
-    return {"images_per_s": run["timings"]["images_per_s"], "steady": run["timings"]["steady_images_per_s"],
-            "pool": run["pool"],
-            "preprocessed_in_actor": run["preprocessed_in_actor"], "timings": run["timings"]}
+    return storage.read_json(storage.join(summary["output"], "manifest.json"))
 
 
-def bench_tower(label: str, records: str, image_root: str, work: str, args: argparse.Namespace) -> dict:
+def rate_rows(images: int, loop_rates: list[float], runs: list[dict], ray_init_s: float) -> dict:
+    """The rows every mode prints: medians of the runs, the job's start-up apart from its steady rate.
+
+    ``runs`` are the manifests' ``last_run`` entries; the median run (by end-to-end rate) gives the timing
+    breakdown. ``cold_ratio`` adds ``ray.init`` to the first run, the only one that would pay it.
+    """
+    loop = statistics.median(loop_rates)
+    e2e = [r["timings"]["images_per_s"] for r in runs]
+    steady = [r["timings"]["steady_images_per_s"] for r in runs if r["timings"]["steady_images_per_s"]]
+    startup = [r["timings"]["startup_s"] for r in runs if r["timings"]["startup_s"] is not None]
+    median_run = sorted(runs, key=lambda r: r["timings"]["images_per_s"])[(len(runs) - 1) // 2]
+    cold = images / (ray_init_s + runs[0]["timings"]["pipeline_s"])
+    return {
+        "images": images,
+        "runs": len(runs),
+        "loop_images_per_s": round(loop, 2),
+        "ray_images_per_s": round(statistics.median(e2e), 2),
+        "ratio": round(statistics.median(e2e) / loop, 3),
+        "ray_steady_images_per_s": round(statistics.median(steady), 2) if steady else None,
+        "steady_ratio": round(statistics.median(steady) / loop, 3) if steady else None,
+        "ray_init_s": round(ray_init_s, 2),
+        "ray_startup_s": round(statistics.median(startup), 2) if startup else None,
+        "cold_ratio": round(cold / loop, 3),
+        "all_loop_images_per_s": [round(x, 2) for x in loop_rates],
+        "all_ray_images_per_s": [round(x, 2) for x in e2e],
+        "all_ray_steady_images_per_s": [round(x, 2) for x in steady],
+        "all_ray_startup_s": [round(x, 2) for x in startup],
+        "ray_pool": median_run["pool"],
+        "ray_timings_s": {k: round(v, 2) for k, v in median_run["timings"].items() if v is not None},
+    }
+
+
+def bench_tower(label: str, records: str, image_root: str, work: str, args: argparse.Namespace,
+                ray_init_s: float) -> dict:
     from vitune.features.extract import collect_image_keys
     from vitune.vision_recipe import VisionRecipe
 
@@ -134,29 +177,15 @@ def bench_tower(label: str, records: str, image_root: str, work: str, args: argp
            "data": {"records": [records], "image_root": image_root},
            "features": {"shard_size": args.shard_size, "batch_size": args.batch_size,
                         "actor_cpus": args.actor_cpus, "preprocess_cpus": args.preprocess_cpus}}
-    loop_rates, ray_runs = [], []
-    for r in range(args.repeats):
+    loop_rates, runs = [], []
+    for r in range(args.runs):
         cfg = build_config(FeaturesJobConfig, raw, [f"features.output={work}/store-{label}-{r}"])
         loop_rates.append(tight_loop(cfg, image_root, keys))
-        ray_runs.append(ray_job(cfg))
-        log.info("%s repeat %d: loop %.1f images/s, ray %.1f images/s", label, r, loop_rates[-1],
-                 ray_runs[-1]["images_per_s"])
-    best_ray = max(ray_runs, key=lambda x: x["images_per_s"])
-    return {
-        "images": len(keys),
-        "aspect": args.aspect,
-        "loop_images_per_s": round(max(loop_rates), 2),
-        "ray_images_per_s": round(best_ray["images_per_s"], 2),
-        "ratio": round(best_ray["images_per_s"] / max(loop_rates), 3),
-        # after the first shard is committed (actor start-up and tower load excluded)
-        "ray_steady_images_per_s": round(best_ray["steady"], 2) if best_ray["steady"] else None,
-        "steady_ratio": round(best_ray["steady"] / max(loop_rates), 3) if best_ray["steady"] else None,
-        "all_loop_images_per_s": [round(x, 2) for x in loop_rates],
-        "all_ray_images_per_s": [round(x["images_per_s"], 2) for x in ray_runs],
-        "ray_pool": best_ray["pool"],
-        "ray_timings_s": {k: round(v, 2) for k, v in best_ray["timings"].items() if v is not None},
-        "preprocessed_in_actor": best_ray["preprocessed_in_actor"],
-    }
+        runs.append(ray_job(cfg)["last_run"])
+        log.info("%s run %d: loop %.1f images/s, ray %.1f images/s (start-up %.1f s)", label, r, loop_rates[-1],
+                 runs[-1]["timings"]["images_per_s"], runs[-1]["timings"]["startup_s"] or 0.0)
+    return {"aspect": args.aspect, **rate_rows(len(keys), loop_rates, runs, ray_init_s),
+            "preprocessed_in_actor": [r["preprocessed_in_actor"] for r in runs]}
 
 
 def pixel_tight_loop(cfg: FeaturesJobConfig, image_root: str, keys: list[str], out: str) -> float:
@@ -181,10 +210,11 @@ def pixel_tight_loop(cfg: FeaturesJobConfig, image_root: str, keys: list[str], o
     return len(keys) / (time.perf_counter() - t0)
 
 
-def bench_pixels(label: str, records: str, image_root: str, work: str, args: argparse.Namespace) -> dict:
-    """``--form pixels``: the pixel job (``features.form=pixels``, uint8) vs ``pixel_tight_loop``, best of the
-    repeats; ``steady_ratio`` is the job's rate after its first committed shard over the loop's."""
-    from vitune.features.extract import collect_image_keys, extract_features
+def bench_pixels(label: str, records: str, image_root: str, work: str, args: argparse.Namespace,
+                 ray_init_s: float) -> dict:
+    """``--form pixels``: the pixel job (``features.form=pixels``, uint8) vs ``pixel_tight_loop``, the same
+    rows as ``bench_tower`` (medians over the runs, start-up apart) plus the store's bytes per image."""
+    from vitune.features.extract import collect_image_keys
     from vitune.vision_recipe import VisionRecipe
 
     keys, _ = collect_image_keys([records])
@@ -194,35 +224,23 @@ def bench_pixels(label: str, records: str, image_root: str, work: str, args: arg
            "model": {"vision": vision_fields(label, args.aspect, tile.image_size)},
            "data": {"records": [records], "image_root": image_root},
            "features": {"shard_size": args.shard_size, "preprocess_cpus": args.preprocess_cpus, "form": "pixels"}}
-    loops, runs = [], []
-    for r in range(args.repeats):
+    loops, manifests = [], []
+    for r in range(args.runs):
         cfg = build_config(FeaturesJobConfig, raw, [f"features.output={work}/pixels-{label}-{r}"])
         loops.append(pixel_tight_loop(cfg, image_root, keys, f"{work}/pixel-loop-{label}-{r}"))
-        summary = extract_features(cfg)
-        runs.append(storage.read_json(storage.join(summary["output"], "manifest.json")))
-        log.info("%s pixels repeat %d: loop %.1f images/s, ray %.1f images/s", label, r, loops[-1],
-                 runs[-1]["last_run"]["timings"]["images_per_s"])
-    best = max(runs, key=lambda m: m["last_run"]["timings"]["images_per_s"])
-    timings, loop = best["last_run"]["timings"], max(loops)
-    return {
-        "images": len(keys), "aspect": args.aspect, "form": "pixels", "pixel_dtype": "uint8",
-        "loop_images_per_s": round(loop, 2),
-        "ray_images_per_s": round(timings["images_per_s"], 2),
-        "ratio": round(timings["images_per_s"] / loop, 3),
-        "ray_steady_images_per_s": round(timings["steady_images_per_s"], 2) if timings["steady_images_per_s"] else None,
-        "steady_ratio": round(timings["steady_images_per_s"] / loop, 3) if timings["steady_images_per_s"] else None,
-        "all_loop_images_per_s": [round(x, 2) for x in loops],
-        "all_ray_images_per_s": [round(m["last_run"]["timings"]["images_per_s"], 2) for m in runs],
-        "bytes_per_image": round(best["bytes_per_image"], 1),
-        "ray_timings_s": {k: round(v, 2) for k, v in timings.items() if v is not None},
-    }
+        manifests.append(ray_job(cfg))
+        log.info("%s pixels run %d: loop %.1f images/s, ray %.1f images/s", label, r, loops[-1],
+                 manifests[-1]["last_run"]["timings"]["images_per_s"])
+    return {"aspect": args.aspect, "form": "pixels", "pixel_dtype": "uint8",
+            **rate_rows(len(keys), loops, [m["last_run"] for m in manifests], ray_init_s),
+            "bytes_per_image": round(statistics.median(m["bytes_per_image"] for m in manifests), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny-images", type=int, default=512)
     p.add_argument("--vit-images", type=int, default=320)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--runs", "--repeats", dest="runs", type=int, default=3)  # --repeats: its old name
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument("--shard-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
@@ -236,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    t_init = time.perf_counter()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray_init_s = time.perf_counter() - t_init
     ray.data.DataContext.get_current().enable_progress_bars = False
     load_before = os.getloadavg()[0]
     results = {}
@@ -244,17 +264,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vitune-bench-") as work:
         if args.tiny_images:
             data = synthetic.generate(f"{work}/tiny-data", num_images=args.tiny_images, num_eval_images=0)
-            results["tiny"] = bench_tower_or_pixels("tiny", data["records"]["captions"], data["image_root"], work, args)
+            results["tiny"] = bench_tower_or_pixels("tiny", data["records"]["captions"], data["image_root"], work, args,
+                                                   ray_init_s)
         if args.vit_images:
             records = photo_like_jpegs(f"{work}/vit-data", args.vit_images)
-            results["vit_b_32_224"] = bench_tower_or_pixels("vit_b_32_224", records, f"{work}/vit-data", work, args)
+            results["vit_b_32_224"] = bench_tower_or_pixels("vit_b_32_224", records, f"{work}/vit-data", work, args,
+                                                           ray_init_s)
     ray.shutdown()
     out = {
         "benchmark": "feature_throughput",
         "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "torch_threads": torch.get_num_threads(),
                     "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2)},
         "settings": {"shard_size": args.shard_size, "batch_size": args.batch_size, "actor_cpus": args.actor_cpus,
-                     "preprocess_cpus": args.preprocess_cpus, "repeats": args.repeats, "aspect": args.aspect},
+                     "preprocess_cpus": args.preprocess_cpus, "runs": args.runs, "aspect": args.aspect,
+                     "form": args.form},
         **results,
     }
     sys.stdout.write(json.dumps(out, indent=2) + "\n")

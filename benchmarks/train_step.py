@@ -22,6 +22,12 @@ and the megabatches packed. It prints each one's padding share over the whole ep
 collated) and the steady tokens/s (real tokens) and padding share of timed worker steps.
 
     python benchmarks/train_step.py --packing [--samples 256] [key=value ...]
+
+``--tower-trains`` instead compares the two store forms (issue 25): samples/s of a finetune fed the feature
+store (frozen tower, features computed once) with the same finetune fed the pixel store's uint8 tiles and tuning
+the tower in the step (``mm_vision_tower``, gradient checkpointing on), and each form's stored bytes per image.
+
+    python benchmarks/train_step.py --tower-trains [--tower-lr 2e-6] [key=value ...]
 """
 
 from __future__ import annotations
@@ -147,6 +153,29 @@ def lora_vs_full(cfg: TrainJobConfig, lora_cfg: TrainJobConfig, rows: list[dict]
     return out
 
 
+def features_vs_tower_in_step(cfg: TrainJobConfig, rows_store: list[dict], pixel_tiles: dict, tower: VisionTower,
+                              tower_lr: float) -> dict:
+    """samples/s frozen-from-features vs tower-in-the-step on the same rows, and each form's bytes per image."""
+    from vitune.features.pixels import stored_pixel_bytes_per_image
+    from vitune.features.store import stored_bytes_per_image
+
+    tuned = cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"mm_tunable_parts": "mm_vision_tower,mm_mlp_adapter,mm_language_model",
+                                              "mm_vision_tower_lr": tower_lr, "gradient_checkpointing": True})})
+    tuned = TrainJobConfig.model_validate(tuned.model_dump())  # the validators pick the pixel form
+    rows_pixels = [{**r, "features": pixel_tiles[k] if k is not None else None} for r, k in rows_store]
+    frozen = timed(cfg, [r for r, _ in rows_store], tower)
+    in_step = timed(tuned, rows_pixels, tower)
+    size = tower.image_size
+    return {
+        "frozen_from_features": frozen, "tower_in_the_step": in_step, "tower_lr": tower_lr,
+        "samples_per_s_ratio_tower_in_step_vs_features": in_step["samples_per_s"] / frozen["samples_per_s"],
+        "bytes_per_image_features": stored_bytes_per_image(tower.recipe, size, size),
+        "bytes_per_image_pixels_uint8": stored_pixel_bytes_per_image(tower.recipe, size, size, "uint8"),
+        "bytes_per_image_pixels_bf16": stored_pixel_bytes_per_image(tower.recipe, size, size, "bf16"),
+    }
+
+
 def padding_share(batches: list[dict]) -> float:
     return 1 - sum(b["num_tokens"] for b in batches) / sum(b["num_positions"] for b in batches)
 
@@ -252,6 +281,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=256, help="--packing: samples per mix")
     p.add_argument("--lora-args", default="train.lora.r=16 train.lora.alpha=32 train.lr=2.0e-2 "
                    "train.mm_projector_lr=2.0e-3", help="overrides of the LoRA run (train.lora.enabled=true added)")
+    p.add_argument("--tower-trains", action="store_true",
+                   help="compare frozen-from-features with the tower tuned in the step (the pixel store) instead")
+    p.add_argument("--tower-lr", type=float, default=2e-6, help="--tower-trains: mm_vision_tower_lr (OneVision's)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -288,6 +320,16 @@ def main() -> None:
         rows_raw.append({**training_row(sample, feats[r.image]), "features": None,
                          "image_bytes": image_bytes.get(r.image)})
 
+    if args.tower_trains:
+        from vitune.model.image import tiles_uint8
+
+        tiles = {k: tiles_uint8(decode_image(b), tower.recipe, tower.mean) for k, b in image_bytes.items()}
+        keyed = list(zip(rows_store, [r.image for r in records], strict=True))
+        print(json.dumps({
+            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "tower": args.tower, "samples": len(rows_store),
+            **features_vs_tower_in_step(cfg, keyed, tiles, tower, args.tower_lr)}, indent=2))
+        return
     if args.lora:
         lora_cfg = load_config(TrainJobConfig, "tiny", [
             "stage=finetune", f"storage.root={tmp}", "train.num_workers=1", "train.init_from=null",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from typing import Any
 
 from vitune import storage
 from vitune.config import (
@@ -55,10 +56,15 @@ def synthetic_data(cfg: SyntheticJobConfig) -> str:
     return storage.join(cfg.storage.root, "data")
 
 
-def pixel_fingerprint_id(cfg: WithFeatures) -> str:
-    """The id of the pixel store a config names, from its vision config alone (no tower built)."""
+def pixel_fingerprint(cfg: WithFeatures) -> dict[str, Any]:
+    """The fingerprint of the pixel store a config names, from its vision config alone (no tower built)."""
     mean, std = preprocess_stats(cfg.model.vision)
-    return fingerprint_id(VisionRecipe.of(cfg.model.vision).pixel_fingerprint(mean, std, cfg.features.pixel_dtype))
+    return VisionRecipe.of(cfg.model.vision).pixel_fingerprint(mean, std, cfg.features.pixel_dtype)
+
+
+def pixel_fingerprint_id(cfg: WithFeatures) -> str:
+    """The id of the pixel store a config names (``pixel_fingerprint``)."""
+    return fingerprint_id(pixel_fingerprint(cfg))
 
 
 def _default_features(cfg: WithFeatures, fp_id: str | None) -> str:

@@ -41,6 +41,7 @@ PIPELINE: dict[str, Step] = {
     "eval": Step("evaluate"),
 }
 STEPS = tuple(PIPELINE)
+STORE_JOBS = ("extract_features", "train")  # the jobs whose config names the store's form
 STEPS_KEY = "steps"  # `steps=features,align` on the command line picks the steps
 
 
@@ -62,14 +63,32 @@ def split_steps(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return check_steps(steps), rest
 
 
+def _load_step(step: str, config_path: str, overrides: Sequence[str]) -> Any:
+    spec = PIPELINE[step]
+    config_class = catalog.load(catalog.job(spec.job).config)  # vitune.config's classes: no job stack
+    return load_config(config_class, config_path, [*overrides, *spec.overrides])
+
+
+def pipeline_store_form(config_path: str, overrides: Sequence[str] = ()) -> str | None:
+    """``pixels`` when a training stage of the preset tunes the vision tower and ``features.form`` is not set:
+    the pipeline's one store is then the pixel store, and every stage reads it (a frozen tower runs in the step,
+    the same features as the feature store's); None = each config's own pick."""
+    stages = [_load_step(step, config_path, overrides) for step in STEPS
+              if PIPELINE[step].job == "train"]
+    if any(c.features.form for c in stages) or not any(c.tower_trains for c in stages):
+        return None
+    return "pixels"
+
+
 def step_configs(config_path: str, overrides: Sequence[str] = (), steps: Sequence[str] = STEPS) -> dict[str, Any]:
-    """Each step's config: the preset + overrides as that step's job loads them (training: its stage block)."""
-    out: dict[str, Any] = {}
-    for step in steps:
-        spec = PIPELINE[step]
-        config_class = catalog.load(catalog.job(spec.job).config)  # vitune.config's classes: no job stack
-        out[step] = load_config(config_class, config_path, [*overrides, *spec.overrides])
-    return out
+    """Each step's config: the preset + overrides as that step's job loads them (training: its stage block).
+    A preset that tunes the tower in a stage gets ``features.form=pixels`` throughout (``pipeline_store_form``)."""
+    form = pipeline_store_form(config_path, overrides)
+    extra = [f"features.form={form}"] if form is not None else []
+    if form is not None:
+        log.info("a stage tunes the vision tower: the pipeline's store is the pixel store (features.form=%s)", form)
+    return {step: _load_step(step, config_path, [*overrides, *extra] if PIPELINE[step].job in STORE_JOBS
+                             else overrides) for step in steps}
 
 
 def _train_done(cfg: TrainJobConfig) -> dict | None:

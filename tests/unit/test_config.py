@@ -54,6 +54,17 @@ def test_stage_selects_block_and_overrides_win():
     assert align.train.zero_stage == 2 and fine.train.zero_stage == 3
 
 
+def test_an_override_into_a_stage_block_changes_that_stage_only():
+    over = ["stages.finetune.train.lr=0.25", "stages.finetune.train.mm_tunable_parts=mm_language_model"]
+    fine = config.load_config(config.TrainJobConfig, "tiny", ["stage=finetune", *over])
+    align = config.load_config(config.TrainJobConfig, "tiny", ["stage=align", *over])
+    assert fine.train.lr == 0.25 and fine.train.mm_tunable_parts == "mm_language_model"
+    assert align.train.lr == 1.0e-2 and align.train.mm_tunable_parts is None
+    # a plain override still wins over the stage's block
+    both = config.load_config(config.TrainJobConfig, "tiny", ["stage=finetune", "train.lr=0.5", *over])
+    assert both.train.lr == 0.5
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [

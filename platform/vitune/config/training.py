@@ -134,7 +134,8 @@ class TrainConfig(Section):
     # LLaVA-NeXT's --mm_tunable_parts: a comma-separated subset of mm_mlp_adapter, mm_language_model (the LM and
     # an anyres model's image_newline), mm_vision_tower; None = the stage's (align: the projector; finetune: + LM)
     mm_tunable_parts: str | None = None
-    mm_vision_tower_lr: float | None = Field(None, gt=0)  # LLaVA-NeXT's tower rate; read with mm_vision_tower
+    # LLaVA-NeXT's tower rate (OneVision: 2e-6); read with mm_vision_tower; None = train.lr
+    mm_vision_tower_lr: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, le=1)
@@ -177,12 +178,6 @@ class TrainConfig(Section):
             hint = (" (vitune has no vision resampler)" if "mm_vision_resampler" in unknown else "")
             raise ValueError(f"mm_tunable_parts {v!r}: {', '.join(unknown) or 'no part'} is not a part{hint}; "
                              f"valid parts: {', '.join(TUNABLE_PARTS)}")
-        if "mm_vision_tower" in parts:
-            # training reads features the frozen tower computed once; a tower in the step needs its pixel store
-            raise ValueError("mm_tunable_parts: mm_vision_tower is not supported yet: vitune trains from the "
-                             "frozen tower's stored features, and a tower that trains needs preprocessed pixels "
-                             "in the step (the pixel store), which is not built; tune mm_mlp_adapter and "
-                             "mm_language_model")
         return ",".join(p for p in TUNABLE_PARTS if p in parts)  # one spelling, in LLaVA-NeXT's order
 
     @model_validator(mode="after")
@@ -223,22 +218,23 @@ class TrainJobConfig(JobConfig):
         return tuple(named.split(",")) if named else STAGE_TUNABLE_PARTS[self.stage]
 
     @property
+    def tower_trains(self) -> bool:
+        """Whether the vision tower is one of the tuned parts (LLaVA-NeXT's ``mm_vision_tower``)."""
+        return "mm_vision_tower" in self.tunable_parts
+
+    @property
     def store_form(self) -> str:
         """The store this run reads, picked by the recipe: pixels when the tower trains (it runs in the step),
-        else the frozen tower's features (computed once, no image decoded in training)."""
-        return "pixels" if "mm_vision_tower" in self.tunable_parts else "features"
+        else the frozen tower's features (computed once, no image decoded in training). ``features.form=pixels``
+        with a frozen tower runs the frozen tower in the step (the two forms' equivalence case)."""
+        return "pixels" if self.tower_trains else self.features.form or "features"
 
     @model_validator(mode="after")
     def _check_form(self) -> TrainJobConfig:
-        if self.features.form is not None and self.features.form != self.store_form:
-            why = ("the tower trains (train.mm_tunable_parts has mm_vision_tower), so it must run in the step on "
-                   "preprocessed pixels: stored features are of the frozen tower's weights"
-                   if self.store_form == "pixels" else
-                   f"the tower is frozen (tuned parts: {', '.join(self.tunable_parts)}), so its features are "
-                   "computed once and training reads them; a pixel store would run the tower in every step for "
-                   "the same features")
-            raise ValueError(f"features.form={self.features.form!r} but this run reads a {self.store_form} store: "
-                             f"{why}. Set features.form={self.store_form} or leave it unset")
+        if self.tower_trains and self.features.form == "features":
+            raise ValueError("features.form='features' but the tower trains (train.mm_tunable_parts has "
+                             "mm_vision_tower): it must run in the step on preprocessed pixels, and stored features "
+                             "are the frozen tower's, computed once. Set features.form=pixels or leave it unset")
         return self
 
     @model_validator(mode="after")

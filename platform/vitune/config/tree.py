@@ -3,7 +3,8 @@
 ``resolve_tree`` is the one order of operations (``vitune.config.build_config`` validates its result):
 
 1. ``key.sub=value`` overrides are parsed (values as YAML scalars: ``1`` is an int, ``[a, b]`` a list);
-2. the block under ``stages.<stage>`` is deep-merged over the rest (the stage may itself be an override);
+2. the block under ``stages.<stage>`` is deep-merged over the rest (the stage may itself be an override, and a
+   ``stages.<stage>.…`` override changes that block before the merge);
 3. the overrides are applied;
 4. a relative local ``storage.root`` is pinned to this process's cwd (Ray workers run elsewhere);
 5. ``${a.b}`` references are replaced by the value at ``a.b`` of the same tree.
@@ -101,10 +102,11 @@ def resolve_tree(raw: dict, overrides: list[str] | tuple[str, ...] = (), default
     """The tree to validate: see the module docstring. ``default_stage`` is None for jobs without stages."""
     raw = copy.deepcopy(raw or {})
     parsed = parse_overrides(overrides)
-    # the stage may itself be an override; it must be known before its block is merged
+    # the stage may itself be an override, and an override into a stage's block (stages.finetune.train.lr=...)
+    # must land in that block before it is merged: both go first
     for path, value in parsed:
-        if path == ["stage"]:
-            raw["stage"] = value
+        if path == ["stage"] or path[0] == "stages":
+            _set_path(raw, path, value)
     stages = raw.pop("stages", None) or {}
     if default_stage is not None and stages:
         stage = raw.get("stage", default_stage)
@@ -112,7 +114,8 @@ def resolve_tree(raw: dict, overrides: list[str] | tuple[str, ...] = (), default
             raise ConfigError(f"stage: {stage!r} has no block under 'stages' (have: {sorted(stages)})")
         raw = deep_merge(raw, stages[stage])
     for path, value in parsed:
-        _set_path(raw, path, value)
+        if path[0] != "stages":
+            _set_path(raw, path, value)
     # a relative storage root means the driver's cwd: pin it before anything derives paths from it
     root = raw["storage"].get("root") if isinstance(raw.get("storage"), dict) else None
     if isinstance(root, str) and "${" not in root:

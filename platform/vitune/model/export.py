@@ -63,9 +63,11 @@ VLLM_READS = ("config.json", "tokenizer.json", "tokenizer_config.json", "process
               "preprocessor_config.json", "chat_template.jinja", "generation_config.json")
 
 
-def _tower_for(meta: dict[str, Any]) -> VisionTower:
-    """The folder's tower (tiling by the folder's anyres recipe), checked to give the model's features."""
-    tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]), recipe=folder_recipe(meta))
+def _tower_for(meta: dict[str, Any], model: VisionLanguageModel | None = None) -> VisionTower:
+    """The folder's tower (tiling by the folder's anyres recipe): the one its run trained when it holds one (on
+    ``model``, as the folder loader attached it), else the pretrained tower; checked to give the model's features."""
+    tower = model.vision_tower if model is not None and model.vision_tower is not None else \
+        load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]), recipe=folder_recipe(meta))
     if not meta.get("fingerprint"):
         raise ValueError("the model folder records no feature fingerprint; cannot tell which features it needs")
     diffs = fingerprint_diffs(meta["fingerprint"], tower.fingerprint())
@@ -278,7 +280,7 @@ def export_llava_hf(
     with tempfile.TemporaryDirectory(prefix="vitune-export-") as tmp:
         model, tokenizer, meta = load_model_folder(model_source, dtype=torch_dtype)
         merge_lora(model)  # a LoRA folder exports merged: llava-hf holds full weights
-        tower = _tower_for(meta)
+        tower = _tower_for(meta, model)
         local = storage.local_path(out_uri)
         target = Path(local) if local is not None else Path(tmp) / "out"
         files = write_llava_hf(model, tokenizer, meta, tower, target, torch_dtype, max_shard_bytes)

@@ -6,6 +6,9 @@ Layout under a local path or s3:// prefix:
     projector.safetensors  projector weights
     image_newline.safetensors  an anyres (spatial_unpad) model's learned row newline; the meta then holds the
                            vision recipe (`vision_recipe`: grid, merge, anyres_max_N cap) the model packs tiles by
+    vision_tower.safetensors  a tower the run trained (LLaVA-NeXT's mm_vision_tower): open_clip's `visual` state;
+                           the meta's `vision_tower` says so and its fingerprint has `tower_weights: trained`, and
+                           loaders build the named tower, then take these weights (the pretrained tag's are not it)
     lm/                    the language model (HF `save_pretrained`), absent when `include_lm=False`
                            (align stage: the LM is frozen, so the folder names the LM path to reload)
     tokenizer/             the tokenizer, `<image>` included
@@ -49,6 +52,7 @@ FORMAT_VERSION = 1
 META_FILE = MODEL_META_FILE
 PROJECTOR_FILE = "projector.safetensors"
 NEWLINE_FILE = "image_newline.safetensors"
+TOWER_FILE = "vision_tower.safetensors"
 LM_DIR = "lm"
 TOKENIZER_DIR = "tokenizer"
 
@@ -72,6 +76,10 @@ def _write_folder(
     save_file(state, str(folder / PROJECTOR_FILE))
     if model.image_newline is not None:
         save_file({"image_newline": model.image_newline.detach().contiguous().cpu()}, str(folder / NEWLINE_FILE))
+    tower = model.vision_tower
+    trained_tower = tower is not None and tower.weights_trained
+    if trained_tower:
+        save_file(tower.trained_state(), str(folder / TOWER_FILE))
     if include_lm:
         model.lm.save_pretrained(str(folder / LM_DIR))
     lm_meta: dict[str, Any] = {"included": include_lm, "source": LM_DIR if include_lm else model_cfg.lm}
@@ -98,6 +106,8 @@ def _write_folder(
         "dtype": str(model.dtype).removeprefix("torch."),
         "extra": extra or {},
     }
+    if trained_tower:  # only then: a folder of a frozen tower's run names the tower by its config alone
+        meta["vision_tower"] = {"trained": True, "file": TOWER_FILE}
     if model.recipe is not None:  # only then: a pad/crop folder's meta is as it always was
         meta["vision_recipe"] = dataclasses.asdict(model.recipe)
     storage.write_json(str(folder / META_FILE), meta)
@@ -222,6 +232,9 @@ def _load_from(folder: Path, meta: dict[str, Any], device: str | torch.device, d
     if model.image_newline is not None:
         with torch.no_grad():
             model.image_newline.copy_(load_file(str(folder / NEWLINE_FILE))["image_newline"])
+    if meta.get("vision_tower", {}).get("trained"):  # the run's tower, in the model as it trained
+        tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]), recipe=folder_recipe(meta))
+        model.attach_tower(tower.load_trained(load_file(str(folder / meta["vision_tower"]["file"]))))
     return model.to(device).eval(), tokenizer
 
 
@@ -296,8 +309,12 @@ def load_for_inference(source: str, device: str = "auto", dtype: str = "auto") -
     model_dtype = inference_dtype(dtype, device, read_meta(source))
     model, tokenizer, meta = load_model_folder(source, device=device, dtype=model_dtype)
     tower_dtype = torch.float32 if torch.device(device).type == "cpu" else model.dtype
-    tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]), device=device, dtype=tower_dtype,
-                              recipe=model.recipe)
+    if model.vision_tower is not None:  # the folder's trained tower: answering computes features with it
+        tower = model.vision_tower.to(device=device, dtype=tower_dtype)
+        model.add_module("vision_tower", None)  # the tower answers beside the model, as a pretrained one does
+    else:
+        tower = load_vision_tower(VisionConfig.model_validate(meta["model"]["vision"]), device=device,
+                                  dtype=tower_dtype, recipe=model.recipe)
     try:
         check_fingerprint(meta.get("fingerprint") or None, tower.fingerprint(), source)
     except FingerprintMismatch as exc:

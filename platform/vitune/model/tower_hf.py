@@ -4,7 +4,9 @@ llava-hf keeps either tower under `vision_tower.vision_model.` (transformers 5 s
 load, `conversion_mapping`'s CLIPVisionModel rule, which SiglipVisionModel shares). The two differ in what the
 select strategy means: transformers' "default" drops the first token (CLIP's CLS), "full" keeps all. vitune's
 `select="patch"` is thus "default" on CLIP and "full" on SigLIP, which has no CLS (as llava-hf's OneVision
-configs say), and a SigLIP processor counts no additional token. vitune's `feature_layer` indexes the same
+configs say), and a SigLIP processor counts no additional token. The SigLIP tower goes out headless
+(`vision_use_head=False`, no `head.*` tensors), as llava-hf's OneVision configs and LLaVA-NeXT's encoder: LLaVA
+reads a hidden state, never the MAP head's pooled output, so the head would be weights nothing reads. vitune's `feature_layer` indexes the same
 `hidden_states` tuple transformers does on both towers (entry 0 the embeddings), so it is written unchanged.
 """
 
@@ -24,14 +26,16 @@ def vision_config(tower: Any) -> Any:
     from transformers import CLIPVisionConfig, SiglipVisionConfig  # deferred: only exporting needs them
 
     if tower.is_siglip:
-        return SiglipVisionConfig(**siglip_hf.siglip_vision_config(tower.visual))
+        return SiglipVisionConfig(**siglip_hf.siglip_vision_config(tower.visual), vision_use_head=False)
     return CLIPVisionConfig(**llava_hf.clip_vision_config(tower.visual))
 
 
-def tower_tensors(tower: Any) -> dict[str, torch.Tensor]:
-    """The tower's weights under llava-hf names (`vision_tower.vision_model.` + the HF model's own)."""
+def tower_tensors(tower: Any, head: bool = False) -> dict[str, torch.Tensor]:
+    """The tower's weights under llava-hf names (`vision_tower.vision_model.` + the HF model's own); a SigLIP
+    tower's MAP head only with ``head`` (what a checkpoint may carry, not what the export writes)."""
     if tower.is_siglip:
-        return {llava_hf.TOWER_PREFIX + k: v for k, v in siglip_hf.siglip_tower_tensors(tower.visual).items()}
+        return {llava_hf.TOWER_PREFIX + k: v for k, v in siglip_hf.siglip_tower_tensors(tower.visual).items()
+                if head or not k.startswith("head.")}
     return llava_hf.tower_tensors(tower.visual)
 
 
@@ -69,7 +73,7 @@ def check_tower_weights(tensors: dict[str, torch.Tensor], tower: Any) -> str | N
     its MAP head (multimodal_encoder/siglip_encoder.py), so only blocks past the feature layer and the head may be
     absent; every tensor present must be the tower's.
     """
-    expected = tower_tensors(tower)
+    expected = tower_tensors(tower, head=True)
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
         return f"tensors the tower lacks ({unknown[0]}, ...)"

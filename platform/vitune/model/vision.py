@@ -1,4 +1,4 @@
-"""The frozen vision tower: an open_clip ViT or SigLIP tower + pretrained tag → per-patch features `[B, N, D]`.
+"""The vision tower: an open_clip ViT or SigLIP tower + pretrained tag → per-patch features `[B, N, D]`.
 
 `encode_images` is the one function that feature extraction, evaluation and serving call to turn
 images into tower features, so the preprocessing, feature layer and CLS handling cannot drift apart
@@ -17,6 +17,14 @@ position embedding, state k the output of block k, as in transformers' `SiglipVi
 MAP head). `select` must be `patch` (every patch token). OneVision drops the last of the 27 blocks and takes the
 last remaining state, i.e. `feature_layer=-2` here (LLaVA-NeXT's siglip_encoder.py). The preprocessing is
 SigLIP's (mean = std = 0.5; `vitune.vision_recipe.TIMM_TOWERS`), with or without a pretrained tag.
+
+The tower is frozen (no gradients, eval mode) unless a run tunes it (LLaVA-NeXT's `mm_vision_tower` part):
+`make_trainable` lifts the freeze for that run's model only, optionally with gradient checkpointing over the
+blocks the forward runs. open_clip's ViT and timm's SigLIP trunk have no dropout in the configs vitune uses
+(patch dropout 0, attention/projection dropout 0, as HF CLIP's `attention_dropout=0` in LLaVA-NeXT), so a
+training tower follows the caller's train/eval mode and computes the same numbers in both. A trained tower's
+weights live in its model folder (`vitune.model.folder`); its fingerprint then says `tower_weights: trained`,
+so no frozen tower's feature store can stand in for it.
 
 The tiny presets `vitune-tiny-vit` and `vitune-tiny-siglip` (random init, seeded) are open_clip model configs
 shipped in `vitune/assets/open_clip/`; they (and the tiny timm trunk, `vitune.model.tiny_siglip`) are registered
@@ -68,8 +76,12 @@ def _blocks_for_layer(feature_layer: int, num_layers: int) -> int:
     return feature_layer % num_states
 
 
+TRAINED_WEIGHTS = "trained"  # the fingerprint's `tower_weights` when the tower's weights are a run's, not the tag's
+
+
 class VisionTower(nn.Module):
-    """A frozen open_clip ViT or SigLIP tower returning the hidden states of one block as per-patch features."""
+    """An open_clip ViT or SigLIP tower returning the hidden states of one block as per-patch features; frozen
+    unless `make_trainable` is called."""
 
     def __init__(self, visual: nn.Module, cfg: Any, open_clip_version: str, recipe: VisionRecipe | None = None) -> None:
         super().__init__()
@@ -124,12 +136,31 @@ class VisionTower(nn.Module):
         self.mean: tuple[float, ...] = tuple(float(m) for m in visual.image_mean)
         self.std: tuple[float, ...] = tuple(float(s) for s in visual.image_std)
 
+        self.trains = False  # make_trainable: the run tunes the tower (mm_vision_tower)
+        self.grad_checkpointing = False
+        self.weights_trained = False  # the weights are a run's (fingerprint: tower_weights)
         self.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True) -> VisionTower:
-        """The tower is frozen: it stays in eval mode (no patch dropout) whatever the caller asks."""
-        return super().train(False)
+        """A frozen tower stays in eval mode whatever the caller asks; a training one follows `mode`."""
+        return super().train(mode and self.trains)
+
+    def make_trainable(self, grad_checkpointing: bool = False) -> VisionTower:
+        """Lift the freeze: every weight takes gradients and the weights count as trained from here on;
+        `grad_checkpointing` recomputes each block's activations in the backward instead of keeping them."""
+        self.trains = True
+        self.weights_trained = True
+        self.grad_checkpointing = grad_checkpointing
+        self.requires_grad_(True)
+        return self
+
+    def _block(self, block: nn.Module, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, x, use_reentrant=False, **kwargs)
+        return block(x, **kwargs)
 
     @property
     def _patch_conv(self) -> nn.Module:
@@ -170,7 +201,7 @@ class VisionTower(nn.Module):
         x = trunk._pos_embed(x)  # + position embedding (no class token to prepend)
         x = trunk.norm_pre(trunk.patch_drop(x))  # identities for SigLIP in eval mode
         for block in trunk.blocks[: self.num_blocks]:
-            x = block(x)
+            x = self._block(block, x)
         return x  # [B, P, D]: no final norm, no MAP head
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -182,7 +213,7 @@ class VisionTower(nn.Module):
         if not transformer.batch_first:
             x = x.transpose(0, 1)  # [1+P, B, D]
         for block in transformer.resblocks[: self.num_blocks]:
-            x = block(x, attn_mask=None)
+            x = self._block(block, x, attn_mask=None)
         if not transformer.batch_first:
             x = x.transpose(0, 1)  # [B, 1+P, D]
         return x if self.select == "cls_patch" else x[:, 1:]
@@ -199,8 +230,21 @@ class VisionTower(nn.Module):
 
     def fingerprint(self) -> dict[str, Any]:
         """What produced these features; stores and checkpoints carry it so mismatches are refused."""
-        return {**self.recipe.fingerprint(), "open_clip_version": self._open_clip_version,
-                "torch_version": torch.__version__}
+        fp = {**self.recipe.fingerprint(), "open_clip_version": self._open_clip_version,
+              "torch_version": torch.__version__}
+        if self.weights_trained:  # only then: a frozen tower's fingerprint is as it always was
+            fp["tower_weights"] = TRAINED_WEIGHTS
+        return fp
+
+    def load_trained(self, state: dict[str, torch.Tensor]) -> VisionTower:
+        """Take a run's trained weights (`state_dict` of `visual`, as a model folder stores them)."""
+        self.visual.load_state_dict(state)
+        self.weights_trained = True
+        return self
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The weights a model folder stores for a trained tower: `visual`'s state, on CPU, contiguous."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.visual.state_dict().items()}
 
 
 def _with_mode_of(built: VisionRecipe, given: VisionRecipe) -> VisionRecipe:

@@ -62,6 +62,9 @@ def _same_base(name: str, meta: dict[str, Any], base_meta: dict[str, Any]) -> No
         raise ValueError(f"adapters.{name}: trained over base {lm['source']!r} (digest "
                          f"{str(lm.get('base_digest'))[:12]}), not the served base {base['source']!r} "
                          f"(digest {str(base.get('base_digest'))[:12]})")
+    if meta.get("vision_tower"):  # two trained towers share a fingerprint, not their weights
+        raise ValueError(f"adapters.{name}: its run trained its own vision tower; adapters on one replica share "
+                         "the served model's tower, so serve this folder as a model of its own")
     if meta.get("fingerprint") != base_meta.get("fingerprint"):
         raise ValueError(f"adapters.{name}: trained on other vision features than the served model")
 

@@ -3,7 +3,8 @@
 A checkpoint is DeepSpeed's (tag ``ds``) plus ``train_state.json`` (step, epoch, micro-batch in the epoch) on
 rank 0. The model folder is written from rank 0: the full weights (ZeRO-3 shards gathered first), or under
 LoRA the adapter and the projector, naming the base LM and its weights' digest. An anyres model's folder also
-holds its ``image_newline`` and its packing recipe (``vitune.model.folder``), so it serves as trained.
+holds its ``image_newline`` and its packing recipe (``vitune.model.folder``), so it serves as trained; a run whose
+tower trained writes the tower's weights there too (the folder's tower then replaces the pretrained one).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def save_full_model(model: VisionLanguageModel, tokenizer: Any, cfg: TrainJobCon
     # a plain copy of the model for saving: ZeRO-3 leaves the engine's parameters partitioned
     clean = build_model(cfg.model, tokenizer, feature_dim,
                         lm=_lm_copy(model.lm) if cfg.train.zero_stage == 3 else model.lm, recipe=model.recipe)
+    if _with_tower_copy(clean, model, cfg) is None:  # a frozen tower ran in the step: the folder names it
+        state = {k: v for k, v in state.items() if not k.startswith("vision_tower.")}
     clean.load_state_dict(state)
     save_model_folder(clean.float(), tokenizer, cfg.model, fingerprint, uri, include_lm=include_lm,
                       extra={"stage": cfg.stage, "steps": steps})
@@ -108,12 +111,30 @@ def save_lora_model(model: VisionLanguageModel, tokenizer: Any, cfg: TrainJobCon
             else None, "quantization": settings.quantization, **trainable}
     clean = VisionLanguageModel(projector, model.lm, model.image_token_id, pad_token_id=model.pad_token_id,
                                 eos_token_id=list(model.eos_token_ids), recipe=model.recipe)
+    if _with_tower_copy(clean, model, cfg) is not None:  # the tuned tower's weights, gathered with the adapter's
+        clean.vision_tower.visual.load_state_dict({k.removeprefix("vision_tower.visual."): v.float()
+                                                   for k, v in state.items() if k.startswith("vision_tower.")})
     if clean.image_newline is not None:  # anyres: the newline the run trained (or kept at its init)
         with torch.no_grad():
             clean.image_newline.copy_(state["image_newline"].float())
     save_model_folder(clean, tokenizer, cfg.model, fingerprint, uri, include_lm=False,
                       extra={"stage": cfg.stage, "steps": steps, "lora": settings.model_dump()},
                       adapter=(lambda d: lora.save_adapter(model.lm, lm_state, d), meta))
+
+
+def _with_tower_copy(clean: VisionLanguageModel, model: VisionLanguageModel, cfg: TrainJobConfig) -> Any:
+    """A fresh, unpartitioned copy of ``model``'s tower on ``clean`` when it trained (its weights are loaded from
+    the gathered state): what the folder stores. A frozen tower is the pretrained one, which the folder names."""
+    tower = model.vision_tower
+    if tower is None:
+        return None
+    if not tower.weights_trained:
+        return None
+    from vitune.model.vision import load_vision_tower  # deferred: open_clip is slow to import
+
+    copy = load_vision_tower(cfg.model.vision, recipe=tower.recipe)
+    copy.weights_trained = True
+    return clean.attach_tower(copy).vision_tower
 
 
 def _lm_copy(lm: torch.nn.Module) -> torch.nn.Module:

@@ -341,6 +341,18 @@ def tiles_from_bytes(blob: bytes, num_tiles: int, tile_shape: tuple[int, int], k
     return flat.astype(np.float16, copy=False).reshape(num_tiles, n, d)
 
 
+def fetched_rows(by_key_ref: list) -> dict[str, list[TokenizedRow]]:
+    """The run's trainable rows by image key (``by_image_key``), fetched from the object store once per process."""
+    import ray  # deferred: only the join tasks need Ray; the rest of the module runs without it (benchmarks)
+
+    ref = by_key_ref[0]
+    by_key = _BY_KEY.get(ref.hex())
+    if by_key is None:
+        _BY_KEY.clear()
+        by_key = _BY_KEY[ref.hex()] = ray.get(ref)
+    return by_key
+
+
 def join_with_features(batch: dict[str, np.ndarray], by_key_ref: list,
                        tile_shape: tuple[int, int] | None = None) -> dict[str, list]:
     """Ray Data ``map_batches`` task: a block of feature rows → one training row per record using it.
@@ -349,13 +361,7 @@ def join_with_features(batch: dict[str, np.ndarray], by_key_ref: list,
     object-store reference so Ray hands it over unresolved and each process fetches it only once.
     ``tile_shape`` ``(N, D)``: the block is a tile store's (each row's tiles as bytes + ``num_tiles``).
     """
-    import ray  # deferred: only this task needs Ray; the rest of the module runs without it (benchmarks)
-
-    ref = by_key_ref[0]
-    by_key = _BY_KEY.get(ref.hex())
-    if by_key is None:
-        _BY_KEY.clear()
-        by_key = _BY_KEY[ref.hex()] = ray.get(ref)
+    by_key = fetched_rows(by_key_ref)
     cols: dict[str, list] = defaultdict(list)
     tiles = batch.get("num_tiles") if tile_shape is not None else None
     for i, (key, feats) in enumerate(zip(batch["image_key"], batch["features"], strict=True)):

@@ -4,7 +4,8 @@
 once (``vitune.train.data``), puts the trainable rows in the object store for the join with the feature
 shards, and reports what it skipped per reason. Rank 0 logs step metrics to the MLflow run the driver
 opened; the driver logs the config, the DeepSpeed config, the data counts and the model folder, and after
-finetune registers the model.
+finetune registers the model. A run whose tower runs in the step reads the pixel store instead
+(``TrainJobConfig.store_form``; ``vitune.train.tower``): the same join, with each image's tiles for features.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from vitune import layout, storage
 from vitune.config import RUNS_SCHEME, TrainJobConfig, dump_config
 from vitune.data.tokenizer import load_tokenizer
 from vitune.family import FAMILY_TAG, model_family
+from vitune.features.pixels import PixelStore
 from vitune.features.store import FeatureStore
 from vitune.lineage import log_training_inputs
 from vitune.model.export import export_llava_hf
@@ -52,8 +54,9 @@ from vitune.train.data import (
     with_image_sizes,
 )
 from vitune.train.plan import Plan, deepspeed_config, gradient_accumulation
+from vitune.train.tower import check_pixel_recipe, join_with_pixels
 from vitune.train.worker import Worker, run_loop
-from vitune.vision_recipe import model_recipe
+from vitune.vision_recipe import VisionRecipe, model_recipe
 
 log = logging.getLogger(__name__)
 ROW_COLUMNS = ("input_ids", "labels", "features", "has_image", "length", "image_sizes")  # a training row's columns
@@ -70,6 +73,23 @@ def expected_fingerprint(cfg: TrainJobConfig) -> dict[str, Any]:
     if recipe is not None:  # anyres: the grid made the tiles (pad and crop fingerprints are as they were)
         fp["grid_pinpoints"] = recipe.fingerprint()["grid_pinpoints"]
     return fp
+
+
+def open_store(cfg: TrainJobConfig) -> FeatureStore:
+    """The store the run reads (``cfg.store_form``): the feature store, or the pixel store when the tower runs in
+    the step; either refused when it was not made for this config."""
+    if cfg.store_form == "pixels":
+        store = PixelStore.open(layout.features_input(cfg), expect_fingerprint=layout.pixel_fingerprint(cfg))
+        check_pixel_recipe(VisionRecipe.of(cfg.model.vision), store)
+        return store
+    store = FeatureStore.open(layout.features_input(cfg), expect_fingerprint=expected_fingerprint(cfg))
+    check_store_recipe(cfg, store)
+    return store
+
+
+def feature_dim(cfg: TrainJobConfig, store: FeatureStore) -> int:
+    """The width of the tower's features the projector takes: the feature store's, or (pixels) the tower's."""
+    return VisionRecipe.of(cfg.model.vision).hidden_size if isinstance(store, PixelStore) else store.feature_dim
 
 
 def check_store_recipe(cfg: TrainJobConfig, store: FeatureStore) -> None:
@@ -95,6 +115,8 @@ def training_rows(cfg: TrainJobConfig, store: FeatureStore) -> list[TokenizedRow
     # max_length counts each image's visual tokens, as LLaVA truncates after expanding <image>; an anyres image
     # counts what the model's recipe (its merge and anyres_max_N cap) packs its tiles into
     recipe = model_recipe(cfg.model.vision)
+    if isinstance(store, PixelStore):  # a pixel store names no tower: the model's recipe counts its tokens
+        recipe = recipe or VisionRecipe.of(cfg.model.vision)
     counts = store.visual_tokens(recipe) if recipe is not None else store.visual_tokens()
     rows = tokenize_records(cfg.data.records, cfg.model.template, tokenizer, cfg.model.max_length,
                             image_positions=counts, max_visual_tokens=cfg.train.max_visual_tokens)
@@ -118,6 +140,8 @@ def build_dataset(cfg: TrainJobConfig, store: FeatureStore, rows: list[Tokenized
     ``samples`` counts those rows (text-only and multi-image rows reach the workers apart, see ``_ray_train_loop``)."""
     # a new file order every epoch (reseeded per execution); rows then shuffle in a local buffer
     ds = store.to_ray_dataset(shuffle=FileShuffleConfig(seed=cfg.train.seed))
+    if isinstance(store, PixelStore):
+        return _pixel_dataset(cfg, store, ds, rows, samples)
     # light tasks (half a CPU): they must fit beside the training workers, whose CPUs Ray Data excludes
     tile_shape = (store.num_patches, store.hidden_size) if store.tiled else None  # a tile store's rows are bytes
     ds = ds.map_batches(join_with_features, batch_size=64, batch_format="numpy", num_cpus=0.5,
@@ -129,6 +153,22 @@ def build_dataset(cfg: TrainJobConfig, store: FeatureStore, rows: list[Tokenized
         # small enough to keep in the object store: epochs then skip re-reading and re-joining, and the
         # per-epoch shuffle happens in each worker's local buffer
         log.info("materialising the joined training data (%.1f MiB of features)", joined_mb)
+        ds = ds.materialize()
+    return ds
+
+
+def _pixel_dataset(cfg: TrainJobConfig, store: PixelStore, ds: Dataset, rows: list[TokenizedRow],
+                   samples: int) -> Dataset:
+    """``build_dataset`` for the pixel store: each row joined to its image's stored tiles (``join_with_pixels``)."""
+    ds = ds.map_batches(join_with_pixels, batch_size=64, batch_format="numpy", num_cpus=0.5,
+                        fn_kwargs={"by_key_ref": [ray.put(by_image_key(rows))], "tile_size": store.tile_size,
+                                   "dtype": store.pixel_dtype})
+    tiles = store.num_tiles()
+    per_image = sum(tiles.values()) / len(tiles) if tiles else 1
+    itemsize = 1 if store.pixel_dtype == "uint8" else 2
+    joined_mb = samples * per_image * 3 * store.tile_size**2 * itemsize / 2**20
+    if joined_mb <= cfg.train.materialize_below_mb:
+        log.info("materialising the joined training data (%.1f MiB of pixels)", joined_mb)
         ds = ds.materialize()
     return ds
 
@@ -277,8 +317,7 @@ def run_training(cfg: TrainJobConfig, parent_run_id: str | None = None) -> dict[
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": folder})})
     init_ray(cfg.ray)
     world = cfg.train.num_workers
-    store = FeatureStore.open(layout.features_input(cfg), expect_fingerprint=expected_fingerprint(cfg))
-    check_store_recipe(cfg, store)
+    store = open_store(cfg)
     rows = training_rows(cfg, store)
     stats = DataStats.of(rows)
     if not stats.samples:
@@ -362,7 +401,7 @@ def _trainer(cfg: TrainJobConfig, ds: Dataset, store: FeatureStore, plan: Plan, 
             "cfg": cfg.model_dump(mode="json"),
             "plan": plan.__dict__,
             "run_id": run_id,
-            "feature_dim": store.feature_dim,
+            "feature_dim": feature_dim(cfg, store),
             "fingerprint": store.fingerprint,
             "progress": board,
             **(data or {}),  # the text-only rows' reference and the image rows each rank streams

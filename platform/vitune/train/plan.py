@@ -90,12 +90,41 @@ class Plan:
         return min(total, self.max_steps) if self.max_steps else total
 
 
-def param_groups(model: VisionLanguageModel, lr: float, projector_lr: float | None) -> list[dict[str, Any]]:
-    """The optimizer's groups: the trainable LM weights (or adapters) at ``lr``, the projector at its own rate."""
-    projector = [p for p in model.projector.parameters() if p.requires_grad]
-    mine = {id(p) for p in projector}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
-    groups = [{"params": rest, "lr": lr}] if rest else []
-    if projector:
-        groups.append({"params": projector, "lr": projector_lr or lr})
+def no_decay_names(model: Any) -> set[str]:
+    """The parameters LLaVA-NeXT's trainer keeps out of weight decay: every bias and every weight of a
+    normalisation layer (transformers' ``ALL_LAYERNORM_LAYERS``: ``nn.LayerNorm``, and the RMSNorms Llama-style
+    models added to it)."""
+    import torch  # deferred: the plan's arithmetic needs no torch
+
+    out = set()
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if is_norm or "bias" in name:
+                out.add(full)
+    return out
+
+
+def param_groups(model: VisionLanguageModel, lr: float, projector_lr: float | None, weight_decay: float = 0.0,
+                 tower_lr: float | None = None) -> list[dict[str, Any]]:
+    """The optimizer's groups as LLaVA-NeXT's ``create_optimizer``: the trainable parameters at ``lr``, the
+    projector's at ``mm_projector_lr`` and the tower's at ``mm_vision_tower_lr`` when given (else ``lr``), each
+    split into a group with ``weight_decay`` and one without (biases and norm weights) when ``weight_decay`` is
+    not 0. Empty groups are left out; every group names its ``part`` (what the loop logs)."""
+    skip = no_decay_names(model)
+    own = {"projector": projector_lr, "vision_tower": tower_lr}  # named parts with a rate of their own
+    parts: dict[str, list[tuple[str, Any]]] = {"rest": [], "projector": [], "vision_tower": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            head = name.split(".", 1)[0]
+            parts[head if head in own else "rest"].append((name, p))
+    groups = []
+    for part, named in parts.items():
+        rate = own.get(part) or lr
+        # without weight decay the split changes nothing: one group per part
+        split = (([p for n, p in named if n not in skip], weight_decay), ([p for n, p in named if n in skip], 0.0))
+        for params, decay in split if weight_decay else (([p for _, p in named], 0.0),):
+            if params:
+                groups.append({"params": params, "lr": rate, "weight_decay": decay, "part": part})
     return groups

@@ -4,7 +4,8 @@ The driver runs ``run_loop`` on every Ray Train worker; the loop itself only nee
 and, per epoch, an iterable of training rows (``vitune.train.data.training_row``), so it also runs in one
 plain process (``benchmarks/train_step.py``). Stage is data: ``freeze_for_stage`` decides what trains,
 the config decides the rest. The step plan and optimizer set-up are ``vitune.train.plan``'s; what a worker
-writes (checkpoints, the model folder) is ``vitune.train.checkpoint``'s.
+writes (checkpoints, the model folder) is ``vitune.train.checkpoint``'s. A run that reads the pixel store runs
+its vision tower in the step (``vitune.train.tower``), tuned or frozen by ``mm_tunable_parts``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from vitune.train.data import collate, collate_packed, image_features_to
 from vitune.train.packing import default_budget
 from vitune.train.plan import Plan, deepspeed_config, lr_lambda, param_groups
 from vitune.train.sampler import grouped_micro_batches, in_order_micro_batches
+from vitune.train.tower import attach_run_tower, part_counts, tower_inputs
 from vitune.vision_recipe import VisionRecipe, model_recipe
 
 log = logging.getLogger(__name__)
@@ -86,12 +88,14 @@ class Worker:
             self._wrap_lora()
         else:
             self.model.freeze(cfg.tunable_parts, label=f"stage {cfg.stage}")
-        self.trainable = lora.trainable_summary(self.model)
+        self.trainable = {**lora.trainable_summary(self.model), **part_counts(self.model)}
+        log.info("what trains: %s", self.trainable)
         if cfg.train.gradient_checkpointing:
             self.model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.train.lr, cfg.train.mm_projector_lr),
-                                      lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        groups = param_groups(self.model, cfg.train.lr, cfg.train.mm_projector_lr, cfg.train.weight_decay,
+                              cfg.train.mm_vision_tower_lr)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(plan.total_steps, cfg.train.warmup_ratio, cfg.train.lr_schedule))
         self.ds_config = deepspeed_config(cfg, world_size)
@@ -112,10 +116,21 @@ class Worker:
                 lora.merge_lora(model)
                 meta = {**meta, "lm": {**meta["lm"], "included": True}}
             model = with_recipe(model, model_recipe(cfg.model.vision), cfg.train.init_from)
-            return tokenizer, model.to(self.device).train(), meta
+            return tokenizer, self._with_tower(model).to(self.device).train(), meta
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.lm)
         model = build_model(cfg.model, tokenizer, self.feature_dim, recipe=model_recipe(cfg.model.vision))
-        return tokenizer, model.to(self.device).train(), None
+        return tokenizer, self._with_tower(model).to(self.device).train(), None
+
+    def _with_tower(self, model: VisionLanguageModel) -> VisionLanguageModel:
+        """The model with its tower attached when the run reads pixels; a folder's trained tower cannot train on
+        a feature store (its features are the pretrained tower's)."""
+        if self.cfg.store_form == "pixels":
+            attach_run_tower(model, self.cfg, self.device)
+        elif model.vision_tower is not None:
+            raise ValueError(f"train.init_from={self.cfg.train.init_from} holds a trained vision tower, and a "
+                             "feature store holds the pretrained tower's features: train from the pixel store "
+                             "(features.form=pixels), where the folder's tower runs in the step")
+        return model
 
     def _wrap_lora(self) -> None:
         """LoRA (``train.lora``): the projector (when mm_mlp_adapter is tuned, as by default) and an anyres model's
@@ -128,6 +143,11 @@ class Worker:
         self.model.projector.requires_grad_("mm_mlp_adapter" in self.cfg.tunable_parts)
         if self.model.image_newline is not None:  # anyres: trains beside the projector, as it does in finetune
             self.model.image_newline.requires_grad_(True)
+        if self.model.vision_tower is not None:  # the tower trains fully beside the adapters when it is tuned
+            if "mm_vision_tower" in self.cfg.tunable_parts:
+                self.model.vision_tower.make_trainable(self.model.vision_tower.grad_checkpointing)
+            else:
+                self.model.vision_tower.requires_grad_(False)
         self.model.lm.requires_grad_(False)  # the adapters added below are the LM's only trainable weights
         lm = self.model.lm
         if settings.quantization == "nf4":
@@ -172,12 +192,33 @@ class Worker:
     def micro_step(self, batch: dict) -> float:
         """Forward and backward of one micro-batch; DeepSpeed steps the optimizer at the accumulation boundary."""
         feats = batch["image_features"]  # [M, N, Dv], a list of M per-image tensors, or None
+        if self.model.vision_tower is not None:
+            return self._pixel_step(batch)
         out = self.engine(
             input_ids=batch["input_ids"].to(self.device),
             attention_mask=batch["attention_mask"].to(self.device),
             labels=batch["labels"].to(self.device),
             image_features=image_features_to(feats, self.device),
             image_sizes=batch.get("image_sizes"),  # anyres: each image's (w, h), in the features' order
+            **_packed(batch, self.device),
+        )
+        self.engine.backward(out.loss)
+        self.engine.step()
+        return float(out.loss.detach())
+
+    def _pixel_step(self, batch: dict) -> float:
+        """``micro_step`` of a run that reads the pixel store: the stored tiles become pixel values on the device
+        and the tower runs inside the engine's forward (trained or frozen as ``freeze`` set it)."""
+        tower, images = self.model.vision_tower, batch["image_features"]  # each image's [T_i, 3, S, S] tiles
+        pixels, num_tiles = (tower_inputs(images, self.cfg.features.pixel_dtype, tower.mean, tower.std, self.device)
+                             if images is not None else (None, None))
+        out = self.engine(
+            input_ids=batch["input_ids"].to(self.device),
+            attention_mask=batch["attention_mask"].to(self.device),
+            labels=batch["labels"].to(self.device),
+            pixel_values=pixels,
+            num_tiles=num_tiles,
+            image_sizes=batch.get("image_sizes"),
             **_packed(batch, self.device),
         )
         self.engine.backward(out.loss)
@@ -246,7 +287,11 @@ class Worker:
 
     # --- the result ----------------------------------------------------------------------------------
     def save_model_folder(self, uri: str, fingerprint: dict) -> None:
-        """The trained model's folder at ``uri`` (every rank calls it; rank 0 writes)."""
+        """The trained model's folder at ``uri`` (every rank calls it; rank 0 writes). A run that read pixels
+        records its tower's feature fingerprint (``tower_weights: trained`` when the tower trained), not the
+        pixel store's."""
+        if self.model.vision_tower is not None:
+            fingerprint = self.model.vision_tower.fingerprint()
         if self.lora:
             checkpoint.save_lora_model(self.model, self.tokenizer, self.cfg, self.feature_dim, fingerprint, uri,
                                        rank=self.rank, steps=self.step, trainable=self.trainable)

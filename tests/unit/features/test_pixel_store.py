@@ -86,9 +86,14 @@ def test_uint8_tiles_normalise_to_the_towers_pixels_bit_for_bit():
 
 
 def test_the_wrong_form_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="the tower is frozen .* a pixel store would run the tower in every step"):
-        TrainJobConfig.model_validate({"stage": "finetune", "features": {"form": "pixels"}})
+    tower = {"mm_tunable_parts": "mm_vision_tower,mm_mlp_adapter"}
+    with pytest.raises(ValueError, match="features.form='features' but the tower trains .* stored features are the "
+                                         "frozen tower's"):
+        TrainJobConfig.model_validate({"stage": "finetune", "features": {"form": "features"}, "train": tower})
     assert TrainJobConfig.model_validate({"features": {"form": "features"}}).store_form == "features"
+    assert TrainJobConfig.model_validate({"train": tower}).store_form == "pixels"
+    # a frozen tower may run in the step on pixels: the two forms' equivalence case
+    assert TrainJobConfig.model_validate({"features": {"form": "pixels"}}).store_form == "pixels"
 
 
 # ------------------------------------------------------------------------- the job's per-shard functions

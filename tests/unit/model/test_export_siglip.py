@@ -141,6 +141,9 @@ def test_the_folder_is_a_siglip_llava_transformers_loads_whole(exported: Exporte
     config = json.loads((exported.out / "config.json").read_text())
     assert config["vision_config"]["model_type"] == "siglip_vision_model"
     assert config["vision_feature_select_strategy"] == "full"  # SigLIP has no CLS to drop
+    # headless, as llava-hf's OneVision configs: LLaVA reads a hidden state, never the MAP head
+    assert config["vision_config"]["vision_use_head"] is False
+    assert not any(".head." in name for name in exported.hf.state_dict())
     assert config["vision_feature_layer"] == exported.tower.feature_layer
     assert config["text_config"]["model_type"] == {"qwen2": "qwen2", "llama3": "llama"}[KINDS[exported.kind][0]]
     image_config = json.loads((exported.out / "preprocessor_config.json").read_text())

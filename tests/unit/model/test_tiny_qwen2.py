@@ -47,7 +47,8 @@ def test_tiny_qwen2_is_qwen2_shaped_and_the_same_every_time(tok):
     cfg = lm.config
     assert type(lm).__name__ == "Qwen2ForCausalLM"
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 2, 4, 2)
-    assert cfg.tie_word_embeddings and lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+    # untied as Qwen2-7B (see build_tiny_qwen2_lm: tied, the tiny model learned far slower)
+    assert not cfg.tie_word_embeddings and lm.lm_head.weight.data_ptr() != lm.get_input_embeddings().weight.data_ptr()
     attn = lm.model.layers[0].self_attn
     assert attn.q_proj.bias is not None and attn.o_proj.bias is None  # Qwen2: bias on q/k/v only
     assert cfg.vocab_size == len(tok) and cfg.eos_token_id == tok.eos_token_id
