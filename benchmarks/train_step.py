@@ -21,7 +21,7 @@ one to four per sample), each through three samplers: random micro-batches, LLaV
 and the megabatches packed. It prints each one's padding share over the whole epoch (every micro-batch
 collated) and the steady tokens/s (real tokens) and padding share of timed worker steps.
 
-    python benchmarks/train_step.py --packing [--samples 256] [key=value ...]
+    python benchmarks/train_step.py --packing [--samples 1024] [key=value ...]
 
 ``--tower-trains`` instead compares the two store forms (issue 25): samples/s of a finetune fed the feature
 store (frozen tower, features computed once) with the same finetune fed the pixel store's uint8 tiles and tuning
@@ -244,7 +244,7 @@ def packing_benchmark(tmp: str, samples: int, overrides: list[str]) -> dict:
     for mix, preset in MIXES.items():
         base = ["stage=finetune", f"storage.root={tmp}", "train.num_workers=1", "train.init_from=null",
                 "train.epochs=1", "train.checkpoint_every=100000", "train.log_every=1", "train.micro_batch_size=8",
-                "train.global_batch_size=8", "model.max_length=1024", *overrides]
+                "train.global_batch_size=64", "model.max_length=1024", *overrides]
         cfg = load_config(TrainJobConfig, preset, base)
         tower = load_vision_tower(cfg.model.vision, device="cpu")
         rows = mixed_rows(cfg, samples, seed=0, feature_shape=(tower.num_patches, tower.hidden_size))
@@ -278,7 +278,7 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--lora", action="store_true", help="compare a LoRA finetune with a full finetune instead")
     p.add_argument("--packing", action="store_true", help="measure train.packing on a pad and an anyres mix instead")
-    p.add_argument("--samples", type=int, default=256, help="--packing: samples per mix")
+    p.add_argument("--samples", type=int, default=1024, help="--packing: samples per mix")
     p.add_argument("--lora-args", default="train.lora.r=16 train.lora.alpha=32 train.lr=2.0e-2 "
                    "train.mm_projector_lr=2.0e-3", help="overrides of the LoRA run (train.lora.enabled=true added)")
     p.add_argument("--tower-trains", action="store_true",
