@@ -15,6 +15,14 @@ and checkpoint bytes, and samples/s, each as a LoRA / full ratio.
 
     python benchmarks/train_step.py --lora [--lora-args "train.lora.r=16 train.lr=2e-2"] [key=value ...]
 
+``--packing`` instead measures ``train.packing`` on two length mixes drawn at random, a pad mix (LLaVA-1.5's:
+one tile per image, text-only samples beside) and an anyres mix (the tiny-anyres preset, images of varied sizes,
+one to four per sample), each through three samplers: random micro-batches, LLaVA's modality/length megabatches,
+and the megabatches packed. It prints each one's padding share over the whole epoch (every micro-batch
+collated) and the steady tokens/s (real tokens) and padding share of timed worker steps.
+
+    python benchmarks/train_step.py --packing [--samples 1024] [key=value ...]
+
 ``--tower-trains`` instead compares the two store forms (issue 25): samples/s of a finetune fed the feature
 store (frozen tower, features computed once) with the same finetune fed the pixel store's uint8 tiles and tuning
 the tower in the step (``mm_vision_tower``, gradient checkpointing on), and each form's stored bytes per image.
@@ -45,7 +53,8 @@ from vitune.data.records import read_records
 from vitune.data.tokenizer import load_tokenizer
 from vitune.model.image import decode_image
 from vitune.model.vision import VisionTower, encode_images, load_vision_tower
-from vitune.train.data import collate, collate_tokens, tokenize_row, training_row
+from vitune.train.data import collate, collate_tokens, row_images, tokenize_row, training_row
+from vitune.train.packing import default_budget
 from vitune.train.plan import Plan, gradient_accumulation
 from vitune.train.sampler import grouped_micro_batches
 from vitune.train.worker import Worker, run_loop
@@ -171,12 +180,105 @@ def padding_share(batches: list[dict]) -> float:
     return 1 - sum(b["num_tokens"] for b in batches) / sum(b["num_positions"] for b in batches)
 
 
+MIXES = {"pad": "tiny", "anyres": "tiny-anyres"}  # mix name → the preset whose vision recipe it uses
+
+
+def mixed_rows(cfg: TrainJobConfig, samples: int, seed: int, feature_shape: tuple[int, int]) -> list[dict]:
+    """``samples`` training rows of varied length drawn at random: 4 in 5 with images (anyres: one to four images
+    of sizes from 16 to 160 px a side, so each counts its own visual tokens; pad: one image), the rest text
+    only; answers of 1 to 40 sentences. Features are random, in the store's format (``[N, D]`` float16 per image
+    for pad, ``[T, N, D]`` tiles for anyres)."""
+    from vitune.data.records import validate_record
+    from vitune.train.data import with_image_sizes
+    from vitune.vision_recipe import model_recipe, tiles_for, visual_tokens
+
+    rng = random.Random(seed)
+    recipe = model_recipe(cfg.model.vision)
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.lm)
+    n, d = feature_shape
+    rows = []
+    for i in range(samples):
+        n_images = 0 if rng.random() < 0.2 else (rng.randint(1, 4) if recipe is not None else 1)
+        sizes = {f"{i}-{k}.png": (rng.randint(16, 160), rng.randint(16, 160)) for k in range(n_images)}
+        prompt = " ".join("<image>" for _ in sizes) + "\nDescribe this." if sizes else f"What is {i} plus one?"
+        answer = "It is a thing of some size. " * rng.randint(1, 40)
+        raw = {"id": str(i), "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}
+        if sizes:
+            raw["image"] = list(sizes)
+        counts = {k: visual_tokens(recipe, *wh) if recipe is not None else n for k, wh in sizes.items()}
+        sample = tokenize_row(validate_record(raw, i), cfg.model.template, tok, cfg.model.max_length, counts)
+        if not sample.trainable:
+            raise ValueError(f"mixed row {i} cannot be trained: {sample.skip}")
+        if recipe is not None:
+            sample = with_image_sizes([sample], sizes)[0]
+        shapes = [(tiles_for(recipe, *sizes[k]), n, d) if recipe is not None else (n, d) for k in sample.image_keys]
+        feats = [np.random.default_rng(i * 8 + k).standard_normal(sh).astype(np.float16) for k, sh in enumerate(shapes)]
+        rows.append(training_row(sample, (feats if len(feats) > 1 else feats[0]) if feats else None))
+    return rows
+
+
+def epoch_padding_share(cfg: TrainJobConfig, rows: list[dict], sampler: str) -> float:
+    """The padding share of one epoch's micro-batches of ``rows`` under ``sampler`` (random, grouped, packed)."""
+    from vitune.train.data import collate_packed
+    from vitune.train.sampler import in_order_micro_batches
+
+    t = cfg.train
+    order = list(rows)
+    random.Random(t.seed).shuffle(order)
+    groups = (in_order_micro_batches(order, t.micro_batch_size) if sampler == "random"
+              else grouped_micro_batches(order, t.micro_batch_size, gradient_accumulation(cfg, 1), t.seed))
+    pad = load_tokenizer(cfg.model.tokenizer or cfg.model.lm).pad_token_id
+    budget = t.packing_budget or default_budget(cfg.model.max_length)
+    batches = [collate_packed(g, pad, budget) if sampler == "packed" else collate_tokens(g, pad) for g in groups]
+    return padding_share(batches)
+
+
+SAMPLERS = {"random": ["train.group_by_modality_length=false", "train.packing=false"],
+            "length_grouped": ["train.group_by_modality_length=true", "train.packing=false"],
+            "packed": ["train.group_by_modality_length=true", "train.packing=true"]}
+
+
+def packing_benchmark(tmp: str, samples: int, overrides: list[str]) -> dict:
+    """Per mix and sampler: the epoch's padding share, and timed steps' tokens/s and padding share."""
+    out: dict = {}
+    for mix, preset in MIXES.items():
+        base = ["stage=finetune", f"storage.root={tmp}", "train.num_workers=1", "train.init_from=null",
+                "train.epochs=1", "train.checkpoint_every=100000", "train.log_every=1", "train.micro_batch_size=8",
+                "train.global_batch_size=64", "model.max_length=1024", *overrides]
+        cfg = load_config(TrainJobConfig, preset, base)
+        tower = load_vision_tower(cfg.model.vision, device="cpu")
+        rows = mixed_rows(cfg, samples, seed=0, feature_shape=(tower.num_patches, tower.hidden_size))
+        lengths = [r["length"] for r in rows]
+        result: dict = {"samples": len(rows), "length_min": min(lengths), "length_median": int(np.median(lengths)),
+                        "length_max": max(lengths), "images_per_sample_max": max(len(row_images(r)) for r in rows)}
+        for name, switches in SAMPLERS.items():
+            run_cfg = load_config(TrainJobConfig, preset, [*base, *switches])
+            from deepspeed.utils import groups
+
+            groups._WORLD_GROUP = None  # each run starts a process group of its own: DeepSpeed's cached one is stale
+            try:
+                timing = timed(run_cfg, rows, tower)
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+            result[name] = {"epoch_padding_share": epoch_padding_share(run_cfg, rows, name),
+                            "step_padding_share": timing["padding_share"], "tokens_per_s": timing["tokens_per_s"],
+                            "steps": timing["steps"], "final_loss": timing["final_loss"]}
+        for name in ("random", "length_grouped"):
+            ratio = result["packed"]["tokens_per_s"] / result[name]["tokens_per_s"]
+            result[f"tokens_per_s_ratio_packed_vs_{name}"] = ratio
+        out[f"{mix}_mix"] = result
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--tower", default="vitune-tiny-vit", help="open_clip model name (random init)")
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--lora", action="store_true", help="compare a LoRA finetune with a full finetune instead")
+    p.add_argument("--packing", action="store_true", help="measure train.packing on a pad and an anyres mix instead")
+    p.add_argument("--samples", type=int, default=1024, help="--packing: samples per mix")
     p.add_argument("--lora-args", default="train.lora.r=16 train.lora.alpha=32 train.lr=2.0e-2 "
                    "train.mm_projector_lr=2.0e-3", help="overrides of the LoRA run (train.lora.enabled=true added)")
     p.add_argument("--tower-trains", action="store_true",
@@ -187,10 +289,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     tmp = tempfile.mkdtemp(prefix="vitune-bench-")
+    if args.packing:
+        print(json.dumps({"device": f"cpu ({os.cpu_count()} cores)", "torch_threads": torch.get_num_threads(),
+                          **packing_benchmark(tmp, args.samples, args.overrides)}, indent=2))
+        return
     cfg = load_config(TrainJobConfig, "tiny", [
         "stage=finetune", f"storage.root={tmp}", "train.num_workers=1", "train.init_from=null",
         f"train.epochs={args.epochs}", f"model.vision.name={args.tower}", "train.checkpoint_every=100000",
         "train.log_every=1",
+        "train.packing=false",  # the tower-in-loop worker collates padded rows: compare like with like
         *args.overrides])
     device = "cuda" if cfg.train.use_gpu else "cpu"
     data = synthetic.generate(storage.join(tmp, "data"), seed=0, num_images=args.images, num_eval_images=0)

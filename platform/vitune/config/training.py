@@ -148,6 +148,10 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     tf32: bool = False  # TF32 matmuls (LLaVA's --tf32 True); applied only on GPUs of compute capability >= 8.0
     group_by_modality_length: bool = False  # LLaVA-1.5's megabatch sampler (vitune.train.sampler); off = random
+    # pack each micro-batch's samples several to a row (vitune.train.packing, data.collate_packed): the same
+    # samples, loss and gradients as padded rows, fewer positions; attention never crosses a sample boundary
+    packing: bool = True
+    packing_budget: int | None = Field(None, gt=0)  # positions a packed row; None = packing.default_budget
     # per-sample budget of visual tokens (all its images together); a record over it is skipped and counted as
     # visual_token_budget. None = no budget (model.max_length still bounds text + visual tokens)
     max_visual_tokens: int | None = Field(None, gt=0)
@@ -231,6 +235,14 @@ class TrainJobConfig(JobConfig):
             raise ValueError("features.form='features' but the tower trains (train.mm_tunable_parts has "
                              "mm_vision_tower): it must run in the step on preprocessed pixels, and stored features "
                              "are the frozen tower's, computed once. Set features.form=pixels or leave it unset")
+        return self
+
+    @model_validator(mode="after")
+    def _check_packing(self) -> TrainJobConfig:
+        budget = self.train.packing_budget
+        if budget is not None and budget < self.model.max_length:
+            raise ValueError(f"train.packing_budget={budget} is below model.max_length={self.model.max_length}: a "
+                             "sample may be that long (text + visual tokens) and would fit no packed row")
         return self
 
     @model_validator(mode="after")

@@ -58,6 +58,9 @@ class SplicedInputs:
     position_ids: torch.Tensor  # [B, T'] long
     labels: torch.Tensor | None  # [B, T'] long, IGNORE_INDEX at image and padding positions
     image_mask: torch.Tensor  # [B, T'] bool, True where image features were written
+    # packed rows only: each position's sample (the input's segment ids carried through the expansion), -1 at
+    # padding; None for a batch of one sample per row
+    segment_ids: torch.Tensor | None = None  # [B, T'] long
 
 
 class VLMOutput(dict):
@@ -97,6 +100,7 @@ def splice_image_features(
     labels: torch.Tensor | None = None,
     padding_side: Literal["right", "left"] = "right",
     pad_token_id: int = 0,
+    segment_ids: torch.Tensor | None = None,
 ) -> SplicedInputs:
     """Expand each `<image>` token into its image's projected features.
 
@@ -105,6 +109,10 @@ def splice_image_features(
     M `[n_i, D]` tensors (a count per image), already projected, where M is the number of `<image>` tokens in
     the batch (a sample may hold several, LLaVA-NeXT-Interleave's form); they are consumed in reading order,
     sample by sample and within a sample left to right. The result is padded on `padding_side`.
+
+    `segment_ids` `[B, T]` (packed rows, `vitune.train.data.collate_packed`): which sample each token belongs to;
+    the result's `segment_ids` give each expanded position its token's sample (an image's visual tokens all its
+    `<image>`'s), -1 at padding, which `packed_position_ids` turns into positions that restart per sample.
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -149,13 +157,40 @@ def splice_image_features(
     new_mask = ((positions >= offset[:, None]) & (positions < (offset + lengths)[:, None])).long()  # [B, T']
     position_ids = (new_mask.cumsum(dim=1) - 1).masked_fill(new_mask == 0, 0)  # [B, T']
 
+    new_segments = None
+    if segment_ids is not None:
+        new_segments = torch.full((batch, new_len), -1, dtype=torch.long, device=device)
+        tok_b, tok_t = valid.nonzero(as_tuple=True)  # every kept token fills its `width` positions from `start`
+        tok_w = width[tok_b, tok_t]
+        within_token = torch.arange(int(tok_w.sum()), device=device)
+        within_token = within_token - torch.repeat_interleave(tok_w.cumsum(0) - tok_w, tok_w)
+        dest = torch.repeat_interleave(start[tok_b, tok_t], tok_w) + within_token
+        new_segments[torch.repeat_interleave(tok_b, tok_w), dest] = torch.repeat_interleave(
+            segment_ids.to(device)[tok_b, tok_t].long(), tok_w)
+
     embeds = embed_tokens(new_ids)  # [B, T', D]
     if num_images:
         # the mask is True image by image in batch order, as the features are laid out
         flat = image_embeds if isinstance(image_embeds, torch.Tensor) else torch.cat(list(image_embeds))
         features = flat.to(device=embeds.device, dtype=embeds.dtype)  # [M, N, D] or [sum n_i, D]
         embeds = embeds.masked_scatter(image_mask[..., None].expand_as(embeds), features)
-    return SplicedInputs(embeds, new_mask, position_ids, new_labels, image_mask)
+    return SplicedInputs(embeds, new_mask, position_ids, new_labels, image_mask, new_segments)
+
+
+def packed_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` segment ids (sample index per position, -1 at padding) → positions `0..n-1` within each run.
+
+    Each change of segment id starts a new run (a padding tail is a run of its own), so positions restart at
+    every sample boundary: what `vitune.train.packing.position_ids` gives for one row's lengths, and what
+    transformers reads sample boundaries from when no 2-D mask is passed (masking_utils'
+    `find_packed_sequence_indices`: a step other than +1 starts a sequence; flash-attention's `cu_seqlens`).
+    """
+    _, width = segment_ids.shape
+    index = torch.arange(width, device=segment_ids.device).expand_as(segment_ids)  # [B, T]
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    run_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # [B, T]
+    return index - run_start
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -285,6 +320,7 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         padding_side: Literal["right", "left"] = "right",
         image_sizes: Sequence[tuple[int, int]] | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> SplicedInputs:
         """Project (and for anyres pack) the features and splice them into the embedded token sequence."""
         image_embeds = self.embed_images(image_features, image_sizes)
@@ -297,6 +333,7 @@ class VisionLanguageModel(nn.Module):
             labels=labels.to(self.device) if labels is not None else None,
             padding_side=padding_side,
             pad_token_id=self.pad_token_id,
+            segment_ids=segment_ids,
         )
 
     def forward(
@@ -308,26 +345,37 @@ class VisionLanguageModel(nn.Module):
         image_sizes: Sequence[tuple[int, int]] | None = None,
         pixel_values: torch.Tensor | None = None,
         num_tiles: Sequence[int] | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> VLMOutput:
         """`input_ids [B, T]` (right padded) + `image_features` (`[M, N, Dv]`, or per image `[T_i, N, Dv]` with
         `image_sizes` for anyres: see `embed_images`) → logits `[B, T', V]` and loss. A model with its tower
-        attached takes the images' tiles instead: `pixel_values [sum T_i, 3, S, S]` and each image's `num_tiles`."""
+        attached takes the images' tiles instead: `pixel_values [sum T_i, 3, S, S]` and each image's `num_tiles`.
+
+        `segment_ids [B, T]` marks packed rows (several samples each, `vitune.train.data.collate_packed`): the LM
+        then gets positions that restart per sample and no 2-D mask, from which transformers builds the
+        block-diagonal causal mask (sdpa, eager, flex) or flash-attention's `cu_seqlens`, so no sample attends
+        to another; the output's `segment_ids [B, T']` say which sample each logit belongs to."""
         if pixel_values is not None:
             if image_features is not None:
                 raise ValueError("give image_features or pixel_values, not both")
             image_features = self.tower_features(pixel_values, num_tiles or [])
-        spliced = self.splice(input_ids, attention_mask, image_features, labels=labels, image_sizes=image_sizes)
-        out = self.lm(
-            inputs_embeds=spliced.inputs_embeds,
-            attention_mask=spliced.attention_mask,
-            position_ids=spliced.position_ids,
-            use_cache=False,
-        )
+        spliced = self.splice(input_ids, attention_mask, image_features, labels=labels, image_sizes=image_sizes,
+                              segment_ids=segment_ids)
+        mask, positions = spliced.attention_mask, spliced.position_ids
+        if spliced.segment_ids is not None:
+            attn = getattr(self.lm.config, "_attn_implementation", None) or ""
+            if attn.startswith("flash") and spliced.segment_ids.shape[0] > 1:
+                # transformers derives cu_seqlens from position ids for a batch of one row only; more rows would
+                # attend across samples silently
+                raise ValueError(f"{attn} takes packed samples as one row; got {spliced.segment_ids.shape[0]} rows")
+            mask, positions = None, packed_position_ids(spliced.segment_ids)
+        out = self.lm(inputs_embeds=spliced.inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=False)
         loss, count = None, 0
         if spliced.labels is not None:
             loss, count = causal_lm_loss(out.logits, spliced.labels)
         return VLMOutput(loss=loss, logits=out.logits, labels=spliced.labels,
-                         attention_mask=spliced.attention_mask, num_label_tokens=count)
+                         attention_mask=spliced.attention_mask, num_label_tokens=count,
+                         segment_ids=spliced.segment_ids)
 
     def generate_stream(
         self,

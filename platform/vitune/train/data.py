@@ -51,6 +51,7 @@ from vitune import IGNORE_INDEX
 from vitune.data.masks import MaskError, tokenize_record
 from vitune.data.records import Record, normalize_image_token, read_records_with_errors
 from vitune.features.store import TILE_BYTE_ORDER
+from vitune.train.packing import balanced_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -439,6 +440,49 @@ def collate(rows: list[dict], pad_token_id: int) -> dict[str, Any]:
             sizes.extend(row_sizes)
         out["image_sizes"] = sizes
     return out
+
+
+def collate_packed(rows: list[dict], pad_token_id: int, budget: int, one_row: bool = False) -> dict[str, Any]:
+    """``collate`` with the micro-batch's samples packed several to a row, up to ``budget`` positions a row.
+
+    A sample's size is its ``length``, counted after the visual-token splice, so the budget bounds what the LM
+    sees. Rows are ``packing.balanced_rows`` (first-fit-decreasing, rebalanced); ``one_row`` puts every sample in
+    one row (flash-attention reads the boundaries of one row only). The micro-batch keeps its samples, so the
+    sampler's grouping, the step plan and a resumed run's micro-batch index mean what they meant unpacked.
+    Within a row the samples lie back to back; ``segment_ids [R, T]`` says whose each token is (-1 at padding)
+    and the model restarts positions and blocks attention by it (``VisionLanguageModel.forward``). Each
+    sample's first label is ``IGNORE_INDEX``: unpacked, no position predicts a sample's first token, and here
+    the one before it is another sample's last. The loss is then the same mean over the same label tokens.
+    Images are passed in the packed reading order, row by row, which is the order the splice consumes them in.
+    """
+    lengths = [int(r["length"]) for r in rows]
+    layout = [list(range(len(rows)))] if one_row else balanced_rows(lengths, budget)
+    ordered = [rows[i] for row in layout for i in row]
+    out = collate(ordered, pad_token_id)  # the images (and anyres sizes) in packed reading order
+    width = max(sum(len(rows[i]["input_ids"]) for i in row) for row in layout)
+    ids = np.full((len(layout), width), pad_token_id, dtype=np.int64)
+    labels = np.full((len(layout), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(layout), width), dtype=np.int64)
+    segments = np.full((len(layout), width), -1, dtype=np.int64)
+    sample = 0
+    for r, row in enumerate(layout):
+        at = 0
+        for i in row:
+            n = len(rows[i]["input_ids"])
+            ids[r, at:at + n], labels[r, at:at + n] = rows[i]["input_ids"], rows[i]["labels"]
+            labels[r, at] = IGNORE_INDEX
+            mask[r, at:at + n], segments[r, at:at + n] = 1, sample
+            at, sample = at + n, sample + 1
+    return {
+        **out,
+        "input_ids": torch.from_numpy(ids),  # [R, T]
+        "attention_mask": torch.from_numpy(mask),  # [R, T] the tokens the splice keeps (not the LM's mask)
+        "labels": torch.from_numpy(labels),  # [R, T]
+        "segment_ids": torch.from_numpy(segments),  # [R, T]
+        "num_tokens": sum(lengths),
+        "num_positions": len(layout) * max(sum(lengths[i] for i in row) for row in layout),
+        "num_samples": len(rows),
+    }
 
 
 def image_features_to(feats: torch.Tensor | Sequence[torch.Tensor] | None,

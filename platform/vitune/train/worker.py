@@ -27,7 +27,8 @@ from vitune.model import lora
 from vitune.model.folder import load_model_folder
 from vitune.model.vlm import VisionLanguageModel, build_model
 from vitune.train import checkpoint
-from vitune.train.data import collate, image_features_to
+from vitune.train.data import collate, collate_packed, image_features_to
+from vitune.train.packing import default_budget
 from vitune.train.plan import Plan, deepspeed_config, lr_lambda, param_groups
 from vitune.train.sampler import grouped_micro_batches, in_order_micro_batches
 from vitune.train.tower import attach_run_tower, part_counts, tower_inputs
@@ -62,6 +63,12 @@ def peak_flops() -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _packed(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The forward's packed-row argument, when the micro-batch was packed (``collate_packed``)."""
+    segments = batch.get("segment_ids")
+    return {} if segments is None else {"segment_ids": segments.to(device)}
 
 
 class Worker:
@@ -161,7 +168,13 @@ class Worker:
 
     # --- the loop ------------------------------------------------------------------------------------
     def collate(self, rows: list[dict]) -> dict:
-        """One micro-batch of training rows as the step takes it."""
+        """One micro-batch of training rows as the step takes it: packed several samples to a row when
+        ``train.packing`` (in one row under flash-attention, which reads one row's boundaries), else padded."""
+        t = self.cfg.train
+        if t.packing and len(rows) > 1:
+            one_row = (getattr(self.model.lm.config, "_attn_implementation", None) or "").startswith("flash")
+            budget = t.packing_budget or default_budget(self.cfg.model.max_length)
+            return collate_packed(rows, self.model.pad_token_id, budget, one_row=one_row)
         return collate(rows, self.model.pad_token_id)
 
     def micro_batches(self, rows: Iterable[dict]) -> Iterator[dict]:
@@ -187,6 +200,7 @@ class Worker:
             labels=batch["labels"].to(self.device),
             image_features=image_features_to(feats, self.device),
             image_sizes=batch.get("image_sizes"),  # anyres: each image's (w, h), in the features' order
+            **_packed(batch, self.device),
         )
         self.engine.backward(out.loss)
         self.engine.step()
@@ -205,6 +219,7 @@ class Worker:
             pixel_values=pixels,
             num_tiles=num_tiles,
             image_sizes=batch.get("image_sizes"),
+            **_packed(batch, self.device),
         )
         self.engine.backward(out.loss)
         self.engine.step()
@@ -235,7 +250,7 @@ class Worker:
             self.micro_in_epoch = index
             stats["tokens"] += batch["num_tokens"]
             stats["positions"] += batch["num_positions"]
-            stats["samples"] += batch["input_ids"].shape[0]
+            stats["samples"] += batch.get("num_samples", batch["input_ids"].shape[0])  # packed: rows ≠ samples
             if index % accum == 0:
                 self.step += 1
                 elapsed = time.perf_counter() - t_step
