@@ -13,10 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
 
-from benchmarks.train_step import run_single_process
+from tests.unit.train.worker_runs import run_worker
 from vitune import layout
 from vitune.config import TrainJobConfig, load_config
 from vitune.data.records import Record, validate_record
@@ -93,34 +92,8 @@ def _config(tmp_path, stage: str, *extra: str) -> TrainJobConfig:
 
 
 def _train(cfg: TrainJobConfig, rows: list[dict], store) -> tuple[list[dict], Worker]:
-    workers: list[Worker] = []
-
-    class Keeping(Worker):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            workers.append(self)
-
-    metrics: list[dict] = []
-    if not dist.is_initialized():
-        _forget_deepspeed_world_group()
-    run_single_process(cfg, rows, store.feature_dim, store.fingerprint, metrics.append, Keeping)
-    return metrics, workers[0]
-
-
-@pytest.fixture
-def process_group():
-    """One gloo process group for every run of a test (run_single_process starts it), ended after the test."""
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _forget_deepspeed_world_group()  # the next test's process group is another one
-
-
-def _forget_deepspeed_world_group() -> None:
-    """DeepSpeed caches its world group; one from a destroyed process group is stale in a later run."""
-    from deepspeed.utils import groups
-
-    groups._WORLD_GROUP = None
+    run = run_worker(cfg, rows, store.feature_dim, fingerprint=store.fingerprint)
+    return run.metrics, run.worker
 
 
 def test_rows_count_each_images_own_tokens_and_collate_keeps_tiles_and_sizes(tmp_path, store):
@@ -147,7 +120,7 @@ def test_rows_count_each_images_own_tokens_and_collate_keeps_tiles_and_sizes(tmp
         collate([rows[1], pad_row], pad_token_id=0)
 
 
-def test_anyres_trains_in_align_then_finetune_and_the_folders_serve(tmp_path, store, process_group):
+def test_anyres_trains_in_align_then_finetune_and_the_folders_serve(tmp_path, store):
     from vitune.model.folder import load_for_inference, load_model_folder
     from vitune.model.vlm import build_model
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch.distributed as dist
 
-from benchmarks.train_step import run_single_process
+from tests.unit.train.worker_runs import run_worker
 from vitune.config import TrainJobConfig, load_config
 from vitune.data.records import read_records
 from vitune.data.tokenizer import load_tokenizer
@@ -57,12 +56,8 @@ def test_every_record_of_a_mixed_dataset_trains_in_one_process(tmp_path):
             seen.append([r["id"] for r in batch_rows])
             return super().collate(batch_rows)
 
-    metrics: list[dict] = []
-    try:
-        final = run_single_process(cfg, rows, DIM, {"tower": "test"}, metrics.append, Recording)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run = run_worker(cfg, rows, DIM, Recording)
+    final, metrics = run.final, run.metrics
     assert final["step"] == len(metrics) == 2 * 40 // 8  # 2 epochs of 40 records, 8 per step
     per_epoch = [sorted(i for batch in seen[k * 10:(k + 1) * 10] for i in batch) for k in range(2)]
     assert per_epoch[0] == per_epoch[1] == sorted(r["id"] for r in rows)  # every record, once per epoch

@@ -5,9 +5,8 @@ padded one, and its step losses match the padded run's to float tolerance while 
 from __future__ import annotations
 
 import numpy as np
-import torch.distributed as dist
 
-from benchmarks.train_step import run_single_process
+from tests.unit.train.worker_runs import run_worker
 from vitune.config import TrainJobConfig, load_config
 from vitune.data.records import validate_record
 from vitune.data.tokenizer import load_tokenizer
@@ -44,17 +43,7 @@ def _train(cfg: TrainJobConfig, rows: list[dict]) -> tuple[list[dict], list[list
             widths.append(batch["input_ids"].shape[0])
             return batch
 
-    from deepspeed.utils import groups
-
-    metrics: list[dict] = []
-    groups._WORLD_GROUP = None  # DeepSpeed caches its world group: an earlier run's process group is stale
-    try:
-        run_single_process(cfg, rows, DIM, {"tower": "test"}, metrics.append, Recording)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        groups._WORLD_GROUP = None
-    return metrics, seen, widths
+    return run_worker(cfg, rows, DIM, Recording).metrics, seen, widths
 
 
 def test_packed_steps_match_padded_steps(tmp_path):

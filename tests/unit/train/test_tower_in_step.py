@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
 
-from benchmarks.train_step import run_single_process
 from tests.unit.features.test_pixel_store import ANYRES, SIZES, _feature_store, _pixel_store, _png
 from tests.unit.model.test_export import CONVERSATION, LOGITS_ATOL, vitune_turns
+from tests.unit.train.worker_runs import run_worker
 from vitune.config import ConfigError, TrainJobConfig, VisionConfig, load_config
 from vitune.data.records import read_records
 from vitune.data.tokenizer import load_tokenizer
@@ -54,23 +53,8 @@ def _rows(cfg: TrainJobConfig, per_image: dict[str, np.ndarray], tokens: int | d
 
 
 def _run(cfg: TrainJobConfig, rows: list[dict], feature_dim: int) -> tuple[list[dict], Worker]:
-    from deepspeed.utils import groups
-
-    metrics: list[dict] = []
-    workers: list[Worker] = []
-
-    def keep(*args) -> Worker:
-        workers.append(Worker(*args))
-        return workers[-1]
-
-    groups._WORLD_GROUP = None  # DeepSpeed caches its world group: one of an earlier test's process group is stale
-    try:
-        run_single_process(cfg, rows, feature_dim, {"tower": "test"}, metrics.append, keep)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        groups._WORLD_GROUP = None
-    return metrics, workers[0]
+    run = run_worker(cfg, rows, feature_dim)
+    return run.metrics, run.worker
 
 
 def test_the_form_follows_the_tower_and_the_wrong_one_is_refused() -> None:

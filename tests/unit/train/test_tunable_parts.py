@@ -8,15 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
-from benchmarks.train_step import run_single_process
+from tests.unit.train.worker_runs import run_worker
 from vitune.config import ConfigError, ModelConfig, TrainJobConfig, load_config
 from vitune.data.records import read_records
 from vitune.data.tokenizer import load_tokenizer
 from vitune.model.vlm import build_model
 from vitune.train.data import tokenize_row, training_row
-from vitune.train.worker import Worker
 
 N_PATCHES, DIM = 16, 32
 
@@ -80,23 +78,9 @@ def test_a_finetune_of_the_lm_alone_leaves_the_projector_as_initialised(tmp_path
     rows = [training_row(tokenize_row(r, cfg.model.template, tok, cfg.model.max_length, N_PATCHES), feats)
             for r in read_records(str(tmp_path / "records.json"))]
     before = build_model(cfg.model, tok, DIM)  # the same seeded init the worker builds
-    workers: list[Worker] = []
-
-    def keep(*args) -> Worker:
-        workers.append(Worker(*args))
-        return workers[-1]
-
-    from deepspeed.utils import groups
-
-    groups._WORLD_GROUP = None  # DeepSpeed caches its world group: one of an earlier test's process group is stale
-    try:
-        final = run_single_process(cfg, rows, DIM, {"tower": "test"}, lambda m: None, keep)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        groups._WORLD_GROUP = None
-    assert final["step"] == 2
-    after = workers[0].model
+    run = run_worker(cfg, rows, DIM)
+    assert run.final["step"] == 2
+    after = run.worker.model
     for (name, p0), p1 in zip(before.projector.named_parameters(), after.projector.parameters(), strict=True):
         assert torch.equal(p0, p1.detach()), f"projector {name} moved"
     lm_moved = [n for (n, p0), p1 in zip(before.lm.named_parameters(), after.lm.parameters(), strict=True)
